@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One entry point. Sets up whatever is missing (idempotent; a no-op when nothing changed), then:
+#   ./launch.sh [hydra overrides]     train -> evaluate -> export the recipe (default: the CPU demo)
+#   ./launch.sh test [pytest args]    run the test suite
+#   ./launch.sh setup                 only set up
+# Environment: FINETUNE_VENV (default ./.venv), PYTHON (default python3), FINETUNE_CACHE_DIR (tiny models,
+# default ~/.cache/finetune); multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${FINETUNE_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+STAMP="$VENV/.finetune-setup"
+SETUP_VERSION=1  # bump when the install steps below change
+
+log() { printf '[launch.sh] %s\n' "$*" >&2; }
+
+setup_key() {
+  { echo "$SETUP_VERSION"; cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt"; } | sha256sum | cut -c1-16
+}
+
+ensure_venv() {
+  [ -x "$VENV/bin/python" ] && return 0
+  if ! "$PYTHON_BIN" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 13) else 1)' 2>/dev/null; then
+    log "need Python 3.10-3.12 as \$PYTHON (tried '$PYTHON_BIN')"; exit 1
+  fi
+  log "creating the virtual environment $VENV"
+  "$PYTHON_BIN" -m venv "$VENV"
+}
+
+install_packages() {
+  [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(setup_key)" ] && return 0
+  local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ROOT/constraints.txt")
+  log "installing the pinned packages (constraints.txt) into $VENV; the first time takes a few minutes"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools wheel
+  # torch first and alone: the CUDA build from PyPI (it runs on CPU-only machines). The +cpu wheel some
+  # machines offer breaks torchvision and torchcodec, which are CUDA builds.
+  "${pip[@]}" torch torchvision torchcodec
+  "${pip[@]}" -e "$ROOT[test]"
+  # deepspeed is an sdist that builds against the installed torch: no build isolation (which would pull a
+  # second multi-GB torch into a temporary build environment).
+  "${pip[@]}" --no-build-isolation deepspeed
+  "$VENV/bin/python" - <<'PY'
+import sys, torch, torchvision
+if "+cpu" in torch.__version__:
+    sys.exit(f"torch {torch.__version__} is a +cpu build, which breaks torchvision; reinstall torch from PyPI "
+             "(pip install --force-reinstall -c constraints.txt torch) and run ./launch.sh setup again.")
+torchvision.ops.nms  # fails with "operator torchvision::nms does not exist" on a mismatched torch
+PY
+  setup_key > "$STAMP"
+  log "packages ready"
+}
+
+ensure_ffmpeg() {
+  # torchcodec needs FFmpeg's shared libraries from the system; PyAV ships its own and is the fallback.
+  ldconfig -p 2>/dev/null | grep -q 'libavutil\.so' && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing the system FFmpeg libraries for torchcodec (apt-get install ffmpeg)"
+    if DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; then
+      return 0
+    fi
+    log "apt-get could not install ffmpeg"
+  fi
+  if [ ! -f "$VENV/.ffmpeg-notice" ]; then
+    log "no system FFmpeg libraries: videos will be decoded with PyAV instead of torchcodec (same frames, slower)"
+    touch "$VENV/.ffmpeg-notice"
+  fi
+}
+
+setup() {
+  ensure_venv
+  install_packages
+  ensure_ffmpeg
+}
+
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+# No `cd` for training: relative paths in overrides are the user's, from where they run the command.
+case "${1:-}" in
+  setup)
+    setup ;;
+  test)
+    shift
+    setup
+    cd "$ROOT"
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *)
+    setup
+    exec "$VENV/bin/python" -m finetune.launch "$@" ;;
+esac
