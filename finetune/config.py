@@ -1,0 +1,298 @@
+"""Typed schemas for every recipe group, and `load_config` that composes a recipe with Hydra.
+
+The schema is the contract: Hydra merges each recipe onto these dataclasses, so a misspelt key or a wrong
+type fails while composing, and each group's `check()` rejects impossible combinations with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "recipes"
+GROUPS = ("model", "data", "peft", "trainer", "deepspeed", "accelerate", "logger", "experiment")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message says how to fix it."""
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, choices))}.")
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to fine-tune and how its vision inputs are sized (Qwen's dynamic resolution)."""
+
+    name_or_path: str = MISSING  # hub id, local directory, or tiny://qwen2_vl | tiny://qwen2_5_vl
+    family: str = MISSING  # qwen2_vl | qwen2_5_vl; checked against the checkpoint's model_type
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False  # only when a recipe really needs the checkpoint's own code
+    # Images: pixels per image after smart_resize (factor 28 = patch 14 x merge 2).
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 1280 * 28 * 28
+    # Videos, as qwen-vl-utils for Qwen2.5-VL: fps sampling with FRAME_FACTOR 2 and min/max frame counts,
+    # per-frame pixel bounds, and a total pixel budget shared by all frames of one video.
+    video_fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 768
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    freeze_vision_tower: bool = True
+    freeze_merger: bool = True
+
+    def check(self) -> None:
+        _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(
+                f"model.min_pixels ({self.min_pixels}) must be positive and <= model.max_pixels ({self.max_pixels})."
+            )
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ConfigError(
+                f"model.video_min_pixels ({self.video_min_pixels}) must be positive and <= "
+                f"model.video_max_pixels ({self.video_max_pixels})."
+            )
+        if not 2 <= self.video_min_frames <= self.video_max_frames:
+            raise ConfigError(
+                f"model.video_min_frames ({self.video_min_frames}) must be >= 2 and <= model.video_max_frames "
+                f"({self.video_max_frames})."
+            )
+        if self.video_fps <= 0:
+            raise ConfigError(f"model.video_fps must be positive, got {self.video_fps}.")
+
+
+@dataclass
+class DataConfig:
+    """Where the conversations are. Media paths are resolved inside `media_root` and may not leave it."""
+
+    train: str = MISSING  # JSON or JSONL file (LLaMA-Factory/ShareGPT format)
+    eval: str | None = None  # held-out split used for generation-based evaluation
+    media_root: str | None = None  # default: the folder of each dataset file
+    max_length: int = 4096  # a longer sample is an error naming it; nothing is ever truncated
+    eval_max_samples: int | None = None
+
+    def check(self) -> None:
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length={self.max_length} is too small to hold one chat turn.")
+
+
+@dataclass
+class PeftConfig:
+    """LoRA on the language model's linear layers (the vision tower is never matched by the default)."""
+
+    method: str = "lora"  # lora | none (full fine-tuning of whatever is not frozen)
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Anchored on the language model: Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare
+    # module-name list would silently put LoRA on the vision tower too.
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+    def check(self) -> None:
+        _choice("peft.method", self.method, ("lora", "none"))
+        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
+            raise ConfigError(f"peft.r ({self.r}) and peft.alpha ({self.alpha}) must be positive for LoRA.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}.")
+        try:
+            re.compile(self.target_modules)
+        except re.error as err:
+            raise ConfigError(f"peft.target_modules is not a valid regular expression: {err}") from err
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and bookkeeping; passed to TRL's SFTConfig."""
+
+    output_dir: str = "runs/${name}"
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03  # < 1: fraction of the total steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    label_mode: str = "assistant"  # assistant | last_assistant | all
+
+    def check(self) -> None:
+        _choice("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("trainer.label_mode", self.label_mode, ("assistant", "last_assistant", "all"))
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("Set trainer.max_steps > 0 or trainer.num_train_epochs > 0: nothing would be trained.")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("trainer.per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"trainer.learning_rate must be positive, got {self.learning_rate}.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """A DeepSpeed JSON config; `null` trains without DeepSpeed (plain DDP when several processes run)."""
+
+    config_file: str | None = None  # relative paths are resolved from the repository root
+
+    def check(self) -> None:
+        if self.config_file is not None and not _repo_path(self.config_file).is_file():
+            raise ConfigError(f"deepspeed.config_file={self.config_file!r} does not exist.")
+
+
+@dataclass
+class AccelerateConfig:
+    """How `./launch.sh` starts the training processes (see finetune/launch.py)."""
+
+    mode: str = "cpu"  # cpu | single_gpu | multi_gpu | multi_node
+    # Processes per node; null means one per visible GPU (multi_gpu/multi_node) or 1 (cpu/single_gpu).
+    processes_per_node: int | None = None
+
+    def check(self) -> None:
+        _choice("accelerate.mode", self.mode, ("cpu", "single_gpu", "multi_gpu", "multi_node"))
+        if self.processes_per_node is not None and self.processes_per_node < 1:
+            raise ConfigError("accelerate.processes_per_node must be >= 1 or null.")
+        if self.mode == "single_gpu" and self.processes_per_node not in (None, 1):
+            raise ConfigError("accelerate.mode=single_gpu runs one process; use mode=multi_gpu for more.")
+
+
+@dataclass
+class LoggerConfig:
+    report_to: str = "wandb"  # wandb | tensorboard | none
+    project: str = "qwen-vl-finetune"
+    # wandb only: auto = online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`).
+    wandb_mode: str = "auto"
+
+    def check(self) -> None:
+        _choice("logger.report_to", self.report_to, ("wandb", "tensorboard", "none"))
+        _choice("logger.wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class EvaluationConfig:
+    """Generation-based evaluation on `data.eval` after training (single process)."""
+
+    after_training: bool = True
+    max_new_tokens: int = 16
+    batch_size: int = 8
+
+
+@dataclass
+class ExportConfig:
+    """Merge the adapter into the base weights after training, and verify the reloaded result."""
+
+    after_training: bool = True
+    output_dir: str = "${trainer.output_dir}/merged"
+    # Max |logit difference| allowed between the adapter model and the reloaded merged model;
+    # null = 1e-4 in fp32, 5e-2 in bf16/fp16.
+    atol: float | None = None
+
+
+@dataclass
+class Config:
+    name: str = MISSING  # experiment name; names the run directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def check(self) -> None:
+        for group in (self.model, self.data, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger):
+            group.check()
+        if self.peft.method == "none" and self.export.after_training:
+            raise ConfigError(
+                "export.after_training=true merges a LoRA adapter, but peft.method=none trains the weights "
+                "directly (the run directory already holds a full checkpoint). Set export.after_training=false."
+            )
+        if self.evaluation.after_training and not self.data.eval:
+            raise ConfigError(
+                "evaluation.after_training=true needs a held-out split: set data.eval=PATH or "
+                "evaluation.after_training=false."
+            )
+        if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and self.peft.method == "none":
+            raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
+
+
+def _repo_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _explain_override_error(err: Exception, overrides: list[str]) -> str:
+    """Add 'did you mean' hints to Hydra's message for misspelt keys."""
+    message = str(err)
+    if err.__cause__ is not None:  # Hydra's own text hides the OmegaConf reason (e.g. a type error)
+        message += "\n" + str(err.__cause__).splitlines()[0]
+    known = {f"{f.name}" for f in fields(Config)}
+    for group_field in fields(Config):
+        sub = getattr(Config(), group_field.name, None) if group_field.name != "name" else None
+        if sub is not None and hasattr(sub, "__dataclass_fields__"):
+            known |= {f"{group_field.name}.{f.name}" for f in fields(sub)}
+    hints = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "." in key and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"'{key}' is not a recipe key" + (f"; did you mean '{close[0]}'?" if close else "."))
+        elif "." not in key and key not in known and key not in GROUPS:
+            close = difflib.get_close_matches(key, list(GROUPS) + sorted(known), n=1)
+            hints.append(f"'{key}' is not a recipe group or key" + (f"; did you mean '{close[0]}'?" if close else "."))
+    if hints:
+        message += "\n" + "\n".join(hints)
+    return message
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose `recipes/config.yaml` with Hydra overrides; returns the (unresolved) DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except Exception as err:  # Hydra wraps the real cause; keep its text and add our hints
+        raise ConfigError(_explain_override_error(err, overrides)) from None
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose, resolve interpolations and run every schema check. Raises ConfigError with the fix."""
+    cfg = compose(overrides)
+    try:
+        config = OmegaConf.to_object(cfg)  # resolves interpolations; fails on MISSING values
+    except Exception as err:
+        raise ConfigError(str(err)) from None
+    config.check()
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
