@@ -1,0 +1,1 @@
+"""Reading datasets, loading media with Qwen semantics, and encoding conversations into tokens."""

@@ -1,0 +1,146 @@
+"""Export: merge the LoRA adapter into the base weights and prove the result loads and matches.
+
+    python -m finetune.export [hydra overrides]       (the same overrides as the training run)
+
+Writes `export.output_dir` (default `<run>/merged`): safetensors weights, config, generation config,
+tokenizer, chat template and the image/video processor configs, i.e. everything `AutoProcessor` and
+`AutoModelForImageTextToText` need. Then a fresh Python process that imports only torch and transformers
+reloads it and computes logits on a real batch from the held-out (or training) split; they must match the
+adapter model's logits within `export.atol`. The comparison is written to `export_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from finetune.config import Config, ConfigError, load_config
+from finetune.data.conversation import DataError, Sample, load_samples
+from finetune.paths import resolve_data_file
+
+logger = logging.getLogger("finetune.export")
+REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "processor_config.json")  # fmt: skip
+
+# Runs in a separate interpreter with no project code: what a user of the exported model has.
+RELOAD_SCRIPT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model_dir, batch_file, out_file, dtype = sys.argv[1:5]
+AutoProcessor.from_pretrained(model_dir)
+model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+batch = load_file(batch_file)
+if "second_per_grid_ts" in batch:
+    batch["second_per_grid_ts"] = batch["second_per_grid_ts"].tolist()
+with torch.no_grad():
+    logits = model(**batch).logits.float()
+save_file({"logits": logits.contiguous()}, out_file)
+"""
+
+
+def reference_batch(config: Config, encoder, max_samples: int = 4) -> dict:
+    """A small real batch with images and videos when the data has both (the export must handle both)."""
+    from finetune.collator import pad_batch
+
+    path = config.data.eval or config.data.train
+    samples = load_samples(resolve_data_file(path), config.data.media_root)
+    with_video = [s for s in samples if s.media("video")][: max_samples // 2]
+    chosen = with_video + [s for s in samples if s not in with_video][: max_samples - len(with_video)]
+    batch = pad_batch([encoder.encode(s) for s in chosen], encoder.tokenizer.pad_token_id)
+    batch.pop("labels")
+    return batch
+
+
+def missing_files(out_dir: Path) -> list[str]:
+    missing = [f for f in REQUIRED_FILES if not (out_dir / f).exists()]
+    if not any(out_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if not ((out_dir / "chat_template.jinja").exists() or (out_dir / "chat_template.json").exists()):
+        missing.append("chat_template.jinja")
+    return missing
+
+
+def reload_logits(out_dir: Path, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_file, logits_file = Path(tmp) / "batch.safetensors", Path(tmp) / "logits.safetensors"
+        tensors = {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()}
+        save_file(tensors, str(batch_file))
+        dtype_name = str(dtype).removeprefix("torch.")
+        cmd = [sys.executable, "-c", RELOAD_SCRIPT, str(out_dir), str(batch_file), str(logits_file), dtype_name]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"plain transformers could not load {out_dir}:\n{result.stderr[-3000:]}")
+        return load_file(str(logits_file))["logits"]
+
+
+def export(config: Config) -> Path:
+    from peft import PeftModel
+
+    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.modeling import load_model, resolve_precision
+
+    run_dir = Path(config.trainer.output_dir)
+    adapter_dir, out_dir = run_dir / "adapter", Path(config.export.output_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ConfigError(f"No LoRA adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
+    precision = resolve_precision(config.trainer.precision)
+    from finetune.modeling import DTYPES, load_processor
+
+    processor = load_processor(config.model, path=str(adapter_dir))
+    model = PeftModel.from_pretrained(load_model(config.model, precision), str(adapter_dir)).eval()
+    encoder = ConversationEncoder(processor, VisionSettings.from_model_config(config.model))
+    batch = reference_batch(config, encoder)
+    with torch.no_grad():
+        adapter_logits = model(**batch).logits.float()
+
+    merged = model.merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    processor.save_pretrained(str(out_dir))
+    missing = missing_files(out_dir)
+    if missing:
+        raise RuntimeError(f"export to {out_dir} is missing {', '.join(missing)}")
+
+    merged_logits = reload_logits(out_dir, batch, DTYPES[precision])
+    mask = batch["attention_mask"].bool()
+    max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
+    atol = config.export.atol if config.export.atol is not None else (1e-4 if precision == "fp32" else 5e-2)
+    report = {
+        "merged_dir": str(out_dir.resolve()),
+        "precision": precision,
+        "max_abs_logit_diff": max_diff,
+        "atol": atol,
+        "batch": {"samples": int(batch["input_ids"].shape[0]), "tokens": int(mask.sum()),
+                  "images": int(len(batch.get("image_grid_thw", []))),
+                  "videos": int(len(batch.get("video_grid_thw", [])))},  # fmt: skip
+        "passed": max_diff <= atol,
+    }
+    (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise RuntimeError(f"merged model logits differ from the adapter model by {max_diff:.2e} > atol {atol:.0e}")
+    print(f"exported {out_dir} | reloaded with plain transformers | max |logit diff| {max_diff:.2e} <= {atol:.0e}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        export(load_config(overrides))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

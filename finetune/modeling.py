@@ -1,0 +1,97 @@
+"""Load the model and processor a recipe names, decide precision from the hardware, freeze, add LoRA."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from finetune.config import ConfigError, ModelConfig, PeftConfig
+from finetune.tiny import resolve_model_path
+
+logger = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(requested: str) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else fp32. Half precision on a CPU is refused, not ignored."""
+    has_gpu = torch.cuda.is_available()
+    if requested == "auto":
+        return "bf16" if has_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if requested in ("bf16", "fp16") and not has_gpu:
+        raise ConfigError(f"trainer.precision={requested} needs a GPU and none is visible; use trainer.precision=auto.")
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("This GPU has no bf16 support; use trainer.precision=fp16 or auto.")
+    return requested
+
+
+def load_processor(model_cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(
+        path or resolve_model_path(model_cfg.name_or_path), trust_remote_code=model_cfg.trust_remote_code
+    )
+
+
+def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None):
+    """The base model in the training dtype; its model_type must match the recipe's family."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = path or resolve_model_path(model_cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if config.model_type != model_cfg.family:
+        raise ConfigError(
+            f"{model_cfg.name_or_path} is a {config.model_type!r} checkpoint but the recipe says "
+            f"model.family={model_cfg.family}; set model.family={config.model_type} (or pick the matching model recipe)."
+        )
+    return AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=DTYPES[precision],
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+
+
+def vision_tower(model):
+    """`model.model.visual` in transformers 5 (the merger lives inside it as `.merger`)."""
+    inner = getattr(model, "model", model)
+    return inner.visual
+
+
+def apply_freezing(model, model_cfg: ModelConfig) -> None:
+    """Freeze the vision tower (and/or its merger) as the recipe asks; the LLM stays trainable."""
+    visual = vision_tower(model)
+    for name, param in visual.named_parameters():
+        is_merger = name.startswith("merger.")
+        frozen = model_cfg.freeze_merger if is_merger else model_cfg.freeze_vision_tower
+        param.requires_grad_(not frozen)
+
+
+def apply_lora(model, peft_cfg: PeftConfig):
+    """LoRA on the modules matched by `peft.target_modules` (a full-match regex over module names)."""
+    from peft import LoraConfig, get_peft_model
+
+    matched = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _full_match(peft_cfg, n)]
+    if not matched:
+        raise ConfigError(f"peft.target_modules={peft_cfg.target_modules!r} matches no linear layer of this model.")
+    if any(".visual." in f".{n}." for n in matched):
+        logger.warning("LoRA targets include %d vision-tower layers.", sum(".visual." in f".{n}." for n in matched))
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=peft_cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _full_match(peft_cfg: PeftConfig, name: str) -> bool:
+    import re
+
+    return re.fullmatch(peft_cfg.target_modules, name) is not None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

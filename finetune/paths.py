@@ -1,0 +1,22 @@
+"""Where relative paths in recipes point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.config import REPO_ROOT
+from finetune.data.conversation import DataError
+
+
+def resolve_data_file(path: str) -> Path:
+    """A dataset path as given, else relative to the current directory, else to the repository root (so the
+    bundled recipes work from any directory). A missing file is an error that lists where we looked."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        tried = [candidate]
+    else:
+        tried = [Path.cwd() / candidate, REPO_ROOT / candidate]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise DataError(f"Dataset file {path!r} not found (looked at {', '.join(str(p) for p in tried)}).")

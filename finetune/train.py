@@ -1,0 +1,186 @@
+"""Train: compose the recipe -> load model + processor -> freeze -> LoRA -> TRL SFTTrainer -> save.
+
+    python -m finetune.train [hydra overrides]       (what ./launch.sh runs under `accelerate launch`)
+
+The run directory (`trainer.output_dir`) receives config.yaml, run_info.json (versions, git SHA, command),
+the trainer's checkpoints, `adapter/` (LoRA adapter + processor) and log_history.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from finetune.config import Config, ConfigError, load_config
+from finetune.data.conversation import DataError, load_samples
+from finetune.paths import resolve_data_file
+
+logger = logging.getLogger("finetune.train")
+
+
+def configure_logger_backend(config: Config, run_dir: Path) -> list[str]:
+    """Environment for the chosen logger; wandb runs offline (never blocks on a login) without an API key."""
+    if config.logger.report_to != "wandb":
+        return [] if config.logger.report_to == "none" else [config.logger.report_to]
+    mode = config.logger.wandb_mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    os.environ.setdefault("WANDB_MODE", mode)
+    os.environ.setdefault("WANDB_PROJECT", config.logger.project)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]
+
+
+def build_sft_config(config: Config, precision: str, run_dir: Path):
+    from trl import SFTConfig
+
+    t = config.trainer
+    return SFTConfig(
+        output_dir=str(run_dir),
+        run_name=config.name,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=precision == "fp32" and not _cuda_available(),
+        activation_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=t.dataloader_num_workers,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        report_to=configure_logger_backend(config, run_dir),
+        deepspeed=config.deepspeed.config_file and str(_repo_relative(config.deepspeed.config_file)),
+        # Our collator does all preprocessing (video included): TRL must not touch the dataset, drop columns or
+        # truncate. Lengths are checked by the encoder, which refuses (never cuts) a sample over data.max_length.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        disable_tqdm=False,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _repo_relative(path: str) -> Path:
+    from finetune.config import REPO_ROOT
+
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def make_trainer_class():
+    from trl import SFTTrainer
+
+    class VisionLanguageSFTTrainer(SFTTrainer):
+        """SFTTrainer that also logs tokens/s (real and trained tokens) per device."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._tokens = {"real": 0, "trained": 0}
+            self._last_log = (time.perf_counter(), 0, 0)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self._tokens["real"] += int(inputs["attention_mask"].sum())
+            self._tokens["trained"] += int((inputs["labels"] != -100).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self.model.training:
+                now, real, trained = time.perf_counter(), self._tokens["real"], self._tokens["trained"]
+                last_time, last_real, last_trained = self._last_log
+                elapsed = max(now - last_time, 1e-9)
+                logs["tokens_per_second_per_device"] = round((real - last_real) / elapsed, 1)
+                logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
+                self._last_log = (now, real, trained)
+            super().log(logs, start_time)
+
+    return VisionLanguageSFTTrainer
+
+
+def train(config: Config, overrides: list[str]) -> Path:
+    import datasets
+    from transformers import set_seed
+
+    from finetune.collator import Collator
+    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.modeling import (
+        apply_freezing,
+        apply_lora,
+        count_parameters,
+        load_model,
+        load_processor,
+        resolve_precision,
+    )
+    from finetune.runinfo import write_run_info
+
+    run_dir = Path(config.trainer.output_dir)
+    precision = resolve_precision(config.trainer.precision)
+    samples = load_samples(resolve_data_file(config.data.train), config.data.media_root)
+    if not samples:
+        raise DataError(f"{config.data.train} holds no samples.")
+
+    set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
+    processor = load_processor(config.model)
+    model = load_model(config.model, precision)
+    apply_freezing(model, config.model)
+    if config.peft.method == "lora":
+        model = apply_lora(model, config.peft)
+    trainable, total = count_parameters(model)
+    logger.info("precision %s | trainable parameters %s / %s (%.2f%%)", precision, f"{trainable:,}", f"{total:,}",
+                100 * trainable / total)  # fmt: skip
+
+    encoder = ConversationEncoder(
+        processor, VisionSettings.from_model_config(config.model), config.trainer.label_mode, config.data.max_length
+    )
+    trainer = make_trainer_class()(
+        model=model,
+        args=build_sft_config(config, precision, run_dir),
+        train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),
+        data_collator=Collator(encoder, samples),
+        processing_class=processor,
+    )
+    if trainer.is_world_process_zero():
+        write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": len(samples)})
+    trainer.train()
+
+    adapter_dir = run_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(adapter_dir))
+        (run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        logger.info("saved %s to %s", "adapter" if config.peft.method == "lora" else "model", adapter_dir)
+    return adapter_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(overrides)
+        train(config, overrides)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "data" / "demo"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/media_factory.py
+
+
+@pytest.fixture(scope="session")
+def tiny_paths():
+    from finetune.tiny import tiny_checkpoint
+
+    return {family: tiny_checkpoint(family) for family in ("qwen2_vl", "qwen2_5_vl")}
+
+
+@pytest.fixture(scope="session")
+def processors(tiny_paths):
+    from transformers import AutoProcessor
+
+    return {family: AutoProcessor.from_pretrained(path) for family, path in tiny_paths.items()}
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    from finetune.config import load_config
+
+    return load_config([])

@@ -1,0 +1,77 @@
+"""Every recipe composes and passes its checks; mistakes fail at start-up with the fix in the message."""
+
+import json
+
+import pytest
+
+from finetune.config import GROUPS, RECIPES_DIR, ConfigError, load_config
+
+
+def _options(group):
+    return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    config = load_config([f"experiment={experiment}"])
+    assert config.name == experiment
+    assert config.trainer.output_dir == f"runs/{experiment}"
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)]
+)
+def test_every_group_option_composes(group, option):
+    # Options that the demo experiment cannot take alone need the override their error message asks for.
+    companions = {("peft", "none"): ["export.after_training=false"], ("data", "custom"): ["evaluation.after_training=false"]}
+    overrides = [f"{group}={option}", *companions.get((group, option), [])]
+    config = load_config(overrides)
+    assert config is not None
+
+
+def test_experiment_files_start_with_command_and_hardware():
+    for path in (RECIPES_DIR / "experiment").glob("*.yaml"):
+        header = path.read_text().split("defaults:")[0]
+        assert "Command:" in header and "Hardware:" in header and "emory" in header, path.name
+
+
+def test_demo_is_the_default_recipe():
+    config = load_config([])
+    assert (config.name, config.model.name_or_path, config.accelerate.mode) == ("demo", "tiny://qwen2_5_vl", "cpu")
+    assert config.evaluation.after_training and config.export.after_training
+
+
+def test_command_line_group_beats_experiment_default():
+    assert load_config(["model=tiny_qwen2_vl"]).model.family == "qwen2_vl"
+    assert load_config(["experiment=demo_qwen2_vl"]).model.name_or_path == "tiny://qwen2_vl"
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["trainer.max_stpes=3"], "did you mean 'trainer.max_steps'"),
+        (["modle=tiny_qwen2_vl"], "did you mean 'model'"),
+        (["model=qwen3"], "Could not find 'model/qwen3'"),
+        (["trainer.learning_rate=fast"], "could not be converted to Float"),
+        (["model.family=llava"], "choose one of qwen2_vl, qwen2_5_vl"),
+        (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),
+        (["peft=none"], "Set export.after_training=false"),
+        (["data.eval=null"], "set data.eval=PATH or evaluation.after_training=false"),
+        (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], "nothing would be trained"),
+        (["peft.target_modules='(unclosed'"], "not a valid regular expression"),
+        (["deepspeed.config_file=missing.json"], "does not exist"),
+        (["trainer.label_mode=everything"], "choose one of assistant, last_assistant, all"),
+    ],
+)
+def test_mistakes_fail_at_start_up_with_the_fix(overrides, expected):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(overrides)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_files_are_valid_json_with_auto_values(name):
+    config = json.loads((RECIPES_DIR / "deepspeed" / f"{name}.json").read_text())
+    assert config["zero_optimization"]["stage"] in (2, 3)
+    assert config["train_micro_batch_size_per_gpu"] == "auto"
+    assert load_config([f"deepspeed={name}"]).deepspeed.config_file.endswith(f"{name}.json")
