@@ -28,18 +28,26 @@ ensure_venv() {
   "$PYTHON_BIN" -m venv "$VENV"
 }
 
+pip_install() {
+  # pip's own chatter goes to a log; on failure its tail is shown.
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -c "$ROOT/constraints.txt" "$@" >>"$VENV/setup.log" 2>&1; then
+    log "pip install $* failed; the end of $VENV/setup.log:"
+    tail -n 40 "$VENV/setup.log" >&2
+    exit 1
+  fi
+}
+
 install_packages() {
   [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(setup_key)" ] && return 0
-  local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ROOT/constraints.txt")
-  log "installing the pinned packages (constraints.txt) into $VENV; the first time takes a few minutes"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools wheel
+  log "installing the pinned packages (constraints.txt) into $VENV; the first time takes a few minutes (log: $VENV/setup.log)"
+  pip_install --upgrade pip setuptools wheel
   # torch first and alone: the CUDA build from PyPI (it runs on CPU-only machines). The +cpu wheel some
   # machines offer breaks torchvision and torchcodec, which are CUDA builds.
-  "${pip[@]}" torch torchvision torchcodec
-  "${pip[@]}" -e "$ROOT[test]"
+  pip_install torch torchvision torchcodec
+  pip_install -e "$ROOT[test]"
   # deepspeed is an sdist that builds against the installed torch: no build isolation (which would pull a
   # second multi-GB torch into a temporary build environment).
-  "${pip[@]}" --no-build-isolation deepspeed
+  pip_install --no-build-isolation deepspeed
   "$VENV/bin/python" - <<'PY'
 import sys, torch, torchvision
 if "+cpu" in torch.__version__:

@@ -107,28 +107,40 @@ def _decode_torchcodec(path: str, settings: VideoSettings) -> DecodedVideo:
     return DecodedVideo(frames, fps, total, indices)
 
 
-def _decode_pyav(path: str, settings: VideoSettings) -> DecodedVideo:
+def _pyav_frame_count(path: str) -> int:
+    """Frames in the first video stream, from its packets (demuxing only, no decoding): containers such as
+    MKV/WebM carry no frame count in their headers."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode_pyav(path: str, settings: VideoSettings) -> DecodedVideo:
+    import av
+
+    total = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        total = stream.frames or (int(round(float(stream.duration * stream.time_base) * fps)) if stream.duration else 0)
-        if fps <= 0 or total <= 0:
-            raise ValueError("the video stream reports no frame rate or no frames")
-        indices = sample_indices(total, smart_nframes(total, fps, settings))
-        wanted, frames = set(indices), {}
-        for i, frame in enumerate(container.decode(stream)):
+        total = stream.frames
+    total = total or _pyav_frame_count(path)
+    if fps <= 0 or total <= 0:
+        raise ValueError("the video stream reports no frame rate or no frames")
+    indices = sample_indices(total, smart_nframes(total, fps, settings))
+    wanted, frames = set(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
             if i in wanted:
                 frames[i] = frame.to_ndarray(format="rgb24")
             if i >= indices[-1]:
                 break  # never decode past the last sampled frame
-    # A stream may hold fewer frames than its header claims: repeat the last decoded one, as decoders do.
-    last = frames[max(frames)] if frames else None
-    if last is None:
+    if not frames:
         raise ValueError("no frame could be decoded")
-    stacked = np.stack([frames.get(i, last) for i in indices])
-    return DecodedVideo(stacked, fps, total, indices)
+    # A stream may hold fewer frames than its header claims: repeat the last decoded one, as decoders do.
+    last = frames[max(frames)]
+    return DecodedVideo(np.stack([frames.get(i, last) for i in indices]), fps, total, indices)
 
 
 def load_video(path: str, settings: VideoSettings) -> DecodedVideo:

@@ -1,0 +1,72 @@
+"""`./launch.sh` picks the processes from the recipe and the environment, and refuses what cannot run."""
+
+import pytest
+
+from finetune.config import ConfigError, load_config
+from finetune.launch import accelerate_args
+
+
+def _args(overrides, env=None, gpus=0, precision="fp32"):
+    return accelerate_args(load_config(overrides), env or {}, gpus, precision)
+
+
+def _opt(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_demo_runs_one_cpu_process():
+    args = _args([])
+    assert "--cpu" in args and "--multi_gpu" not in args
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--mixed_precision")) == ("1", "1", "no")
+
+
+def test_two_cpu_processes_use_the_multi_process_launcher():
+    args = _args(["accelerate.processes_per_node=2"])
+    assert "--cpu" in args and "--multi_gpu" in args and _opt(args, "--num_processes") == "2"
+
+
+def test_gpu_modes_need_a_gpu():
+    with pytest.raises(ConfigError, match="use accelerate=cpu"):
+        _args(["accelerate=single_gpu"], gpus=0)
+
+
+def test_multi_gpu_uses_every_visible_gpu_in_bf16():
+    args = _args(["accelerate=multi_gpu"], gpus=8, precision="bf16")
+    assert "--multi_gpu" in args and "--cpu" not in args
+    assert (_opt(args, "--num_processes"), _opt(args, "--mixed_precision")) == ("8", "bf16")
+
+
+def test_multi_node_from_the_environment():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29555"}
+    args = _args(["accelerate=multi_node", "deepspeed=zero3"], env=env, gpus=8, precision="bf16")
+    assert _opt(args, "--num_processes") == "16" and _opt(args, "--num_machines") == "2"
+    assert (_opt(args, "--machine_rank"), _opt(args, "--main_process_ip"), _opt(args, "--main_process_port")) == ("1", "10.1.2.3", "29555")
+    assert "--use_deepspeed" in args and _opt(args, "--deepspeed_config_file").endswith("recipes/deepspeed/zero3.json")
+
+
+def test_gpus_per_node_overrides_the_visible_count():
+    env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "GPUS_PER_NODE": "4"}
+    assert _opt(_args(["accelerate=multi_node"], env=env, gpus=8, precision="bf16"), "--num_processes") == "8"
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [({"NNODES": "2", "NODE_RANK": "0"}, "needs MASTER_ADDR"),
+     ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be in"),
+     ({"NNODES": "two"}, "must be a whole number")],
+)
+def test_multi_node_mistakes(env, message):
+    with pytest.raises(ConfigError, match=message):
+        _args(["accelerate=multi_node"], env=env, gpus=8, precision="bf16")
+
+
+def test_half_precision_on_cpu_is_refused():
+    from finetune.modeling import resolve_precision
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about machines without a GPU")
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        resolve_precision("bf16")

@@ -1,0 +1,65 @@
+"""The real training CLI on the 2-layer models: a few steps on images and videos, first losses pinned.
+
+The losses are pinned for the tested pins (constraints.txt) on CPU in fp32; a change in them means the
+tokenisation, labels, vision inputs, initialisation or optimisation changed: find out which before re-pinning.
+"""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+
+
+def base_model_loss(family, train_file):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from conftest import DEMO
+    from finetune.collator import pad_batch
+    from finetune.config import load_config
+    from finetune.data.conversation import load_samples
+    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.tiny import tiny_checkpoint
+
+    config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
+    path = tiny_checkpoint(family)
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), VisionSettings.from_model_config(config.model))
+    batch = pad_batch([encoder.encode(s) for s in load_samples(train_file, DEMO)], encoder.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return AutoModelForImageTextToText.from_pretrained(path)(**batch).loss.item()
+
+PINNED_LOSSES = {
+    "qwen2_vl": [7.172182, 6.518811, 5.981348],
+    "qwen2_5_vl": [6.257012, 5.700313, 5.237171],
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family):
+    train_file = mini_dataset(tmp_path / "train.json")
+    run_dir = tmp_path / "run"
+    run_module("finetune.train", tiny_run_overrides(family, run_dir, train_file))
+
+    history = json.loads((run_dir / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    print(family, "losses", losses)
+    assert losses == pytest.approx(PINNED_LOSSES[family], rel=1e-4)
+    # Independent of the pin: LoRA starts as a no-op and the batch holds all 8 samples, so the first loss is the
+    # base model's own token-mean loss on them (TRL's fused LM head must agree with the model's forward).
+    assert losses[0] == pytest.approx(base_model_loss(family, train_file), rel=1e-5)
+    assert all(entry["tokens_per_second_per_device"] > 0 for entry in history if "loss" in entry)
+
+    # The run directory documents itself.
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["packages"]["transformers"] and info["git"]["sha"] is not None and info["precision"] == "fp32"
+    assert "name: " + ("demo_qwen2_vl" if family == "qwen2_vl" else "demo") in (run_dir / "config.yaml").read_text()
+
+    # LoRA only on the language model: nothing in the vision tower, merger or embeddings.
+    adapter = run_dir / "adapter"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".language_model." in k and "lora_" in k for k in keys), keys[:5]
+    assert not any(".visual." in k for k in keys)
+    assert (adapter / "processor_config.json").exists() and (adapter / "chat_template.jinja").exists()
