@@ -42,20 +42,23 @@ def split_prompt(sample: Sample) -> tuple[Sample, str]:
 
 def load_trained_model(config: Config, model_dir: str | None = None):
     """(model, processor) from a merged directory, or base model + the run's adapter."""
-    from finetune.modeling import load_model, load_processor, resolve_precision
+    from finetune.modeling import inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
 
-    precision = resolve_precision(config.trainer.precision)
+    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
+    device_map = inference_device_map(config)
     if model_dir:
-        return load_model(config.model, precision, path=model_dir), load_processor(config.model, path=model_dir)
+        model = load_model(config.model, precision, path=model_dir, device_map=device_map)
+        return model, load_processor(config.model, path=model_dir)
     adapter_dir = Path(config.trainer.output_dir) / "adapter"
     if not adapter_dir.is_dir():
         raise ConfigError(f"No trained adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
     processor = load_processor(config.model, path=str(adapter_dir))
     if config.peft.method == "none":
-        return load_model(config.model, precision, path=str(adapter_dir)), processor
+        return load_model(config.model, precision, path=str(adapter_dir), device_map=device_map), processor
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(config.model, precision), str(adapter_dir)), processor
+    base = load_model(config.model, precision, device_map=device_map)
+    return PeftModel.from_pretrained(base, str(adapter_dir)), processor
 
 
 @torch.no_grad()
@@ -64,7 +67,7 @@ def generate_answers(model, encoder, prompts: list[Sample], batch_size: int, max
 
     from finetune.collator import pad_batch
 
-    device = next(model.parameters()).device
+    device = model.device
     pad_id = encoder.tokenizer.pad_token_id
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", unit="batch"):

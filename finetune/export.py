@@ -33,14 +33,16 @@ RELOAD_SCRIPT = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
-model_dir, batch_file, out_file, dtype = sys.argv[1:5]
+model_dir, batch_file, out_file, dtype, device_map = sys.argv[1:6]
 AutoProcessor.from_pretrained(model_dir)
-model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-batch = load_file(batch_file)
+model = AutoModelForImageTextToText.from_pretrained(
+    model_dir, dtype=getattr(torch, dtype), device_map=None if device_map == "none" else device_map
+).eval()
+batch = {k: v.to(model.device) for k, v in load_file(batch_file).items()}
 if "second_per_grid_ts" in batch:
     batch["second_per_grid_ts"] = batch["second_per_grid_ts"].tolist()
 with torch.no_grad():
-    logits = model(**batch).logits.float()
+    logits = model(**batch).logits.float().cpu()
 save_file({"logits": logits.contiguous()}, out_file)
 """
 
@@ -67,7 +69,11 @@ def missing_files(out_dir: Path) -> list[str]:
     return missing
 
 
-def reload_logits(out_dir: Path, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+def _to(value, device):
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+def reload_logits(out_dir: Path, batch: dict, dtype: torch.dtype, device_map: str | None) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +81,8 @@ def reload_logits(out_dir: Path, batch: dict, dtype: torch.dtype) -> torch.Tenso
         tensors = {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()}
         save_file(tensors, str(batch_file))
         dtype_name = str(dtype).removeprefix("torch.")
-        cmd = [sys.executable, "-c", RELOAD_SCRIPT, str(out_dir), str(batch_file), str(logits_file), dtype_name]
+        cmd = [sys.executable, "-c", RELOAD_SCRIPT, str(out_dir), str(batch_file), str(logits_file), dtype_name,
+               device_map or "none"]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"plain transformers could not load {out_dir}:\n{result.stderr[-3000:]}")
@@ -86,21 +93,20 @@ def export(config: Config) -> Path:
     from peft import PeftModel
 
     from finetune.data.encode import ConversationEncoder, VisionSettings
-    from finetune.modeling import load_model, resolve_precision
+    from finetune.modeling import DTYPES, inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
 
     run_dir = Path(config.trainer.output_dir)
     adapter_dir, out_dir = run_dir / "adapter", Path(config.export.output_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise ConfigError(f"No LoRA adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
-    precision = resolve_precision(config.trainer.precision)
-    from finetune.modeling import DTYPES, load_processor
-
+    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
     processor = load_processor(config.model, path=str(adapter_dir))
-    model = PeftModel.from_pretrained(load_model(config.model, precision), str(adapter_dir)).eval()
+    base = load_model(config.model, precision, device_map=inference_device_map(config))
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     encoder = ConversationEncoder(processor, VisionSettings.from_model_config(config.model))
     batch = reference_batch(config, encoder)
     with torch.no_grad():
-        adapter_logits = model(**batch).logits.float()
+        adapter_logits = model(**{k: _to(v, model.device) for k, v in batch.items()}).logits.float().cpu()
 
     merged = model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +116,7 @@ def export(config: Config) -> Path:
     if missing:
         raise RuntimeError(f"export to {out_dir} is missing {', '.join(missing)}")
 
-    merged_logits = reload_logits(out_dir, batch, DTYPES[precision])
+    merged_logits = reload_logits(out_dir, batch, DTYPES[precision], inference_device_map(config))
     mask = batch["attention_mask"].bool()
     max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
     atol = config.export.atol if config.export.atol is not None else (1e-4 if precision == "fp32" else 5e-2)

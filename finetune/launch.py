@@ -97,12 +97,12 @@ def summary(config: Config) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from finetune.modeling import resolve_precision
+    from finetune.modeling import resolve_precision, uses_gpu
 
     overrides = sys.argv[1:] if argv is None else argv
     try:
         config = load_config(overrides)  # fail here, before any process starts
-        precision = resolve_precision(config.trainer.precision)
+        precision = resolve_precision(config.trainer.precision, uses_gpu(config))
         args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

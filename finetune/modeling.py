@@ -13,13 +13,21 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_precision(requested: str) -> str:
+def uses_gpu(config) -> bool:
+    """Whether this run computes on GPUs: the recipe's accelerate mode decides (`cpu` stays on the CPU even
+    on a machine with GPUs); a GPU mode without a visible GPU is refused by the launcher."""
+    return config.accelerate.mode != "cpu" and torch.cuda.is_available()
+
+
+def resolve_precision(requested: str, has_gpu: bool) -> str:
     """'auto' -> bf16 on a GPU that supports it, else fp32. Half precision on a CPU is refused, not ignored."""
-    has_gpu = torch.cuda.is_available()
     if requested == "auto":
         return "bf16" if has_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if requested in ("bf16", "fp16") and not has_gpu:
-        raise ConfigError(f"trainer.precision={requested} needs a GPU and none is visible; use trainer.precision=auto.")
+        raise ConfigError(
+            f"trainer.precision={requested} needs a GPU run (a GPU accelerate recipe and a visible GPU); "
+            "use trainer.precision=auto on the CPU."
+        )
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("This GPU has no bf16 support; use trainer.precision=fp16 or auto.")
     return requested
@@ -33,8 +41,9 @@ def load_processor(model_cfg: ModelConfig, path: str | None = None):
     )
 
 
-def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None):
-    """The base model in the training dtype; its model_type must match the recipe's family."""
+def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None):
+    """The base model in the training dtype; its model_type must match the recipe's family. Weights are read
+    from safetensors only (never unpickled)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = path or resolve_model_path(model_cfg.name_or_path)
@@ -49,7 +58,14 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None):
         dtype=DTYPES[precision],
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        device_map=device_map,
     )
+
+
+def inference_device_map(config):
+    """Evaluation and export run in one process: spread the model over the GPUs of a GPU run, else CPU."""
+    return "auto" if uses_gpu(config) else None
 
 
 def vision_tower(model):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from finetune.config import Config, ConfigError, load_config
 from finetune.data.conversation import DataError, load_samples
+from finetune.modeling import resolve_precision, uses_gpu
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.train")
@@ -54,7 +55,7 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=precision == "fp32" and not _cuda_available(),
+        use_cpu=not uses_gpu(config),
         activation_checkpointing=t.gradient_checkpointing,
         dataloader_num_workers=t.dataloader_num_workers,
         logging_steps=t.logging_steps,
@@ -71,12 +72,6 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         max_length=None,
         disable_tqdm=False,
     )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _repo_relative(path: str) -> Path:
@@ -127,12 +122,11 @@ def train(config: Config, overrides: list[str]) -> Path:
         count_parameters,
         load_model,
         load_processor,
-        resolve_precision,
     )
     from finetune.runinfo import write_run_info
 
     run_dir = Path(config.trainer.output_dir)
-    precision = resolve_precision(config.trainer.precision)
+    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
     samples = load_samples(resolve_data_file(config.data.train), config.data.media_root)
     if not samples:
         raise DataError(f"{config.data.train} holds no samples.")

@@ -60,13 +60,10 @@ def test_multi_node_mistakes(env, message):
         _args(["accelerate=multi_node"], env=env, gpus=8, precision="bf16")
 
 
-def test_half_precision_on_cpu_is_refused():
-    from finetune.modeling import resolve_precision
+def test_precision_follows_the_hardware_the_recipe_uses():
+    from finetune.modeling import resolve_precision, uses_gpu
 
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this check is about machines without a GPU")
-    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("auto", has_gpu=False) == "fp32"
     with pytest.raises(ConfigError, match="needs a GPU"):
-        resolve_precision("bf16")
+        resolve_precision("bf16", has_gpu=False)
+    assert not uses_gpu(load_config([]))  # the demo's accelerate=cpu stays on the CPU even where GPUs exist
