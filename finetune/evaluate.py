@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
 from finetune.data.conversation import DataError, Sample, load_samples
 from finetune.paths import resolve_data_file
@@ -135,17 +136,10 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="evaluate this merged/exported model directory instead of the adapter")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        evaluate(load_config(overrides), args.model)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run(lambda: evaluate(load_config(overrides), args.model))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
-from finetune.data.conversation import DataError, Sample, load_samples
+from finetune.data.conversation import load_samples
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.export")
@@ -138,15 +139,8 @@ def export(config: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if argv is None else argv
-    try:
-        export(load_config(overrides))
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run(lambda: export(load_config(overrides)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -57,7 +57,7 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
         if total > 1:
             args.append("--multi_gpu")  # also the multi-process path on CPU (gloo), see ../shared/STACK.md
     if acc.mode == "cpu":
-        args.append("--cpu")
+        args += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // per_node))]
     if nodes > 1:
         args += ["--machine_rank", str(node_rank), "--main_process_ip", env["MASTER_ADDR"],
                  "--main_process_port", env.get("MASTER_PORT") or "29500", "--same_network"]  # fmt: skip
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     python = sys.executable
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
     rc = _run([python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides])
     main_node = config.accelerate.mode != "multi_node" or _int_env(dict(os.environ), "NODE_RANK", 0) == 0
     if rc != 0 or not main_node:

@@ -98,10 +98,9 @@ def _tokenizer_corpus() -> list[str]:
 
 def build_tokenizer():
     """Train a small byte-level BPE with Qwen2's pre-tokenizer and wrap it in the real Qwen2 tokenizer class."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from tokenizers import Regex, normalizers
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.config import Config, ConfigError, load_config
+from finetune.cli import run
+from finetune.config import Config, load_config
 from finetune.data.conversation import DataError, load_samples
 from finetune.modeling import resolve_precision, uses_gpu
 from finetune.paths import resolve_data_file
@@ -165,16 +166,8 @@ def train(config: Config, overrides: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = sys.argv[1:] if argv is None else argv
-    try:
-        config = load_config(overrides)
-        train(config, overrides)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run(lambda: train(load_config(overrides), overrides))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
 from conftest import DEMO
 from recipe_runs import run_module
 from test_export import decode_all_frames
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def ask_about_videos(model_dir, records):

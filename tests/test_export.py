@@ -6,11 +6,10 @@ import av
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from transformers.video_utils import VideoMetadata
-
 from conftest import DEMO
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.video_utils import VideoMetadata
 
 
 def decode_all_frames(path):

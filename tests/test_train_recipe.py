@@ -7,16 +7,15 @@ tokenisation, labels, vision inputs, initialisation or optimisation changed: fin
 import json
 
 import pytest
-from safetensors import safe_open
-
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from safetensors import safe_open
 
 
 def base_model_loss(family, train_file):
     import torch
+    from conftest import DEMO
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from conftest import DEMO
     from finetune.collator import pad_batch
     from finetune.config import load_config
     from finetune.data.conversation import load_samples

@@ -1,9 +1,9 @@
 """LLaMA-Factory/ShareGPT records -> canonical conversations, with errors that name the sample and the fix."""
 
 import pytest
+from media_factory import write_dataset, write_image, write_video
 
 from finetune.data.conversation import DataError, load_samples
-from media_factory import write_dataset, write_image, write_video
 
 
 @pytest.fixture

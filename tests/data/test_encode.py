@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from media_factory import write_dataset, write_image, write_video
 from transformers.video_utils import VideoMetadata
 
 from finetune.data.conversation import DataError, Sample, load_samples
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder, VisionSettings
 from finetune.data.media import VideoSettings, load_image, load_video
-from media_factory import write_dataset, write_image, write_video
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 

@@ -6,11 +6,11 @@ import random
 import av
 import numpy as np
 import pytest
+from media_factory import write_image, write_video
 from PIL import Image
 
 import finetune.data.media as media
 from finetune.data.media import VideoSettings, load_image, load_video, sample_indices, smart_nframes
-from media_factory import write_image, write_video
 
 
 def test_smart_nframes_and_indices_match_qwen_vl_utils():

@@ -1,0 +1,23 @@
+"""The shared shape of our command-line entry points: user mistakes print one clear line, exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Callable
+
+from finetune.config import ConfigError
+from finetune.data.conversation import DataError
+
+
+def run(entry: Callable[[], object]) -> int:
+    # Raised inside peft/trl on every load with transformers 5.23; nothing for our users to act on.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        entry()
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
