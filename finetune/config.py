@@ -10,6 +10,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
@@ -72,17 +73,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the conversations are. Media paths are resolved inside `media_root` and may not leave it."""
+    """Where the conversations are (LLaMA-Factory/ShareGPT, LLaVA, Qwen or HF-messages records in JSON, JSONL,
+    parquet or a `save_to_disk` folder). Media paths resolve inside the media root and may not leave it."""
 
-    train: str = MISSING  # JSON or JSONL file (LLaMA-Factory/ShareGPT format)
-    eval: str | None = None  # held-out split used for generation-based evaluation
+    # A file, or a list of files / {path, weight, media_root} entries mixed by weight.
+    train: Any = MISSING
+    eval: Any = None  # held-out split(s) for generation-based evaluation
     media_root: str | None = None  # default: the folder of each dataset file
+    frames_fps: float | None = None  # frame rate of videos given as frame folders/lists (or per sample)
     max_length: int = 4096  # a longer sample is an error naming it; nothing is ever truncated
+    skip_invalid: bool = False  # true: skip samples that fail validation, with a count and report
     eval_max_samples: int | None = None
 
     def check(self) -> None:
         if self.max_length < 16:
             raise ConfigError(f"data.max_length={self.max_length} is too small to hold one chat turn.")
+        for name in ("train", "eval"):
+            value = getattr(self, name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                ok = isinstance(item, str) or (isinstance(item, dict) and "path" in item)
+                if not ok and not (name == "eval" and value is None):
+                    raise ConfigError(
+                        f"data.{name} must be a path or a list of paths / {{path, weight, media_root}}, got {item!r}."
+                    )
+        if self.frames_fps is not None and self.frames_fps <= 0:
+            raise ConfigError(f"data.frames_fps must be positive, got {self.frames_fps}.")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
-from finetune.data.conversation import DataError, Sample, load_samples
+from finetune.data.conversation import DataError, Sample
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.evaluate")
@@ -103,16 +103,19 @@ def score(samples: list[Sample], references: list[str], answers: list[str]) -> d
 
 
 def evaluate(config: Config, model_dir: str | None = None) -> dict:
-    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.prepare import prepare_split, require_clean
+    from finetune.data.vision import VisionSettings
 
     if not config.data.eval:
         raise ConfigError("No held-out split: set data.eval=PATH.")
-    samples = load_samples(resolve_data_file(config.data.eval), config.data.media_root)
-    samples = samples[: config.data.eval_max_samples] if config.data.eval_max_samples else samples
-    prompts, references = zip(*(split_prompt(s) for s in samples))
     model, processor = load_trained_model(config, model_dir)
     model.eval()
-    encoder = ConversationEncoder(processor, VisionSettings.from_model_config(config.model))
+    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps))
+    split = prepare_split(config.data.eval, config.data, encoder, config.trainer.seed, resolve_data_file)
+    require_clean(split, "evaluation", config.data.skip_invalid, logger)
+    samples = split.samples[: config.data.eval_max_samples] if config.data.eval_max_samples else split.samples
+    prompts, references = zip(*(split_prompt(s) for s in samples))
     answers = generate_answers(model, encoder, list(prompts), config.evaluation.batch_size,
                                config.evaluation.max_new_tokens)  # fmt: skip
     metrics = score(samples, list(references), answers)

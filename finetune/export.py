@@ -22,7 +22,6 @@ import torch
 
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
-from finetune.data.conversation import load_samples
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.export")
@@ -52,8 +51,10 @@ def reference_batch(config: Config, encoder, max_samples: int = 4) -> dict:
     """A small real batch with images and videos when the data has both (the export must handle both)."""
     from finetune.collator import pad_batch
 
-    path = config.data.eval or config.data.train
-    samples = load_samples(resolve_data_file(path), config.data.media_root)
+    from finetune.data.sources import parse_sources, read_source
+
+    source = parse_sources(config.data.eval or config.data.train, config.data.media_root, resolve_data_file)[0]
+    samples = read_source(source)[0][:64]
     with_video = [s for s in samples if s.media("video")][: max_samples // 2]
     chosen = with_video + [s for s in samples if s not in with_video][: max_samples - len(with_video)]
     batch = pad_batch([encoder.encode(s) for s in chosen], encoder.tokenizer.pad_token_id)
@@ -93,7 +94,8 @@ def reload_logits(out_dir: Path, batch: dict, dtype: torch.dtype, device_map: st
 def export(config: Config) -> Path:
     from peft import PeftModel
 
-    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.vision import VisionSettings
     from finetune.modeling import DTYPES, inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
 
     run_dir = Path(config.trainer.output_dir)
@@ -104,7 +106,7 @@ def export(config: Config) -> Path:
     processor = load_processor(config.model, path=str(adapter_dir))
     base = load_model(config.model, precision, device_map=inference_device_map(config))
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    encoder = ConversationEncoder(processor, VisionSettings.from_model_config(config.model))
+    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps))
     batch = reference_batch(config, encoder)
     with torch.no_grad():
         adapter_logits = model(**{k: _to(v, model.device) for k, v in batch.items()}).logits.float().cpu()

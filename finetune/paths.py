@@ -9,7 +9,7 @@ from finetune.data.conversation import DataError
 
 
 def resolve_data_file(path: str) -> Path:
-    """A dataset path as given, else relative to the current directory, else to the repository root (so the
+    """A dataset file or folder as given, else relative to the current directory, else to the repository root (so the
     bundled recipes work from any directory). A missing file is an error that lists where we looked."""
     candidate = Path(path)
     if candidate.is_absolute():
@@ -17,6 +17,6 @@ def resolve_data_file(path: str) -> Path:
     else:
         tried = [Path.cwd() / candidate, REPO_ROOT / candidate]
     for p in tried:
-        if p.is_file():
+        if p.exists():
             return p
     raise DataError(f"Dataset file {path!r} not found (looked at {', '.join(str(p) for p in tried)}).")

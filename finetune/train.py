@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune.cli import run
 from finetune.config import Config, load_config
-from finetune.data.conversation import DataError, load_samples
+from finetune.data.conversation import DataError
 from finetune.modeling import resolve_precision, uses_gpu
 from finetune.paths import resolve_data_file
 
@@ -116,7 +116,9 @@ def train(config: Config, overrides: list[str]) -> Path:
     from transformers import set_seed
 
     from finetune.collator import Collator
-    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.prepare import prepare_split, require_clean
+    from finetune.data.vision import VisionSettings
     from finetune.modeling import (
         apply_freezing,
         apply_lora,
@@ -128,12 +130,21 @@ def train(config: Config, overrides: list[str]) -> Path:
 
     run_dir = Path(config.trainer.output_dir)
     precision = resolve_precision(config.trainer.precision, uses_gpu(config))
-    samples = load_samples(resolve_data_file(config.data.train), config.data.media_root)
-    if not samples:
-        raise DataError(f"{config.data.train} holds no samples.")
+    processor = load_processor(config.model)
+    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps),
+                                  config.trainer.label_mode, config.data.max_length)  # fmt: skip
+    # Every sample is read and counted from media metadata before training starts (cached beside the data):
+    # a bad or over-long sample stops the run here, naming it, not hours in.
+    split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
+    require_clean(split, "training", config.data.skip_invalid, logger)
+    if not split.samples:
+        raise DataError(f"data.train={config.data.train} holds no usable samples.")
+    samples = split.samples
+    logger.info("%d training samples, %s tokens (text/image/video %s/%s/%s)", len(samples),
+                f"{sum(c.total for c in split.counts):,}", *(f"{sum(getattr(c, k) for c in split.counts):,}"
+                for k in ("text", "image", "video")))  # fmt: skip
 
     set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
-    processor = load_processor(config.model)
     model = load_model(config.model, precision)
     apply_freezing(model, config.model)
     if config.peft.method == "lora":
@@ -142,9 +153,6 @@ def train(config: Config, overrides: list[str]) -> Path:
     logger.info("precision %s | trainable parameters %s / %s (%.2f%%)", precision, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total)  # fmt: skip
 
-    encoder = ConversationEncoder(
-        processor, VisionSettings.from_model_config(config.model), config.trainer.label_mode, config.data.max_length
-    )
     trainer = make_trainer_class()(
         model=model,
         args=build_sft_config(config, precision, run_dir),

@@ -16,25 +16,51 @@ def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = 
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    (image.convert(mode) if mode != "RGB" else image).save(path)
+    if mode == "P":
+        image = image.quantize(64)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
     return path
 
 
-def write_video(path: Path, frames: int, fps: int, width: int, height: int, seed: int = 0, codec: str = "libx264") -> Path:
-    """A moving-gradient clip; mp4/mkv/avi chosen by the suffix."""
-    rng = np.random.default_rng(seed)
+CODECS = {".mp4": "libx264", ".mkv": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mov": "libx264"}
+
+
+def video_frames(frames: int, width: int, height: int, seed: int = 0):
+    """Distinct frames: a noise texture shifted a little more each frame, with a frame-number stripe."""
+    base = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for i in range(frames):
+        frame = np.roll(base, shift=3 * i, axis=1)
+        frame[: max(2, height // 8), :] = (i * 37) % 256
+        yield frame
+
+
+def write_video(path: Path, frames: int, fps, width: int, height: int, seed: int = 0, codec: str | None = None,
+                gop: int = 12) -> Path:
+    """A clip whose container and codec follow the suffix (mp4/mkv/mov: H.264, avi: MPEG-4, webm: VP9)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    codec = codec or CODECS[path.suffix]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            frame = np.roll(base, shift=3 * i, axis=1)
+        stream.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0", "crf": "20"}
+        for frame in video_frames(frames, width, height, seed):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_frame_folder(folder: Path, frames: int, width: int, height: int, seed: int = 0) -> Path:
+    """What `ffmpeg -i video -q:v 2 -start_number 0 out/%05d.jpg` leaves: one image per frame (PNG here, lossless)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(video_frames(frames, width, height, seed)):
+        Image.fromarray(frame).save(folder / f"{i:05d}.png")
+    return folder
 
 
 def write_dataset(path: Path, records: list[dict]) -> Path:

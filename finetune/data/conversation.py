@@ -1,18 +1,27 @@
-"""One canonical conversation, read from the LLaMA-Factory / ShareGPT format users already have.
+"""One canonical conversation, read from the formats users already have.
 
-A `Sample` holds HF-style messages whose content is a list of blocks:
-`{"type": "text", "text": ...}`, `{"type": "image", "image": <absolute path>}`,
-`{"type": "video", "video": <absolute path>}`. Every media path is resolved inside the media root; a path
-that escapes it is refused (a dataset must not make training read arbitrary files).
+A `Sample` holds HF-style messages whose content is a list of blocks: `{"type": "text", "text": ...}`,
+`{"type": "image", "image": <absolute path>, ...options}`, `{"type": "video", "video": <path | [frame paths]>,
+...options}`. Options are qwen-vl-utils' keys (min_pixels, max_pixels, fps, nframes, min_frames,
+max_frames, total_pixels, video_start, video_end) plus `frames_fps` for frame folders/lists; set on a media
+item, or at the top of a record for all of its media.
+
+Accepted records (detected per record):
+- LLaMA-Factory / ShareGPT: `messages` or `conversations` with role/content or from/value, `images`/`videos`
+  lists, one `<image>`/`<video>` placeholder per file.
+- LLaVA: `conversations` (from/value) with `image`/`video` as a string or a list.
+- Qwen official: `image`/`images`/`video` with `conversations` (from/value or role/content).
+- HF / OpenAI messages: `messages` whose content is a list of typed blocks (`image`/`path`/`url`/`image_url`).
+Every media path is resolved inside the media root; a path that escapes it is refused.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from finetune.data.vision import IMAGE_KEYS, VIDEO_KEYS
 
 ROLE_ALIASES = {
     "system": "system",
@@ -24,17 +33,27 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 PLACEHOLDER = re.compile(r"<(image|video)>")
+KNOWN_KEYS = {"id", "messages", "conversations", "images", "image", "videos", "video", "system",
+              *IMAGE_KEYS, *VIDEO_KEYS}  # fmt: skip
 
 
 class DataError(ValueError):
-    """A sample that cannot be trained on; the message names the file, the sample and the fix."""
+    """A sample that cannot be trained on; the message names the file, the sample and the fix. `kind` is the
+    problem class `validate` groups by."""
+
+    def __init__(self, message: str, kind: str = "format"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` when a DataLoader worker sends the error back
+        return (DataError, (str(self), self.kind))
 
 
 @dataclass
 class Sample:
     id: str
     messages: list[dict]
-    source: str  # "file.json[12]" for error messages
+    source: str  # "file.json[12] (id x)" for error messages
     extra: dict = field(default_factory=dict)  # other top-level keys (e.g. "task") kept for reports
 
     def media(self, kind: str) -> list[dict]:
@@ -42,57 +61,39 @@ class Sample:
         return [b for m in self.messages for b in m["content"] if b["type"] == kind]
 
 
-def read_records(path: Path) -> list[dict]:
-    """A JSON list or JSONL file of dict records. Never unpickles anything."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from None
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(records).__name__}.")
-    return records
-
-
-def resolve_media(path: str, media_root: Path, where: str) -> str:
-    """Absolute, symlink-free path of `path` (relative to `media_root`); refuses paths outside the root."""
+def resolve_media(path, media_root: Path, where: str):
+    """Absolute, symlink-free path (or list of paths for frame lists) inside `media_root`."""
+    if isinstance(path, (list, tuple)):
+        return [resolve_media(p, media_root, where) for p in path]
+    if not isinstance(path, str) or not path:
+        raise DataError(f"{where}: media path must be a non-empty string, got {path!r}.")
+    if re.match(r"^[a-z][a-z0-9+.-]*://", path) and not path.startswith("file://"):
+        raise DataError(f"{where}: remote media {path!r} is not supported; download it under the media root.", "missing_media")
+    path = path.removeprefix("file://")
     root = media_root.resolve()
     resolved = (root / path).resolve()
     if resolved != root and root not in resolved.parents:
         raise DataError(
             f"{where}: media path {path!r} resolves to {resolved}, outside the media root {root}. "
-            "Move the file under the media root or set data.media_root to a folder that contains it."
+            "Move the file under the media root or set data.media_root to a folder that contains it.",
+            "outside_root",
         )
     return str(resolved)
 
 
-def _turns(record: dict, where: str) -> list[tuple[str, str]]:
-    turns = record.get("messages", record.get("conversations"))
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: no 'messages' or 'conversations' list.")
-    out = []
-    if isinstance(record.get("system"), str) and record["system"]:
-        out.append(("system", record["system"]))
-    for i, turn in enumerate(turns):
-        role = turn.get("role", turn.get("from"))
-        text = turn.get("content", turn.get("value"))
-        if role not in ROLE_ALIASES:
-            raise DataError(
-                f"{where}: turn {i} has unknown role {role!r}; expected one of {', '.join(sorted(ROLE_ALIASES))}."
-            )
-        if not isinstance(text, str):
-            raise DataError(f"{where}: turn {i} content must be a string in this format, got {type(text).__name__}.")
-        out.append((ROLE_ALIASES[role], text))
-    return out
+def _options(record: dict, kind: str) -> dict:
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    return {k: record[k] for k in keys if record.get(k) is not None}
+
+
+def _role(turn: dict, index: int, where: str) -> str:
+    role = turn.get("role", turn.get("from"))
+    if role not in ROLE_ALIASES:
+        raise DataError(
+            f"{where}: turn {index} has unknown role {role!r}; expected one of {', '.join(sorted(ROLE_ALIASES))}.",
+            "unknown_role",
+        )
+    return ROLE_ALIASES[role]
 
 
 def _as_list(value) -> list:
@@ -101,49 +102,88 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _split_blocks(text: str, media: dict[str, list[str]], used: dict[str, int]) -> list[dict]:
-    """Text with <image>/<video> placeholders -> content blocks, consuming the media lists in order."""
-    blocks = []
-    pos = 0
-    for match in PLACEHOLDER.finditer(text):
-        if match.start() > pos:
-            blocks.append({"type": "text", "text": text[pos : match.start()]})
-        kind = match.group(1)
-        index = used[kind]
-        used[kind] += 1
-        if index < len(media[kind]):
-            blocks.append({"type": kind, kind: media[kind][index]})
-        pos = match.end()
-    if pos < len(text):
-        blocks.append({"type": "text", "text": text[pos:]})
-    return blocks
-
-
-def sharegpt_to_sample(record: dict, index: int, file: Path, media_root: Path) -> Sample:
-    """LLaMA-Factory/ShareGPT: `messages`|`conversations` + `images`/`videos` lists with placeholders."""
-    where = f"{file}[{index}]"
-    sample_id = str(record.get("id", index))
-    where = f"{where} (id {sample_id})" if "id" in record else where
-    media = {
-        "image": [resolve_media(p, media_root, where) for p in _as_list(record.get("images", record.get("image")))],
-        "video": [resolve_media(p, media_root, where) for p in _as_list(record.get("videos", record.get("video")))],
+def _placeholder_messages(record: dict, turns: list, where: str, media_root: Path) -> list[dict]:
+    """String contents with <image>/<video> placeholders (ShareGPT, LLaVA, Qwen official)."""
+    files = {
+        "image": _as_list(record.get("images", record.get("image"))),
+        "video": _as_list(record.get("videos", record.get("video"))),
     }
     used = {"image": 0, "video": 0}
-    messages = [{"role": role, "content": _split_blocks(text, media, used)} for role, text in _turns(record, where)]
+    messages = []
+    for i, turn in enumerate(turns):
+        role, text = _role(turn, i, where), turn.get("content", turn.get("value"))
+        if not isinstance(text, str):
+            raise DataError(f"{where}: turn {i} content must be a string, got {type(text).__name__}.")
+        blocks, pos = [], 0
+        for match in PLACEHOLDER.finditer(text):
+            if match.start() > pos:
+                blocks.append({"type": "text", "text": text[pos : match.start()]})
+            kind = match.group(1)
+            if used[kind] < len(files[kind]):
+                path = resolve_media(files[kind][used[kind]], media_root, where)
+                blocks.append({**_options(record, kind), "type": kind, kind: path})
+            used[kind] += 1
+            pos = match.end()
+        if pos < len(text):
+            blocks.append({"type": "text", "text": text[pos:]})
+        messages.append({"role": role, "content": blocks})
     for kind in ("image", "video"):
-        if used[kind] != len(media[kind]):
+        if used[kind] != len(files[kind]):
             raise DataError(
-                f"{where}: {used[kind]} <{kind}> placeholder(s) in the text but {len(media[kind])} {kind} file(s) "
-                f"listed. Put exactly one <{kind}> where each {kind} belongs."
+                f"{where}: {used[kind]} <{kind}> placeholder(s) in the text but {len(files[kind])} {kind} file(s) "
+                f"listed. Put exactly one <{kind}> where each {kind} belongs.",
+                "placeholders",
             )
-    known = {"id", "messages", "conversations", "images", "image", "videos", "video", "system"}
-    return Sample(sample_id, messages, where, {k: v for k, v in record.items() if k not in known})
+    return messages
 
 
-def load_samples(path: str | os.PathLike, media_root: str | os.PathLike | None = None) -> list[Sample]:
-    """Read a dataset file; media paths are relative to `media_root` (default: the file's folder)."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"Dataset file {file} does not exist.")
-    root = Path(media_root) if media_root else file.parent
-    return [sharegpt_to_sample(rec, i, file, root) for i, rec in enumerate(read_records(file))]
+def _block_path(block: dict, kind: str, where: str):
+    value = block.get(kind, block.get("path", block.get("url")))
+    if kind == "image" and value is None and "image_url" in block:
+        value = block["image_url"]["url"] if isinstance(block["image_url"], dict) else block["image_url"]
+    if value is None:
+        raise DataError(f"{where}: a {kind} block has no {kind}/path/url.")
+    return value
+
+
+def _block_messages(record: dict, turns: list, where: str, media_root: Path) -> list[dict]:
+    """HF / OpenAI messages: content as a list of typed blocks (or a plain string)."""
+    messages = []
+    for i, turn in enumerate(turns):
+        role, content = _role(turn, i, where), turn.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        blocks = []
+        for block in content or []:
+            kind = block.get("type")
+            kind = "image" if kind == "image_url" else kind
+            if kind == "text":
+                blocks.append({"type": "text", "text": block.get("text", "")})
+            elif kind in ("image", "video"):
+                options = {k: v for k, v in block.items() if k in (IMAGE_KEYS if kind == "image" else VIDEO_KEYS)}
+                path = resolve_media(_block_path(block, kind, where), media_root, where)
+                blocks.append({**_options(record, kind), **options, "type": kind, kind: path})
+            else:
+                raise DataError(f"{where}: turn {i} has a content block of unknown type {block.get('type')!r}.")
+        messages.append({"role": role, "content": blocks})
+    return messages
+
+
+def record_to_sample(record: dict, index: int, where: str, media_root: Path) -> Sample:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a sample must be a JSON object, got {type(record).__name__}.")
+    sample_id = str(record.get("id", index))
+    where = f"{where} (id {sample_id})" if "id" in record else where
+    turns = record.get("messages", record.get("conversations"))
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: no 'messages' or 'conversations' list.")
+    if not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: every turn must be an object with role/content or from/value.")
+    blocks = any(isinstance(t.get("content"), list) for t in turns)
+    reader = _block_messages if blocks else _placeholder_messages
+    messages = reader(record, turns, where, media_root)
+    if isinstance(record.get("system"), str) and record["system"] and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": record["system"]}]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn, so nothing to learn.", "empty_turn")
+    return Sample(sample_id, messages, where, {k: v for k, v in record.items() if k not in KNOWN_KEYS})

@@ -1,50 +1,27 @@
-"""Turn a canonical conversation into model inputs: token ids, labels, and vision tensors.
+"""Turn a canonical conversation into model inputs, or count its tokens from media metadata alone.
 
-Text is rendered with the processor's own chat template, one assistant turn at a time, so the tokens that
-get a loss are known exactly (the assistant's reply and its end-of-turn token; never the system or user
-turns, the `<|im_start|>assistant\\n` header or a vision pad token). Each `<|image_pad|>`/`<|video_pad|>`
-is expanded in id space to the number of tokens the processor's grid gives, exactly as the processor does.
-Vision tensors come from the real image/video processors, with Qwen's pixel budgets applied per item.
+Text is rendered with the processor's own chat template one assistant turn at a time, so the trained tokens
+are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
+`<|im_start|>assistant\\n` header or a vision pad. Vision follows qwen-vl-utils: every image and video is
+resized by us to its `smart_resize` target (so the processor's own resize is the identity), videos are
+sampled with the real source fps, and the processor only normalises and patchifies. Each `<|image_pad|>`/`<|video_pad|>` expands to the plan's token count.
+`count_tokens` runs the same plan on headers only, which is why it equals `len(encode(...).input_ids)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import os
 
 import torch
+from PIL import Image
 
 from finetune.data.conversation import DataError, Sample
-from finetune.data.media import FRAME_FACTOR, VideoSettings, load_image, load_video
+from finetune.data.media import decode_frames, load_image, probe_image, probe_video
+from finetune.data.vision import VideoPlan, VisionSettings
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class VisionSettings:
-    min_pixels: int
-    max_pixels: int
-    video_min_pixels: int
-    video_max_pixels: int
-    video_total_pixels: int
-    video: VideoSettings = field(default_factory=VideoSettings)
-
-    @classmethod
-    def from_model_config(cls, model_cfg) -> "VisionSettings":
-        return cls(
-            min_pixels=model_cfg.min_pixels,
-            max_pixels=model_cfg.max_pixels,
-            video_min_pixels=model_cfg.video_min_pixels,
-            video_max_pixels=model_cfg.video_max_pixels,
-            video_total_pixels=model_cfg.video_total_pixels,
-            video=VideoSettings(model_cfg.video_fps, model_cfg.video_min_frames, model_cfg.video_max_frames),
-        )
-
-    def video_frame_max_pixels(self, nframes: int) -> int:
-        """Per-frame pixel cap: the total budget shared by all frames, as qwen-vl-utils' `fetch_video` does.
-        We apply it ourselves and call the processor with `cap_pixels_per_frame=False`, so the budget comes from
-        the recipe (not the processor's built-in 128k-token context assumption) and is applied exactly once."""
-        share = self.video_total_pixels / nframes * FRAME_FACTOR
-        return int(max(min(self.video_max_pixels, share), int(self.video_min_pixels * 1.05)))
 
 
 @dataclass
@@ -63,6 +40,30 @@ class EncodedSample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+@dataclass(frozen=True)
+class TokenCount:
+    text: int
+    image: int
+    video: int
+
+    @property
+    def total(self) -> int:
+        return self.text + self.image + self.video
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    path: str
+    height: int  # resized
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        from finetune.data.vision import tokens_for
+
+        return tokens_for(1, self.height, self.width)
+
+
 class ConversationEncoder:
     def __init__(self, processor, vision: VisionSettings, label_mode: str = "assistant", max_length: int | None = None):
         self.processor = processor
@@ -72,52 +73,33 @@ class ConversationEncoder:
         self.max_length = max_length
         self.image_pad_id = processor.image_token_id
         self.video_pad_id = processor.video_token_id
-        self.merge_length = processor.image_processor.merge_size**2
-        self.temporal_patch_size = processor.video_processor.temporal_patch_size
         # Qwen2.5-VL spaces video frames in absolute time; Qwen2-VL has no such input.
         self.uses_time = "second_per_grid_ts" in processor.model_input_names
 
-    # ----- vision -----
-    def _images(self, sample: Sample) -> dict:
-        blocks = sample.media("image")
-        if not blocks:
-            return {}
-        size = {"shortest_edge": self.vision.min_pixels, "longest_edge": self.vision.max_pixels}
-        try:
-            images = [load_image(b["image"]) for b in blocks]
-        except Exception as err:
-            raise DataError(f"{sample.source}: cannot read image ({_first_line(err)}).") from err
-        out = self.processor.image_processor(images=images, size=size, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-    def _videos(self, sample: Sample) -> dict:
-        blocks = sample.media("video")
-        if not blocks:
-            return {}
-        pixel_values, grids, seconds = [], [], []
-        for block in blocks:
+    # ----- media plans (headers only) -----
+    def image_plans(self, sample: Sample) -> list[ImagePlan]:
+        plans = []
+        for block in sample.media("image"):
             try:
-                video = load_video(block["video"], self.vision.video)
-            except Exception as err:
-                raise DataError(f"{sample.source}: cannot read video {block['video']} ({_first_line(err)}).") from err
-            size = {
-                "shortest_edge": self.vision.video_min_pixels,
-                "longest_edge": self.vision.video_frame_max_pixels(len(video.indices)),
-            }
-            out = self.processor.video_processor(
-                videos=[video.frames],
-                size=size,
-                do_sample_frames=False,  # already sampled, with the real fps
-                cap_pixels_per_frame=False,  # the budget is applied in `size` above
-                return_tensors="pt",
-            )
-            pixel_values.append(out["pixel_values_videos"])
-            grids.append(out["video_grid_thw"])
-            seconds.append(self.temporal_patch_size / video.sampled_fps)
-        result = {"pixel_values_videos": torch.cat(pixel_values), "video_grid_thw": torch.cat(grids)}
-        if self.uses_time:
-            result["second_per_grid_ts"] = seconds
-        return result
+                width, height = probe_image(block["image"])
+                plans.append(ImagePlan(block["image"], *self.vision.image_spec(block).target(height, width)))
+            except (OSError, ValueError) as err:
+                raise DataError(f"{sample.source}: image {block['image']}: {_first_line(err)}",
+                                _media_problem(block["image"], err)) from err  # fmt: skip
+        return plans
+
+    def video_plans(self, sample: Sample) -> list[tuple[object, VideoPlan]]:
+        plans = []
+        for block in sample.media("video"):
+            name = block["video"] if isinstance(block["video"], str) else f"{len(block['video'])} frame files"
+            try:
+                spec = self.vision.video_spec(block)
+                info = probe_video(block["video"], spec.frames_fps)
+                plans.append((info, spec.plan(info.total_frames, info.fps, info.height, info.width)))
+            except Exception as err:  # av raises its own error types for unreadable files
+                raise DataError(f"{sample.source}: video {name}: {_first_line(err)}",
+                                _media_problem(block["video"], err, video=True)) from err  # fmt: skip
+        return plans
 
     # ----- text -----
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
@@ -135,12 +117,13 @@ class ConversationEncoder:
                 raise DataError(
                     f"{sample.source}: turn {i} cannot be rendered as a continuation of the turns before it "
                     "(a conversation must start with a system or user turn, and the chat template must not "
-                    "rewrite earlier turns)."
+                    "rewrite earlier turns).",
+                    "structure",
                 )
             reply = full[len(prefix) :]
             body = reply.rstrip()  # the newline after the end-of-turn token belongs to the next prompt
             if not body or body == self.tokenizer.eos_token:
-                raise DataError(f"{sample.source}: assistant turn {i} is empty.")
+                raise DataError(f"{sample.source}: assistant turn {i} is empty.", "empty_turn")
             pieces += [(prefix[len(done) :], False), (body, i in trained_turns), (reply[len(body) :], False)]
             done = full
         tail = self._render(messages, generation_prompt)
@@ -149,38 +132,135 @@ class ConversationEncoder:
             pieces = [(text, True) for text, _ in pieces]
         return [(text, trained) for text, trained in pieces if text]
 
+    def _tokens(self, sample: Sample, generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """Token ids with ONE pad per image/video, and their labels."""
+        ids, labels = [], []
+        for text, trained in self.segments(sample, generation_prompt):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += [t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece]
+        return ids, labels
+
+    def _check_pads(self, sample: Sample, ids: list[int], n_images: int, n_videos: int) -> None:
+        found = (ids.count(self.image_pad_id), ids.count(self.video_pad_id))
+        if found != (n_images, n_videos):
+            raise DataError(
+                f"{sample.source}: the chat template rendered {found[0]} image and {found[1]} video placeholders for "
+                f"{n_images} image and {n_videos} video files.",
+                "placeholders",
+            )
+
+    def _check_length(self, sample: Sample, length: int) -> None:
+        if self.max_length is not None and length > self.max_length:
+            raise DataError(
+                f"{sample.source}: {length} tokens, {length - self.max_length} more than data.max_length="
+                f"{self.max_length}. Nothing is truncated (cutting vision tokens breaks the model inputs): raise "
+                "data.max_length, lower model.max_pixels / model.video_max_pixels / model.video_fps, or remove "
+                "the sample.",
+                "too_long",
+            )
+
+    # ----- the pre-pass -----
+    def count_tokens(self, sample: Sample) -> TokenCount:
+        """Exact token count from media headers (no pixel is decoded); raises DataError like `encode`."""
+        ids, _ = self._tokens(sample, generation_prompt=False)
+        images, videos = self.image_plans(sample), self.video_plans(sample)
+        self._check_pads(sample, ids, len(images), len(videos))
+        count = TokenCount(
+            text=len(ids) - len(images) - len(videos),
+            image=sum(p.tokens for p in images),
+            video=sum(plan.tokens for _, plan in videos),
+        )
+        return count
+
+    # ----- encoding -----
+    def _encode_images(self, sample: Sample, plans: list[ImagePlan]) -> dict:
+        if not plans:
+            return {}
+        values, grids = [], []
+        for plan in plans:
+            try:
+                image = load_image(plan.path, target=(plan.height, plan.width))
+            except (OSError, ValueError) as err:
+                raise DataError(f"{sample.source}: image {plan.path}: {_first_line(err)}", "unreadable_media") from err
+            # qwen-vl-utils' fetch_image resize; the processor then takes the pixels as they are.
+            image = image.resize((plan.width, plan.height), Image.Resampling.BICUBIC)
+            out = self.processor.image_processor(images=[image], do_resize=False, return_tensors="pt")
+            values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+        return {"pixel_values": torch.cat(values), "image_grid_thw": torch.cat(grids)}
+
+    def _encode_videos(self, sample: Sample, plans: list[tuple[object, VideoPlan]]) -> dict:
+        if not plans:
+            return {}
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import resize
+
+        values, grids = [], []
+        for info, plan in plans:
+            try:
+                frames = torch.from_numpy(decode_frames(info, plan.indices)).permute(0, 3, 1, 2)
+            except Exception as err:
+                raise DataError(f"{sample.source}: video {info.source}: {_first_line(err)}", "bad_video") from err
+            # The same resize as qwen-vl-utils' fetch_video (bicubic, antialiased, on uint8 frames).
+            frames = resize(frames, [plan.height, plan.width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            out = self.processor.video_processor(
+                videos=[frames],
+                do_resize=False,  # already at the plan's size
+                do_sample_frames=False,  # already sampled, with the real fps
+                cap_pixels_per_frame=False,  # the per-frame cap is already in the plan
+                return_tensors="pt",
+            )
+            values.append(out["pixel_values_videos"])
+            grids.append(out["video_grid_thw"])
+        result = {"pixel_values_videos": torch.cat(values), "video_grid_thw": torch.cat(grids)}
+        if self.uses_time:
+            result["second_per_grid_ts"] = [plan.second_per_grid for _, plan in plans]
+        return result
+
     def encode(self, sample: Sample, generation_prompt: bool = False) -> EncodedSample:
         """Tokens, labels and vision tensors for one sample. With `generation_prompt`, the sample must end
         before the reply to generate (used by evaluation)."""
-        vision = {**self._images(sample), **self._videos(sample)}
+        ids, labels = self._tokens(sample, generation_prompt)
+        image_plans, video_plans = self.image_plans(sample), self.video_plans(sample)
+        self._check_pads(sample, ids, len(image_plans), len(video_plans))
         counts = {
-            self.image_pad_id: iter((vision.get("image_grid_thw", torch.empty(0, 3)).prod(-1) // self.merge_length).tolist()),
-            self.video_pad_id: iter((vision.get("video_grid_thw", torch.empty(0, 3)).prod(-1) // self.merge_length).tolist()),
+            self.image_pad_id: iter([p.tokens for p in image_plans]),
+            self.video_pad_id: iter([plan.tokens for _, plan in video_plans]),
         }
-        input_ids, labels = [], []
-        for text, trained in self.segments(sample, generation_prompt):
-            for token in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
-                if token in counts:
-                    n = next(counts[token], None)
-                    if n is None:
-                        raise DataError(f"{sample.source}: more vision placeholders in the text than media files.")
-                    input_ids += [token] * n
-                    labels += [IGNORE_INDEX] * n
-                else:
-                    input_ids.append(token)
-                    labels.append(token if trained else IGNORE_INDEX)
-        if any(next(it, None) is not None for it in counts.values()):
-            raise DataError(f"{sample.source}: the chat template rendered fewer vision placeholders than media files.")
-        if self.max_length is not None and len(input_ids) > self.max_length:
-            raise DataError(
-                f"{sample.source}: {len(input_ids)} tokens, more than data.max_length={self.max_length}. Nothing "
-                "is truncated (cutting vision tokens breaks the model inputs): raise data.max_length, lower "
-                "model.max_pixels / model.video_max_pixels / model.video_fps, or remove the sample."
-            )
+        input_ids, full_labels = [], []
+        for token, label in zip(ids, labels):
+            n = next(counts[token]) if token in counts else 1
+            input_ids += [token] * n
+            full_labels += [label] * n
+        self._check_length(sample, len(input_ids))
+        vision = {**self._encode_images(sample, image_plans), **self._encode_videos(sample, video_plans)}
+        _check_grids(sample, vision, image_plans, video_plans)
         type_ids = [1 if t == self.image_pad_id else 2 if t == self.video_pad_id else 0 for t in input_ids]
-        return EncodedSample(input_ids, labels, type_ids, **vision)
+        return EncodedSample(input_ids, full_labels, type_ids, **vision)
+
+
+def _check_grids(sample: Sample, vision: dict, image_plans: list[ImagePlan], video_plans: list) -> None:
+    """The processor's grids must be the ones our plan counted tokens for (an internal consistency check)."""
+    planned = [(1, p.height // 14, p.width // 14) for p in image_plans]
+    got = [tuple(g) for g in vision.get("image_grid_thw", torch.empty(0, 3)).tolist()]
+    planned_v = [(-(-len(plan.indices) // 2), plan.height // 14, plan.width // 14) for _, plan in video_plans]
+    got_v = [tuple(g) for g in vision.get("video_grid_thw", torch.empty(0, 3)).tolist()]
+    if planned != got or planned_v != got_v:
+        raise RuntimeError(f"{sample.source}: processor grids {got}/{got_v} differ from the plan {planned}/{planned_v}")
+
+
+def _media_problem(path, err: Exception, video: bool = False) -> str:
+    """The `validate` problem class of a media error."""
+    paths = path if isinstance(path, list) else [path]
+    if any(not os.path.exists(p) for p in paths):
+        return "missing_media"
+    if video and isinstance(err, ValueError):  # our own checks: no frames, no fps, empty window, ...
+        return "bad_video"
+    return "unreadable_media"
 
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+

@@ -1,82 +1,113 @@
-"""Load images and videos with Qwen's semantics (qwen-vl-utils): RGB images, and videos sampled at a target
-fps with FRAME_FACTOR 2 and min/max frame counts. Only the sampled frames are decoded.
+"""Reading media: metadata probes (headers only) and decoders that touch only what is needed.
 
-Decoders: torchcodec when it can load the system FFmpeg, PyAV (which ships its own FFmpeg) otherwise; the
-fallback is announced once per process. The real source fps and the sampled frame indices travel with the
-frames, so Qwen2.5-VL's `second_per_grid_ts` is computed from the video itself, never from a guessed fps.
+- `probe_image` / `probe_video` read sizes, frame counts and frame rates without decoding pixels; the token
+  pre-pass runs on them alone.
+- Videos come as a file (mp4/avi/mkv/webm/...), a folder of extracted frames (`ffmpeg -i v.mp4 out/%05d.jpg`)
+  or a list of frame files; folders and lists need the rate they were extracted at (`frames_fps`).
+- Decoding reads only the sampled frames: torchcodec seeks to each one; PyAV (the fallback when torchcodec
+  cannot load the system FFmpeg, announced once) seeks to the keyframe before each and decodes forward.
+- Images: EXIF orientation applied; converted to RGB like qwen-vl-utils (RGBA on white, 16-bit scaled, not
+  clipped); a huge JPEG is decoded at a reduced scale (`draft`) when the target size allows it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
-FRAME_FACTOR = 2  # frames are consumed in pairs (temporal_patch_size 2)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+_ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_DRAFT_MIN_PIXELS = 4_000_000  # decode at reduced scale only for really large JPEGs
 
 
-@dataclass
-class VideoSettings:
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 768
-
-
-@dataclass
-class DecodedVideo:
-    frames: np.ndarray  # (T, H, W, 3) uint8, only the sampled frames
-    fps: float  # the source's average frame rate
-    total_frames: int  # frames in the source
-    indices: list[int]  # which source frames were sampled
-
-    @property
-    def sampled_fps(self) -> float:
-        return len(self.indices) / max(self.total_frames, 1e-6) * self.fps
-
-
-def load_image(path: str) -> Image.Image:
-    """RGB image with its EXIF orientation applied (phones store rotation as metadata)."""
+# ---------------------------------------------------------------- images
+def probe_image(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header only."""
     with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in _ROTATED_ORIENTATIONS:
+            width, height = height, width
+    return width, height
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "RGBA":  # transparency on white, as qwen-vl-utils' to_rgb
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str, target: tuple[int, int] | None = None) -> Image.Image:
+    """RGB image with EXIF orientation applied. With `target` (height, width), a large JPEG is decoded at the
+    smallest DCT scale that is still at least twice the target, so a 50-megapixel photo never decodes in full."""
+    with Image.open(path) as image:
+        if target is not None and image.format == "JPEG" and image.width * image.height > _DRAFT_MIN_PIXELS:
+            h, w = target
+            rotated = image.getexif().get(0x0112) in _ROTATED_ORIENTATIONS
+            image.draft("RGB", (2 * (h if rotated else w), 2 * (w if rotated else h)))
         image = ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            # Palette/LA/RGBA/CMYK/16-bit: go through RGBA so transparency composes on white like qwen-vl-utils.
-            if image.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGB", rgba.size, (255, 255, 255))
-                background.paste(rgba, mask=rgba.split()[3])
-                return background
-            image = image.convert("RGB")
-        return image.copy()
+        return _to_rgb(image).copy()
 
 
-def _floor_by(n: float, factor: int) -> int:
-    return math.floor(n / factor) * factor
+# ---------------------------------------------------------------- videos
+@dataclass(frozen=True)
+class VideoInfo:
+    source: str  # file path, or folder path for frame folders / lists
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+    frame_files: tuple[str, ...] | None = None  # set for folders and lists of frame images
 
 
-def _ceil_by(n: float, factor: int) -> int:
-    return math.ceil(n / factor) * factor
+def _frame_files(video) -> tuple[str, ...] | None:
+    if isinstance(video, (list, tuple)):
+        return tuple(video)
+    if os.path.isdir(video):
+        files = sorted(p for p in os.listdir(video) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        return tuple(os.path.join(video, f) for f in files)
+    return None
 
 
-def smart_nframes(total_frames: int, video_fps: float, settings: VideoSettings) -> int:
-    """How many frames to sample: `fps` frames per second, clamped to [min_frames, max_frames] and to the
-    video's length, rounded down to a multiple of FRAME_FACTOR (qwen-vl-utils' `smart_nframes`)."""
-    min_frames = _ceil_by(settings.min_frames, FRAME_FACTOR)
-    max_frames = _floor_by(min(settings.max_frames, total_frames), FRAME_FACTOR)
-    nframes = total_frames / video_fps * settings.fps
-    nframes = _floor_by(min(max(nframes, min_frames), max_frames, total_frames), FRAME_FACTOR)
-    if not FRAME_FACTOR <= nframes <= total_frames:
-        raise ValueError(f"cannot sample {nframes} frames from a video of {total_frames} frames")
-    return nframes
+def probe_video(video, frames_fps: float | None = None) -> VideoInfo:
+    """Frame count, frame rate and size from the container (or the frame files), decoding nothing."""
+    files = _frame_files(video)
+    if files is not None:
+        if not files:
+            raise ValueError(f"no frame images in {video}")
+        if not frames_fps or frames_fps <= 0:
+            raise ValueError("a folder or list of frames needs the rate it was extracted at: set `frames_fps` on the "
+                             "video (or the sample), or data.frames_fps")  # fmt: skip
+        width, height = probe_image(files[0])
+        return VideoInfo(str(video if isinstance(video, str) else Path(files[0]).parent), len(files),
+                         float(frames_fps), width, height, files)  # fmt: skip
+    import av
 
-
-def sample_indices(total_frames: int, nframes: int) -> list[int]:
-    """Evenly spaced frame indices from the first to the last frame (qwen-vl-utils' linspace + round)."""
-    return np.round(np.linspace(0, total_frames - 1, nframes)).astype(int).tolist()
+    with av.open(video) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        total = stream.frames
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not total:  # MKV/WebM headers carry no frame count: count packets (demuxing only)
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+    if total <= 0 or fps <= 0:
+        raise ValueError(f"the video has {total} frames at {fps:g} fps")
+    return VideoInfo(video, total, fps, width, height)
 
 
 _backend: str | None = os.environ.get("FINETUNE_VIDEO_BACKEND")  # force "pyav" or "torchcodec"
@@ -97,58 +128,80 @@ def _fall_back_to_pyav(err: Exception) -> None:
     )
 
 
-def _decode_torchcodec(path: str, settings: VideoSettings) -> DecodedVideo:
+def _decode_torchcodec(path: str, indices: list[int]) -> np.ndarray:
     from torchcodec.decoders import VideoDecoder
 
     decoder = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=1)
-    fps, total = float(decoder.metadata.average_fps), int(decoder.metadata.num_frames)
-    indices = sample_indices(total, smart_nframes(total, fps, settings))
-    frames = decoder.get_frames_at(indices=indices).data.numpy()  # seeks to each sampled frame
-    return DecodedVideo(frames, fps, total, indices)
+    return decoder.get_frames_at(indices=indices).data.numpy()
 
 
-def _pyav_frame_count(path: str) -> int:
-    """Frames in the first video stream, from its packets (demuxing only, no decoding): containers such as
-    MKV/WebM carry no frame count in their headers."""
+def _decode_pyav(path: str, indices: list[int], fps: float, seek_gap: int | None = None) -> np.ndarray:
+    """Seek to the keyframe before each wanted frame and decode forward to it; frames closer than `seek_gap`
+    to the previous one are reached by decoding on, without a new seek."""
     import av
 
+    seek_gap = seek_gap if seek_gap is not None else max(8, int(2 * fps))
+    wanted = sorted(set(indices))
+    found: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        time_base, start = float(stream.time_base), stream.start_time or 0
+
+        def index_of(frame) -> int:
+            return round(((frame.pts if frame.pts is not None else 0) - start) * time_base * fps)
+
+        i, position, first, sequential = 0, -1, False, False  # `position`: index of the last decoded frame
+        while i < len(wanted):
+            if not sequential and (position < 0 or wanted[i] - position > seek_gap):
+                container.seek(start + int(wanted[i] / fps / time_base), stream=stream, backward=True)
+                first = True
+            for frame in container.decode(stream):
+                position = index_of(frame)
+                if first and position > wanted[i]:  # the seek overshot (imprecise index): decode from the start
+                    container.seek(start, stream=stream, backward=True)
+                    position, first, sequential = -1, False, True
+                    break
+                first, captured = False, False
+                while i < len(wanted) and wanted[i] <= position:
+                    # The first frame at or after the wanted index (exact for constant frame rates).
+                    found[wanted[i]] = frame.to_ndarray(format="rgb24")
+                    i, captured = i + 1, True
+                if i == len(wanted) or (captured and not sequential and wanted[i] - position > seek_gap):
+                    break  # done, or the next wanted frame is far: seek to it instead of decoding on
+            else:  # the stream ended before the remaining frames: repeat the last one, as decoders do
+                if not found:
+                    raise ValueError("no frame could be decoded")
+                last = found[max(found)]
+                found.update({w: last for w in wanted[i:]})
+                i = len(wanted)
+    return np.stack([found[i] for i in indices])
 
 
-def _decode_pyav(path: str, settings: VideoSettings) -> DecodedVideo:
-    import av
-
-    total = 0
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0)
-        total = stream.frames
-    total = total or _pyav_frame_count(path)
-    if fps <= 0 or total <= 0:
-        raise ValueError("the video stream reports no frame rate or no frames")
-    indices = sample_indices(total, smart_nframes(total, fps, settings))
-    wanted, frames = set(indices), {}
-    with av.open(path) as container:
-        for i, frame in enumerate(container.decode(container.streams.video[0])):
-            if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            if i >= indices[-1]:
-                break  # never decode past the last sampled frame
-    if not frames:
-        raise ValueError("no frame could be decoded")
-    # A stream may hold fewer frames than its header claims: repeat the last decoded one, as decoders do.
-    last = frames[max(frames)]
-    return DecodedVideo(np.stack([frames.get(i, last) for i in indices]), fps, total, indices)
+def _decode_frame_files(files: tuple[str, ...], indices: list[int]) -> np.ndarray:
+    frames = [np.asarray(load_image(files[i])) for i in indices]
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError("the frame images do not all have the same size")
+    return np.stack(frames)
 
 
-def load_video(path: str, settings: VideoSettings) -> DecodedVideo:
+def decode_frames(info: VideoInfo, indices: list[int]) -> np.ndarray:
+    """The frames at `indices` as (T, H, W, 3) uint8."""
+    if info.frame_files is not None:
+        return _decode_frame_files(info.frame_files, indices)
     if _backend in (None, "torchcodec"):
         try:
-            return _decode_torchcodec(path, settings)
+            return _decode_torchcodec(info.source, indices)
         except Exception as err:
             if _backend == "torchcodec" or not _torchcodec_unavailable(err):
                 raise
             _fall_back_to_pyav(err)
-    return _decode_pyav(path, settings)
+    return _decode_pyav(info.source, indices, info.fps)
+
+
+def decode_all_then_pick(path: str, indices: list[int]) -> np.ndarray:
+    """The naive way (decode every frame, keep a few). Only for benchmarks and tests."""
+    import av
+
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    return np.stack([frames[min(i, len(frames) - 1)] for i in indices])

@@ -1,0 +1,111 @@
+"""Dataset files and mixtures: JSON, JSONL, parquet or a local HF `datasets` directory, one or several
+mixed with weights. Nothing is ever unpickled; remote datasets are not fetched."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.data.conversation import DataError, Sample, record_to_sample
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    path: Path
+    weight: float = 1.0  # 2.0 = every sample twice per epoch; 0.5 = a seeded random half
+    media_root: Path | None = None  # default: the dataset file's folder (or the HF directory itself)
+
+    @property
+    def root(self) -> Path:
+        if self.media_root is not None:
+            return self.media_root
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def parse_sources(value, media_root: str | None, resolve) -> list[DatasetSource]:
+    """`data.train` as written in a recipe: a path, a list of paths, or a list of {path, weight, media_root}."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    sources = []
+    for item in items:
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight", "media_root"}:
+            raise DataError(f"dataset entry {item!r}: expected a path or {{path, weight, media_root}}.")
+        weight = float(item.get("weight", 1.0))
+        if weight <= 0:
+            raise DataError(f"dataset {item['path']}: weight must be positive, got {weight}.")
+        root = item.get("media_root", media_root)
+        sources.append(DatasetSource(resolve(item["path"]), weight, Path(root) if root else None))
+    return sources
+
+
+def iter_records(path: Path):
+    """(location, record) pairs; the location names the line (JSONL) or index (JSON, parquet, HF dir)."""
+    if path.is_dir():
+        import datasets
+
+        for i, record in enumerate(datasets.load_from_disk(str(path))):
+            yield f"{path}[{i}]", record
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{i}]", record
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{line_no}", json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield f"{path}:{line_no}", DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).")
+    elif suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(records).__name__}.")
+        for i, record in enumerate(records):
+            yield f"{path}[{i}]", record
+    else:
+        raise DataError(f"{path}: unsupported dataset file; use .json, .jsonl, .parquet or a `save_to_disk` folder.")
+
+
+def read_source(source: DatasetSource) -> tuple[list[Sample], list[DataError]]:
+    """Every record of one dataset as a Sample, or the DataError that says why it cannot be one."""
+    if not source.path.exists():
+        raise DataError(f"Dataset {source.path} does not exist.")
+    samples, errors = [], []
+    for index, (where, record) in enumerate(iter_records(source.path)):
+        if isinstance(record, DataError):
+            errors.append(record)
+            continue
+        try:
+            samples.append(record_to_sample(record, index, where, source.root))
+        except DataError as err:
+            errors.append(err)
+    return samples, errors
+
+
+def mix(per_source: list[list[Sample]], weights: list[float], seed: int) -> list[Sample]:
+    """Concatenate the datasets, repeating or subsampling each by its weight (deterministic for a seed)."""
+    mixed = []
+    rng = random.Random(seed)
+    for samples, weight in zip(per_source, weights):
+        whole, fraction = int(weight), weight - int(weight)
+        mixed += samples * whole
+        mixed += rng.sample(samples, round(fraction * len(samples)))
+    return mixed
+
+
+def load_samples(path, media_root=None) -> list[Sample]:
+    """One dataset file, failing on the first bad sample (tests and small tools)."""
+    samples, errors = read_source(DatasetSource(Path(path), 1.0, Path(media_root) if media_root else None))
+    if errors:
+        raise errors[0]
+    return samples

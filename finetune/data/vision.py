@@ -1,0 +1,197 @@
+"""Qwen's vision sizing rules, as plain arithmetic on sizes and frame counts (qwen-vl-utils 0.0.14 semantics).
+
+Both the decoding path and the metadata-only token pre-pass call these functions, which is what makes the
+pre-pass exact: the same numbers decide the resize target and the token count.
+
+- Images: `smart_resize` to multiples of 28 (patch 14 x merge 2) within [min_pixels, max_pixels].
+- Videos: an optional [video_start, video_end] window, `fps` (or `nframes`) sampling in pairs of frames
+  within [min_frames, max_frames], evenly spaced indices, and a per-frame pixel cap derived from a total
+  pixel budget shared by all sampled frames (qwen-vl-utils' `fetch_video`).
+Every option can be overridden per sample or per media item with the same key names as qwen-vl-utils.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+PATCH, MERGE, FRAME_FACTOR = 14, 2, 2
+FACTOR = PATCH * MERGE
+MAX_RATIO = 200
+IMAGE_KEYS = ("min_pixels", "max_pixels")
+VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
+              "video_start", "video_end", "frames_fps")  # fmt: skip
+
+
+def _round_by(n: float, f: int) -> int:
+    return round(n / f) * f
+
+
+def _ceil_by(n: float, f: int) -> int:
+    return math.ceil(n / f) * f
+
+
+def _floor_by(n: float, f: int) -> int:
+    return math.floor(n / f) * f
+
+
+def smart_resize(height: int, width: int, min_pixels: float, max_pixels: float, factor: int = FACTOR) -> tuple[int, int]:
+    """(height, width) as multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect ratio kept."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image size {width}x{height} is empty")
+    if max_pixels < min_pixels:
+        raise ValueError(f"max_pixels {max_pixels:.0f} is below min_pixels {min_pixels:.0f}")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds {MAX_RATIO}")
+    h_bar, w_bar = max(factor, _round_by(height, factor)), max(factor, _round_by(width, factor))
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar, w_bar = _floor_by(height / beta, factor), _floor_by(width / beta, factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = _ceil_by(height * beta, factor), _ceil_by(width * beta, factor)
+    if min(h_bar, w_bar) <= 0:
+        raise ValueError(f"{width}x{height} cannot fit max_pixels={max_pixels:.0f} at this aspect ratio")
+    return h_bar, w_bar
+
+
+def tokens_for(grid_t: int, height: int, width: int) -> int:
+    """LLM tokens of one image or video of `grid_t` temporal patches at (height, width) resized pixels."""
+    return grid_t * (height // PATCH) * (width // PATCH) // (MERGE * MERGE)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    min_pixels: int
+    max_pixels: int
+
+    def target(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.min_pixels, self.max_pixels)
+
+    def tokens(self, height: int, width: int) -> int:
+        return tokens_for(1, *self.target(height, width))
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    indices: list[int]  # source frames to decode
+    frames_in_range: int  # frames in the [video_start, video_end] window
+    source_fps: float
+    height: int  # resized frame size
+    width: int
+
+    @property
+    def sampled_fps(self) -> float:
+        return len(self.indices) / max(self.frames_in_range, 1e-6) * self.source_fps
+
+    @property
+    def second_per_grid(self) -> float:
+        """Qwen2.5-VL's absolute time per temporal patch, from the real source fps."""
+        return FRAME_FACTOR / self.sampled_fps
+
+    @property
+    def tokens(self) -> int:
+        return tokens_for(math.ceil(len(self.indices) / FRAME_FACTOR), self.height, self.width)
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    fps: float | None
+    nframes: int | None
+    min_frames: int
+    max_frames: int
+    min_pixels: int
+    max_pixels: int  # per-frame cap (VIDEO_MAX_PIXELS); the total budget may lower it
+    total_pixels: float
+    video_start: float | None = None
+    video_end: float | None = None
+    frames_fps: float | None = None  # frame rate of a folder / list of frame images
+    max_pixels_override: int | None = None  # a per-item max_pixels only ever lowers the computed cap
+
+    def frame_range(self, total: int, fps: float) -> tuple[int, int]:
+        """First and last source frame inside [video_start, video_end] (qwen-vl-utils' rounding)."""
+        if fps <= 0 or total <= 0:
+            raise ValueError(f"video has {total} frames at {fps} fps")
+        if self.video_start is None and self.video_end is None:
+            return 0, total - 1
+        duration = total / fps
+        start = math.ceil(max(0.0, min(self.video_start, duration)) * fps) if self.video_start is not None else 0
+        end = total - 1
+        if self.video_end is not None:
+            end = min(math.floor(max(0.0, min(self.video_end, duration)) * fps), total - 1)
+        if start >= end:
+            raise ValueError(f"video_start={self.video_start}/video_end={self.video_end} leave no frames "
+                             f"in a {duration:.2f} s video")  # fmt: skip
+        return start, end
+
+    def nframes_for(self, total: int, fps: float) -> int:
+        """How many frames to sample from `total` (qwen-vl-utils' `smart_nframes`)."""
+        if self.nframes is not None:
+            n = _round_by(self.nframes, FRAME_FACTOR)
+        else:
+            low = _ceil_by(self.min_frames, FRAME_FACTOR)
+            high = _floor_by(min(self.max_frames, total), FRAME_FACTOR)
+            n = _floor_by(min(max(total / fps * self.fps, low), high, total), FRAME_FACTOR)
+        if not FRAME_FACTOR <= n <= total:
+            raise ValueError(f"cannot sample {n} frames from {total} (need {FRAME_FACTOR} <= frames <= {total})")
+        return n
+
+    def frame_max_pixels(self, nframes: int) -> float:
+        cap = max(min(self.max_pixels, self.total_pixels / nframes * FRAME_FACTOR), int(self.min_pixels * 1.05))
+        return cap if self.max_pixels_override is None else min(self.max_pixels_override, cap)
+
+    def plan(self, total: int, fps: float, height: int, width: int) -> VideoPlan:
+        start, end = self.frame_range(total, fps)
+        in_range = end - start + 1
+        n = self.nframes_for(in_range, fps)
+        # float32 torch.linspace as qwen-vl-utils: numpy's float64 rounds some indices of long videos differently.
+        indices = torch.linspace(start, end, n).round().long().tolist()
+        h, w = smart_resize(height, width, self.min_pixels, self.frame_max_pixels(n))
+        return VideoPlan(indices, in_range, fps, h, w)
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Recipe defaults; `image_spec`/`video_spec` apply a media item's own overrides on top."""
+
+    min_pixels: int
+    max_pixels: int
+    video_fps: float
+    video_min_frames: int
+    video_max_frames: int
+    video_min_pixels: int
+    video_max_pixels: int
+    video_total_pixels: float
+    frames_fps: float | None = None
+
+    @classmethod
+    def from_config(cls, model_cfg, frames_fps: float | None = None) -> "VisionSettings":
+        names = {f.name for f in fields(cls)} - {"frames_fps"}
+        return cls(**{n: getattr(model_cfg, n) for n in names}, frames_fps=frames_fps)
+
+    def image_spec(self, block: dict) -> ImageSpec:
+        return ImageSpec(int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels)))
+
+    def video_spec(self, block: dict) -> VideoSpec:
+        if "fps" in block and "nframes" in block:
+            raise ValueError("a video takes either fps or nframes, not both")
+        nframes = block.get("nframes")
+        return VideoSpec(
+            fps=None if nframes is not None else float(block.get("fps", self.video_fps)),
+            nframes=int(nframes) if nframes is not None else None,
+            min_frames=int(block.get("min_frames", self.video_min_frames)),
+            max_frames=int(block.get("max_frames", self.video_max_frames)),
+            min_pixels=int(block.get("min_pixels", self.video_min_pixels)),
+            max_pixels=self.video_max_pixels,
+            total_pixels=float(block.get("total_pixels", self.video_total_pixels)),
+            video_start=_opt_float(block.get("video_start")),
+            video_end=_opt_float(block.get("video_end")),
+            frames_fps=_opt_float(block.get("frames_fps", self.frames_fps)),
+            max_pixels_override=int(block["max_pixels"]) if "max_pixels" in block else None,
+        )
+
+
+def _opt_float(value) -> float | None:
+    return None if value is None else float(value)
