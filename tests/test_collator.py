@@ -3,15 +3,16 @@
 import torch
 
 from finetune.collator import Collator, pad_batch
-from finetune.data.conversation import load_samples
-from finetune.data.encode import IGNORE_INDEX, ConversationEncoder, VisionSettings
+from finetune.data.sources import load_samples
+from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
+from finetune.data.vision import VisionSettings
 
 
 def test_padded_batch_of_images_and_videos(processors, demo_config):
     from conftest import DEMO
 
     samples = load_samples(DEMO / "test.json")[:6]
-    encoder = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings.from_model_config(demo_config.model))
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings.from_config(demo_config.model))
     batch = Collator(encoder, samples)([{"index": i} for i in range(6)])
     encoded = [encoder.encode(s) for s in samples]
     lengths = [len(e.input_ids) for e in encoded]
@@ -33,7 +34,7 @@ def test_left_padding_for_generation(processors, demo_config):
     from conftest import DEMO
 
     samples = load_samples(DEMO / "test.json")[:3]
-    encoder = ConversationEncoder(processors["qwen2_vl"], VisionSettings.from_model_config(demo_config.model))
+    encoder = ConversationEncoder(processors["qwen2_vl"], VisionSettings.from_config(demo_config.model))
     encoded = [encoder.encode(s) for s in samples]
     batch = pad_batch(encoded, 0, padding_side="left")
     for row, e in enumerate(encoded):

@@ -18,13 +18,14 @@ def base_model_loss(family, train_file):
 
     from finetune.collator import pad_batch
     from finetune.config import load_config
-    from finetune.data.conversation import load_samples
-    from finetune.data.encode import ConversationEncoder, VisionSettings
+    from finetune.data.sources import load_samples
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.vision import VisionSettings
     from finetune.tiny import tiny_checkpoint
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
     path = tiny_checkpoint(family)
-    encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), VisionSettings.from_model_config(config.model))
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), VisionSettings.from_config(config.model))
     batch = pad_batch([encoder.encode(s) for s in load_samples(train_file, DEMO)], encoder.tokenizer.pad_token_id)
     with torch.no_grad():
         return AutoModelForImageTextToText.from_pretrained(path)(**batch).loss.item()

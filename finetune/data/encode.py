@@ -255,7 +255,7 @@ def _media_problem(path, err: Exception, video: bool = False) -> str:
     paths = path if isinstance(path, list) else [path]
     if any(not os.path.exists(p) for p in paths):
         return "missing_media"
-    if video and isinstance(err, ValueError):  # our own checks: no frames, no fps, empty window, ...
+    if video and not isinstance(err, PermissionError):  # corrupt container, no frames, no fps, empty window
         return "bad_video"
     return "unreadable_media"
 

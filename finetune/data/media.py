@@ -104,10 +104,22 @@ def probe_video(video, frames_fps: float | None = None) -> VideoInfo:
         total = stream.frames
         width, height = stream.codec_context.width, stream.codec_context.height
         if not total:  # MKV/WebM headers carry no frame count: count packets (demuxing only)
-            total = sum(1 for packet in container.demux(stream) if packet.size)
+            total = _count_packets(container, stream)
     if total <= 0 or fps <= 0:
         raise ValueError(f"the video has {total} frames at {fps:g} fps")
     return VideoInfo(video, total, fps, width, height)
+
+
+def _count_packets(container, stream) -> int:
+    import av
+
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            count += bool(packet.size)
+    except av.error.EOFError:  # a header with no frames after it
+        pass
+    return count
 
 
 _backend: str | None = os.environ.get("FINETUNE_VIDEO_BACKEND")  # force "pyav" or "torchcodec"

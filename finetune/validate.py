@@ -1,0 +1,132 @@
+"""Check a whole dataset before a long run.
+
+    python -m finetune.validate [hydra overrides] [--split train|eval|all] [--decode] [--row-tokens N]
+
+Reads every record of the recipe's datasets, counts each sample's tokens from media metadata (the cached
+pre-pass training uses), and reports per problem class the count and the first sample ids: missing or
+unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media count mismatches, unknown
+roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
+`--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
+Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
+when packed into rows of `--row-tokens` (default data.max_length). Exit status 1 when anything would fail
+training, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from collections import defaultdict
+
+from finetune.cli import run
+from finetune.config import Config, load_config
+from finetune.data.conversation import DataError
+from finetune.data.encode import ConversationEncoder, TokenCount
+from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
+from finetune.paths import resolve_data_file
+
+logger = logging.getLogger("finetune.validate")
+
+
+def decode_check(split: PreparedSplit, encoder: ConversationEncoder) -> None:
+    """Encode every kept sample for real; move the failures into the problem lists."""
+    from tqdm import tqdm
+
+    kept_samples, kept_counts = [], []
+    for sample, count in tqdm(list(zip(split.samples, split.counts)), desc="decode check", unit="sample"):
+        try:
+            encoder.encode(sample)
+        except DataError as err:
+            split.problems.setdefault(err.kind, []).append(err)
+            continue
+        kept_samples.append(sample)
+        kept_counts.append(count)
+    split.samples, split.counts = kept_samples, kept_counts
+
+
+def packed_rows(lengths: list[int], row_tokens: int) -> int:
+    """First-fit decreasing: how many rows of `row_tokens` the samples fill (a lower-bound-quality estimate)."""
+    free: list[int] = []
+    for length in sorted(lengths, reverse=True):
+        for i, room in enumerate(free):
+            if room >= length:
+                free[i] -= length
+                break
+        else:
+            free.append(row_tokens - length)
+    return len(free)
+
+
+def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
+    if not values:
+        return ["    (no samples)"]
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = defaultdict(int)
+    for v in values:
+        counts[(v - low) // step] += 1
+    top = max(counts.values())
+    return [f"    {low + b * step:>7}-{low + (b + 1) * step - 1:<7} {counts[b]:>7} {'#' * max(1, round(width * counts[b] / top)) if counts[b] else ''}"
+            for b in range(bins) if low + b * step <= high]  # fmt: skip
+
+
+def report(name: str, split: PreparedSplit, row_tokens: int) -> str:
+    counts: list[TokenCount] = split.counts
+    lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
+    if split.num_problems:
+        lines += ["problems:", format_problems(split.problems)]
+    totals = [c.total for c in counts]
+    if totals:
+        lines.append("tokens per sample        min   median      p95      max      total")
+        for part in ("text", "image", "video", "total"):
+            values = sorted(getattr(c, part) for c in counts)
+            p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+            lines.append(f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
+                         f"{sum(values):>10,}")  # fmt: skip
+        lines.append("total tokens per sample (histogram):")
+        lines += histogram(totals)
+        rows = packed_rows(totals, row_tokens)
+        lines.append(f"packed into rows of {row_tokens} tokens: ~{rows} rows, {sum(totals) / (rows * row_tokens):.1%} "
+                     f"filled (padded batching would use {len(totals)} rows)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
+    from finetune.modeling import load_processor
+    from finetune.data.vision import VisionSettings
+
+    processor = load_processor(config.model)
+    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps),
+                                  config.trainer.label_mode, config.data.max_length)  # fmt: skip
+    problems = 0
+    for name in split_names:
+        value = getattr(config.data, name)
+        if value is None:
+            continue
+        split = prepare_split(value, config.data, encoder, config.trainer.seed, resolve_data_file)
+        if decode:
+            decode_check(split, encoder)
+        print(report(name, split, row_tokens or config.data.max_length), flush=True)
+        problems += split.num_problems
+    verdict = "OK: every sample can be trained on." if not problems else f"FAILED: {problems} samples would stop training."
+    print(verdict)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=("train", "eval", "all"), default="all")
+    parser.add_argument("--decode", action="store_true", help="decode every image and video too")
+    parser.add_argument("--row-tokens", type=int, default=None, help="row budget for the packing estimate")
+    args, overrides = parser.parse_known_args(argv)
+    splits = ["train", "eval"] if args.split == "all" else [args.split]
+    status = {}
+    rc = run(lambda: status.setdefault("rc", validate(load_config(overrides), splits, args.decode, args.row_tokens)))
+    return rc or status.get("rc", 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

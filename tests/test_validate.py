@@ -1,0 +1,103 @@
+"""`python -m finetune.validate` finds every problem class, and training refuses the same samples at start-up."""
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import pytest
+
+from conftest import DEMO, REPO
+from media_factory import write_dataset, write_image, write_video
+from recipe_runs import run_module
+
+
+GOOD = {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}]}
+
+
+def _zero_frame_video(path):
+    """A valid container header with a video stream and no frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(4))
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    write_image(root / "ok.png", 56, 56)
+    (root / "junk.png").write_bytes(b"\x89PNG not really")
+    (root / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    _zero_frame_video(root / "empty.mkv")
+    write_video(root / "one_frame.mp4", frames=1, fps=4, width=32, height=32)
+    q = lambda kind: [{"role": "user", "content": f"<{kind}>Q"}, {"role": "assistant", "content": "A"}]  # noqa: E731
+    records = [
+        {**GOOD, "id": "good-1", "images": ["ok.png"]},
+        {"id": "missing", "messages": q("image"), "images": ["nowhere.png"]},
+        {"id": "unreadable", "messages": q("image"), "images": ["junk.png"]},
+        {"id": "corrupt-video", "messages": q("video"), "videos": ["junk.mp4"]},
+        {"id": "zero-frames", "messages": q("video"), "videos": ["empty.mkv"]},
+        {"id": "zero-duration", "messages": q("video"), "videos": ["one_frame.mp4"]},
+        {"id": "mismatch", "messages": q("image"), "images": ["ok.png", "ok.png"]},
+        {"id": "role", "messages": [{"role": "narrator", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+        {"id": "empty", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]},
+        {"id": "long", "messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "A"}]},
+        {"id": "escape", "messages": q("image"), "images": ["../../etc/hostname"]},
+        {**GOOD, "id": "good-2", "images": ["ok.png"]},
+    ]
+    return write_dataset(root / "bad.jsonl", records)
+
+
+def _validate(overrides):
+    return subprocess.run([sys.executable, "-m", "finetune.validate", *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_validate_reports_every_problem_class(bad_dataset):
+    result = _validate([f"data.train={bad_dataset}", "data.eval=null", "evaluation.after_training=false",
+                        "data.max_length=128", "--split", "train"])  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "12 records, 2 usable samples, 10 with problems" in out
+    expected = {
+        "missing media file: 1": "missing",
+        "unreadable media file: 1": "unreadable",
+        "corrupt, zero-frame or zero-duration video: 3": "zero-duration",
+        "placeholder / media count mismatch: 1": "mismatch",
+        "unknown role: 1": "role",
+        "empty or missing assistant turn: 1": "empty",
+        "longer than data.max_length: 1": "long",
+        "media path outside the media root: 1": "escape",
+    }
+    for line, sample_id in expected.items():
+        assert line in out, line
+        assert f"(id {sample_id})" in out, sample_id
+    assert "over data.max_length=128" in out and "FAILED: 10 samples" in out
+
+
+def test_validate_passes_the_demo():
+    result = _validate([])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train: 1200 records, 1200 usable samples, 0 with problems" in result.stdout
+    assert "packed into rows of" in result.stdout and "OK: every sample can be trained on." in result.stdout
+
+
+def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp_path, bad_dataset):
+    base = ["logger=none", f"data.train={bad_dataset}", "data.eval=null", "evaluation.after_training=false",
+            "data.max_length=128", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1",
+            "trainer.per_device_train_batch_size=2"]  # fmt: skip
+    refused = subprocess.run([sys.executable, "-m", "finetune.train", *base], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "10 of 12 training samples cannot be trained on" in refused.stderr and "finetune.validate" in refused.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+    skipped = run_module("finetune.train", base + ["data.skip_invalid=true"])
+    assert "skipping 10 of 12 training samples" in skipped.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_demo_validates_with_full_decoding():
+    result = _validate(["--decode", "--split", "eval"])
+    assert result.returncode == 0 and "eval: 200 records, 200 usable samples" in result.stdout, result.stdout + result.stderr
+    assert DEMO.exists()
