@@ -147,6 +147,10 @@ class TrainerConfig:
     save_total_limit: int | None = 2
     seed: int = 42
     label_mode: str = "assistant"  # assistant | last_assistant | all
+    # Packing: rows of whole samples up to max_tokens_per_row tokens (default data.max_length), each with its
+    # own M-RoPE positions and attention; per_device_train_batch_size then counts rows. false: padded batches.
+    packing: bool = False
+    max_tokens_per_row: int | None = None
 
     def check(self) -> None:
         _choice("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
@@ -243,6 +247,11 @@ class Config:
             raise ConfigError(
                 "evaluation.after_training=true needs a held-out split: set data.eval=PATH or "
                 "evaluation.after_training=false."
+            )
+        if self.trainer.packing and (self.trainer.max_tokens_per_row or self.data.max_length) < self.data.max_length:
+            raise ConfigError(
+                f"trainer.max_tokens_per_row={self.trainer.max_tokens_per_row} is below data.max_length="
+                f"{self.data.max_length}: a valid sample might not fit in a row. Raise it or lower data.max_length."
             )
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and self.peft.method == "none":
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")

@@ -69,6 +69,7 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         # Our collator does all preprocessing (video included): TRL must not touch the dataset, drop columns or
         # truncate. Lengths are checked by the encoder, which refuses (never cuts) a sample over data.max_length.
         remove_unused_columns=False,
+        average_tokens_across_devices=True,  # loss = sum over all ranks' trained tokens / their global count
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         disable_tqdm=False,
@@ -86,17 +87,32 @@ def make_trainer_class():
     from trl import SFTTrainer
 
     class VisionLanguageSFTTrainer(SFTTrainer):
-        """SFTTrainer that also logs tokens/s (real and trained tokens) per device."""
+        """SFTTrainer with our packed data loader and tokens/s logging (real and trained tokens) per device."""
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, packed_loader=None, **kwargs):
             super().__init__(*args, **kwargs)
+            self._packed_loader = packed_loader  # a callable building the packed DataLoader, or None
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)
 
+        def get_train_dataloader(self):
+            if self._packed_loader is None:
+                return super().get_train_dataloader()
+            return self.accelerator.prepare(self._packed_loader(self.accelerator.num_processes))
+
         def training_step(self, model, inputs, num_items_in_batch=None):
-            self._tokens["real"] += int(inputs["attention_mask"].sum())
+            import torch
+
+            packed = "num_real_tokens" in inputs
+            real = inputs.pop("num_real_tokens") if packed else inputs["attention_mask"].sum()
+            self._tokens["real"] += int(real)
             self._tokens["trained"] += int((inputs["labels"] != -100).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
+            counted = self._total_train_tokens
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if packed:  # TRL counts a packed batch by its number of rows (position_ids.size(1)); count tokens
+                real = torch.as_tensor(real, device=self.accelerator.device)
+                self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            return loss
 
         def log(self, logs, start_time=None):
             if "loss" in logs and self.model.training:
@@ -109,6 +125,26 @@ def make_trainer_class():
             super().log(logs, start_time)
 
     return VisionLanguageSFTTrainer
+
+
+def packed_loader_factory(config: Config, encoder, samples, counts, model):
+    """A function of the world size returning the packed DataLoader (rows from the pre-pass counts)."""
+    from torch.utils.data import DataLoader
+
+    from finetune.packing import PackedBatchSampler, PackedCollator, RowIndex
+
+    budget = config.trainer.max_tokens_per_row or config.data.max_length
+    collator = PackedCollator(encoder, samples, model.config)
+
+    def build(world_size: int) -> DataLoader:
+        sampler = PackedBatchSampler([c.total for c in counts], budget, config.trainer.per_device_train_batch_size,
+                                     config.trainer.seed, world_size)  # fmt: skip
+        logger.info("packing %d samples into %d rows of <= %d tokens (%.1f%% filled)", len(samples), len(sampler.rows),
+                    budget, 100 * sum(c.total for c in counts) / (len(sampler.rows) * budget))  # fmt: skip
+        return DataLoader(RowIndex(), batch_sampler=sampler, collate_fn=collator,
+                          num_workers=config.trainer.dataloader_num_workers)  # fmt: skip
+
+    return build
 
 
 def train(config: Config, overrides: list[str]) -> Path:
@@ -153,12 +189,14 @@ def train(config: Config, overrides: list[str]) -> Path:
     logger.info("precision %s | trainable parameters %s / %s (%.2f%%)", precision, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total)  # fmt: skip
 
+    packed = packed_loader_factory(config, encoder, samples, split.counts, model) if config.trainer.packing else None
     trainer = make_trainer_class()(
         model=model,
         args=build_sft_config(config, precision, run_dir),
         train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),
         data_collator=Collator(encoder, samples),
         processing_class=processor,
+        packed_loader=packed,
     )
     if trainer.is_world_process_zero():
         write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": len(samples)})

@@ -37,10 +37,15 @@ PINNED_LOSSES = {
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family):
+@pytest.mark.parametrize("packing", [False, True])
+def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, packing):
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
-    run_module("finetune.train", tiny_run_overrides(family, run_dir, train_file))
+    overrides = tiny_run_overrides(family, run_dir, train_file)
+    if packing:  # all 8 samples (~340 tokens) in one row: the same batch, so the same losses as unpacked
+        overrides += ["trainer.packing=true", "trainer.max_tokens_per_row=512", "trainer.per_device_train_batch_size=1"]
+    result = run_module("finetune.train", overrides)
+    assert ("packing 8 samples into 1 rows" in result.stderr) == packing
 
     history = json.loads((run_dir / "log_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]

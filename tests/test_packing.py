@@ -1,0 +1,164 @@
+"""Packing: whole samples per row, M-RoPE equal to the model's own `get_rope_index` on each sample alone,
+attention isolated between samples, and the packed loss (and gradients) equal to the unpacked baseline."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+from transformers.masking_utils import find_packed_sequence_indices
+
+from finetune.collator import pad_batch
+from finetune.data.conversation import DataError
+from finetune.data.encode import ConversationEncoder
+from finetune.data.sources import load_samples
+from finetune.data.vision import VisionSettings
+from finetune.packing import PackedBatchSampler, pack_batch, pack_rows
+from media_factory import write_dataset
+from random_data import build_media_pool, random_record
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+ROWS_PER_FAMILY = 600
+SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
+
+
+# ---------------------------------------------------------------- bin packing and the sampler
+def test_rows_hold_every_sample_once_within_budget_and_fill_well():
+    rng = random.Random(0)
+    lengths = [int(min(4076, rng.lognormvariate(6, 0.9))) + 20 for _ in range(5000)]
+    rows = pack_rows(lengths, 4096, seed=1)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(5000))
+    assert all(sum(lengths[i] for i in row) <= 4096 for row in rows)
+    fill = sum(lengths) / (len(rows) * 4096)
+    assert fill >= 0.98, fill
+    assert rows == pack_rows(lengths, 4096, seed=1) and rows != pack_rows(lengths, 4096, seed=2)
+    with pytest.raises(ValueError, match="longer than the 4096-token row budget"):
+        pack_rows([5000], 4096, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_every_rank_gets_the_same_number_of_full_steps(world_size):
+    lengths = [random.Random(i).randint(30, 900) for i in range(997)]
+    sampler = PackedBatchSampler(lengths, 1024, rows_per_batch=2, seed=0, world_size=world_size)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and len(batches) % world_size == 0
+    assert all(len(b) == 2 for b in batches)
+    per_rank = [batches[r::world_size] for r in range(world_size)]  # how accelerate shards batches
+    assert len({len(b) for b in per_rank}) == 1
+    assert {r for b in batches for r in b} == set(sampler.rows)  # nothing lost; the tail wraps around
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # deterministic for a seed
+
+
+# ---------------------------------------------------------------- position ids, loss, isolation
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, processors):
+    root, images, videos = build_media_pool(tmp_path_factory.mktemp("pool"))
+    rng = random.Random(3)
+    records = [random_record(rng, images, videos, i) for i in range(200)]
+    samples = load_samples(write_dataset(root / "random.json", records))
+    encoded = {}
+    for family in FAMILIES:
+        encoder = ConversationEncoder(processors[family], SETTINGS)
+        encoded[family] = []
+        for sample in samples:
+            try:
+                encoded[family].append(encoder.encode(sample))
+            except DataError:
+                pass  # refused samples (too few frames, ...) are covered by the encoder tests
+    return encoded
+
+
+@pytest.fixture(scope="module")
+def models(tiny_paths):
+    return {f: AutoModelForImageTextToText.from_pretrained(p).eval() for f, p in tiny_paths.items()}
+
+
+def _tokens_per_second(model, family):
+    return model.config.vision_config.tokens_per_second if family == "qwen2_5_vl" else None
+
+
+def _reference_positions(model, sample, pad_id, family):
+    single = pad_batch([sample], pad_id)
+    kwargs = {k: single.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    if family == "qwen2_5_vl":
+        kwargs["second_per_grid_ts"] = single.get("second_per_grid_ts")
+    positions, _ = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"], **kwargs)
+    return positions[:, 0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_positions_equal_get_rope_index_per_sample(processors, models, pool, family):
+    model, encoded, pad_id = models[family], pool[family], processors[family].tokenizer.pad_token_id
+    references = [_reference_positions(model, e, pad_id, family) for e in encoded]
+    rng = random.Random(4)
+    kinds = {"image": 0, "video": 0, "mixed": 0, "multi_turn": 0}
+    for _ in range(ROWS_PER_FAMILY // 3):
+        rows = [rng.sample(range(len(encoded)), rng.randint(1, 6)) for _ in range(3)]
+        batch = pack_batch([[encoded[i] for i in row] for row in rows], pad_id, 2, _tokens_per_second(model, family))
+        for r, row in enumerate(rows):
+            offset = 0
+            for i in row:
+                n = len(encoded[i].input_ids)
+                assert torch.equal(batch["position_ids"][1:, r, offset : offset + n], references[i])
+                assert torch.equal(batch["position_ids"][0, r, offset : offset + n], torch.arange(n))
+                offset += n
+                kinds["image"] += encoded[i].image_grid_thw is not None
+                kinds["video"] += encoded[i].video_grid_thw is not None
+                kinds["mixed"] += encoded[i].image_grid_thw is not None and encoded[i].video_grid_thw is not None
+                kinds["multi_turn"] += sum(label == -100 for label in encoded[i].labels[1:]) > 0
+            # transformers reads the sample boundaries from row 0 (padding is a block of its own).
+            blocks = find_packed_sequence_indices(batch["position_ids"][0, r : r + 1])
+            assert blocks is None or blocks[0, offset - 1].item() == len(row) - 1
+    assert min(kinds.values()) > 50, kinds
+
+
+def _packed_loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**{k: v for k, v in batch.items() if k != "num_real_tokens"}, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family]).train()
+    encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
+    rows = [encoded[0:4], encoded[4:7], encoded[7:12]]
+    packed_loss, packed_grads = _packed_loss_and_grads(model, pack_batch(rows, pad_id, 2, _tokens_per_second(model, family)))
+    model.zero_grad()
+    total_tokens = sum(sum(label != -100 for label in s.labels[1:]) for row in rows for s in row)
+    reference = 0.0
+    for s in (s for row in rows for s in row):
+        n = sum(label != -100 for label in s.labels[1:])
+        loss = model(**pad_batch([s], pad_id), use_cache=False).loss * n / total_tokens
+        loss.backward()
+        reference += loss.item()
+    assert abs(packed_loss.item() - reference) / reference <= 1e-5
+    for name, grad in packed_grads.items():
+        other = dict(model.named_parameters())[name].grad
+        assert torch.allclose(grad, other, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_changing_one_packed_sample_leaves_the_others_untouched(processors, tiny_paths, pool, family, attn):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn).eval()
+    encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
+    row = encoded[20:25]
+    batch = pack_batch([row], pad_id, 2, _tokens_per_second(model, family))
+    inputs = {k: v for k, v in batch.items() if k not in ("num_real_tokens", "labels")}
+    with torch.no_grad():
+        before = model(**inputs, use_cache=False).logits
+        start = len(row[0].input_ids) + len(row[1].input_ids)  # change the third sample's text tokens
+        end = start + len(row[2].input_ids)
+        ids = inputs["input_ids"].clone()
+        text = (inputs["mm_token_type_ids"][0, start:end] == 0).nonzero().flatten()[2:-1] + start
+        ids[0, text] = (ids[0, text] + 7) % 300
+        after = model(**{**inputs, "input_ids": ids}, use_cache=False).logits
+    assert (after[0, end:] - before[0, end:]).abs().max().item() == 0.0
+    assert (after[0, :start] - before[0, :start]).abs().max().item() == 0.0
+    assert (after[0, start:end] - before[0, start:end]).abs().max().item() > 1e-3
