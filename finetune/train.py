@@ -91,6 +91,10 @@ def make_trainer_class():
 
         def __init__(self, *args, packed_loader=None, **kwargs):
             super().__init__(*args, **kwargs)
+            # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
+            # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
+            # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
+            self.model_accepts_loss_kwargs = True
             self._packed_loader = packed_loader  # a callable building the packed DataLoader, or None
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)

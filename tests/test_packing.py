@@ -162,3 +162,40 @@ def test_changing_one_packed_sample_leaves_the_others_untouched(processors, tiny
     assert (after[0, end:] - before[0, end:]).abs().max().item() == 0.0
     assert (after[0, :start] - before[0, :start]).abs().max().item() == 0.0
     assert (after[0, start:end] - before[0, start:end]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family):
+    """Two packed rows in one step, or one row per micro-step with 2 accumulation steps: the same update.
+    Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""
+    import json
+
+    from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+
+    train_file = mini_dataset(tmp_path / "train.json")
+    records = json.loads(train_file.read_text())
+    for i, record in enumerate(records):  # answers of different lengths: rows carry different trained counts
+        record["messages"][-1]["content"] += " indeed" * (3 * i)
+    train_file.write_text(json.dumps(records))
+    losses = {}
+    for name, rows, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
+        run_dir = tmp_path / name
+        overrides = tiny_run_overrides(family, run_dir, train_file, steps=2) + [
+            "trainer.packing=true", "trainer.max_tokens_per_row=400", "data.max_length=400",
+            f"trainer.per_device_train_batch_size={rows}", f"trainer.gradient_accumulation_steps={accumulation}"]  # fmt: skip
+        result = run_module("finetune.train", overrides)
+        assert "packing 8 samples into 2 rows" in result.stderr
+        history = json.loads((run_dir / "log_history.json").read_text())
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+    assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
+    from conftest import DEMO
+    from finetune.config import load_config
+    from finetune.tiny import tiny_checkpoint
+    from transformers import AutoProcessor
+
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)),
+                                  VisionSettings.from_config(load_config([]).model))  # fmt: skip
+    encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
+    rows = pack_rows([len(e.input_ids) for e in encoded], 400, seed=42)
+    trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
+    assert len(rows) == 2 and trained[0] != trained[1], trained
