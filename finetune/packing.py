@@ -74,7 +74,11 @@ class PackedBatchSampler:
 
 
 class PackedCollator:
-    """For the packed DataLoader: a batch of rows (tuples of sample indices) -> `pack_batch`."""
+    """For the packed DataLoader: a batch of rows (tuples of sample indices) -> `pack_batch`.
+
+    Samples are encoded one by one. One processor call per row instead was measured ~13 % faster on the
+    processor alone (41 vs 48 ms for 12 images + 4 videos, identical pixels), ~0.4 ms per media item: small
+    next to decoding, and per-sample encoding keeps every error attributable to a named sample."""
 
     def __init__(self, encoder, samples, model_config):
         self.encoder, self.samples = encoder, samples
