@@ -32,14 +32,20 @@ def pad_batch(encoded: list[EncodedSample], pad_token_id: int, padding_side: str
         "mm_token_type_ids": pad([e.mm_token_type_ids for e in encoded], 0),
         "labels": pad([e.labels for e in encoded], IGNORE_INDEX),
     }
+    return {**batch, **vision_inputs(encoded)}
+
+
+def vision_inputs(encoded: list[EncodedSample]) -> dict:
+    """Pixels, grids and (Qwen2.5-VL) seconds per temporal patch of all samples, in sample order."""
+    inputs = {}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [getattr(e, key) for e in encoded if getattr(e, key) is not None]
         if parts:
-            batch[key] = torch.cat(parts)
+            inputs[key] = torch.cat(parts)
     seconds = [s for e in encoded for s in (e.second_per_grid_ts or [])]
     if seconds:
-        batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
-    return batch
+        inputs["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+    return inputs
 
 
 class Collator:

@@ -18,6 +18,7 @@ import random
 
 import torch
 
+from finetune.collator import vision_inputs
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.rope import sample_position_ids
 
@@ -105,7 +106,6 @@ def pack_batch(rows: list[list[EncodedSample]], pad_token_id: int, spatial_merge
     """One batch of packed rows. Labels keep each sample's own targets; the first token of every sample is
     never a target (it would be predicted from the previous sample)."""
     ids, labels, types, text_pos, mrope = [], [], [], [], []
-    flat = [sample for row in rows for sample in row]
     for row in rows:
         r_ids, r_labels, r_types, r_text, r_mrope = [], [], [], [], []
         for s in row:
@@ -132,14 +132,7 @@ def pack_batch(rows: list[list[EncodedSample]], pad_token_id: int, spatial_merge
         position_ids[:, r, n:] = torch.arange(longest - n)  # padding: a block of its own
     batch = {"input_ids": batch_ids, "labels": batch_labels, "mm_token_type_ids": batch_types,
              "position_ids": position_ids, "num_real_tokens": torch.tensor(sum(len(r) for r in ids))}  # fmt: skip
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        parts = [getattr(s, key) for s in flat if getattr(s, key) is not None]
-        if parts:
-            batch[key] = torch.cat(parts)
-    seconds = [x for s in flat for x in (s.second_per_grid_ts or [])]
-    if seconds:
-        batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
-    return batch
+    return {**batch, **vision_inputs([sample for row in rows for sample in row])}
 
 
 def _grids(grid: torch.Tensor | None) -> list[tuple[int, int, int]]:

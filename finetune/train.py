@@ -174,8 +174,12 @@ def train(config: Config, overrides: list[str]) -> Path:
     encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps),
                                   config.trainer.label_mode, config.data.max_length)  # fmt: skip
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
-    # a bad or over-long sample stops the run here, naming it, not hours in.
-    split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
+    # a bad or over-long sample stops the run here, naming it, not hours in. The main process counts first;
+    # the other ranks then read its cache.
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
     require_clean(split, "training", config.data.skip_invalid, logger)
     if not split.samples:
         raise DataError(f"data.train={config.data.train} holds no usable samples.")
