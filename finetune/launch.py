@@ -57,7 +57,10 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
         if total > 1:
             args.append("--multi_gpu")  # also the multi-process path on CPU (gloo), see ../shared/STACK.md
     if acc.mode == "cpu":
-        args += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // per_node))]
+        # Several CPU processes go through --multi_gpu (gloo; the trainer sets use_cpu): accelerate refuses
+        # --cpu together with --multi_gpu, and `--cpu --num_processes 2` would start a single process.
+        args += (["--cpu"] if total == 1 else []) + ["--num_cpu_threads_per_process",
+                                                     str(max(1, (os.cpu_count() or 1) // per_node))]  # fmt: skip
     if nodes > 1:
         args += ["--machine_rank", str(node_rank), "--main_process_ip", env["MASTER_ADDR"],
                  "--main_process_port", env.get("MASTER_PORT") or "29500", "--same_network"]  # fmt: skip

