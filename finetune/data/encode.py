@@ -19,7 +19,7 @@ from PIL import Image
 
 from finetune.data.conversation import DataError, Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
-from finetune.data.vision import VideoPlan, VisionSettings
+from finetune.data.vision import VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
 
@@ -34,10 +34,6 @@ class EncodedSample:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
     second_per_grid_ts: list[float] | None = None
-
-    @property
-    def num_trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
 @dataclass(frozen=True)
@@ -59,8 +55,6 @@ class ImagePlan:
 
     @property
     def tokens(self) -> int:
-        from finetune.data.vision import tokens_for
-
         return tokens_for(1, self.height, self.width)
 
 
