@@ -19,7 +19,7 @@ from PIL import Image
 
 from finetune.data.conversation import DataError, Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
-from finetune.data.vision import VideoPlan, VisionSettings, tokens_for
+from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
 
@@ -236,9 +236,9 @@ class ConversationEncoder:
 
 def _check_grids(sample: Sample, vision: dict, image_plans: list[ImagePlan], video_plans: list) -> None:
     """The processor's grids must be the ones our plan counted tokens for (an internal consistency check)."""
-    planned = [(1, p.height // 14, p.width // 14) for p in image_plans]
+    planned = [(1, p.height // PATCH, p.width // PATCH) for p in image_plans]
     got = [tuple(g) for g in vision.get("image_grid_thw", torch.empty(0, 3)).tolist()]
-    planned_v = [(-(-len(plan.indices) // 2), plan.height // 14, plan.width // 14) for _, plan in video_plans]
+    planned_v = [(-(-len(plan.indices) // FRAME_FACTOR), plan.height // PATCH, plan.width // PATCH) for _, plan in video_plans]
     got_v = [tuple(g) for g in vision.get("video_grid_thw", torch.empty(0, 3)).tolist()]
     if planned != got or planned_v != got_v:
         raise RuntimeError(f"{sample.source}: processor grids {got}/{got_v} differ from the plan {planned}/{planned_v}")
