@@ -81,7 +81,10 @@ class DataConfig:
     eval: Any = None  # held-out split(s) for generation-based evaluation
     media_root: str | None = None  # default: the folder of each dataset file
     frames_fps: float | None = None  # frame rate of videos given as frame folders/lists (or per sample)
-    max_length: int = 4096  # a longer sample is an error naming it; nothing is ever truncated
+    max_length: int = 4096  # a longer sample is an error naming it; nothing is ever cut inside a turn
+    # error: over-long samples stop the run (or are skipped with skip_invalid); drop_trailing_turns: remove
+    # whole trailing user/assistant turns (with their media) until the sample fits, keeping >= 1 reply.
+    over_length: str = "error"
     skip_invalid: bool = False  # true: skip samples that fail validation, with a count and report
     eval_max_samples: int | None = None
 
@@ -97,6 +100,7 @@ class DataConfig:
                     raise ConfigError(
                         f"data.{name} must be a path or a list of paths / {{path, weight, media_root}}, got {item!r}."
                     )
+        _choice("data.over_length", self.over_length, ("error", "drop_trailing_turns"))
         if self.frames_fps is not None and self.frames_fps <= 0:
             raise ConfigError(f"data.frames_fps must be positive, got {self.frames_fps}.")
 

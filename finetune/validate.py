@@ -75,6 +75,9 @@ def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
 def report(name: str, split: PreparedSplit, row_tokens: int) -> str:
     counts: list[TokenCount] = split.counts
     lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
+    if split.shortened:
+        lines.append(f"{split.shortened} samples lose trailing turns to fit data.max_length (data.over_length="
+                     "drop_trailing_turns)")  # fmt: skip
     if split.num_problems:
         lines += ["problems:", format_problems(split.problems)]
     totals = [c.total for c in counts]

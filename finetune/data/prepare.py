@@ -26,6 +26,19 @@ PROBLEM_CLASSES = {
 }
 
 
+def drop_trailing_turns(sample: Sample, encoder: ConversationEncoder, max_length: int):
+    """The sample cut back to an earlier assistant reply (whole turns, media included) so that it fits, with
+    its new count; None when even the first reply does not fit."""
+    messages = sample.messages
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for last in reversed(replies[:-1]):
+        shorter = Sample(sample.id, messages[: last + 1], sample.source, sample.extra)
+        count = encoder.count_tokens(shorter)
+        if count.total <= max_length:
+            return shorter, count
+    return None
+
+
 @dataclass
 class PreparedSplit:
     samples: list[Sample]
@@ -33,6 +46,7 @@ class PreparedSplit:
     problems: dict[str, list[DataError]] = field(default_factory=dict)
     read: int = 0  # records read across sources
     cache_files: list[str] = field(default_factory=list)
+    shortened: int = 0  # samples that lost trailing turns to fit (data.over_length=drop_trailing_turns)
 
     @property
     def num_problems(self) -> int:
@@ -42,7 +56,7 @@ class PreparedSplit:
 def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, resolve) -> PreparedSplit:
     sources = parse_sources(value, data_cfg.media_root, resolve)
     problems: dict[str, list[DataError]] = defaultdict(list)
-    kept_per_source, read, caches = [], 0, []
+    kept_per_source, read, caches, shortened = [], 0, [], 0
     for source in sources:
         samples, errors = read_source(source)
         read += len(samples) + len(errors)
@@ -55,6 +69,12 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
             if isinstance(result, DataError):
                 problems[result.kind].append(result)
             elif data_cfg.max_length and result.total > data_cfg.max_length:
+                if data_cfg.over_length == "drop_trailing_turns":
+                    fitted = drop_trailing_turns(sample, encoder, data_cfg.max_length)
+                    if fitted is not None:
+                        kept.append(fitted)
+                        shortened += 1
+                        continue
                 over = result.total - data_cfg.max_length
                 problems["too_long"].append(DataError(
                     f"{sample.source}: {result.total} tokens (text {result.text}, image {result.image}, video "
@@ -63,7 +83,7 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
                 kept.append((sample, result))
         kept_per_source.append(kept)
     mixed = mix(kept_per_source, [s.weight for s in sources], seed)
-    return PreparedSplit([s for s, _ in mixed], [c for _, c in mixed], dict(problems), read, caches)
+    return PreparedSplit([s for s, _ in mixed], [c for _, c in mixed], dict(problems), read, caches, shortened)
 
 
 def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str:
@@ -78,6 +98,9 @@ def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str
 
 def require_clean(split: PreparedSplit, name: str, skip_invalid: bool, logger) -> None:
     """Stop on problems (the default) or report the skipped samples (data.skip_invalid=true)."""
+    if split.shortened:
+        logger.warning("%d %s samples lost trailing turns to fit data.max_length (data.over_length="
+                       "drop_trailing_turns)", split.shortened, name)  # fmt: skip
     if not split.num_problems:
         return
     report = format_problems(split.problems)
