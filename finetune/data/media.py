@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -27,8 +28,18 @@ _DRAFT_MIN_PIXELS = 4_000_000  # decode at reduced scale only for really large J
 
 
 # ---------------------------------------------------------------- images
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def probe_image(path: str) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header only."""
+    return _probe_image(path, *_stamp(path))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the pre-pass probes every file; training then reuses the answers
+def _probe_image(path: str, size: int, mtime_ns: int) -> tuple[int, int]:
     with Image.open(path) as image:
         width, height = image.size
         if image.getexif().get(0x0112) in _ROTATED_ORIENTATIONS:
@@ -84,6 +95,8 @@ def _frame_files(video) -> tuple[str, ...] | None:
 
 def probe_video(video, frames_fps: float | None = None) -> VideoInfo:
     """Frame count, frame rate and size from the container (or the frame files), decoding nothing."""
+    if isinstance(video, str) and os.path.isfile(video):
+        return _probe_video_file(video, *_stamp(video))
     files = _frame_files(video)
     if files is not None:
         if not files:
@@ -94,6 +107,11 @@ def probe_video(video, frames_fps: float | None = None) -> VideoInfo:
         width, height = probe_image(files[0])
         return VideoInfo(str(video if isinstance(video, str) else Path(files[0]).parent), len(files),
                          float(frames_fps), width, height, files)  # fmt: skip
+    raise FileNotFoundError(f"no such video file or frame folder: {video}")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _probe_video_file(video: str, size: int, mtime_ns: int) -> VideoInfo:
     import av
 
     with av.open(video) as container:
