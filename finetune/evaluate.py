@@ -105,13 +105,12 @@ def score(samples: list[Sample], references: list[str], answers: list[str]) -> d
 def evaluate(config: Config, model_dir: str | None = None) -> dict:
     from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
-    from finetune.data.vision import VisionSettings
 
     if not config.data.eval:
         raise ConfigError("No held-out split: set data.eval=PATH.")
     model, processor = load_trained_model(config, model_dir)
     model.eval()
-    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps))
+    encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
     split = prepare_split(config.data.eval, config.data, encoder, config.trainer.seed, resolve_data_file)
     require_clean(split, "evaluation", config.data.skip_invalid, logger)
     samples = split.samples[: config.data.eval_max_samples] if config.data.eval_max_samples else split.samples

@@ -95,7 +95,6 @@ def export(config: Config) -> Path:
     from peft import PeftModel
 
     from finetune.data.encode import ConversationEncoder
-    from finetune.data.vision import VisionSettings
     from finetune.modeling import DTYPES, inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
 
     run_dir = Path(config.trainer.output_dir)
@@ -106,7 +105,7 @@ def export(config: Config) -> Path:
     processor = load_processor(config.model, path=str(adapter_dir))
     base = load_model(config.model, precision, device_map=inference_device_map(config))
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps))
+    encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
     batch = reference_batch(config, encoder)
     with torch.no_grad():
         adapter_logits = model(**{k: _to(v, model.device) for k, v in batch.items()}).logits.float().cpu()

@@ -158,7 +158,6 @@ def train(config: Config, overrides: list[str]) -> Path:
     from finetune.collator import Collator
     from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
-    from finetune.data.vision import VisionSettings
     from finetune.modeling import (
         apply_freezing,
         apply_lora,
@@ -171,8 +170,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     run_dir = Path(config.trainer.output_dir)
     precision = resolve_precision(config.trainer.precision, uses_gpu(config))
     processor = load_processor(config.model)
-    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps),
-                                  config.trainer.label_mode, config.data.max_length)  # fmt: skip
+    encoder = ConversationEncoder.from_recipe(processor, config)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
     # a bad or over-long sample stops the run here, naming it, not hours in. The main process counts first;
     # the other ranks then read its cache.

@@ -98,11 +98,9 @@ def report(name: str, split: PreparedSplit, row_tokens: int) -> str:
 
 def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
     from finetune.modeling import load_processor
-    from finetune.data.vision import VisionSettings
 
     processor = load_processor(config.model)
-    encoder = ConversationEncoder(processor, VisionSettings.from_config(config.model, config.data.frames_fps),
-                                  config.trainer.label_mode, config.data.max_length)  # fmt: skip
+    encoder = ConversationEncoder.from_recipe(processor, config)
     problems = 0
     for name in split_names:
         value = getattr(config.data, name)

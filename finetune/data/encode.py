@@ -70,6 +70,14 @@ class ConversationEncoder:
         # Qwen2.5-VL spaces video frames in absolute time; Qwen2-VL has no such input.
         self.uses_time = "second_per_grid_ts" in processor.model_input_names
 
+    @classmethod
+    def from_recipe(cls, processor, config, for_training: bool = True) -> "ConversationEncoder":
+        """The encoder a recipe describes; training and validation also apply its label mode and length limit."""
+        vision = VisionSettings.from_config(config.model, config.data.frames_fps)
+        if not for_training:
+            return cls(processor, vision)
+        return cls(processor, vision, config.trainer.label_mode, config.data.max_length)
+
     # ----- media plans (headers only) -----
     def image_plans(self, sample: Sample) -> list[ImagePlan]:
         plans = []
