@@ -47,8 +47,13 @@ class ModelConfig:
     video_min_pixels: int = 128 * 28 * 28
     video_max_pixels: int = 768 * 28 * 28
     video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    # What trains fully (see finetune/trainable.py). The vision tower is the ViT without its merger.
     freeze_vision_tower: bool = True
     freeze_merger: bool = True
+    freeze_llm: bool | None = None  # null: frozen under LoRA (only adapters train), trained with peft=none
+
+    def llm_frozen(self, peft: "PeftConfig") -> bool:
+        return peft.method == "lora" if self.freeze_llm is None else self.freeze_llm
 
     def check(self) -> None:
         _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
@@ -107,15 +112,22 @@ class DataConfig:
 
 @dataclass
 class PeftConfig:
-    """LoRA on the language model's linear layers (the vision tower is never matched by the default)."""
+    """LoRA on the language model's linear layers (default) and optionally on the ViT blocks' linear layers."""
 
     method: str = "lora"  # lora | none (full fine-tuning of whatever is not frozen)
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
+    use_dora: bool = False  # weight-decomposed LoRA (PEFT's DoRA)
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (PEFT's rsLoRA)
+    lora_llm: bool = True
     # Anchored on the language model: Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare
-    # module-name list would silently put LoRA on the vision tower too.
+    # module-name list would silently put LoRA on the vision tower too. Only nn.Linear layers ever match.
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    lora_vision_tower: bool = False
+    # ViT blocks' attention and MLP (Qwen2-VL: qkv/proj/fc1/fc2; Qwen2.5-VL: qkv/proj/gate/up/down_proj).
+    # The Conv3d patch embed and the merger never take LoRA (train the merger fully with model.freeze_merger=false).
+    vision_target_modules: str = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$"
 
     def check(self) -> None:
         _choice("peft.method", self.method, ("lora", "none"))
@@ -123,10 +135,11 @@ class PeftConfig:
             raise ConfigError(f"peft.r ({self.r}) and peft.alpha ({self.alpha}) must be positive for LoRA.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}.")
-        try:
-            re.compile(self.target_modules)
-        except re.error as err:
-            raise ConfigError(f"peft.target_modules is not a valid regular expression: {err}") from err
+        for key in ("target_modules", "vision_target_modules"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as err:
+                raise ConfigError(f"peft.{key} is not a valid regular expression: {err}") from err
 
 
 @dataclass
@@ -138,18 +151,24 @@ class TrainerConfig:
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # the LLM's, and every part's unless set below
+    vision_tower_lr: float | None = None  # ViT blocks + patch embed (full training or their LoRA weights)
+    merger_lr: float | None = None
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.03  # < 1: fraction of the total steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the LLM's decoder layers
+    gradient_checkpointing_vision_tower: bool = False  # the ViT blocks too (only useful when they train)
     dataloader_num_workers: int = 0
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2
     seed: int = 42
+    # latest: the newest checkpoint-* in output_dir; or a checkpoint folder. Same data order, optimizer,
+    # scheduler and RNG state as the interrupted run.
+    resume_from_checkpoint: str | None = None
     label_mode: str = "assistant"  # assistant | last_assistant | all
     # Packing: rows of whole samples up to max_tokens_per_row tokens (default data.max_length), each with its
     # own M-RoPE positions and attention; per_device_train_batch_size then counts rows. false: padded batches.
@@ -163,8 +182,10 @@ class TrainerConfig:
             raise ConfigError("Set trainer.max_steps > 0 or trainer.num_train_epochs > 0: nothing would be trained.")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("trainer.per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"trainer.learning_rate must be positive, got {self.learning_rate}.")
+        for key in ("learning_rate", "vision_tower_lr", "merger_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"trainer.{key} must be positive, got {value}.")
 
 
 @dataclass
@@ -174,7 +195,7 @@ class DeepSpeedConfig:
     config_file: str | None = None  # relative paths are resolved from the repository root
 
     def check(self) -> None:
-        if self.config_file is not None and not _repo_path(self.config_file).is_file():
+        if self.config_file is not None and not repo_path(self.config_file).is_file():
             raise ConfigError(f"deepspeed.config_file={self.config_file!r} does not exist.")
 
 
@@ -257,11 +278,49 @@ class Config:
                 f"trainer.max_tokens_per_row={self.trainer.max_tokens_per_row} is below data.max_length="
                 f"{self.data.max_length}: a valid sample might not fit in a row. Raise it or lower data.max_length."
             )
+        self._check_trainable_parts()
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and self.peft.method == "none":
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
 
 
-def _repo_path(path: str) -> Path:
+    def _check_trainable_parts(self) -> None:
+        """Freezing, LoRA and per-part learning rates must describe one consistent set of trained weights."""
+        m, p, t = self.model, self.peft, self.trainer
+        lora = p.method == "lora"
+        if lora and m.freeze_llm is False:
+            raise ConfigError(
+                "model.freeze_llm=false trains every LLM weight, which peft=lora does not do (the LLM gets "
+                "adapters). Use peft=none for full fine-tuning, or leave model.freeze_llm unset."
+            )
+        if lora and p.lora_vision_tower and not m.freeze_vision_tower:
+            raise ConfigError(
+                "peft.lora_vision_tower=true puts adapters on a frozen vision tower, but model.freeze_vision_tower"
+                "=false trains it fully: choose one (keep model.freeze_vision_tower=true for ViT LoRA)."
+            )
+        if not lora and p.lora_vision_tower:
+            raise ConfigError("peft.lora_vision_tower=true needs peft=lora (peft.method=lora).")
+        vision_trains = not m.freeze_vision_tower or (lora and p.lora_vision_tower)
+        llm_trains = (lora and p.lora_llm) or not m.llm_frozen(p)
+        if not (vision_trains or llm_trains or not m.freeze_merger):
+            raise ConfigError(
+                "Nothing would be trained: the LLM, vision tower and merger are all frozen and no LoRA is applied. "
+                "Set peft.lora_llm=true, peft.lora_vision_tower=true, or unfreeze a part (model.freeze_merger=false)."
+            )
+        if t.vision_tower_lr is not None and not vision_trains:
+            raise ConfigError(
+                "trainer.vision_tower_lr is set but the vision tower does not train: set model.freeze_vision_tower"
+                "=false or peft.lora_vision_tower=true, or remove trainer.vision_tower_lr."
+            )
+        if t.merger_lr is not None and m.freeze_merger:
+            raise ConfigError("trainer.merger_lr is set but the merger is frozen: set model.freeze_merger=false.")
+        if t.gradient_checkpointing_vision_tower and not (t.gradient_checkpointing and vision_trains):
+            raise ConfigError(
+                "trainer.gradient_checkpointing_vision_tower=true needs trainer.gradient_checkpointing=true and a "
+                "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
+            )
+
+
+def repo_path(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else REPO_ROOT / p
 

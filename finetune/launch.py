@@ -6,6 +6,7 @@ The recipe's `accelerate` group and the environment decide the processes:
   multi_gpu    one process per visible GPU (or processes_per_node) on this machine
   multi_node   NNODES machines, this one being NODE_RANK; MASTER_ADDR/MASTER_PORT reach node 0;
                GPUS_PER_NODE (default: the visible GPUs) processes on each
+NNODES > 1 also works with cpu and multi_gpu (e.g. two `accelerate=cpu` launches on one machine).
 The exact command is printed before it runs. Evaluation and export run once, on node 0, after training.
 """
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.config import REPO_ROOT, Config, ConfigError, load_config
+from finetune.config import Config, ConfigError, load_config, repo_path
 
 
 def _int_env(env: dict, name: str, default: int) -> int:
@@ -36,13 +37,18 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     acc = config.accelerate
     if acc.mode != "cpu" and gpu_count == 0:
         raise ConfigError(f"accelerate.mode={acc.mode} needs a GPU and none is visible; use accelerate=cpu.")
-    nodes, node_rank = 1, 0
-    if acc.mode == "multi_node":
-        nodes, node_rank = _int_env(env, "NNODES", 1), _int_env(env, "NODE_RANK", 0)
-        if nodes > 1 and not env.get("MASTER_ADDR"):
-            raise ConfigError("accelerate=multi_node with NNODES>1 needs MASTER_ADDR (node 0's address) on every node.")
-        if not 0 <= node_rank < nodes:
-            raise ConfigError(f"NODE_RANK={node_rank} must be in [0, NNODES={nodes}).")
+    # NNODES > 1 joins several machines in any mode but single_gpu (cpu: a CPU cluster, or two launches on one
+    # machine to rehearse a multi-node run); multi_node is multi_gpu that insists on the variables.
+    nodes, node_rank = _int_env(env, "NNODES", 1), _int_env(env, "NODE_RANK", 0)
+    if acc.mode == "single_gpu" and nodes > 1:
+        raise ConfigError(f"NNODES={nodes} with accelerate=single_gpu: use accelerate=multi_node for several machines.")
+    if acc.mode == "multi_node" and "NNODES" not in env:
+        raise ConfigError("accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node "
+                          "(see README, Multi-node).")
+    if nodes < 1 or not 0 <= node_rank < nodes:
+        raise ConfigError(f"NODE_RANK={node_rank} must be in [0, NNODES={nodes}).")
+    if nodes > 1 and not env.get("MASTER_ADDR"):
+        raise ConfigError(f"NNODES={nodes} needs MASTER_ADDR (node 0's address) on every node.")
     if acc.mode in ("cpu", "single_gpu"):
         per_node = acc.processes_per_node or 1
     else:
@@ -51,7 +57,7 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
     args = ["--num_processes", str(total), "--num_machines", str(nodes), "--dynamo_backend", "no"]
     if config.deepspeed.config_file:
-        args += ["--use_deepspeed", "--deepspeed_config_file", str(_repo_path(config.deepspeed.config_file))]
+        args += ["--use_deepspeed", "--deepspeed_config_file", str(repo_path(config.deepspeed.config_file))]
     else:
         args += ["--mixed_precision", mixed]
         if total > 1:
@@ -65,11 +71,6 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
         args += ["--machine_rank", str(node_rank), "--main_process_ip", env["MASTER_ADDR"],
                  "--main_process_port", env.get("MASTER_PORT") or "29500", "--same_network"]  # fmt: skip
     return args
-
-
-def _repo_path(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def _run(cmd: list[str]) -> int:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
     rc = _run([python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides])
-    main_node = config.accelerate.mode != "multi_node" or _int_env(dict(os.environ), "NODE_RANK", 0) == 0
+    main_node = _int_env(dict(os.environ), "NODE_RANK", 0) == 0
     if rc != 0 or not main_node:
         return rc
     if config.evaluation.after_training:

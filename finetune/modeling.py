@@ -1,15 +1,13 @@
-"""Load the model and processor a recipe names, decide precision from the hardware, freeze, add LoRA."""
+"""Load the model and processor a recipe names and decide precision from the hardware (what trains: trainable.py)."""
 
 from __future__ import annotations
 
-import logging
 
 import torch
 
-from finetune.config import ConfigError, ModelConfig, PeftConfig
+from finetune.config import ConfigError, ModelConfig
 from finetune.tiny import resolve_model_path
 
-logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,48 +64,3 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
 def inference_device_map(config):
     """Evaluation and export run in one process: spread the model over the GPUs of a GPU run, else CPU."""
     return "auto" if uses_gpu(config) else None
-
-
-def vision_tower(model):
-    """`model.model.visual` in transformers 5 (the merger lives inside it as `.merger`)."""
-    inner = getattr(model, "model", model)
-    return inner.visual
-
-
-def apply_freezing(model, model_cfg: ModelConfig) -> None:
-    """Freeze the vision tower (and/or its merger) as the recipe asks; the LLM stays trainable."""
-    visual = vision_tower(model)
-    for name, param in visual.named_parameters():
-        is_merger = name.startswith("merger.")
-        frozen = model_cfg.freeze_merger if is_merger else model_cfg.freeze_vision_tower
-        param.requires_grad_(not frozen)
-
-
-def apply_lora(model, peft_cfg: PeftConfig):
-    """LoRA on the modules matched by `peft.target_modules` (a full-match regex over module names)."""
-    from peft import LoraConfig, get_peft_model
-
-    matched = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _full_match(peft_cfg, n)]
-    if not matched:
-        raise ConfigError(f"peft.target_modules={peft_cfg.target_modules!r} matches no linear layer of this model.")
-    if any(".visual." in f".{n}." for n in matched):
-        logger.warning("LoRA targets include %d vision-tower layers.", sum(".visual." in f".{n}." for n in matched))
-    lora = LoraConfig(
-        r=peft_cfg.r,
-        lora_alpha=peft_cfg.alpha,
-        lora_dropout=peft_cfg.dropout,
-        target_modules=peft_cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def _full_match(peft_cfg: PeftConfig, name: str) -> bool:
-    import re
-
-    return re.fullmatch(peft_cfg.target_modules, name) is not None
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

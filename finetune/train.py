@@ -2,6 +2,8 @@
 
     python -m finetune.train [hydra overrides]       (what ./launch.sh runs under `accelerate launch`)
 
+`trainer.resume_from_checkpoint=latest` continues an interrupted run from its newest checkpoint-N.
+
 The run directory (`trainer.output_dir`) receives config.yaml, run_info.json (versions, git SHA, command),
 the trainer's checkpoints, `adapter/` (LoRA adapter + processor) and log_history.json.
 """
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 from finetune.cli import run
-from finetune.config import Config, load_config
+from finetune.config import Config, ConfigError, load_config, repo_path
 from finetune.data.conversation import DataError
 from finetune.modeling import resolve_precision, uses_gpu
 from finetune.paths import resolve_data_file
@@ -57,7 +59,8 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not uses_gpu(config),
-        activation_checkpointing=t.gradient_checkpointing,
+        # Checkpointing is enabled by finetune/trainable.py (LLM only unless asked, reentrant where needed).
+        activation_checkpointing=False,
         dataloader_num_workers=t.dataloader_num_workers,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -65,7 +68,7 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         report_to=configure_logger_backend(config, run_dir),
-        deepspeed=config.deepspeed.config_file and str(_repo_relative(config.deepspeed.config_file)),
+        deepspeed=config.deepspeed.config_file and str(repo_path(config.deepspeed.config_file)),
         # Our collator does all preprocessing (video included): TRL must not touch the dataset, drop columns or
         # truncate. Lengths are checked by the encoder, which refuses (never cuts) a sample over data.max_length.
         remove_unused_columns=False,
@@ -76,26 +79,22 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
     )
 
 
-def _repo_relative(path: str) -> Path:
-    from finetune.config import REPO_ROOT
-
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def make_trainer_class():
     from trl import SFTTrainer
 
     class VisionLanguageSFTTrainer(SFTTrainer):
-        """SFTTrainer with our packed data loader and tokens/s logging (real and trained tokens) per device."""
+        """SFTTrainer with our packed data loader, per-part learning rates, equal vision-tower calls on every rank
+        (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
 
-        def __init__(self, *args, packed_loader=None, **kwargs):
+        def __init__(self, *args, packed_loader=None, recipe: Config, **kwargs):
+            self._recipe = recipe
             super().__init__(*args, **kwargs)
             # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
             # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
             # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
             self.model_accepts_loss_kwargs = True
             self._packed_loader = packed_loader  # a callable building the packed DataLoader, or None
+            self._equal_vision_calls = None
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)
 
@@ -104,8 +103,34 @@ def make_trainer_class():
                 return super().get_train_dataloader()
             return self.accelerator.prepare(self._packed_loader(self.accelerator.num_processes))
 
+        def create_optimizer(self, model=None):
+            """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
+            DeepSpeed's CPU Adam when the DeepSpeed config offloads the optimizer."""
+            from finetune.trainable import offloads_optimizer, parameter_groups
+
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                groups = parameter_groups(opt_model, self._recipe, set(self.get_decay_parameter_names(opt_model)))
+                if offloads_optimizer(self._recipe):
+                    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                    self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate, adamw_mode=True,
+                                                      betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                                      eps=self.args.adam_epsilon)  # fmt: skip
+                else:
+                    optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                    self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             import torch
+
+            if self._equal_vision_calls is None and self.accelerator.num_processes > 1:
+                # Same vision-tower calls on every rank (no ZeRO-3 hang); installed once DeepSpeed has its hooks.
+                from finetune.trainable import base_model
+                from finetune.vision_sync import EqualVisionCalls
+
+                self._equal_vision_calls = EqualVisionCalls(base_model(self.model).model)
 
             packed = "num_real_tokens" in inputs
             real = inputs.pop("num_real_tokens") if packed else inputs["attention_mask"].sum()
@@ -151,21 +176,38 @@ def packed_loader_factory(config: Config, encoder, samples, counts, model):
     return build
 
 
-def train(config: Config, overrides: list[str]) -> Path:
+def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
+    """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
+    if value is None:
+        existing = sorted(run_dir.glob("checkpoint-*"))
+        if existing:
+            logger.warning("%s already holds %s from an earlier run; this run starts again from step 0 (add "
+                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir, existing[-1].name)  # fmt: skip
+        return None
+    if value == "latest":
+        steps = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        complete = [(step, p) for step, p in steps if (p / "trainer_state.json").is_file()]
+        if not complete:
+            raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
+                              "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
+        return str(max(complete)[1])
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json).")
+    return str(path)
+
+
+def build_trainer(config: Config, overrides: list[str]):
+    """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
     import datasets
+    from accelerate import PartialState
     from transformers import set_seed
 
     from finetune.collator import Collator
     from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
-    from finetune.modeling import (
-        apply_freezing,
-        apply_lora,
-        count_parameters,
-        load_model,
-        load_processor,
-    )
-    from finetune.runinfo import write_run_info
+    from finetune.modeling import load_model, load_processor
+    from finetune.trainable import count_parameters, enable_activation_checkpointing, make_trainable, trained_parts
 
     run_dir = Path(config.trainer.output_dir)
     precision = resolve_precision(config.trainer.precision, uses_gpu(config))
@@ -174,8 +216,6 @@ def train(config: Config, overrides: list[str]) -> Path:
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
     # a bad or over-long sample stops the run here, naming it, not hours in. The main process counts first;
     # the other ranks then read its cache.
-    from accelerate import PartialState
-
     with PartialState().main_process_first():
         split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
     require_clean(split, "training", config.data.skip_invalid, logger)
@@ -186,27 +226,51 @@ def train(config: Config, overrides: list[str]) -> Path:
                 f"{sum(c.total for c in split.counts):,}", *(f"{sum(getattr(c, k) for c in split.counts):,}"
                 for k in ("text", "image", "video")))  # fmt: skip
 
+    # The training arguments come first: under ZeRO-3 they make from_pretrained load each weight already
+    # partitioned (deepspeed.zero.Init), so no rank ever holds the whole model.
+    args = build_sft_config(config, precision, run_dir)
     set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
-    model = load_model(config.model, precision)
-    apply_freezing(model, config.model)
-    if config.peft.method == "lora":
-        model = apply_lora(model, config.peft)
+    model = make_trainable(load_model(config.model, precision), config)
+    if config.trainer.gradient_checkpointing:
+        reentrant = enable_activation_checkpointing(model, config)
+        logger.info("activation checkpointing (%s) on the LLM%s", "reentrant" if reentrant else "non-reentrant",
+                    " and the vision tower" if config.trainer.gradient_checkpointing_vision_tower else "")  # fmt: skip
     trainable, total = count_parameters(model)
-    logger.info("precision %s | trainable parameters %s / %s (%.2f%%)", precision, f"{trainable:,}", f"{total:,}",
-                100 * trainable / total)  # fmt: skip
+    logger.info("precision %s | trainable parameters %s / %s (%.2f%%) | by part %s | learning rates %s", precision,
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, trained_parts(model),
+                part_learning_rates_text(config))  # fmt: skip
 
     packed = packed_loader_factory(config, encoder, samples, split.counts, model) if config.trainer.packing else None
     trainer = make_trainer_class()(
         model=model,
-        args=build_sft_config(config, precision, run_dir),
+        args=args,
         train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),
         data_collator=Collator(encoder, samples),
         processing_class=processor,
         packed_loader=packed,
+        recipe=config,
     )
+    return trainer, processor, len(samples), precision
+
+
+def part_learning_rates_text(config: Config) -> str:
+    from finetune.trainable import part_learning_rates
+
+    return ", ".join(f"{part} {lr:g}" for part, lr in part_learning_rates(config).items())
+
+
+def train(config: Config, overrides: list[str]) -> Path:
+    from finetune.runinfo import write_run_info
+
+    run_dir = Path(config.trainer.output_dir)
+    checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
+    trainer, processor, num_samples, precision = build_trainer(config, overrides)
     if trainer.is_world_process_zero():
-        write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": len(samples)})
-    trainer.train()
+        write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": num_samples,
+                                                    "resumed_from": checkpoint})  # fmt: skip
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))

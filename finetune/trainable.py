@@ -1,0 +1,198 @@
+"""What trains, and how fast: freezing, LoRA targets, per-part learning rates, activation checkpointing.
+
+A Qwen-VL model has three parts, told apart by parameter name:
+  vision_tower  `model.visual.*` except the merger (Conv3d patch embed + ViT blocks)
+  merger        `model.visual.merger.*` (the MLP projecting vision features into the LLM)
+  llm           everything else (embeddings, decoder layers, norm, lm_head)
+Under LoRA, PEFT freezes every base weight; a part that trains fully (an unfrozen merger or vision tower) goes
+into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload` puts it back in the export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from finetune.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+PARTS = ("llm", "vision_tower", "merger")
+
+
+def model_part(name: str) -> str:
+    """The part a parameter or module name belongs to (works on PEFT-wrapped names too)."""
+    padded = f".{name}."
+    if ".visual." not in padded:
+        return "llm"
+    return "merger" if ".merger." in padded else "vision_tower"
+
+
+def base_model(model):
+    """The transformers model under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def vision_tower(model):
+    """`model.model.visual` in transformers 5 (the merger lives inside it as `.merger`)."""
+    inner = base_model(model)
+    return getattr(inner, "model", inner).visual
+
+
+def apply_freezing(model, config: Config) -> None:
+    """requires_grad per part as the recipe asks (LoRA later freezes the base weights of every part)."""
+    frozen = {"llm": config.model.llm_frozen(config.peft), "vision_tower": config.model.freeze_vision_tower,
+              "merger": config.model.freeze_merger}  # fmt: skip
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen[model_part(name)])
+
+
+def lora_targets(model, config: Config) -> list[str]:
+    """Full names of the nn.Linear modules that get LoRA: the LLM's (peft.target_modules) and, with
+    peft.lora_vision_tower, the ViT blocks' (peft.vision_target_modules). Only nn.Linear ever matches, so the
+    Conv3d patch embed never takes LoRA (LLaMA-Factory #5324), nor does the merger (it trains fully if at all)."""
+    peft = config.peft
+    patterns = []
+    if peft.lora_llm:
+        patterns.append(("llm", re.compile(peft.target_modules)))
+    if peft.lora_vision_tower:
+        patterns.append(("vision_tower", re.compile(peft.vision_target_modules)))
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(
+            model_part(name) == part and pattern.fullmatch(name) for part, pattern in patterns
+        ):
+            names.append(name)
+    for part, pattern in patterns:
+        if not any(model_part(n) == part for n in names):
+            key = "peft.target_modules" if part == "llm" else "peft.vision_target_modules"
+            raise ConfigError(f"{key}={pattern.pattern!r} matches no linear layer of the {part} of this model.")
+    return names
+
+
+def fully_trained_modules(model, config: Config) -> list[str]:
+    """Modules PEFT must train fully and save beside the adapter (`modules_to_save`)."""
+    visual = vision_tower(model)
+    prefix = next(n for n, m in model.named_modules() if m is visual)
+    names = []
+    if not config.model.freeze_merger:
+        names.append(f"{prefix}.merger")
+    if not config.model.freeze_vision_tower:  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
+        for child_name, child in visual.named_children():
+            if child_name == "merger" or not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, torch.nn.ModuleList):
+                names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
+            else:
+                names.append(f"{prefix}.{child_name}")
+    return names
+
+
+def apply_lora(model, config: Config):
+    from peft import LoraConfig, get_peft_model
+
+    peft = config.peft
+    targets = lora_targets(model, config)
+    lora = LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        use_dora=peft.use_dora,
+        use_rslora=peft.use_rslora,
+        target_modules=targets,  # exact names: nothing but the checked nn.Linear layers can match
+        modules_to_save=fully_trained_modules(model, config) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def make_trainable(model, config: Config):
+    """Freeze per the recipe, then add LoRA if asked; returns the model to train."""
+    apply_freezing(model, config)
+    if config.peft.method == "lora":
+        model = apply_lora(model, config)
+    return model
+
+
+def part_learning_rates(config: Config) -> dict[str, float]:
+    t = config.trainer
+    return {"llm": t.learning_rate, "vision_tower": t.vision_tower_lr or t.learning_rate,
+            "merger": t.merger_lr or t.learning_rate}  # fmt: skip
+
+
+def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]:
+    """Optimizer groups: one per (part, weight decay or not), each with its part's learning rate."""
+    rates = part_learning_rates(config)
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((model_part(name), name in decay_names), []).append(param)
+    return [{"params": params, "lr": rates[part], "weight_decay": config.trainer.weight_decay if decay else 0.0,
+             "name": f"{part}{'' if decay else '_no_decay'}"}  # fmt: skip
+            for (part, decay), params in sorted(groups.items())]
+
+
+def trained_parts(model) -> dict[str, int]:
+    """Trainable parameter count per part (ZeRO-3 partitioned parameters count in full)."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[model_part(name)] += getattr(param, "ds_numel", param.numel())
+    return counts
+
+
+def count_parameters(model) -> tuple[int, int]:
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
+
+
+def zero_stage(config: Config) -> int:
+    """The ZeRO stage of the recipe's DeepSpeed config (0 without DeepSpeed)."""
+    if not config.deepspeed.config_file:
+        return 0
+    from finetune.config import repo_path
+
+    ds = json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(config: Config) -> bool:
+    if not config.deepspeed.config_file:
+        return False
+    from finetune.config import repo_path
+
+    ds = json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def enable_activation_checkpointing(model, config: Config) -> bool:
+    """Recompute activations in backward: the LLM's decoder layers, and the ViT blocks if asked.
+
+    Returns whether reentrant checkpointing was chosen. Non-reentrant is PyTorch's recommendation, but with
+    PEFT under ZeRO-3 it fails in backward ("Recomputed values ... have different metadata": frozen
+    parameters are partitioned again by the time they are recomputed), see huggingface/trl#6356,
+    huggingface/transformers#47254 and deepspeedai/DeepSpeed#4332; reentrant is the workaround there.
+    A frozen vision tower is left alone by default: with no parameter and no input needing a gradient it
+    builds no autograd graph, so checkpointing it only costs a second forward (2U1/Qwen2-VL-Finetune #56).
+    """
+    reentrant = config.peft.method == "lora" and zero_stage(config) == 3
+    inner = base_model(model)
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    visual = vision_tower(inner)
+    if not config.trainer.gradient_checkpointing_vision_tower:
+        for module in visual.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+    elif reentrant:
+        # Reentrant checkpointing only back-propagates into a block whose input requires a gradient; with
+        # LoRA on a frozen ViT nothing upstream does, so the LoRA weights would silently get no gradient
+        # (LLaMA-Factory #6754). Mark the patch-embed output as requiring one.
+        visual.patch_embed.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    inner.config.use_cache = False
+    if hasattr(model, "enable_input_require_grads"):  # PEFT: frozen embeddings would cut the graph at the input
+        model.enable_input_require_grads()
+    return reentrant
