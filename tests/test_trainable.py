@@ -1,0 +1,149 @@
+"""Freezing, LoRA placement and per-part learning rates: after real training steps (the trainer the recipe
+builds), exactly the expected parameters changed, and each part moved at its own learning rate."""
+
+import pytest
+import torch
+from recipe_runs import mini_dataset, tiny_run_overrides
+
+from finetune.config import ConfigError, load_config
+from finetune.trainable import model_part
+
+
+def _train(tmp_path, extra, steps=2):
+    from finetune.train import build_trainer
+
+    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
+    overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=steps) + [
+        "trainer.lr_scheduler_type=constant", "trainer.save_steps=1000"] + extra  # fmt: skip
+    trainer, *_ = build_trainer(load_config(overrides), overrides)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    return changed, before, after, trainer.model
+
+
+def _lora(names, part):
+    return {n for n in names if "lora_" in n and model_part(n) == part}
+
+
+CASES = {
+    # name: (overrides, expected changed set as a function of all parameter names)
+    "default: LoRA on the LLM only": ([], lambda names: _lora(names, "llm")),
+    "merger trained fully beside LLM LoRA": (
+        ["model.freeze_merger=false"],
+        lambda names: _lora(names, "llm") | {n for n in names if ".merger.modules_to_save." in n}),
+    "ViT LoRA beside LLM LoRA": (
+        ["peft.lora_vision_tower=true"],
+        lambda names: _lora(names, "llm") | _lora(names, "vision_tower")),
+    "ViT LoRA only, merger trained": (
+        ["peft.lora_vision_tower=true", "peft.lora_llm=false", "model.freeze_merger=false"],
+        lambda names: _lora(names, "vision_tower") | {n for n in names if ".merger.modules_to_save." in n}),
+    "full fine-tuning of the LLM": (
+        ["peft=none", "export.after_training=false"],
+        lambda names: {n for n in names if model_part(n) == "llm"}),
+    "full fine-tuning of vision tower and merger, LLM frozen": (
+        ["peft=none", "export.after_training=false", "model.freeze_llm=true", "model.freeze_vision_tower=false",
+         "model.freeze_merger=false"],
+        lambda names: {n for n in names if model_part(n) != "llm"}),
+    "everything trains": (
+        ["peft=none", "export.after_training=false", "model.freeze_vision_tower=false", "model.freeze_merger=false"],
+        lambda names: set(names)),
+    "DoRA": (["peft.use_dora=true"], lambda names: _lora(names, "llm")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exactly_the_chosen_parameters_change(tmp_path, case):
+    overrides, expected = CASES[case]
+    changed, before, _, _ = _train(tmp_path, overrides)
+    assert changed == expected(list(before)), (sorted(changed - expected(list(before)))[:5],
+                                               sorted(expected(list(before)) - changed)[:5])  # fmt: skip
+    assert changed  # something trained
+    # The Conv3d patch embed never takes LoRA, and no frozen original of a fully trained copy moves.
+    assert not any("patch_embed" in n and "lora_" in n for n in before)
+    assert not any("original_module" in n for n in changed)
+    if "DoRA" in case:
+        assert any("lora_magnitude_vector" in n for n in changed)
+
+
+def test_each_part_moves_at_its_own_learning_rate(tmp_path):
+    """One AdamW step moves each element by lr * |g| / (|g| + eps): the largest move in a part is its rate."""
+    rates = {"llm": 1e-3, "vision_tower": 2e-3, "merger": 4e-3}
+    changed, before, after, _ = _train(tmp_path, [
+        "peft.lora_vision_tower=true", "model.freeze_merger=false", f"trainer.learning_rate={rates['llm']}",
+        f"trainer.vision_tower_lr={rates['vision_tower']}", f"trainer.merger_lr={rates['merger']}"], steps=1)  # fmt: skip
+    for part, lr in rates.items():
+        moves = [(after[n].detach() - before[n]).abs().max().item() for n in changed if model_part(n) == part]
+        assert moves and max(moves) == pytest.approx(lr, rel=1e-3), (part, max(moves))
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
+    *_, model = _train(tmp_path, ["peft.use_rslora=true", "peft.r=4", "peft.alpha=8"], steps=1)
+    scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert len(scalings) == 1 and scalings.pop() == pytest.approx(8 / 4**0.5)  # plain LoRA: 8 / 4 = 2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["model.freeze_llm=false"], "peft=none for full fine-tuning"),
+     (["peft.lora_vision_tower=true", "model.freeze_vision_tower=false"], "choose one"),
+     (["peft=none", "peft.lora_vision_tower=true", "export.after_training=false"], "needs peft=lora"),
+     (["peft.lora_llm=false"], "Nothing would be trained"),
+     (["trainer.vision_tower_lr=1e-5"], "vision tower does not train"),
+     (["trainer.merger_lr=1e-5"], "merger is frozen"),
+     (["trainer.gradient_checkpointing_vision_tower=true", "trainer.gradient_checkpointing=true"], "frozen one")],
+)
+def test_inconsistent_trainable_parts_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_missing_modalities_get_dummy_tower_calls_that_change_nothing(tmp_path, processors):
+    """With the equaliser, every forward calls the vision tower exactly twice (text-only, image-only,
+    video-only or both), and the loss and gradients are bit-identical to the plain forward."""
+    from conftest import DEMO
+
+    from finetune.collator import pad_batch
+    from finetune.data.conversation import record_to_sample
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.sources import load_samples
+    from finetune.data.vision import VisionSettings
+    from finetune.modeling import load_model
+    from finetune.trainable import make_trainable, vision_tower
+    from finetune.vision_sync import EqualVisionCalls
+
+    config = load_config(["peft.lora_vision_tower=true", "model.freeze_merger=false"])
+    torch.manual_seed(0)
+    model = make_trainable(load_model(config.model, "fp32"), config).train()
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give every trainable weight a value
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings.from_config(config.model))
+    image, video = [encoder.encode(s) for s in load_samples(mini_dataset(tmp_path / "d.json", per_task=1), DEMO)]
+    text = encoder.encode(record_to_sample({"messages": [{"role": "user", "content": "What is two plus two?"},
+                                                         {"role": "assistant", "content": "Four."}]}, 0, "text", DEMO))  # fmt: skip
+    calls = []
+    vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
+
+    def run(batch):
+        model.zero_grad()
+        calls.clear()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    for rows, real_calls in [([text], 0), ([image], 1), ([video], 1), ([image, video], 2), ([text, video], 1)]:
+        batch = pad_batch(rows, encoder.tokenizer.pad_token_id)
+        plain_loss, plain_grads, plain_calls = run(batch)
+        hooks = EqualVisionCalls(model.get_base_model().model)
+        loss, grads, equalised_calls = run(batch)
+        hooks.remove()
+        assert (plain_calls, equalised_calls) == (real_calls, 2)
+        assert loss == plain_loss
+        assert grads.keys() >= plain_grads.keys()
+        assert all(torch.equal(grads[n], plain_grads[n]) for n in plain_grads)
+        assert all(g.abs().max() == 0 for n, g in grads.items() if n not in plain_grads)
+        # every trainable vision weight takes part in backward on every rank, media or not
+        assert {n for n in grads if model_part(n) != "llm"} == {
+            n for n, p in model.named_parameters() if p.requires_grad and model_part(n) != "llm"}
