@@ -70,6 +70,10 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     if nodes > 1:
         args += ["--machine_rank", str(node_rank), "--main_process_ip", env["MASTER_ADDR"],
                  "--main_process_port", env.get("MASTER_PORT") or "29500", "--same_network"]  # fmt: skip
+        if config.deepspeed.config_file:
+            # One `./launch.sh` per node (by hand or srun), like DDP. accelerate's default for DeepSpeed on several
+            # machines is instead to start every node from this one over pdsh with the `deepspeed` launcher.
+            args += ["--deepspeed_multinode_launcher", "standard"]
     return args
 
 

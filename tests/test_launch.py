@@ -42,6 +42,19 @@ def test_multi_node_from_the_environment():
     assert _opt(args, "--num_processes") == "16" and _opt(args, "--num_machines") == "2"
     assert (_opt(args, "--machine_rank"), _opt(args, "--main_process_ip"), _opt(args, "--main_process_port")) == ("1", "10.1.2.3", "29555")
     assert "--use_deepspeed" in args and _opt(args, "--deepspeed_config_file").endswith("recipes/deepspeed/zero3.json")
+    assert _opt(args, "--deepspeed_multinode_launcher") == "standard"  # one launch per node, no pdsh
+
+
+def test_nodes_of_cpu_processes_rehearse_a_multi_node_run():
+    env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    args = _args(["deepspeed=zero3"], env=env)
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--machine_rank")) == ("2", "2", "0")
+    assert "--cpu" not in args and _opt(args, "--main_process_port") == "29500"
+
+
+def test_single_gpu_refuses_several_nodes():
+    with pytest.raises(ConfigError, match="use accelerate=multi_node"):
+        _args(["accelerate=single_gpu"], env={"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h"}, gpus=1)
 
 
 def test_gpus_per_node_overrides_the_visible_count():
@@ -52,6 +65,7 @@ def test_gpus_per_node_overrides_the_visible_count():
 @pytest.mark.parametrize(
     "env,message",
     [({"NNODES": "2", "NODE_RANK": "0"}, "needs MASTER_ADDR"),
+     ({}, "needs NNODES"),
      ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be in"),
      ({"NNODES": "two"}, "must be a whole number")],
 )

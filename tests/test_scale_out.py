@@ -1,0 +1,178 @@
+"""Several processes on the CPU, started the way users start them (`./launch.sh`, i.e. `accelerate launch`):
+DDP and DeepSpeed ZeRO-3 reproduce the single-process losses, a rehearsed 2-node ZeRO-3 run saves a loadable
+adapter and exports, ranks with different modalities do not hang, and killed runs resume exactly.
+
+Every run: the tiny Qwen2.5-VL, 8 image + 8 video samples packed into rows of <= 128 tokens, 2 rows per step
+(one per rank, or both on the single process), 6 steps, so 2 epochs.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from recipe_runs import mini_dataset, tiny_run_overrides
+
+pytestmark = pytest.mark.slow
+KILL_AT, STEPS = 4, 6
+
+
+def _run(cmd, env_extra=None, timeout=420, expect_ok=True):
+    """Run a command in its own process group; on timeout kill the whole group and fail (never hang)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "FINETUNE_VENV": sys.prefix, **(env_extra or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd[:4]} did not finish within {timeout}s (hung):\n{err[-4000:]}") from None
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+    return proc.returncode, out, err
+
+
+def launch_sh(overrides, env_extra=None, timeout=420):
+    return _run(["bash", str(REPO / "launch.sh"), *overrides], env_extra, timeout)
+
+
+def harness(overrides, env_extra, timeout=420, expect_ok=True):
+    """tests/distributed_harness.py under the same `accelerate launch` options ./launch.sh would use."""
+    from finetune.config import load_config
+    from finetune.launch import accelerate_args
+
+    args = accelerate_args(load_config(overrides), {}, 0, "fp32")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "tests/distributed_harness.py", *overrides]
+    return _run(cmd, {"DS_ACCELERATOR": "cpu", **env_extra}, timeout, expect_ok)
+
+
+def losses(run_dir):
+    history = json.loads((run_dir / "log_history.json").read_text())
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return mini_dataset(tmp_path_factory.mktemp("scale_out") / "train.json", per_task=8)
+
+
+def recipe(run_dir, data, processes, *extra):
+    return tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=STEPS) + [
+        "trainer.packing=true", "trainer.max_tokens_per_row=128", "data.max_length=128",
+        f"trainer.per_device_train_batch_size={2 // processes}", f"accelerate.processes_per_node={processes}",
+        "trainer.save_steps=2", "evaluation.after_training=false", "export.after_training=false", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, data):
+    run_dir = tmp_path_factory.mktemp("single")
+    launch_sh(recipe(run_dir, data, 1))
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_two_processes_match_the_single_process_losses(tmp_path, data, single_process, backend):
+    """Same global batch (2 rows), split over 2 ranks: the same losses. ZeRO-3 runs here with LoRA, a frozen
+    vision tower and activation checkpointing (reentrant, see finetune/trainable.py)."""
+    extra = ["deepspeed=zero3", "trainer.gradient_checkpointing=true"] if backend == "zero3" else []
+    _, out, err = launch_sh(recipe(tmp_path, data, 2, *extra))
+    assert "--num_processes 2" in out and ("--use_deepspeed" in out) == (backend == "zero3")
+    if backend == "zero3":
+        assert "activation checkpointing (reentrant) on the LLM" in err
+    assert len(single_process) == STEPS
+    assert losses(tmp_path) == pytest.approx(single_process, abs=1e-4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_path, data):
+    """Two ./launch.sh invocations on this machine, NNODES=2 and NODE_RANK=0/1, one process each."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.tiny import tiny_checkpoint
+
+    overrides = recipe(tmp_path, data, 1, "deepspeed=zero3", "trainer.max_steps=2", "export.after_training=true")
+    env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    nodes = [subprocess.Popen(["bash", str(REPO / "launch.sh"), *overrides], cwd=REPO, start_new_session=True,
+                              env={**os.environ, **env, "NODE_RANK": str(rank), "FINETUNE_VENV": sys.prefix},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=420) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"{out[-2000:]}\n{err[-5000:]}"
+    assert "--num_machines 2" in outputs[1][0] and "--machine_rank 1" in outputs[1][0]
+    assert "merged:" in outputs[0][0] and "merged:" not in outputs[1][0]  # node 0 exports, node 1 only trains
+    assert sorted(losses(tmp_path)) == [1, 2]
+
+    # The adapter holds full-shape weights gathered from the partitions, and loads in one plain process.
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    weights = dict(model.named_parameters())
+    assert saved and all(t.numel() > 0 for t in saved.values())
+    for key, tensor in saved.items():
+        loaded = weights[key.replace(".weight", ".default.weight")]
+        assert loaded.shape == tensor.shape and torch.equal(loaded.detach(), tensor)
+    assert any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)  # it trained
+    report = json.loads((tmp_path / "merged" / "export_report.json").read_text())
+    assert report["max_abs_logit_diff"] < 1e-4
+
+
+def test_ranks_with_different_modalities_do_not_hang(tmp_path):
+    """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with a trainable merger, LoRA on the
+    ViT and checkpointing of both towers: every collective must still pair up. Bounded: fails, never hangs."""
+    from conftest import DEMO
+    from safetensors import safe_open
+
+    records = json.loads((DEMO / "train.json").read_text())
+    videos = [r for r in records if r["task"] == "direction"][:4]
+    texts = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": str(2 * i)}]} for i in range(4)]  # fmt: skip
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(texts + videos))
+    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=2", "model.freeze_merger=false",
+                       "peft.lora_vision_tower=true", "trainer.gradient_checkpointing=true",
+                       "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
+    harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1"}, timeout=300)
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(".visual.blocks." in k and "lora_B" in k for k in keys) and any(".merger." in k for k in keys)
+
+
+@pytest.mark.parametrize("processes,backend", [(1, "none"), (2, "zero3")])
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, processes, backend):
+    """SIGKILL right after checkpoint-4, resume with trainer.resume_from_checkpoint=latest: steps 5-6 equal an
+    uninterrupted run's. Dropout is on, so the RNG state must be restored too; step 4 is mid-epoch, so is the
+    data position."""
+    extra = [f"deepspeed={backend}", "peft.dropout=0.1"]
+    uninterrupted = tmp_path / "uninterrupted"
+    launch_sh(recipe(uninterrupted, data, processes, *extra))
+    run_dir = tmp_path / "killed"
+    code, _, _ = harness(recipe(run_dir, data, processes, *extra), {"HARNESS_KILL_AT_STEP": str(KILL_AT)},
+                         expect_ok=False)  # fmt: skip
+    assert code != 0 and (run_dir / f"checkpoint-{KILL_AT}").is_dir() and not (run_dir / "adapter").exists()
+    _, _, err = launch_sh(recipe(run_dir, data, processes, *extra, "trainer.resume_from_checkpoint=latest"))
+    assert f"resuming from {run_dir / f'checkpoint-{KILL_AT}'}" in err
+    expected, resumed = losses(uninterrupted), losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(KILL_AT + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
