@@ -176,21 +176,25 @@ def packed_loader_factory(config: Config, encoder, samples, counts, model):
     return build
 
 
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders by step; one without trainer_state.json (killed while writing) is left out."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted((step, p) for step, p in found if (p / "trainer_state.json").is_file())
+
+
 def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
     """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
     if value is None:
-        existing = sorted(run_dir.glob("checkpoint-*"))
-        if existing:
+        if _checkpoints(run_dir):
             logger.warning("%s already holds %s from an earlier run; this run starts again from step 0 (add "
-                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir, existing[-1].name)  # fmt: skip
+                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir,
+                           _checkpoints(run_dir)[-1][1].name)  # fmt: skip
         return None
     if value == "latest":
-        steps = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-        complete = [(step, p) for step, p in steps if (p / "trainer_state.json").is_file()]
-        if not complete:
+        if not _checkpoints(run_dir):
             raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
                               "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
-        return str(max(complete)[1])
+        return str(_checkpoints(run_dir)[-1][1])
     path = Path(value)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json).")

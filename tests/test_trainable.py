@@ -12,6 +12,7 @@ from finetune.trainable import model_part
 def _train(tmp_path, extra, steps=2):
     from finetune.train import build_trainer
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
     overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=steps) + [
         "trainer.lr_scheduler_type=constant", "trainer.save_steps=1000"] + extra  # fmt: skip
@@ -20,7 +21,7 @@ def _train(tmp_path, extra, steps=2):
     trainer.train()
     after = dict(trainer.model.named_parameters())
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
-    return changed, before, after, trainer.model
+    return changed, before, after, trainer
 
 
 def _lora(names, part):
@@ -79,7 +80,8 @@ def test_each_part_moves_at_its_own_learning_rate(tmp_path):
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
-    *_, model = _train(tmp_path, ["peft.use_rslora=true", "peft.r=4", "peft.alpha=8"], steps=1)
+    *_, trainer = _train(tmp_path, ["peft.use_rslora=true", "peft.r=4", "peft.alpha=8"], steps=1)
+    model = trainer.model
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(8 / 4**0.5)  # plain LoRA: 8 / 4 = 2
 
@@ -147,3 +149,24 @@ def test_missing_modalities_get_dummy_tower_calls_that_change_nothing(tmp_path, 
         # every trainable vision weight takes part in backward on every rank, media or not
         assert {n for n in grads if model_part(n) != "llm"} == {
             n for n, p in model.named_parameters() if p.requires_grad and model_part(n) != "llm"}
+
+
+@pytest.mark.parametrize("vision_too", [False, True])
+def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_too):
+    """Same losses and the same updated weights with checkpointing on (LLM only, or both towers with ViT LoRA),
+    and checkpointing really is set on the chosen blocks (never on a frozen vision tower)."""
+    extra = ["peft.lora_vision_tower=true", "model.freeze_merger=false"] if vision_too else []
+    runs = {}
+    for checkpointing in (False, True):
+        options = [f"trainer.gradient_checkpointing={checkpointing}",
+                   f"trainer.gradient_checkpointing_vision_tower={checkpointing and vision_too}"]  # fmt: skip
+        changed, _, after, trainer = _train(tmp_path / str(checkpointing), extra + options)
+        blocks = {name: m.gradient_checkpointing for name, m in trainer.model.named_modules()
+                  if name.endswith((".layers.0", ".layers.1", ".blocks.0", ".blocks.1"))}  # fmt: skip
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[checkpointing] = changed, {n: after[n].detach().clone() for n in changed}, blocks, losses
+    (changed_off, weights_off, _, losses_off), (changed_on, weights_on, blocks_on, losses_on) = runs[False], runs[True]
+    assert changed_on == changed_off and losses_on == pytest.approx(losses_off, abs=1e-6)
+    assert all(torch.allclose(weights_on[n], weights_off[n], atol=1e-6) for n in changed_on)
+    assert len(blocks_on) == 4
+    assert all(on == (model_part(name) == "llm" or vision_too) for name, on in blocks_on.items()), blocks_on

@@ -1,0 +1,35 @@
+"""`trainer.resume_from_checkpoint`: which checkpoint `latest` means, and clear errors when there is none.
+(The resumed training itself is checked in test_scale_out.py, by killing and resuming real runs.)"""
+
+import pytest
+
+from finetune.config import ConfigError
+from finetune.train import resolve_checkpoint
+
+
+def _checkpoint(run_dir, step, complete=True):
+    path = run_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_latest_is_the_highest_complete_step(tmp_path):
+    _checkpoint(tmp_path, 500), _checkpoint(tmp_path, 1000)
+    _checkpoint(tmp_path, 1500, complete=False)  # killed while writing: skipped
+    assert resolve_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-1000")
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-500"), tmp_path) == str(tmp_path / "checkpoint-500")
+
+
+def test_no_checkpoint_to_resume_is_an_error_with_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="no complete checkpoint-"):
+        resolve_checkpoint("latest", tmp_path)
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path), tmp_path)
+
+
+def test_starting_over_a_run_with_checkpoints_says_so(tmp_path, caplog):
+    _checkpoint(tmp_path, 10)
+    assert resolve_checkpoint(None, tmp_path) is None
+    assert "starts again from step 0" in caplog.text and "resume_from_checkpoint=latest" in caplog.text
