@@ -233,6 +233,10 @@ def build_trainer(config: Config, overrides: list[str]):
     # The training arguments come first: under ZeRO-3 they make from_pretrained load each weight already
     # partitioned (deepspeed.zero.Init), so no rank ever holds the whole model.
     args = build_sft_config(config, precision, run_dir)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        logger.info("ZeRO-3: loading the weights partitioned across the ranks (deepspeed.zero.Init)")
     set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
     model = make_trainable(load_model(config.model, precision), config)
     if config.trainer.gradient_checkpointing:

@@ -83,7 +83,7 @@ def test_two_processes_match_the_single_process_losses(tmp_path, data, single_pr
     _, out, err = launch_sh(recipe(tmp_path, data, 2, *extra))
     assert "--num_processes 2" in out and ("--use_deepspeed" in out) == (backend == "zero3")
     if backend == "zero3":
-        assert "activation checkpointing (reentrant) on the LLM" in err
+        assert "activation checkpointing (reentrant) on the LLM" in err and "deepspeed.zero.Init" in err
     assert len(single_process) == STEPS
     assert losses(tmp_path) == pytest.approx(single_process, abs=1e-4)
 
