@@ -83,8 +83,8 @@ def make_trainer_class():
     from trl import SFTTrainer
 
     class VisionLanguageSFTTrainer(SFTTrainer):
-        """SFTTrainer with our packed data loader, per-part learning rates, equal vision-tower calls on every rank
-        (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
+        """SFTTrainer with our packed data loader, per-part learning rates, one vision-tower call per forward on every
+        rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
 
         def __init__(self, *args, packed_loader=None, recipe: Config, **kwargs):
             self._recipe = recipe
@@ -94,7 +94,7 @@ def make_trainer_class():
             # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
             self.model_accepts_loss_kwargs = True
             self._packed_loader = packed_loader  # a callable building the packed DataLoader, or None
-            self._equal_vision_calls = None
+            self._one_vision_call = None
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)
 
@@ -125,12 +125,13 @@ def make_trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             import torch
 
-            if self._equal_vision_calls is None and self.accelerator.num_processes > 1:
-                # Same vision-tower calls on every rank (no ZeRO-3 hang); installed once DeepSpeed has its hooks.
+            if self._one_vision_call is None and self.accelerator.num_processes > 1:
+                # One vision-tower call per forward on every rank (no ZeRO-3 hang); installed once DeepSpeed has
+                # its hooks.
                 from finetune.trainable import base_model
-                from finetune.vision_sync import EqualVisionCalls
+                from finetune.vision_sync import OneVisionCall
 
-                self._equal_vision_calls = EqualVisionCalls(base_model(self.model).model)
+                self._one_vision_call = OneVisionCall(base_model(self.model).model)
 
             packed = "num_real_tokens" in inputs
             real = inputs.pop("num_real_tokens") if packed else inputs["attention_mask"].sum()

@@ -1,22 +1,29 @@
-"""Every rank runs the vision tower the same number of times per step, whatever its batch holds.
+"""With several processes, every forward runs the vision tower exactly once, whatever its batch holds.
 
 Under ZeRO-3 a module's parameters are all-gathered from every rank when it runs (forward, and backward when it
 trains). A rank whose batch has no image, or no video, would skip those gathers while the others wait in them:
 a hang, or gloo's "collective mismatch" (QwenLM/Qwen2.5-VL #126, LLaMA-Factory #5616, ms-swift #4918). DDP
 with a trainable merger or ViT fails the same way in its gradient all-reduce.
 
-So, with more than one process, before the real tower calls the tower runs once on a one-token dummy input
-for every modality the batch lacks: every rank then runs embeddings, vision, vision, language model, in that
-order (ZeRO-3 also checks that every rank recorded the same module order). The dummy output joins the input
-embeddings multiplied by zero, so the loss and every gradient are unchanged while the same parameters take
-part in backward on every rank.
+transformers calls the tower once for the images and once more for the videos of a batch. Instead, a
+pre-forward hook on the inner Qwen-VL model (`model.model`) runs it once on the images and videos together
+(their patches have the same size, and the tower attends within each item only, so each item's features
+are the same) and hands the features to the model as `mm_encoder_outputs`. A batch with no media runs it on
+a one-token dummy input and adds 0 x its output to the input embeddings: the loss and every gradient are
+unchanged while the same parameters take part in backward on every rank. Every rank thus runs: embeddings,
+vision tower, language model.
+
+One call also matters for training the ViT under ZeRO-3 with reentrant checkpointing: each checkpointed
+block's gradient is then delivered by a separate inner backward, and ZeRO-3 keeps only the last delivery of
+a parameter used twice in one step, so the image call's ViT gradients would be silently overwritten by the
+video call's (tests/test_scale_out.py trains ViT LoRA on a rank with video only beside a text-only rank).
 """
 
 from __future__ import annotations
 
 import torch
 
-MODALITIES = ("pixel_values", "pixel_values_videos")
+MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
 
 
 def dummy_vision_input(vision_config, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,40 +35,48 @@ def dummy_vision_input(vision_config, device, dtype) -> tuple[torch.Tensor, torc
     return pixels, torch.tensor([[1, merge, merge]], device=device)
 
 
-def missing_modality_calls(visual, vision_config, inputs: dict) -> torch.Tensor | None:
-    """Run the tower once per modality absent from `inputs`; returns 0 * (sum of outputs), or None if none."""
-    missing = [key for key in MODALITIES if inputs.get(key) is None]
-    if not missing:
-        return None
+def encode_media_once(visual, vision_config, inputs: dict) -> tuple[dict, torch.Tensor | None]:
+    """Features of all images and videos in `inputs` from one tower call, as transformers' `mm_encoder_outputs`
+    ({"image"/"video": output whose pooler_output is a tuple of per-item features}). Without media: ({}, 0 x
+    the dummy call's output sum)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     weight = next(visual.parameters())
-    pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
-    total = torch.zeros((), device=pixels.device)
-    for _ in missing:
+    present = [(name, inputs[pixels], inputs[grid]) for name, pixels, grid in MEDIA if inputs.get(pixels) is not None]
+    if not present:
+        pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
         out = visual(pixels, grid_thw=grid)
-        merged = out.pooler_output if hasattr(out, "pooler_output") else out
-        total = total + merged.float().sum() * 0.0
-    return total
+        return {}, out.pooler_output.float().sum() * 0.0
+    pixels = torch.cat([p.type(weight.dtype) for _, p, _ in present])
+    grid = torch.cat([g for _, _, g in present])
+    merged = visual(pixels, grid_thw=grid).pooler_output
+    outputs, start = {}, 0
+    for name, _, item_grid in present:
+        sizes = (item_grid.prod(-1) // vision_config.spatial_merge_size**2).tolist()
+        outputs[name] = BaseModelOutputWithPooling(pooler_output=torch.split(merged[start : start + sum(sizes)], sizes))
+        start += sum(sizes)
+    return outputs, None
 
 
-class EqualVisionCalls:
-    """A pre-forward hook on the inner Qwen-VL model (`model.model`), active while training. It embeds the tokens
-    itself, then runs the dummy tower calls, and hands the model `inputs_embeds` + 0 * their output (input_ids
-    stay: they locate the media placeholders). The model's forward embeds before its own tower calls, so every
-    rank runs: embeddings, vision x 2, language model. Install it after DeepSpeed has wrapped the model: ZeRO-3
-    records each step's module order from its own hooks and checks that all ranks recorded the same."""
+class OneVisionCall:
+    """The pre-forward hook described above, active while training. Install it after DeepSpeed has wrapped the
+    model: ZeRO-3 records each step's module order from its own hooks and checks all ranks recorded the same."""
 
     def __init__(self, inner_model):
         self.visual, self.vision_config = inner_model.visual, inner_model.config.vision_config
         self.handle = inner_model.register_forward_pre_hook(self._before, with_kwargs=True)
 
     def _before(self, module, args, kwargs):
-        if not module.training or kwargs.get("inputs_embeds") is not None or kwargs.get("input_ids") is None:
+        if (not module.training or kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None
+                or kwargs.get("mm_encoder_outputs") is not None):  # fmt: skip
             return None
-        embeds = module.get_input_embeddings()(kwargs["input_ids"])
-        padding = missing_modality_calls(self.visual, self.vision_config, kwargs)
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])  # the model's own order: embeddings first
+        features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
-        return args, {**kwargs, "inputs_embeds": embeds}
+        # input_ids stay: they locate the media placeholders; the grids stay: they give the M-RoPE positions.
+        return args, {**kwargs, "inputs_embeds": embeds, "pixel_values": None, "pixel_values_videos": None,
+                      "mm_encoder_outputs": features}  # fmt: skip
 
     def remove(self) -> None:
         self.handle.remove()

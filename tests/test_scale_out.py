@@ -68,24 +68,40 @@ def recipe(run_dir, data, processes, *extra):
         "trainer.save_steps=2", "evaluation.after_training=false", "export.after_training=false", *extra]  # fmt: skip
 
 
+VISION_TRAINING = ("peft.lora_vision_tower=true", "model.freeze_merger=false", "trainer.vision_tower_lr=1e-3",
+                   "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, data):
-    run_dir = tmp_path_factory.mktemp("single")
-    launch_sh(recipe(run_dir, data, 1))
-    return losses(run_dir)
+    """The 1-process losses of a recipe variant, run once per module."""
+    runs = {}
+
+    def losses_for(*extra):
+        if extra not in runs:
+            run_dir = tmp_path_factory.mktemp("single")
+            launch_sh(recipe(run_dir, data, 1, *extra))
+            runs[extra] = losses(run_dir)
+        return runs[extra]
+
+    return losses_for
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero3", "zero3_vision_training"])
 def test_two_processes_match_the_single_process_losses(tmp_path, data, single_process, backend):
-    """Same global batch (2 rows), split over 2 ranks: the same losses. ZeRO-3 runs here with LoRA, a frozen
-    vision tower and activation checkpointing (reentrant, see finetune/trainable.py)."""
-    extra = ["deepspeed=zero3", "trainer.gradient_checkpointing=true"] if backend == "zero3" else []
-    _, out, err = launch_sh(recipe(tmp_path, data, 2, *extra))
-    assert "--num_processes 2" in out and ("--use_deepspeed" in out) == (backend == "zero3")
-    if backend == "zero3":
+    """Same global batch (2 rows), split over 2 ranks: the same losses. ZeRO-3 runs with LoRA and activation
+    checkpointing (reentrant there, see finetune/trainable.py): on the LLM only with a frozen vision tower, or
+    also on the ViT with ViT LoRA and a fully trained merger at their own learning rates."""
+    extra = {"ddp": (), "zero3": ("trainer.gradient_checkpointing=true",),
+             "zero3_vision_training": ("trainer.gradient_checkpointing=true", *VISION_TRAINING)}[backend]  # fmt: skip
+    backend_options = ["deepspeed=zero3"] if backend.startswith("zero3") else []
+    _, out, err = launch_sh(recipe(tmp_path, data, 2, *backend_options, *extra))
+    assert "--num_processes 2" in out and ("--use_deepspeed" in out) == backend.startswith("zero3")
+    if backend.startswith("zero3"):
         assert "activation checkpointing (reentrant) on the LLM" in err and "deepspeed.zero.Init" in err
-    assert len(single_process) == STEPS
-    assert losses(tmp_path) == pytest.approx(single_process, abs=1e-4)
+    expected = single_process(*extra)
+    assert len(expected) == STEPS
+    assert losses(tmp_path) == pytest.approx(expected, abs=1e-4)
 
 
 def _free_port():
