@@ -212,7 +212,13 @@ def build_trainer(config: Config, overrides: list[str]):
     from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
     from finetune.modeling import load_model, load_processor
-    from finetune.trainable import count_parameters, enable_activation_checkpointing, make_trainable, trained_parts
+    from finetune.trainable import (
+        count_parameters,
+        enable_activation_checkpointing,
+        make_trainable,
+        part_learning_rates,
+        trained_parts,
+    )
 
     run_dir = Path(config.trainer.output_dir)
     precision = resolve_precision(config.trainer.precision, uses_gpu(config))
@@ -245,9 +251,11 @@ def build_trainer(config: Config, overrides: list[str]):
         logger.info("activation checkpointing (%s) on the LLM%s", "reentrant" if reentrant else "non-reentrant",
                     " and the vision tower" if config.trainer.gradient_checkpointing_vision_tower else "")  # fmt: skip
     trainable, total = count_parameters(model)
-    logger.info("precision %s | trainable parameters %s / %s (%.2f%%) | by part %s | learning rates %s", precision,
-                f"{trainable:,}", f"{total:,}", 100 * trainable / total, trained_parts(model),
-                part_learning_rates_text(config))  # fmt: skip
+    by_part = {part: count for part, count in trained_parts(model).items() if count}
+    rates = part_learning_rates(config)
+    logger.info("precision %s | trainable parameters %s / %s (%.2f%%): %s", precision, f"{trainable:,}",
+                f"{total:,}", 100 * trainable / total,
+                ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()))  # fmt: skip
 
     packed = packed_loader_factory(config, encoder, samples, split.counts, model) if config.trainer.packing else None
     trainer = make_trainer_class()(
@@ -260,12 +268,6 @@ def build_trainer(config: Config, overrides: list[str]):
         recipe=config,
     )
     return trainer, processor, len(samples), precision
-
-
-def part_learning_rates_text(config: Config) -> str:
-    from finetune.trainable import part_learning_rates
-
-    return ", ".join(f"{part} {lr:g}" for part, lr in part_learning_rates(config).items())
 
 
 def train(config: Config, overrides: list[str]) -> Path:
