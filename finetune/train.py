@@ -73,6 +73,9 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         # truncate. Lengths are checked by the encoder, which refuses (never cuts) a sample over data.max_length.
         remove_unused_columns=False,
         average_tokens_across_devices=True,  # loss = sum over all ranks' trained tokens / their global count
+        # Every trainable parameter takes part in every step (finetune/vision_sync.py runs the vision tower on every
+        # rank), so DDP need not search the graph for unused ones each step (HF turns the search on for PEFT).
+        ddp_find_unused_parameters=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         disable_tqdm=False,
@@ -202,6 +205,22 @@ def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> None:
+    """A DeepSpeed checkpoint resumes only under DeepSpeed with the same number of ranks (its optimizer state is
+    sharded per rank); say so at start-up instead of failing inside DeepSpeed's loader."""
+    shards = list(Path(checkpoint).glob("global_step*/*_optim_states.pt"))
+    if shards and not config.deepspeed.config_file:
+        raise ConfigError(f"{checkpoint} was written under DeepSpeed: resume it with the same deepspeed recipe.")
+    if not shards and config.deepspeed.config_file:
+        raise ConfigError(f"{checkpoint} was written without DeepSpeed: resume it with deepspeed=none, or start a "
+                          "new run.")  # fmt: skip
+    if shards and len(shards) != world_size:
+        raise ConfigError(
+            f"{checkpoint} holds optimizer shards of {len(shards)} DeepSpeed ranks but this run has {world_size}: "
+            f"resume with {len(shards)} processes in all (accelerate.processes_per_node x NNODES), or start a new run."
+        )
+
+
 def build_trainer(config: Config, overrides: list[str]):
     """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
     import datasets
@@ -275,6 +294,10 @@ def train(config: Config, overrides: list[str]) -> Path:
 
     run_dir = Path(config.trainer.output_dir)
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
+    if checkpoint:
+        from accelerate import PartialState
+
+        check_checkpoint_fits(checkpoint, config, PartialState().num_processes)
     trainer, processor, num_samples, precision = build_trainer(config, overrides)
     if trainer.is_world_process_zero():
         write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": num_samples,

@@ -3,8 +3,8 @@
 
 import pytest
 
-from finetune.config import ConfigError
-from finetune.train import resolve_checkpoint
+from finetune.config import ConfigError, load_config
+from finetune.train import check_checkpoint_fits, resolve_checkpoint
 
 
 def _checkpoint(run_dir, step, complete=True):
@@ -33,3 +33,18 @@ def test_starting_over_a_run_with_checkpoints_says_so(tmp_path, caplog):
     _checkpoint(tmp_path, 10)
     assert resolve_checkpoint(None, tmp_path) is None
     assert "starts again from step 0" in caplog.text and "resume_from_checkpoint=latest" in caplog.text
+
+
+def test_a_zero_checkpoint_resumes_only_with_deepspeed_and_as_many_ranks(tmp_path):
+    checkpoint = _checkpoint(tmp_path, 4)
+    (checkpoint / "global_step4").mkdir()
+    for rank in range(2):
+        (checkpoint / "global_step4" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    zero3, plain = load_config(["deepspeed=zero3"]), load_config([])
+    check_checkpoint_fits(str(checkpoint), zero3, world_size=2)
+    with pytest.raises(ConfigError, match="shards of 2 DeepSpeed ranks but this run has 4"):
+        check_checkpoint_fits(str(checkpoint), zero3, world_size=4)
+    with pytest.raises(ConfigError, match="same deepspeed recipe"):
+        check_checkpoint_fits(str(checkpoint), plain, world_size=2)
+    with pytest.raises(ConfigError, match="without DeepSpeed"):
+        check_checkpoint_fits(str(_checkpoint(tmp_path, 8)), zero3, world_size=2)
