@@ -243,10 +243,16 @@ def build_trainer(config: Config, overrides: list[str]):
     precision = resolve_precision(config.trainer.precision, uses_gpu(config))
     processor = load_processor(config.model)
     encoder = ConversationEncoder.from_recipe(processor, config)
+    # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)
+    # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
+    # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
+    # take turns below, and under ZeRO-3 make from_pretrained load each weight partitioned (deepspeed.zero.Init).
+    PartialState()
+    args = build_sft_config(config, precision, run_dir)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
     # a bad or over-long sample stops the run here, naming it, not hours in. The main process counts first;
     # the other ranks then read its cache.
-    with PartialState().main_process_first():
+    with args.main_process_first(desc="token pre-pass"):
         split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
     require_clean(split, "training", config.data.skip_invalid, logger)
     if not split.samples:
@@ -256,9 +262,6 @@ def build_trainer(config: Config, overrides: list[str]):
                 f"{sum(c.total for c in split.counts):,}", *(f"{sum(getattr(c, k) for c in split.counts):,}"
                 for k in ("text", "image", "video")))  # fmt: skip
 
-    # The training arguments come first: under ZeRO-3 they make from_pretrained load each weight already
-    # partitioned (deepspeed.zero.Init), so no rank ever holds the whole model.
-    args = build_sft_config(config, precision, run_dir)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
@@ -294,10 +297,8 @@ def train(config: Config, overrides: list[str]) -> Path:
 
     run_dir = Path(config.trainer.output_dir)
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
-    if checkpoint:
-        from accelerate import PartialState
-
-        check_checkpoint_fits(checkpoint, config, PartialState().num_processes)
+    if checkpoint:  # WORLD_SIZE: set by `accelerate launch` for every rank, before any process group exists
+        check_checkpoint_fits(checkpoint, config, int(os.environ.get("WORLD_SIZE", "1")))
     trainer, processor, num_samples, precision = build_trainer(config, overrides)
     if trainer.is_world_process_zero():
         write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": num_samples,
