@@ -72,3 +72,29 @@ def report_base_path(run_dir):
     config = (run_dir / "config.yaml").read_text()
     name = next(line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("name_or_path:"))
     return resolve_model_path(name)
+
+
+def test_export_keeps_what_the_vision_side_learned(tmp_path):
+    """ViT LoRA and a fully trained merger (PEFT modules_to_save) end up in the merged weights; the frozen
+    patch embed and the base LLM weights outside LoRA's reach stay the base model's."""
+    from safetensors.torch import load_file
+
+    train_file = mini_dataset(tmp_path / "train.json")
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=3) + [
+        "peft.lora_vision_tower=true", "model.freeze_merger=false", "trainer.merger_lr=1e-2"]  # fmt: skip
+    run_module("finetune.train", overrides)
+    run_module("finetune.export", overrides)
+    report = json.loads((run_dir / "merged" / "export_report.json").read_text())
+    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+
+    merged = load_file(str(run_dir / "merged" / "model.safetensors"))
+    base = load_file(f"{report_base_path(run_dir)}/model.safetensors")
+    assert merged.keys() == base.keys()
+    from finetune.trainable import model_part
+
+    moved = {k for k in base if not torch.equal(merged[k], base[k])}
+    merger = {k for k in base if model_part(k) == "merger"}
+    assert merger and merger <= moved  # every merger weight trained and exported
+    assert any(model_part(k) == "vision_tower" and k.endswith("qkv.weight") for k in moved)  # ViT LoRA merged in
+    assert not any("patch_embed" in k or "norm" in k or "embed_tokens" in k for k in moved - merger)
