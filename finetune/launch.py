@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(overrides)  # fail here, before any process starts
         precision = resolve_precision(config.trainer.precision, uses_gpu(config))
         args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
+        # A resume that cannot work fails here, once, rather than in every started process.
+        from finetune.train import check_checkpoint_fits, resolve_checkpoint
+
+        if config.trainer.resume_from_checkpoint:
+            checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, Path(config.trainer.output_dir))
+            check_checkpoint_fits(checkpoint, config, int(args[args.index("--num_processes") + 1]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

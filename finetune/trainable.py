@@ -149,24 +149,22 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
-def zero_stage(config: Config) -> int:
-    """The ZeRO stage of the recipe's DeepSpeed config (0 without DeepSpeed)."""
+def _deepspeed_json(config: Config) -> dict:
     if not config.deepspeed.config_file:
-        return 0
+        return {}
     from finetune.config import repo_path
 
-    ds = json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+    return json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
+
+
+def zero_stage(config: Config) -> int:
+    """The ZeRO stage of the recipe's DeepSpeed config (0 without DeepSpeed)."""
+    return int(_deepspeed_json(config).get("zero_optimization", {}).get("stage", 0))
 
 
 def offloads_optimizer(config: Config) -> bool:
-    if not config.deepspeed.config_file:
-        return False
-    from finetune.config import repo_path
-
-    ds = json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
-    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device not in (None, "none")
+    offload = _deepspeed_json(config).get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") not in (None, "none")
 
 
 def enable_activation_checkpointing(model, config: Config) -> bool:
