@@ -188,21 +188,21 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
     """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
+    if value is not None and value != "latest":
+        if not (Path(value) / "trainer_state.json").is_file():
+            raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json).")
+        return value
+    found = _checkpoints(run_dir)
+    newest = found[-1][1] if found else None
     if value is None:
-        if _checkpoints(run_dir):
+        if newest:
             logger.warning("%s already holds %s from an earlier run; this run starts again from step 0 (add "
-                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir,
-                           _checkpoints(run_dir)[-1][1].name)  # fmt: skip
+                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir, newest.name)  # fmt: skip
         return None
-    if value == "latest":
-        if not _checkpoints(run_dir):
-            raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
-                              "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
-        return str(_checkpoints(run_dir)[-1][1])
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json).")
-    return str(path)
+    if newest is None:
+        raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
+                          "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
+    return str(newest)
 
 
 def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> None:

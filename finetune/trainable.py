@@ -11,7 +11,6 @@ into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import torch
 
 from finetune.config import Config, ConfigError
 
-logger = logging.getLogger(__name__)
 PARTS = ("llm", "vision_tower", "merger")
 
 
@@ -82,7 +80,7 @@ def fully_trained_modules(model, config: Config) -> list[str]:
         names.append(f"{prefix}.merger")
     if not config.model.freeze_vision_tower:  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
         for child_name, child in visual.named_children():
-            if child_name == "merger" or not any(True for _ in child.parameters()):
+            if child_name == "merger" or next(child.parameters(), None) is None:
                 continue
             if isinstance(child, torch.nn.ModuleList):
                 names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
