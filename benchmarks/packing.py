@@ -1,5 +1,7 @@
 """Packing vs padded batching on a mixed image/video/text dataset with a realistic length spread, side by
-side in one run, on the same samples (already encoded, so only training compute is timed).
+side in one run, on the same samples (already encoded, so only training compute is timed). Both modes are
+what training builds (finetune/batching.py): padded = one sample per row padded to the longest of its batch,
+packed = rows of whole samples.
 
     .venv/bin/python benchmarks/packing.py [--samples 256] [--family qwen2_5_vl] [--batch 8] [--row-tokens 4096]
 
@@ -23,11 +25,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from finetune.collator import pad_batch  # noqa: E402
+from finetune.batching import training_batch  # noqa: E402
 from finetune.data.conversation import Sample  # noqa: E402
 from finetune.data.encode import ConversationEncoder  # noqa: E402
 from finetune.data.vision import VisionSettings  # noqa: E402
-from finetune.packing import pack_batch, pack_rows  # noqa: E402
+from finetune.packing import pack_rows  # noqa: E402
+from finetune.rope import PositionRule  # noqa: E402
 
 WORDS = "the a dot moves left right up down red green blue small large frame scene person walks runs".split()
 SETTINGS = VisionSettings(4 * 784, 256 * 784, 2.0, 4, 16, 32 * 784, 64 * 784, 1024 * 784)
@@ -72,7 +75,7 @@ def train_pass(model, batches: list[dict]) -> tuple[float, int, int]:
         optimizer.zero_grad()
     seconds = time.perf_counter() - start
     computed = sum(b["input_ids"].numel() for b in batches)
-    real = sum(int(b["num_real_tokens"]) if "num_real_tokens" in b else int(b["attention_mask"].sum()) for b in batches)
+    real = sum(int(b["num_real_tokens"]) for b in batches)
     return seconds, real, computed
 
 
@@ -113,13 +116,14 @@ def main() -> None:
     setattr(vision, "out_hidden_size" if args.family == "qwen2_5_vl" else "hidden_size", args.hidden)
     model = AutoModelForImageTextToText.from_config(config)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj$"))
-    tps = model.config.vision_config.tokens_per_second if args.family == "qwen2_5_vl" else None
+    rule = PositionRule.for_model(model.config, "qwen")
 
     order = list(range(len(encoded)))
     random.Random(1).shuffle(order)
-    padded = [pad_batch([encoded[i] for i in order[s : s + args.batch]], pad_id) for s in range(0, len(order), args.batch)]
+    padded = [training_batch([[encoded[i]] for i in order[s : s + args.batch]], pad_id, rule)
+              for s in range(0, len(order), args.batch)]  # fmt: skip
     rows = pack_rows(lengths, args.row_tokens, seed=1)
-    packed = [pack_batch([[encoded[i] for i in row]], pad_id, 2, tps) for row in rows]
+    packed = [training_batch([[encoded[i] for i in row]], pad_id, rule) for row in rows]
     trained = sum(sum(label != -100 for label in e.labels[1:]) for e in encoded)
 
     print(f"{len(encoded)} samples ({args.family}, LLM hidden {args.hidden} x {args.layers} layers, LoRA r=8, CPU fp32, "

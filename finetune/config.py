@@ -36,6 +36,10 @@ class ModelConfig:
     family: str = MISSING  # qwen2_vl | qwen2_5_vl; checked against the checkpoint's model_type
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # only when a recipe really needs the checkpoint's own code
+    # Where text resumes after an image or video in the M-RoPE positions (finetune/rope.py, README "Positions"):
+    # qwen = (largest position so far) + 1, as Qwen pre-trained these models and vLLM/SGLang serve them;
+    # transformers = the rule of the installed transformers (5.3+), for models served with its `generate`.
+    rope_rule: str = "qwen"
     # Images: pixels per image after smart_resize (factor 28 = patch 14 x merge 2).
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
@@ -58,6 +62,7 @@ class ModelConfig:
     def check(self) -> None:
         _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
         _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        _choice("model.rope_rule", self.rope_rule, ("qwen", "transformers"))
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError(
                 f"model.min_pixels ({self.min_pixels}) must be positive and <= model.max_pixels ({self.max_pixels})."

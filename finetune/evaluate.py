@@ -64,17 +64,22 @@ def load_trained_model(config: Config, model_dir: str | None = None):
 
 @torch.no_grad()
 def generate_answers(model, encoder, prompts: list[Sample], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers. `model` was loaded by `finetune.modeling.load_model`, so `generate` computes the prefill
+    positions with the recipe's rope rule (the same function as training) and decodes from max + 1."""
     from tqdm import tqdm
 
-    from finetune.collator import pad_batch
+    from finetune.batching import inference_batch
+    from finetune.rope import model_position_rule
 
     device = model.device
     pad_id = encoder.tokenizer.pad_token_id
+    rule = model_position_rule(model)
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="evaluate", unit="batch"):
         encoded = [encoder.encode(p, generation_prompt=True) for p in prompts[start : start + batch_size]]
-        batch = pad_batch(encoded, pad_id, padding_side="left")  # left: generation continues every row
-        batch.pop("labels")
+        batch = inference_batch(encoded, pad_id, rule, padding_side="left")  # left: generation continues every row
+        for key in ("labels", "position_ids"):  # generate derives the positions itself, through the installed rule
+            batch.pop(key)
         batch = {k: v.to(device) for k, v in batch.items()}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         new_tokens = output[:, batch["input_ids"].shape[1] :]

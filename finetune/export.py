@@ -47,17 +47,17 @@ save_file({"logits": logits.contiguous()}, out_file)
 """
 
 
-def reference_batch(config: Config, encoder, max_samples: int = 4) -> dict:
-    """A small real batch with images and videos when the data has both (the export must handle both)."""
-    from finetune.collator import pad_batch
-
+def reference_batch(config: Config, encoder, rule, max_samples: int = 4) -> dict:
+    """A small real batch with images and videos when the data has both (the export must handle both), with the
+    recipe's position ids: plain transformers is given the positions training used."""
+    from finetune.batching import inference_batch
     from finetune.data.sources import parse_sources, read_source
 
     source = parse_sources(config.data.eval or config.data.train, config.data.media_root, resolve_data_file)[0]
     samples = read_source(source)[0][:64]
     with_video = [s for s in samples if s.media("video")][: max_samples // 2]
     chosen = with_video + [s for s in samples if s not in with_video][: max_samples - len(with_video)]
-    batch = pad_batch([encoder.encode(s) for s in chosen], encoder.tokenizer.pad_token_id)
+    batch = inference_batch([encoder.encode(s) for s in chosen], encoder.tokenizer.pad_token_id, rule)
     batch.pop("labels")
     return batch
 
@@ -95,7 +95,15 @@ def export(config: Config) -> Path:
     from peft import PeftModel
 
     from finetune.data.encode import ConversationEncoder
-    from finetune.modeling import DTYPES, inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
+    from finetune.modeling import (
+        DTYPES,
+        inference_device_map,
+        load_model,
+        load_processor,
+        position_rule,
+        resolve_precision,
+        uses_gpu,
+    )
 
     run_dir = Path(config.trainer.output_dir)
     adapter_dir, out_dir = run_dir / "adapter", Path(config.export.output_dir)
@@ -106,7 +114,7 @@ def export(config: Config) -> Path:
     base = load_model(config.model, precision, device_map=inference_device_map(config))
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
-    batch = reference_batch(config, encoder)
+    batch = reference_batch(config, encoder, position_rule(base, config.model))
     with torch.no_grad():
         adapter_logits = model(**{k: _to(v, model.device) for k, v in batch.items()}).logits.float().cpu()
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from finetune.config import ConfigError, ModelConfig
+from finetune.rope import PositionRule, install_position_rule
 from finetune.tiny import resolve_model_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,7 +41,8 @@ def load_processor(model_cfg: ModelConfig, path: str | None = None):
 
 def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None):
     """The base model in the training dtype; its model_type must match the recipe's family. Weights are read
-    from safetensors only (never unpickled)."""
+    from safetensors only (never unpickled). Wherever the model computes positions itself (`generate`, a
+    forward without position ids) it uses the recipe's `model.rope_rule` (finetune/rope.py)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = path or resolve_model_path(model_cfg.name_or_path)
@@ -51,7 +52,7 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
             f"{model_cfg.name_or_path} is a {config.model_type!r} checkpoint but the recipe says "
             f"model.family={model_cfg.family}; set model.family={config.model_type} (or pick the matching model recipe)."
         )
-    return AutoModelForImageTextToText.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[precision],
         attn_implementation=model_cfg.attn_implementation,
@@ -59,6 +60,13 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
         use_safetensors=True,
         device_map=device_map,
     )
+    install_position_rule(model, position_rule(model, model_cfg))
+    return model
+
+
+def position_rule(model, model_cfg: ModelConfig) -> PositionRule:
+    """The recipe's M-RoPE rule with the model's vision geometry."""
+    return PositionRule.for_model(model.config, model_cfg.rope_rule)
 
 
 def inference_device_map(config):

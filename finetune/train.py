@@ -24,6 +24,11 @@ from finetune.modeling import resolve_precision, uses_gpu
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.train")
+RULE_NOTES = {
+    "qwen": "text after an image or video resumes at the largest position + 1, as Qwen pre-trained and vLLM/SGLang serve",
+    "transformers": "the installed transformers' rule: text after a video resumes at start + max(h, w)/merge, "
+                    "which vLLM/SGLang do not use; for models served with transformers' own generate",
+}  # fmt: skip
 
 
 def configure_logger_backend(config: Config, run_dir: Path) -> list[str]:
@@ -86,25 +91,23 @@ def make_trainer_class():
     from trl import SFTTrainer
 
     class VisionLanguageSFTTrainer(SFTTrainer):
-        """SFTTrainer with our packed data loader, per-part learning rates, one vision-tower call per forward on every
-        rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
+        """SFTTrainer with our data loader (finetune/batching.py), per-part learning rates, one vision-tower call per
+        forward on every rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
 
-        def __init__(self, *args, packed_loader=None, recipe: Config, **kwargs):
+        def __init__(self, *args, train_loader, recipe: Config, **kwargs):
             self._recipe = recipe
             super().__init__(*args, **kwargs)
             # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
             # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
             # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
             self.model_accepts_loss_kwargs = True
-            self._packed_loader = packed_loader  # a callable building the packed DataLoader, or None
+            self._train_loader = train_loader  # a callable of the world size building the training DataLoader
             self._one_vision_call = None
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)
 
         def get_train_dataloader(self):
-            if self._packed_loader is None:
-                return super().get_train_dataloader()
-            return self.accelerator.prepare(self._packed_loader(self.accelerator.num_processes))
+            return self.accelerator.prepare(self._train_loader(self.accelerator.num_processes))
 
         def create_optimizer(self, model=None):
             """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
@@ -136,15 +139,14 @@ def make_trainer_class():
 
                 self._one_vision_call = OneVisionCall(base_model(self.model).model)
 
-            packed = "num_real_tokens" in inputs
-            real = inputs.pop("num_real_tokens") if packed else inputs["attention_mask"].sum()
+            real = inputs.pop("num_real_tokens")
             self._tokens["real"] += int(real)
             self._tokens["trained"] += int((inputs["labels"] != -100).sum())
             counted = self._total_train_tokens
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if packed:  # TRL counts a packed batch by its number of rows (position_ids.size(1)); count tokens
-                real = torch.as_tensor(real, device=self.accelerator.device)
-                self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            # TRL counts a batch without attention_mask by its number of rows (position_ids.size(1)); count tokens
+            real = torch.as_tensor(real, device=self.accelerator.device)
+            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
             return loss
 
         def log(self, logs, start_time=None):
@@ -160,24 +162,23 @@ def make_trainer_class():
     return VisionLanguageSFTTrainer
 
 
-def packed_loader_factory(config: Config, encoder, samples, counts, model):
-    """A function of the world size returning the packed DataLoader (rows from the pre-pass counts)."""
-    from torch.utils.data import DataLoader
-
-    from finetune.packing import PackedBatchSampler, PackedCollator, RowIndex
+def loader_factory(config: Config, encoder, samples, counts, rule):
+    """A function of the world size returning the training DataLoader: packed rows, or one sample per row."""
+    from finetune.batching import RowCollator, training_loader
+    from finetune.packing import training_rows
 
     budget = config.trainer.max_tokens_per_row or config.data.max_length
-    collator = PackedCollator(encoder, samples, model.config)
+    rows = training_rows([c.total for c in counts], config.trainer.packing, budget, config.trainer.seed)
+    if config.trainer.packing:
+        logger.info("packing %d samples into %d rows of <= %d tokens (%.1f%% filled)", len(samples), len(rows),
+                    budget, 100 * sum(c.total for c in counts) / (len(rows) * budget))  # fmt: skip
+    collator = RowCollator(encoder, samples, rule)
 
-    def build(world_size: int) -> DataLoader:
-        sampler = PackedBatchSampler([c.total for c in counts], budget, config.trainer.per_device_train_batch_size,
-                                     config.trainer.seed, world_size)  # fmt: skip
-        logger.info("packing %d samples into %d rows of <= %d tokens (%.1f%% filled)", len(samples), len(sampler.rows),
-                    budget, 100 * sum(c.total for c in counts) / (len(sampler.rows) * budget))  # fmt: skip
-        return DataLoader(RowIndex(), batch_sampler=sampler, collate_fn=collator,
-                          num_workers=config.trainer.dataloader_num_workers)  # fmt: skip
+    def build(world_size: int):
+        return training_loader(rows, collator, config.trainer.per_device_train_batch_size, config.trainer.seed,
+                               world_size, config.trainer.dataloader_num_workers)  # fmt: skip
 
-    return build
+    return build, collator
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -227,10 +228,9 @@ def build_trainer(config: Config, overrides: list[str]):
     from accelerate import PartialState
     from transformers import set_seed
 
-    from finetune.collator import Collator
     from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
-    from finetune.modeling import load_model, load_processor
+    from finetune.modeling import load_model, load_processor, position_rule
     from finetune.trainable import (
         count_parameters,
         enable_activation_checkpointing,
@@ -279,14 +279,16 @@ def build_trainer(config: Config, overrides: list[str]):
                 f"{total:,}", 100 * trainable / total,
                 ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()))  # fmt: skip
 
-    packed = packed_loader_factory(config, encoder, samples, split.counts, model) if config.trainer.packing else None
+    rule = position_rule(model, config.model)
+    logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
+    build_loader, collator = loader_factory(config, encoder, samples, split.counts, rule)
     trainer = make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),
-        data_collator=Collator(encoder, samples),
+        train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),  # TRL wants one; unused
+        data_collator=collator,
         processing_class=processor,
-        packed_loader=packed,
+        train_loader=build_loader,
         recipe=config,
     )
     return trainer, processor, len(samples), precision

@@ -1,7 +1,7 @@
 """`finetune.train` with test-only fault injection, launched by `accelerate launch` like the real thing.
 
     HARNESS_KILL_AT_STEP=N      every rank SIGKILLs itself right after checkpoint-N is complete on disk
-    HARNESS_SPLIT_MODALITIES=1  packed batches go to ranks by modality: rank 0 gets only text-only rows,
+    HARNESS_SPLIT_MODALITIES=1  batches of one-sample rows go to ranks by modality: rank 0 gets only text-only rows,
                                 rank 1 only rows of video samples (the case that hangs ZeRO-3 without
                                 finetune/vision_sync.py)
 """
@@ -43,7 +43,7 @@ def split_modalities(overrides: list[str]) -> None:
             yield [(text[k % len(text)],)]
             yield [(video[k % len(video)],)]
 
-    finetune.packing.PackedBatchSampler.__iter__ = by_modality
+    finetune.packing.RowBatchSampler.__iter__ = by_modality
 
 
 if __name__ == "__main__":

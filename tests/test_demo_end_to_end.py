@@ -1,6 +1,7 @@
 """The demo as a user runs it (`./launch.sh` execs `python -m finetune.launch`): train -> evaluate -> export,
 for both model families; the held-out accuracy must clear 80 % where chance is 25 %, and the merged model,
-loaded by plain transformers, must answer held-out video questions."""
+loaded by plain transformers with the trained position rule installed (README, Positions), must answer
+held-out video questions exactly as our evaluation did."""
 
 import json
 
@@ -13,10 +14,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def ask_about_videos(model_dir, records):
+    """transformers' own processor and generate; the only project code is the README's one line that makes
+    generate use the trained M-RoPE rule (transformers >= 5.3 has another one; vLLM and SGLang need nothing)."""
     from transformers.video_utils import VideoMetadata
+
+    from finetune.rope import PositionRule, install_position_rule
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    install_position_rule(model, PositionRule.for_model(model.config, "qwen"))
     answers = []
     for record in records:
         frames, fps = decode_all_frames(DEMO / record["videos"][0])
@@ -56,3 +62,5 @@ def test_demo_end_to_end(tmp_path, experiment, logger):
     answers = ask_about_videos(run_dir / "merged", records)
     correct = sum(a == r["messages"][-1]["content"] for a, r in zip(answers, records))
     assert correct >= 6, list(zip(answers, [r["messages"][-1]["content"] for r in records]))
+    predictions = {p["id"]: p["prediction"].strip() for p in map(json.loads, open(run_dir / "eval" / "predictions.jsonl"))}
+    assert answers == [predictions[r["id"]] for r in records]  # served = evaluated: same pixels, positions, tokens

@@ -1,5 +1,6 @@
-"""Packing: whole samples per row, M-RoPE equal to the model's own `get_rope_index` on each sample alone,
-attention isolated between samples, and the packed loss (and gradients) equal to the unpacked baseline."""
+"""Packing: whole samples per row, each sample's M-RoPE equal to an independent reference on that sample alone
+(Qwen's transformers 4.49 `get_rope_index` for rope_rule=qwen, the installed one for rope_rule=transformers),
+attention isolated between samples, and the packed loss (and gradients) equal to the unpadded baseline."""
 
 import random
 
@@ -8,13 +9,15 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
-from finetune.collator import pad_batch
+from finetune.batching import inference_batch, training_batch
 from finetune.data.conversation import DataError
 from finetune.data.encode import ConversationEncoder
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
-from finetune.packing import PackedBatchSampler, pack_batch, pack_rows
+from finetune.packing import RowBatchSampler, pack_rows, training_rows
+from finetune.rope import PositionRule
 from media_factory import write_dataset
+from qwen_reference import reference_get_rope_index, reference_self
 from random_data import build_media_pool, random_record
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -40,7 +43,7 @@ def test_rows_hold_every_sample_once_within_budget_and_fill_well():
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_every_rank_gets_the_same_number_of_full_steps(world_size):
     lengths = [random.Random(i).randint(30, 900) for i in range(997)]
-    sampler = PackedBatchSampler(lengths, 1024, rows_per_batch=2, seed=0, world_size=world_size)
+    sampler = RowBatchSampler(pack_rows(lengths, 1024, seed=0), rows_per_batch=2, seed=0, world_size=world_size)
     batches = list(sampler)
     assert len(batches) == len(sampler) and len(batches) % world_size == 0
     assert all(len(b) == 2 for b in batches)
@@ -51,6 +54,13 @@ def test_every_rank_gets_the_same_number_of_full_steps(world_size):
     assert list(sampler) != batches  # reshuffled every epoch
     sampler.set_epoch(0)
     assert list(sampler) == batches  # deterministic for a seed
+
+
+def test_without_packing_every_row_is_one_sample():
+    rows = training_rows([5, 900, 30], packing=False, budget=64, seed=0)  # no budget: max_length is checked earlier
+    assert rows == [(0,), (1,), (2,)]
+    served = [r for batch in RowBatchSampler(rows, 2, seed=0) for r in batch]
+    assert len(served) == 4 and set(served) == set(rows)  # two full steps; the tail wraps around
 
 
 # ---------------------------------------------------------------- position ids, loss, isolation
@@ -77,28 +87,34 @@ def models(tiny_paths):
     return {f: AutoModelForImageTextToText.from_pretrained(p).eval() for f, p in tiny_paths.items()}
 
 
-def _tokens_per_second(model, family):
-    return model.config.vision_config.tokens_per_second if family == "qwen2_5_vl" else None
+def _rule(model, name="qwen"):
+    return PositionRule.for_model(model.config, name)
 
 
-def _reference_positions(model, sample, pad_id, family):
-    single = pad_batch([sample], pad_id)
-    kwargs = {k: single.get(k) for k in ("image_grid_thw", "video_grid_thw")}
-    if family == "qwen2_5_vl":
-        kwargs["second_per_grid_ts"] = single.get("second_per_grid_ts")
-    positions, _ = model.model.get_rope_index(single["input_ids"], single["mm_token_type_ids"], **kwargs)
+def _reference_positions(model, sample, family, rule_name):
+    """One sample alone through the reference: Qwen's 4.49 method (qwen) or the installed model's (transformers)."""
+    ids = torch.tensor([sample.input_ids])
+    kwargs = {"image_grid_thw": sample.image_grid_thw, "video_grid_thw": sample.video_grid_thw}
+    if family == "qwen2_5_vl" and sample.second_per_grid_ts:
+        kwargs["second_per_grid_ts"] = torch.tensor(sample.second_per_grid_ts, dtype=torch.float32)
+    if rule_name == "qwen":
+        positions, _ = reference_get_rope_index(family)(reference_self(model.config), ids, **kwargs)
+    else:
+        positions, _ = model.model.get_rope_index(ids, torch.tensor([sample.mm_token_type_ids]), **kwargs)
     return positions[:, 0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_positions_equal_get_rope_index_per_sample(processors, models, pool, family):
+@pytest.mark.parametrize("rule_name", ["qwen", "transformers"])
+def test_packed_positions_equal_the_reference_per_sample(processors, models, pool, family, rule_name):
     model, encoded, pad_id = models[family], pool[family], processors[family].tokenizer.pad_token_id
-    references = [_reference_positions(model, e, pad_id, family) for e in encoded]
+    references = [_reference_positions(model, e, family, rule_name) for e in encoded]
+    rule = _rule(model, rule_name)
     rng = random.Random(4)
     kinds = {"image": 0, "video": 0, "mixed": 0, "multi_turn": 0}
     for _ in range(ROWS_PER_FAMILY // 3):
         rows = [rng.sample(range(len(encoded)), rng.randint(1, 6)) for _ in range(3)]
-        batch = pack_batch([[encoded[i] for i in row] for row in rows], pad_id, 2, _tokens_per_second(model, family))
+        batch = training_batch([[encoded[i] for i in row] for row in rows], pad_id, rule)
         for r, row in enumerate(rows):
             offset = 0
             for i in row:
@@ -128,13 +144,14 @@ def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(proces
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family]).train()
     encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
     rows = [encoded[0:4], encoded[4:7], encoded[7:12]]
-    packed_loss, packed_grads = _packed_loss_and_grads(model, pack_batch(rows, pad_id, 2, _tokens_per_second(model, family)))
+    rule = _rule(model)
+    packed_loss, packed_grads = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule))
     model.zero_grad()
     total_tokens = sum(sum(label != -100 for label in s.labels[1:]) for row in rows for s in row)
     reference = 0.0
-    for s in (s for row in rows for s in row):
+    for s in (s for row in rows for s in row):  # each sample alone, with an attention mask and the same rule's ids
         n = sum(label != -100 for label in s.labels[1:])
-        loss = model(**pad_batch([s], pad_id), use_cache=False).loss * n / total_tokens
+        loss = model(**inference_batch([s], pad_id, rule), use_cache=False).loss * n / total_tokens
         loss.backward()
         reference += loss.item()
     assert abs(packed_loss.item() - reference) / reference <= 1e-5
@@ -149,7 +166,7 @@ def test_changing_one_packed_sample_leaves_the_others_untouched(processors, tiny
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn).eval()
     encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
     row = encoded[20:25]
-    batch = pack_batch([row], pad_id, 2, _tokens_per_second(model, family))
+    batch = training_batch([row], pad_id, _rule(model))
     inputs = {k: v for k, v in batch.items() if k not in ("num_real_tokens", "labels")}
     with torch.no_grad():
         before = model(**inputs, use_cache=False).logits

@@ -16,44 +16,61 @@ def base_model_loss(family, train_file):
     from conftest import DEMO
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from finetune.collator import pad_batch
+    from finetune.batching import inference_batch
     from finetune.config import load_config
     from finetune.data.sources import load_samples
     from finetune.data.encode import ConversationEncoder
     from finetune.data.vision import VisionSettings
+    from finetune.rope import PositionRule
     from finetune.tiny import tiny_checkpoint
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
     path = tiny_checkpoint(family)
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), VisionSettings.from_config(config.model))
-    batch = pad_batch([encoder.encode(s) for s in load_samples(train_file, DEMO)], encoder.tokenizer.pad_token_id)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    # Plain transformers given the qwen rule's position ids explicitly (it would compute its own otherwise).
+    rule = PositionRule.for_model(model.config, "qwen")
+    batch = inference_batch([encoder.encode(s) for s in load_samples(train_file, DEMO)], encoder.tokenizer.pad_token_id,
+                            rule, padding_side="right")  # fmt: skip
     with torch.no_grad():
-        return AutoModelForImageTextToText.from_pretrained(path)(**batch).loss.item()
+        return model(**batch).loss.item()
 
-PINNED_LOSSES = {
+PINNED_LOSSES = {  # model.rope_rule=qwen (the default)
+    "qwen2_vl": [7.217561, 6.551856, 6.003342],
+    "qwen2_5_vl": [6.224277, 5.674113, 5.214046],
+}
+# model.rope_rule=transformers: the losses pinned before the qwen rule existed, when positions were the installed
+# transformers' own. The demo videos (grid (4, 4, 4)) are where the two rules part.
+PINNED_LOSSES_TRANSFORMERS_RULE = {
     "qwen2_vl": [7.172182, 6.518811, 5.981348],
     "qwen2_5_vl": [6.257012, 5.700313, 5.237171],
 }
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("packing", [False, True])
-def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, packing):
+@pytest.mark.parametrize("packing, rope_rule", [(False, "qwen"), (True, "qwen"), (False, "transformers")])
+def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, packing, rope_rule):
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
-    overrides = tiny_run_overrides(family, run_dir, train_file)
+    overrides = tiny_run_overrides(family, run_dir, train_file) + [f"model.rope_rule={rope_rule}"]
     if packing:  # all 8 samples (~340 tokens) in one row: the same batch, so the same losses as unpacked
         overrides += ["trainer.packing=true", "trainer.max_tokens_per_row=512", "trainer.per_device_train_batch_size=1"]
     result = run_module("finetune.train", overrides)
     assert ("packing 8 samples into 1 rows" in result.stderr) == packing
+    assert f"M-RoPE positions: model.rope_rule={rope_rule}" in result.stderr
+    if rope_rule == "transformers":
+        history = json.loads((run_dir / "log_history.json").read_text())
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        assert losses == pytest.approx(PINNED_LOSSES_TRANSFORMERS_RULE[family], rel=1e-4)
+        return
 
     history = json.loads((run_dir / "log_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]
     print(family, "losses", losses)
-    assert losses == pytest.approx(PINNED_LOSSES[family], rel=1e-4)
     # Independent of the pin: LoRA starts as a no-op and the batch holds all 8 samples, so the first loss is the
     # base model's own token-mean loss on them (TRL's fused LM head must agree with the model's forward).
     assert losses[0] == pytest.approx(base_model_loss(family, train_file), rel=1e-5)
+    assert losses == pytest.approx(PINNED_LOSSES[family], rel=1e-4)
     assert all(entry["tokens_per_second_per_device"] > 0 for entry in history if "loss" in entry)
 
     # The run directory documents itself.

@@ -107,12 +107,13 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
     video-only or both), and the loss and gradients equal the plain forward's (two calls, or none)."""
     from conftest import DEMO
 
-    from finetune.collator import pad_batch
+    from finetune.batching import training_batch
     from finetune.data.conversation import record_to_sample
     from finetune.data.encode import ConversationEncoder
     from finetune.data.sources import load_samples
     from finetune.data.vision import VisionSettings
     from finetune.modeling import load_model
+    from finetune.rope import model_position_rule
     from finetune.trainable import make_trainable, vision_tower
     from finetune.vision_sync import OneVisionCall
 
@@ -138,7 +139,8 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
 
     for rows, real_calls in [([text], 0), ([image], 1), ([video], 1), ([image, video], 2), ([text, video, image], 2)]:
-        batch = pad_batch(rows, encoder.tokenizer.pad_token_id)
+        batch = training_batch([[r] for r in rows], encoder.tokenizer.pad_token_id, model_position_rule(model))
+        batch.pop("num_real_tokens")
         plain_loss, plain_grads, plain_calls = run(batch)
         hook = OneVisionCall(model.get_base_model().model)
         loss, grads, hooked_calls = run(batch)

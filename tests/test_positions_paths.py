@@ -1,0 +1,154 @@
+"""The position ids that actually reach the model's rotary embedding, captured in every path that runs it:
+unpacked training, packed training and evaluation's `generate` (prefill and decode). For the same sample they
+are the same ids, those of the recipe's rope rule; decoding after a long video continues at max + 1 + k.
+
+The clips are long next to their frame size (20 s, 56 x 56 px: grid (8, 4, 4), 2.5 s per temporal patch), so
+the qwen rule and the installed transformers' rule disagree on them: a test that passed under either rule
+could not tell them apart.
+"""
+
+import json
+
+import pytest
+import torch
+from media_factory import write_image, write_video
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+from recipe_runs import EXPERIMENT
+
+from finetune.config import load_config
+from finetune.data.encode import ConversationEncoder
+from finetune.data.sources import load_samples
+from finetune.evaluate import generate_answers, load_trained_model, split_prompt
+from finetune.rope import PositionRule
+from finetune.train import build_trainer
+
+QUESTIONS = ["Which way does it move?", "What happens first?", "Where does it end?", "What colour is it?"]
+
+
+def long_video_dataset(root):
+    videos = [write_video(root / f"v{i}.mp4", frames=80, fps=4, width=56, height=56, seed=i).name for i in range(3)]
+    image = write_image(root / "i.png", 56, 56, seed=9).name
+    records = [{"id": f"video{i}", "messages": [{"role": "user", "content": f"<video>{QUESTIONS[i]}"},
+                                                {"role": "assistant", "content": f"answer {i}"}],
+                "videos": [v]} for i, v in enumerate(videos)]  # fmt: skip
+    records.append({"id": "image_then_video", "messages": [
+        {"role": "user", "content": f"<image>{QUESTIONS[3]}"}, {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "<video>And now?"}, {"role": "assistant", "content": "left"}],
+        "images": [image], "videos": [videos[0]]})  # fmt: skip
+    path = root / "long.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+class Capture:
+    """Wraps the inner model's forward (input ids, attention mask, the position ids it was given) and the text
+    rotary embedding's forward (the ids it turns into angles), for every call in this process."""
+
+    def __init__(self, monkeypatch, family):
+        module = modeling_qwen2_5_vl if family == "qwen2_5_vl" else modeling_qwen2_vl
+        prefix = "Qwen2_5_VL" if family == "qwen2_5_vl" else "Qwen2VL"
+        self.calls = []
+        model_cls, rotary_cls = getattr(module, f"{prefix}Model"), getattr(module, f"{prefix}RotaryEmbedding")
+        model_forward, rotary_forward = model_cls.forward, rotary_cls.forward
+
+        def inner_forward(model_self, *args, **kwargs):
+            self.calls.append({"input_ids": kwargs.get("input_ids"), "attention_mask": kwargs.get("attention_mask"),
+                               "given": kwargs.get("position_ids")})  # fmt: skip
+            return model_forward(model_self, *args, **kwargs)
+
+        def rotary(rotary_self, x, position_ids):
+            self.calls[-1]["rotary"] = position_ids.detach().clone()
+            return rotary_forward(rotary_self, x, position_ids)
+
+        monkeypatch.setattr(model_cls, "forward", inner_forward)
+        monkeypatch.setattr(rotary_cls, "forward", rotary)
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _overrides(family, tmp_path, data, packing):
+    rows = ["trainer.packing=true", "trainer.max_tokens_per_row=512", "trainer.per_device_train_batch_size=2"] \
+        if packing else ["trainer.per_device_train_batch_size=4"]  # fmt: skip
+    return [f"experiment={EXPERIMENT[family]}", "logger=none", f"trainer.output_dir={tmp_path / str(packing)}",
+            "trainer.max_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1000", f"data.train={data}",
+            "data.max_length=512", "evaluation.after_training=false", "export.after_training=false"] + rows  # fmt: skip
+
+
+def training_positions(calls, encoded) -> dict:
+    """sample id -> the (3, n) ids its tokens got at the rotary embedding, from packed or unpacked rows."""
+    by_tokens = {tuple(e.input_ids): sid for sid, e in encoded.items()}
+    found = {}
+    for call in calls:
+        text_row = call["given"][0]  # the 4-row ids: row 0 restarts at every sample
+        for r in range(call["input_ids"].shape[0]):
+            starts = (text_row[r] == 0).nonzero().flatten().tolist() + [text_row.shape[1]]
+            for a, b in zip(starts[:-1], starts[1:]):
+                sid = by_tokens.get(tuple(call["input_ids"][r, a:b].tolist()))
+                if sid is not None:  # the rest is the row's padding block
+                    found[sid] = call["rotary"][:, r, a:b]
+    return found
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_training_and_evaluation_feed_the_same_positions(tmp_path, monkeypatch, family):
+    data = long_video_dataset(tmp_path / "media")
+    capture = Capture(monkeypatch, family)
+    samples = load_samples(data)
+    positions = {}
+    for packing in (False, True):
+        config = load_config(_overrides(family, tmp_path, data, packing))
+        trainer, processor, *_ = build_trainer(config, [])
+        encoder = ConversationEncoder.from_recipe(processor, config)
+        encoded = {s.id: encoder.encode(s) for s in samples}
+        capture.take()
+        trainer.train()
+        positions[packing] = training_positions(capture.take(), encoded)
+        assert set(positions[packing]) == set(encoded), (packing, set(positions[packing]))
+        rule = trainer.model.get_base_model().model.position_rule
+    trainer.save_model(f"{config.trainer.output_dir}/adapter")  # what evaluation loads
+    processor.save_pretrained(f"{config.trainer.output_dir}/adapter")
+
+    # Every sample got the rule's own ids, unpacked and packed alike ...
+    assert rule == PositionRule.for_model(trainer.model.config, "qwen")
+    for sid, e in encoded.items():
+        expected = rule.sample(e.mm_token_type_ids, e.image_grid_thw.tolist() if e.image_grid_thw is not None else [],
+                               e.video_grid_thw.tolist(), e.second_per_grid_ts)  # fmt: skip
+        assert torch.equal(positions[False][sid], expected) and torch.equal(positions[True][sid], expected), sid
+    # ... and these clips are where the rules part: the installed transformers would have given other ids.
+    other = PositionRule.for_model(trainer.model.config, "transformers")
+    e = encoded["video0"]
+    assert not torch.equal(other.sample(e.mm_token_type_ids, [], e.video_grid_thw.tolist(), e.second_per_grid_ts),
+                           positions[False]["video0"])  # fmt: skip
+
+    # Evaluation: the prompt (the sample without its last reply) gets the training ids of the same tokens, and
+    # each decoded token k sits at max + 1 + k in all three rows.
+    model, processor = load_trained_model(config)  # base model (rule installed at loading) + the adapter
+    model.eval()
+    monkeypatch.setattr(model.generation_config, "eos_token_id", None)  # every row decodes all its tokens
+    prompts = [split_prompt(s)[0] for s in samples]
+    eval_encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+    new_tokens = 3
+    capture.take()
+    generate_answers(model, eval_encoder, prompts, batch_size=4, max_new_tokens=new_tokens)
+    calls = capture.take()
+    prefill, decode = calls[0], calls[1:]
+    assert len(decode) == new_tokens - 1 and all(c["rotary"].shape[-1] == 1 for c in decode)
+    for row, sample in enumerate(samples):
+        real = prefill["attention_mask"][row].bool()
+        prompt_ids = prefill["input_ids"][row, real]
+        n = len(prompt_ids)
+        assert prompt_ids.tolist() == encoded[sample.id].input_ids[:n]  # the prompt is a prefix of the sample
+        got = prefill["rotary"][:, row, real]
+        assert torch.equal(got, positions[False][sample.id][:, :n]), sample.id
+        top = int(got.max())
+        for k, call in enumerate(decode, start=1):
+            assert call["rotary"][:, row, 0].tolist() == [top + k] * 3, (sample.id, k)
+        # The installed transformers' generate would have decoded elsewhere: from its own last prompt position + 1.
+        if sample.id.startswith("video"):
+            e = eval_encoder.encode(prompts[row], generation_prompt=True)
+            theirs = other.sample(e.mm_token_type_ids, [], e.video_grid_thw.tolist(), e.second_per_grid_ts)
+            assert int(theirs[0, -1]) < top, sample.id
