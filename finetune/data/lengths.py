@@ -18,7 +18,7 @@ from finetune.data.conversation import DataError, Sample
 from finetune.data.encode import ConversationEncoder, TokenCount
 from finetune.data.sources import DatasetSource
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: MKV/WebM frame rates from the timestamp span (finetune/data/media.py)
 
 
 def _hash_path(h, path: Path) -> None:

@@ -122,22 +122,33 @@ def _probe_video_file(video: str, size: int, mtime_ns: int) -> VideoInfo:
         total = stream.frames
         width, height = stream.codec_context.width, stream.codec_context.height
         if not total:  # MKV/WebM headers carry no frame count: count packets (demuxing only)
-            total = _count_packets(container, stream)
+            total, span = _count_packets(container, stream)
+            # The rate qwen-vl-utils and transformers read (torchcodec's exact-mode `average_fps`): frames over the
+            # timestamp span. Matroska stores milliseconds, so a 24 fps clip is 24.002 fps there, not the header's 24.
+            fps = total / span if span > 0 else fps
     if total <= 0 or fps <= 0:
         raise ValueError(f"the video has {total} frames at {fps:g} fps")
     return VideoInfo(video, total, fps, width, height)
 
 
-def _count_packets(container, stream) -> int:
+def _count_packets(container, stream) -> tuple[int, float]:
+    """Frames (packets with data) and the seconds from the first timestamp to the end of the last frame."""
     import av
 
-    count = 0
+    count, first, end = 0, None, None
     try:
         for packet in container.demux(stream):
-            count += bool(packet.size)
+            if not packet.size:
+                continue
+            count += 1
+            if packet.pts is not None:
+                stop = packet.pts + (packet.duration or 0)
+                first = packet.pts if first is None else min(first, packet.pts)
+                end = stop if end is None else max(end, stop)
     except av.error.EOFError:  # a header with no frames after it
         pass
-    return count
+    span = float((end - first) * stream.time_base) if first is not None else 0.0
+    return count, span
 
 
 _backend: str | None = os.environ.get("FINETUNE_VIDEO_BACKEND")  # force "pyav" or "torchcodec"

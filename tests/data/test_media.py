@@ -29,6 +29,24 @@ def test_containers_probe_and_seek_exactly(tmp_path, monkeypatch, suffix):
     assert np.array_equal(media._decode_pyav(path, odd, 25.0, seek_gap=5), decode_all_then_pick(path, odd))
 
 
+def test_probe_reads_the_frame_count_and_rate_that_torchcodec_reports(tmp_path):
+    """qwen-vl-utils and transformers read videos with torchcodec (exact mode): its `average_fps` is the frame count
+    over the timestamp span, which for Matroska/WebM (millisecond timestamps) differs from the header's rate. The
+    header-only probe must give the same numbers, or training and serving sample different frame counts."""
+    import random
+
+    from torchcodec.decoders import VideoDecoder
+
+    rng = random.Random(5)
+    for i in range(24):
+        suffix = [".mkv", ".webm", ".mp4", ".mov", ".avi"][i % 5]
+        fps = rng.choice([10, 12.5, 15, 23.976, 24, 25, 29.97, 30000 / 1001, 30, 60])
+        path = str(write_video(tmp_path / f"v{i}{suffix}", frames=rng.randint(4, 150), fps=fps, width=32, height=32))
+        reference, info = VideoDecoder(path).metadata, probe_video(path)
+        assert info.total_frames == reference.num_frames, path
+        assert info.fps == pytest.approx(reference.average_fps, rel=1e-12), (path, fps)
+
+
 def test_pyav_seeks_instead_of_decoding_everything(tmp_path, monkeypatch):
     path = str(write_video(tmp_path / "long.mp4", frames=300, fps=30, width=64, height=48, gop=30))
     decoded = []
