@@ -15,6 +15,8 @@ def run(entry: Callable[[], object]) -> int:
     # Raised inside peft/trl on every load with transformers 5.23; nothing for our users to act on.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # accelerate says at INFO, on every step, that TRL's metric gathers see a data loader without a length.
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
     try:
         entry()
     except (ConfigError, DataError) as err:

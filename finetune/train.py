@@ -25,7 +25,8 @@ from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.train")
 RULE_NOTES = {
-    "qwen": "text after an image or video resumes at the largest position + 1, as Qwen pre-trained and vLLM/SGLang serve",
+    "qwen": "text after an image or video resumes at the largest position + 1, as Qwen pre-trained and vLLM/SGLang "
+            "serve",
     "transformers": "the installed transformers' rule: text after a video resumes at start + max(h, w)/merge, "
                     "which vLLM/SGLang do not use; for models served with transformers' own generate",
 }  # fmt: skip
@@ -84,6 +85,9 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         disable_tqdm=False,
+        # Generation-based evaluation (finetune/training_eval.py) every evaluation.steps optimizer steps.
+        eval_strategy="steps" if config.evaluation.steps else "no",
+        eval_steps=config.evaluation.steps,
     )
 
 
@@ -94,8 +98,9 @@ def make_trainer_class():
         """SFTTrainer with our data loader (finetune/batching.py), per-part learning rates, one vision-tower call per
         forward on every rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
 
-        def __init__(self, *args, train_loader, recipe: Config, **kwargs):
+        def __init__(self, *args, train_loader, recipe: Config, eval_samples=None, eval_encoder=None, **kwargs):
             self._recipe = recipe
+            self._eval_samples, self._eval_encoder = eval_samples, eval_encoder
             super().__init__(*args, **kwargs)
             # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
             # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
@@ -146,8 +151,20 @@ def make_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             # TRL counts a batch without attention_mask by its number of rows (position_ids.size(1)); count tokens
             real = torch.as_tensor(real, device=self.accelerator.device)
-            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            self._total_train_tokens = counted + int(self.accelerator.gather(real).sum())
             return loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """Generation-based evaluation on data.eval (all ranks together), logged as eval_* metrics."""
+            from finetune.training_eval import as_logs, evaluate_in_training
+
+            e = self._recipe.evaluation
+            metrics = evaluate_in_training(self, self._eval_samples, self._eval_encoder, e.batch_size,
+                                           e.max_new_tokens, Path(self.args.output_dir))  # fmt: skip
+            logs = as_logs(metrics, metric_key_prefix)
+            self.log(logs)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
+            return logs
 
         def log(self, logs, start_time=None):
             if "loss" in logs and self.model.training:
@@ -282,15 +299,31 @@ def build_trainer(config: Config, overrides: list[str]):
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
     build_loader, collator = loader_factory(config, encoder, samples, split.counts, rule)
+    eval_samples, eval_encoder = None, None
+    if config.evaluation.steps:
+        from finetune.evaluate import eval_samples as read_eval_samples
+
+        eval_encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+        with args.main_process_first(desc="evaluation pre-pass"):
+            eval_samples = read_eval_samples(config, eval_encoder)
+        logger.info("evaluating on %d held-out samples every %d steps and at the end", len(eval_samples),
+                    config.evaluation.steps)  # fmt: skip
+    index = datasets.Dataset.from_dict({"index": list(range(len(samples)))})  # TRL wants datasets; ours are unused
     trainer = make_trainer_class()(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_dict({"index": list(range(len(samples)))}),  # TRL wants one; unused
+        train_dataset=index,
+        eval_dataset=index if eval_samples else None,
         data_collator=collator,
         processing_class=processor,
         train_loader=build_loader,
         recipe=config,
+        eval_samples=eval_samples,
+        eval_encoder=eval_encoder,
     )
+    trainer.data_summary = {"num_train_samples": len(samples), "train_data": split.kept_per_file,
+                            "max_images_per_sample": max(len(s.media("image")) for s in samples),
+                            "max_videos_per_sample": max(len(s.media("video")) for s in samples)}  # fmt: skip
     return trainer, processor, len(samples), precision
 
 
@@ -301,13 +334,23 @@ def train(config: Config, overrides: list[str]) -> Path:
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
     if checkpoint:  # WORLD_SIZE: set by `accelerate launch` for every rank, before any process group exists
         check_checkpoint_fits(checkpoint, config, int(os.environ.get("WORLD_SIZE", "1")))
-    trainer, processor, num_samples, precision = build_trainer(config, overrides)
+    trainer, processor, _, precision = build_trainer(config, overrides)
     if trainer.is_world_process_zero():
-        write_run_info(run_dir, config, overrides, {"precision": precision, "num_train_samples": num_samples,
-                                                    "resumed_from": checkpoint})  # fmt: skip
+        write_run_info(run_dir, config, overrides, {"precision": precision, "resumed_from": checkpoint,
+                                                    **trainer.data_summary})  # fmt: skip
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if config.evaluation.steps:
+        step = trainer.state.global_step
+        if not any(h.get("step") == step and "eval_exact_match" in h for h in trainer.state.log_history):
+            trainer.evaluate()  # the trainer evaluates at multiples of the interval (and at the end in some versions)
+        if trainer.is_world_process_zero():
+            from finetune.metrics import format_metrics
+            from finetune.training_eval import publish_final
+
+            publish_final(run_dir, step)
+            print(format_metrics(json.loads((run_dir / "eval" / "metrics.json").read_text())))
 
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))

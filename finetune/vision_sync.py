@@ -65,9 +65,13 @@ class OneVisionCall:
     def __init__(self, inner_model):
         self.visual, self.vision_config = inner_model.visual, inner_model.config.vision_config
         self.handle = inner_model.register_forward_pre_hook(self._before, with_kwargs=True)
+        # Evaluation during training (sharded generate, every rank stepping in lockstep) needs the same one call.
+        self.in_evaluation = False
 
     def _before(self, module, args, kwargs):
-        if (not module.training or kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None
+        if not module.training and not self.in_evaluation:
+            return None
+        if (kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("mm_encoder_outputs") is not None):  # fmt: skip
             return None
         embeds = module.get_input_embeddings()(kwargs["input_ids"])  # the model's own order: embeddings first

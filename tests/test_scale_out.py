@@ -197,3 +197,20 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, proc
     for step in range(KILL_AT + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
     assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
+
+
+def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
+    """evaluation.steps under 2-rank ZeRO-3: each rank generates for its share of the held-out images and videos in
+    lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered predictions equal
+    those of the standalone single-process evaluation of the saved adapter."""
+    from recipe_runs import run_module
+
+    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=4", "evaluation.steps=2",
+                       "evaluation.batch_size=3")  # fmt: skip
+    launch_sh(overrides, timeout=420)
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_exact_match" in h] == [2, 4]
+    in_training = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
+    run_module("finetune.evaluate", overrides)
+    standalone = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
+    assert len(in_training) == 16 and in_training == standalone
