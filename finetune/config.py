@@ -234,11 +234,19 @@ class LoggerConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Generation-based evaluation on `data.eval` after training (single process)."""
+    """Generation-based evaluation on `data.eval`: during training every `steps` optimizer steps and at the end
+    (sharded across the ranks, logged to the logger), and/or after training in one process (`./launch.sh`)."""
 
-    after_training: bool = True
+    after_training: bool = True  # the standalone evaluation after training (skipped when `steps` already ran it)
+    steps: int | None = None  # evaluate every N steps during training and once at its end; null: never during
     max_new_tokens: int = 16
-    batch_size: int = 8
+    batch_size: int = 8  # questions per generate call (per rank during training)
+
+    def check(self) -> None:
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"evaluation.steps must be a positive number of steps or null, got {self.steps}.")
+        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ConfigError("evaluation.max_new_tokens and evaluation.batch_size must be positive.")
 
 
 @dataclass
@@ -247,9 +255,19 @@ class ExportConfig:
 
     after_training: bool = True
     output_dir: str = "${trainer.output_dir}/merged"
+    overwrite: bool = False  # replace an earlier export in output_dir (never any other folder)
+    dtype: str = "auto"  # auto (the training precision) | bf16 | fp16 | fp32: the dtype of the saved weights
+    max_shard_size: str = "5GB"  # safetensors shards of at most this size
     # Max |logit difference| allowed between the adapter model and the reloaded merged model;
-    # null = 1e-4 in fp32, 5e-2 in bf16/fp16.
+    # null = 1e-4 for fp32 weights, 5e-2 for bf16/fp16 weights.
     atol: float | None = None
+    push_to_hub: str | None = None  # a Hub repo id ("user/name") to upload the export to after it passed
+    hub_private: bool = True
+
+    def check(self) -> None:
+        _choice("export.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", self.max_shard_size):
+            raise ConfigError(f"export.max_shard_size={self.max_shard_size!r} is not a size such as 5GB or 500MB.")
 
 
 @dataclass
@@ -266,7 +284,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
-        for group in (self.model, self.data, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger):
+        for group in (self.model, self.data, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger,
+                      self.evaluation, self.export):
             group.check()
         if self.peft.method == "none" and self.export.after_training:
             raise ConfigError(
@@ -278,6 +297,8 @@ class Config:
                 "evaluation.after_training=true needs a held-out split: set data.eval=PATH or "
                 "evaluation.after_training=false."
             )
+        if self.evaluation.steps and not self.data.eval:
+            raise ConfigError("evaluation.steps needs a held-out split: set data.eval=PATH or evaluation.steps=null.")
         if self.trainer.packing and (self.trainer.max_tokens_per_row or self.data.max_length) < self.data.max_length:
             raise ConfigError(
                 f"trainer.max_tokens_per_row={self.trainer.max_tokens_per_row} is below data.max_length="
@@ -389,3 +410,13 @@ def load_config(overrides: list[str] | None = None) -> Config:
 
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def load_saved_config(path: Path) -> Config:
+    """A resolved recipe saved by a run (`config.yaml`) or an export (`finetune_config.yaml`), checked again."""
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    except Exception as err:
+        raise ConfigError(f"{path} is not a recipe this version can read: {str(err).splitlines()[0]}") from None
+    config.check()
+    return config

@@ -102,6 +102,13 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+def replace_own_export(config: Config) -> list[str]:
+    """The export inside the run directory belongs to the run that was just trained there: replace it. An export
+    folder elsewhere is only replaced when the recipe says export.overwrite=true."""
+    run_dir, out_dir = Path(config.trainer.output_dir).resolve(), Path(config.export.output_dir).resolve()
+    return ["export.overwrite=true"] if run_dir in out_dir.parents and not config.export.overwrite else []
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -128,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     main_node = _int_env(dict(os.environ), "NODE_RANK", 0) == 0
     if rc != 0 or not main_node:
         return rc
-    if config.evaluation.after_training:
+    if config.evaluation.after_training and not config.evaluation.steps:  # with steps, training ended with it
         rc = _run([python, "-m", "finetune.evaluate", *overrides])
     if rc == 0 and config.export.after_training:
-        rc = _run([python, "-m", "finetune.export", *overrides])
+        rc = _run([python, "-m", "finetune.export", *overrides, *replace_own_export(config)])
     if rc == 0:
         print("\n" + summary(config))
     return rc

@@ -9,15 +9,13 @@ import pytest
 import torch
 from conftest import DEMO
 from recipe_runs import run_module
-from test_export import decode_all_frames
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def ask_about_videos(model_dir, records):
-    """transformers' own processor and generate; the only project code is the README's one line that makes
-    generate use the trained M-RoPE rule (transformers >= 5.3 has another one; vLLM and SGLang need nothing)."""
-    from transformers.video_utils import VideoMetadata
-
+    """transformers' own processor (with the budgets the export carries) and generate; the only project code is the
+    README's one line that makes generate use the trained M-RoPE rule (transformers >= 5.3 has another one; vLLM
+    and SGLang need nothing)."""
     from finetune.rope import PositionRule, install_position_rule
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -25,14 +23,10 @@ def ask_about_videos(model_dir, records):
     install_position_rule(model, PositionRule.for_model(model.config, "qwen"))
     answers = []
     for record in records:
-        frames, fps = decode_all_frames(DEMO / record["videos"][0])
         question = record["messages"][0]["content"].replace("<video>", "")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames))))
-        inputs = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
-                           videos_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 3136},
-                                          "do_sample_frames": False, "cap_pixels_per_frame": False})
+        inputs = processor(text=[text], videos=[str(DEMO / record["videos"][0])], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answers.append(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())

@@ -2,34 +2,20 @@
 
 import json
 
-import av
-import numpy as np
 import pytest
 import torch
 from conftest import DEMO
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from transformers.video_utils import VideoMetadata
-
-
-def decode_all_frames(path):
-    """Plain PyAV, no project code: what a user of the exported model would write."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, float(stream.average_rate)
 
 
 def held_out_video_inputs(processor):
+    """The processor's defaults only: the export carries the recipe's budgets (56 x 56 frames at 4 fps here)."""
     record = next(r for r in json.loads((DEMO / "test.json").read_text()) if r["task"] == "direction")
-    frames, fps = decode_all_frames(DEMO / record["videos"][0])
     question = record["messages"][0]["content"].replace("<video>", "")
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames))))
-    size = {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
-    return processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt",
-                     videos_kwargs={"size": size, "do_sample_frames": False, "cap_pixels_per_frame": False})
+    return processor(text=[text], videos=[str(DEMO / record["videos"][0])], return_tensors="pt")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -44,17 +30,24 @@ def test_export_round_trip(tmp_path, family):
 
     merged = run_dir / "merged"
     report = json.loads((merged / "export_report.json").read_text())
-    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["merge_max_abs_logit_diff"] <= 1e-4
     assert report["batch"]["images"] > 0 and report["batch"]["videos"] > 0
+    assert report["served_grids"]["checked"] >= 4 and report["served_grids"]["mismatches"] == []
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):  # fmt: skip
+                 "tokenizer_config.json", "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "finetune_config.yaml", "README.md"):  # fmt: skip
         assert (merged / name).exists(), name
     assert not list(merged.glob("*.bin")) and not (merged / "adapter_config.json").exists()
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in merged.iterdir()), "export files must be readable by all"
+    card = (merged / "README.md").read_text()
+    assert "vllm serve" in card and "limit-mm-per-prompt" in card and str(train_file) in card and "8 samples" in card
+    assert_served_grids_are_trained_grids(merged, overrides, tmp_path / "media")
 
     # A user with only transformers: load, ask a held-out video question, get the adapter model's answer.
     processor = AutoProcessor.from_pretrained(merged)
     model = AutoModelForImageTextToText.from_pretrained(merged).eval()
     inputs = held_out_video_inputs(processor)
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 4]]  # 8 frames of 56 x 56, as trained
     base = AutoModelForImageTextToText.from_pretrained(report_base_path(run_dir))
     adapter_model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     with torch.no_grad():
@@ -98,3 +91,76 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
     assert merger and merger <= moved  # every merger weight trained and exported
     assert any(model_part(k) == "vision_tower" and k.endswith("qkv.weight") for k in moved)  # ViT LoRA merged in
     assert not any("patch_embed" in k or "norm" in k or "embed_tokens" in k for k in moved - merger)
+
+
+def assert_served_grids_are_trained_grids(merged, overrides, media_root):
+    """Plain transformers on the merged folder sizes images and videos of many shapes as training did."""
+    from serving_media import assert_same_grids, served_grids, trained_grids, write_media
+
+    from finetune.config import load_config
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.vision import VisionSettings
+
+    images, videos = write_media(media_root)
+    config = load_config(overrides)
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(merged), VisionSettings.from_config(config.model))
+    assert_same_grids(trained_grids(encoder, images, videos), served_grids(merged, images, videos))
+
+
+def _other_base_model(path):
+    """A Qwen2.5-VL checkpoint of another shape (1 LLM layer): an adapter of the tiny model does not belong to it."""
+    from transformers import AutoConfig
+
+    from finetune.tiny import tiny_checkpoint
+
+    source = tiny_checkpoint("qwen2_5_vl")
+    config = AutoConfig.from_pretrained(source)
+    config.text_config.num_hidden_layers = 1
+    config.text_config.layer_types = config.text_config.layer_types[:1]
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    AutoProcessor.from_pretrained(source).save_pretrained(path)
+    return path
+
+
+def test_export_refuses_clearly_and_exports_bf16(tmp_path):
+    from safetensors import safe_open
+
+    from finetune.config import load_config
+    from finetune.export import export
+
+    from serving_media import OTHER_BUDGETS
+
+    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=3) + OTHER_BUDGETS
+
+    def refused(extra, match):
+        result = run_module("finetune.export", overrides + extra, expect_failure=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert match in result.stderr, result.stderr[-2000:]
+
+    refused([], "No LoRA adapter")
+    run_module("finetune.train", overrides)
+    refused([f"model.name_or_path={_other_base_model(tmp_path / 'other')}"], "a different model from the recipe's")
+    refused(["model.name_or_path=someone/another-model"], "was trained on")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "notes.txt").write_text("mine")
+    refused([f"export.output_dir={tmp_path / 'occupied'}"], "already exists and is not empty")
+    refused([f"export.output_dir={tmp_path / 'occupied'}", "export.overwrite=true"], "not an earlier export")
+    assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"
+
+    run_module("finetune.export", overrides)
+    refused([], "Set export.overwrite=true")
+    # An fp32 run exported in bf16, in shards: reloads and passes the dtype-aware check.
+    export(load_config(overrides + ["export.overwrite=true", "export.dtype=bf16", "export.max_shard_size=300KB"]))
+    merged = run_dir / "merged"
+    report = json.loads((merged / "export_report.json").read_text())
+    assert report["passed"] and (report["precision"], report["dtype"]) == ("fp32", "bf16")
+    assert report["merge_max_abs_logit_diff"] <= 1e-4 and 1e-4 < report["max_abs_logit_diff"] <= report["atol"]
+    shards = sorted(merged.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (merged / "model.safetensors.index.json").exists() and not (merged / "model.safetensors").exists()
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert AutoModelForImageTextToText.from_pretrained(merged).dtype == torch.bfloat16
+    assert_served_grids_are_trained_grids(merged, overrides, tmp_path / "media")  # other budgets

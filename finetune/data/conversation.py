@@ -169,7 +169,7 @@ def _block_messages(record: dict, turns: list, where: str, media_root: Path) -> 
     return messages
 
 
-def record_to_sample(record: dict, index: int, where: str, media_root: Path) -> Sample:
+def record_to_sample(record: dict, index: int, where: str, media_root: Path, require_answer: bool = True) -> Sample:
     if not isinstance(record, dict):
         raise DataError(f"{where}: a sample must be a JSON object, got {type(record).__name__}.")
     sample_id = str(record.get("id", index))
@@ -184,6 +184,6 @@ def record_to_sample(record: dict, index: int, where: str, media_root: Path) -> 
     messages = reader(record, turns, where, media_root)
     if isinstance(record.get("system"), str) and record["system"] and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": record["system"]}]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to learn.", "empty_turn")
     return Sample(sample_id, messages, where, {k: v for k, v in record.items() if k not in KNOWN_KEYS})

@@ -47,6 +47,7 @@ class PreparedSplit:
     read: int = 0  # records read across sources
     cache_files: list[str] = field(default_factory=list)
     shortened: int = 0  # samples that lost trailing turns to fit (data.over_length=drop_trailing_turns)
+    kept_per_file: dict[str, int] = field(default_factory=dict)  # usable samples per dataset file, before mixing
 
     @property
     def num_problems(self) -> int:
@@ -83,7 +84,9 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
                 kept.append((sample, result))
         kept_per_source.append(kept)
     mixed = mix(kept_per_source, [s.weight for s in sources], seed)
-    return PreparedSplit([s for s, _ in mixed], [c for _, c in mixed], dict(problems), read, caches, shortened)
+    per_file = {str(source.path): len(kept) for source, kept in zip(sources, kept_per_source)}
+    return PreparedSplit([s for s, _ in mixed], [c for _, c in mixed], dict(problems), read, caches, shortened,
+                         per_file)  # fmt: skip
 
 
 def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str:

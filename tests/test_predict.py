@@ -1,0 +1,88 @@
+"""`python -m finetune.predict`: the same answers from the run directory (base + adapter) and from the merged
+export, on an image and on a video, equal to `finetune.evaluate`'s predictions for the same samples; a file
+of questions; per-item budgets; clear refusals."""
+
+import json
+
+import pytest
+from conftest import DEMO
+from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+
+from finetune.config import ConfigError
+from finetune.predict import find_model, question_sample
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo recipe briefly trained on images and videos, evaluated and exported."""
+    root = tmp_path_factory.mktemp("predict")
+    train_file = mini_dataset(root / "train.json")
+    run_dir = root / "run"
+    overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=8)
+    for module in ("finetune.train", "finetune.evaluate", "finetune.export"):
+        run_module(module, overrides)
+    predictions = [json.loads(line) for line in open(run_dir / "eval" / "predictions.jsonl")]
+    return run_dir, train_file, predictions
+
+
+def _ask(model, record, *extra):
+    kind = "image" if record.get("images") else "video"
+    question = record["messages"][0]["content"].replace(f"<{kind}>", "")
+    media = DEMO / record[kind + "s"][0]
+    result = run_module("finetune.predict", ["--model", str(model), f"--{kind}", str(media), "--question", question,
+                                             "--max-new-tokens", "4", *extra])  # fmt: skip
+    return result.stdout.strip()
+
+
+def test_same_answers_from_run_adapter_and_export_as_evaluation(trained):
+    run_dir, train_file, predictions = trained
+    records = {r["id"]: r for r in json.loads(train_file.read_text())}
+    image = next(p for p in predictions if p["task"] == "colour")
+    video = next(p for p in predictions if p["task"] == "direction")
+    for expected in (image, video):
+        record = records[expected["id"]]
+        answers = {model.name: _ask(model, record) for model in (run_dir, run_dir / "adapter", run_dir / "merged")}
+        assert set(answers.values()) == {expected["prediction"]}, (expected, answers)
+
+
+def test_a_file_of_questions_gives_evaluations_answers(trained, tmp_path):
+    run_dir, train_file, predictions = trained
+    out = tmp_path / "preds.jsonl"
+    run_module("finetune.predict", ["--model", str(run_dir / "merged"), "--input", str(train_file), "--output", str(out),
+                                    "--media-root", str(DEMO), "--max-new-tokens", "4", "--batch-size", "3"])  # fmt: skip
+    got = [json.loads(line) for line in open(out)]
+    assert [(g["id"], g["question"], g["reference"], g["prediction"]) for g in got] == [
+        (p["id"], p["question"], p["reference"], p["prediction"]) for p in predictions]  # fmt: skip
+    # Questions without an answer are fine too (no reference then).
+    unanswered = tmp_path / "questions.jsonl"
+    unanswered.write_text(json.dumps({"id": "q", "messages": [{"role": "user", "content": "<image>What colour?"}],
+                                      "images": [json.loads(train_file.read_text())[0]["images"][0]]}) + "\n")  # fmt: skip
+    run_module("finetune.predict", ["--model", str(run_dir), "--input", str(unanswered), "--output", str(out),
+                                    "--media-root", str(DEMO), "--max-new-tokens", "2"])  # fmt: skip
+    (only,) = [json.loads(line) for line in open(out)]
+    assert only["id"] == "q" and "reference" not in only and only["question"] == "What colour?"
+
+
+def test_per_item_budgets_go_on_the_media(tmp_path):
+    video, image = tmp_path / "v.mp4", tmp_path / "i.png"
+    video.write_bytes(b""), image.write_bytes(b"")
+    sample = question_sample("Why?", [str(image)], [str(video)], {"fps": 1.0, "max_pixels": 50176, "nframes": 8})
+    blocks = sample.messages[0]["content"]
+    assert blocks[0] == {"type": "image", "image": str(image.resolve()), "max_pixels": 50176}  # video keys left out
+    assert blocks[1] == {"type": "video", "video": str(video.resolve()), "fps": 1.0, "max_pixels": 50176, "nframes": 8}
+    assert blocks[2] == {"type": "text", "text": "Why?"}
+
+
+def test_model_folders_are_recognised_and_others_refused(trained, tmp_path, tiny_paths):
+    run_dir, _, _ = trained
+    assert find_model(str(run_dir))[1] is None and find_model(str(run_dir / "adapter"))[1] is None
+    config, merged = find_model(str(run_dir / "merged"))
+    assert merged == str(run_dir / "merged") and config.model.rope_rule == "qwen" and config.model.max_pixels == 3136
+    config, plain = find_model(str(tiny_paths["qwen2_vl"]))  # a checkpoint without a saved recipe: Qwen's defaults
+    assert plain == str(tiny_paths["qwen2_vl"]) and config.model.family == "qwen2_vl" and config.model.max_pixels == 1003520
+    with pytest.raises(ConfigError, match="no such directory"):
+        find_model(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a run directory"):
+        find_model(str(tmp_path))
+    result = run_module("finetune.predict", ["--model", str(run_dir), "--input", "x.jsonl"], expect_failure=True)
+    assert result.returncode == 2 and "--input needs --output" in result.stderr

@@ -1,0 +1,86 @@
+"""Serve what was trained: the processor an export carries gives plain transformers the training grids.
+
+Media of several sizes, lengths (1-60 s), frame rates and containers (mp4, avi, mkv, webm, mov) go through our
+training encoder and through `AutoProcessor.from_pretrained(<folder>)` of transformers alone, for the demo
+recipe and for a recipe with other budgets (a binding total pixel budget included). The folder is written by
+the export's own functions; tests/test_export.py does the same on a real merged export.
+"""
+
+import json
+import math
+import random
+
+import pytest
+from serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
+from transformers import AutoProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as transformers_smart_resize
+
+from finetune.config import load_config
+from finetune.data.encode import ConversationEncoder
+from finetune.data.vision import FRAME_FACTOR, VisionSettings, smart_resize
+from finetune.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
+
+RECIPES = {"demo": ["experiment=demo"], "budgets": ["experiment=demo", *OTHER_BUDGETS]}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return write_media(tmp_path_factory.mktemp("serving_media"))
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_exported_processor_gives_the_training_grids(tmp_path, tiny_paths, processors, media, recipe, family):
+    images, videos = media
+    config = load_config(RECIPES[recipe])
+    encoder = ConversationEncoder(processors[family], VisionSettings.from_config(config.model))
+
+    exported = AutoProcessor.from_pretrained(tiny_paths[family])
+    apply_budgets(exported, config.model)
+    save_processor(exported, tmp_path)
+    trained = trained_grids(encoder, images, videos)
+    assert_same_grids(trained, served_grids(tmp_path, images, videos))  # plain transformers, nothing of ours
+    served = AutoProcessor.from_pretrained(tmp_path)
+    # The whole processor call (text + media) agrees too, second_per_grid_ts included.
+    text = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+    call = served(text=[text], videos=[str(videos[1])], return_tensors="pt")
+    assert call["video_grid_thw"][0].tolist() == trained[1][1][:3]
+    if family == "qwen2_5_vl":
+        assert call["second_per_grid_ts"][0].item() == pytest.approx(FRAME_FACTOR / trained[1][1][3], rel=1e-6)
+
+
+def test_legacy_processor_files_hold_the_budgets(tmp_path, tiny_paths):
+    config = load_config(RECIPES["budgets"])
+    processor = AutoProcessor.from_pretrained(tiny_paths["qwen2_5_vl"])
+    apply_budgets(processor, config.model)
+    save_processor(processor, tmp_path)
+    image = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    video = json.loads((tmp_path / "video_preprocessor_config.json").read_text())
+    m = config.model
+    assert (image["min_pixels"], image["max_pixels"]) == (m.min_pixels, m.max_pixels)
+    assert image["size"] == {"shortest_edge": m.min_pixels, "longest_edge": m.max_pixels}
+    assert (video["min_pixels"], video["max_pixels"]) == (m.video_min_pixels, m.video_max_pixels)
+    assert video["do_sample_frames"] is True and video["fps"] == m.video_fps and video["cap_pixels_per_frame"] is True
+    assert video["min_frames"] == 4 and video["max_frames"] == m.video_max_frames  # 3 rounds up to pairs of frames
+    assert int(video["max_video_tokens"] * TOKEN_PIXELS) == m.video_total_pixels  # 882000 is expressible exactly
+    nested = json.loads((tmp_path / "processor_config.json").read_text())
+    assert nested["video_processor"]["size"] == video["size"] and nested["image_processor"]["size"] == image["size"]
+
+
+def test_the_total_budget_rounding_difference_is_rare_and_small():
+    """transformers expresses the total video budget as int(max_video_tokens * 705.6) pixels and divides with //;
+    qwen-vl-utils uses the float budget. For a budget not of that form (1024 * 784 here), count how often the
+    per-frame size differs over many frame sizes and counts (documented in finetune/serving.py)."""
+    total, lo, hi = 1024 * 784, 16 * 784, 128 * 784
+    served_total = int(max_video_tokens(total) * 28 * 28 * 0.9)
+    rng, differ, cases = random.Random(0), 0, 4000
+    for _ in range(cases):
+        h, n = rng.randint(60, 2000), 2 * rng.randint(2, 64)
+        w = int(h * rng.uniform(0.25, 4))
+        ours = smart_resize(h, w, lo, max(min(hi, total / n * FRAME_FACTOR), int(lo * 1.05)))
+        theirs = transformers_smart_resize(h, w, factor=28, min_pixels=lo,
+                                           max_pixels=max(min(hi, served_total * 2 // n), int(lo * 1.05)))  # fmt: skip
+        differ += ours != tuple(theirs)
+    print(f"total budget {total} served as {served_total}: {differ} of {cases} frame sizes differ")
+    assert served_total != total and differ / cases < 0.02
+    assert math.isclose(served_total, total, rel_tol=1e-3)
