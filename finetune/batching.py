@@ -19,13 +19,18 @@ collator encodes their samples (decoding media in the data-loader workers) and b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from finetune.data.conversation import DataError
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.rope import PositionRule, batch_position_ids
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-TRAINING_KEYS = ("input_ids", "labels", "mm_token_type_ids", "position_ids", "num_real_tokens") + VISION_KEYS
+# `sample_ids` (per row) and `bad_samples` are bookkeeping the trainer pops before the forward.
+TRAINING_KEYS = ("input_ids", "labels", "mm_token_type_ids", "position_ids", "num_real_tokens", "sample_ids",
+                 "bad_samples") + VISION_KEYS  # fmt: skip
 INFERENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids") + VISION_KEYS
 
 
@@ -100,15 +105,52 @@ def inference_batch(encoded: list[EncodedSample], pad_token_id: int, rule: Posit
 
 
 class RowCollator:
-    """For the training DataLoader: a list of rows (tuples of sample indices) -> `training_batch`."""
+    """For the training DataLoader: a list of rows (tuples of sample indices) -> `training_batch`.
+
+    A sample that fails to encode (media corrupt past the header, which the pre-pass cannot see) is left out of
+    its row and reported in the batch (`bad_samples`: id, source, problem class, message); the trainer counts
+    it and stops past `data.max_bad_samples`. A batch that loses every sample is replaced by a stand-in (a sample
+    that encoded, with no trained tokens), so every rank still takes every step."""
 
     def __init__(self, encoder, samples, rule: PositionRule):
         self.encoder, self.samples, self.rule = encoder, samples, rule
         self.pad_token_id = encoder.tokenizer.pad_token_id
+        self._stand_in: EncodedSample | None = None
+
+    def _encode(self, i: int, bad: list[dict]) -> EncodedSample | None:
+        sample = self.samples[i]
+        try:
+            encoded = self.encoder.encode(sample)
+        except DataError as err:
+            bad.append({"id": sample.id, "source": sample.source, "kind": err.kind, "error": str(err)})
+            return None
+        if self._stand_in is None:
+            self._stand_in = replace(encoded, labels=[IGNORE_INDEX] * len(encoded.labels))
+        return encoded
 
     def __call__(self, rows: list[tuple[int, ...]]) -> dict:
-        encoded = [[self.encoder.encode(self.samples[i]) for i in row] for row in rows]
-        return training_batch(encoded, self.pad_token_id, self.rule)
+        bad: list[dict] = []
+        kept = []  # rows of (encoded sample, id)
+        for row in rows:
+            pairs = [(e, self.samples[i].id) for i in row if (e := self._encode(i, bad)) is not None]
+            if pairs:
+                kept.append(pairs)
+        if not kept:
+            kept = [[(self._find_stand_in(bad), None)]]
+        batch = training_batch([[e for e, _ in row] for row in kept], self.pad_token_id, self.rule)
+        batch["sample_ids"] = [[sid for _, sid in row if sid is not None] for row in kept]
+        batch["bad_samples"] = bad
+        return batch
+
+    def _find_stand_in(self, bad: list[dict]) -> EncodedSample:
+        for i in range(len(self.samples)):
+            if self._stand_in is not None:
+                break
+            self._encode(i, [])
+        if self._stand_in is None:
+            raise DataError("no training sample can be encoded (every one failed to decode):\n"
+                            + "\n".join(b["error"] for b in bad[:5]))  # fmt: skip
+        return self._stand_in
 
 
 class RowIndex:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Callable
@@ -17,9 +18,15 @@ def run(entry: Callable[[], object]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # accelerate says at INFO, on every step, that TRL's metric gathers see a data loader without a length.
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
+    from finetune.faults import RunStopped
+
     try:
         entry()
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, RunStopped) as err:
+        # Every rank refuses the same way for the same reason (same data, same counts): rank 0 says it once.
+        if isinstance(err, RunStopped) or int(os.environ.get("RANK", "0")) == 0:
+            from tqdm import tqdm
+
+            tqdm.write(f"error: {err}", file=sys.stderr)  # on a line of its own, even under a progress bar
         return 2
     return 0

@@ -36,6 +36,9 @@ class ModelConfig:
     family: str = MISSING  # qwen2_vl | qwen2_5_vl; checked against the checkpoint's model_type
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # only when a recipe really needs the checkpoint's own code
+    # Weights are read from safetensors only. true also reads pickled `.bin` weights (torch.load with
+    # weights_only): only for checkpoints you trust; converting them to safetensors is better.
+    allow_pickled_weights: bool = False
     # Where text resumes after an image or video in the M-RoPE positions (finetune/rope.py, README "Positions"):
     # qwen = (largest position so far) + 1, as Qwen pre-trained these models and vLLM/SGLang serve them;
     # transformers = the rule of the installed transformers (5.3+), for models served with its `generate`.
@@ -96,6 +99,9 @@ class DataConfig:
     # whole trailing user/assistant turns (with their media) until the sample fits, keeping >= 1 reply.
     over_length: str = "error"
     skip_invalid: bool = False  # true: skip samples that fail validation, with a count and report
+    # Samples whose media fail to decode during training are skipped and listed in bad_samples.jsonl; the run
+    # stops past this many: null = max(10, 1 % of the samples), >= 1 a count, < 1 a fraction of the samples.
+    max_bad_samples: float | None = None
     eval_max_samples: int | None = None
 
     def check(self) -> None:
@@ -175,6 +181,7 @@ class TrainerConfig:
     # scheduler and RNG state as the interrupted run.
     resume_from_checkpoint: str | None = None
     label_mode: str = "assistant"  # assistant | last_assistant | all
+    nonfinite_loss: str = "stop"  # a NaN/inf loss: stop (naming the step and samples) | skip (drop that step's update)
     # Packing: rows of whole samples up to max_tokens_per_row tokens (default data.max_length), each with its
     # own M-RoPE positions and attention; per_device_train_batch_size then counts rows. false: padded batches.
     packing: bool = False
@@ -183,6 +190,7 @@ class TrainerConfig:
     def check(self) -> None:
         _choice("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _choice("trainer.label_mode", self.label_mode, ("assistant", "last_assistant", "all"))
+        _choice("trainer.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Set trainer.max_steps > 0 or trainer.num_train_epochs > 0: nothing would be trained.")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -305,6 +313,11 @@ class Config:
                 f"{self.data.max_length}: a valid sample might not fit in a row. Raise it or lower data.max_length."
             )
         self._check_trainable_parts()
+        if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
+            raise ConfigError("trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
+                              "its engine); use trainer.nonfinite_loss=stop with DeepSpeed.")  # fmt: skip
+        if self.data.max_bad_samples is not None and self.data.max_bad_samples < 0:
+            raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and self.peft.method == "none":
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
 

@@ -26,6 +26,8 @@ from finetune.metrics import format_metrics, score
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.evaluate")
+# What a rank asks when none of its questions in a batch can be encoded: ranks generate in lockstep.
+STAND_IN = Sample("stand-in", [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}], "stand-in")
 
 
 def split_prompt(sample: Sample) -> tuple[Sample, str]:
@@ -84,18 +86,31 @@ def generate_answers(model, encoder, prompts: list[Sample], batch_size: int, max
     device = next(model.parameters()).device
     pad_id = encoder.tokenizer.pad_token_id
     rule = model_position_rule(model)
-    answers = []
+    answers: list[str | DataError] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
-        encoded = [encoder.encode(p, generation_prompt=True) for p in prompts[start : start + batch_size]]
+        chunk = prompts[start : start + batch_size]
+        encoded, failed = [], {}
+        for i, prompt in enumerate(chunk):
+            try:
+                encoded.append(encoder.encode(prompt, generation_prompt=True))
+            except DataError as err:  # media that fail to decode: this question goes unanswered, the rest go on
+                logger.warning("cannot ask %s: %s", prompt.id, err)
+                failed[i] = err
+        if not encoded and not synced_gpus:
+            answers += [failed[i] for i in range(len(chunk))]
+            continue
+        stand_in = not encoded  # every rank must still call generate: ask a text-only question, keep no answer
+        encoded = encoded or [encoder.encode(STAND_IN, generation_prompt=True)]
         batch = inference_batch(encoded, pad_id, rule, padding_side="left")  # left: generation continues every row
         for key in ("labels", "position_ids"):  # generate derives the positions itself, through the installed rule
             batch.pop(key)
         batch = {k: v.to(device) for k, v in batch.items()}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                 streamer=streamer, synced_gpus=synced_gpus)  # fmt: skip
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers += encoder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = iter([] if stand_in else encoder.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :],
+                                                                        skip_special_tokens=True))  # fmt: skip
+        answers += [failed[i] if i in failed else next(texts) for i in range(len(chunk))]
     return answers
 
 
@@ -105,13 +120,23 @@ def predict_samples(model, encoder, samples: list[Sample], batch_size: int, max_
     prompts, references = zip(*(split_prompt(s) for s in samples)) if samples else ((), ())
     answers = generate_answers(model, encoder, list(prompts), batch_size, max_new_tokens, synced_gpus=synced_gpus,
                                progress=progress)  # fmt: skip
-    return [{"id": s.id, "task": str(s.extra.get("task", "all")), "question": question_of(p), "reference": ref,
-             "prediction": ans.strip()} for s, p, ref, ans in zip(samples, prompts, references, answers)]  # fmt: skip
+    records = []
+    for s, p, ref, ans in zip(samples, prompts, references, answers):
+        record = {"id": s.id, "task": str(s.extra.get("task", "all")), "question": question_of(p), "reference": ref}
+        records.append(record | ({"prediction": None, "error": str(ans)} if isinstance(ans, DataError)
+                                 else {"prediction": ans.strip()}))  # fmt: skip
+    return records
 
 
 def write_results(out_dir: Path, records: list[dict]) -> dict:
-    """predictions.jsonl and metrics.json in `out_dir`; returns the metrics."""
-    metrics = score(records)
+    """predictions.jsonl and metrics.json in `out_dir`; returns the metrics of the answered samples, with the ids of
+    those that could not be asked (their media failed to decode) under `unanswered`."""
+    answered = [r for r in records if r.get("error") is None]
+    if not answered:
+        raise DataError(f"none of the {len(records)} evaluation samples could be asked (their media failed to "
+                        f"decode), e.g. {records[0]['error']}")  # fmt: skip
+    metrics = score(answered)
+    metrics["unanswered"] = [r["id"] for r in records if r.get("error") is not None]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

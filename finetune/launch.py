@@ -77,8 +77,12 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     return args
 
 
-def _run(cmd: list[str]) -> int:
+def _run(cmd: list[str], filter_launcher_tracebacks: bool = False) -> int:
     print("+ " + shlex.join(cmd), flush=True)
+    if filter_launcher_tracebacks:
+        from finetune.launcher_output import run_quietly
+
+        return run_quietly(cmd)
     return subprocess.call(cmd)
 
 
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
-    rc = _run([python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides])
+    rc = _run([python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides],
+              filter_launcher_tracebacks=True)
     main_node = _int_env(dict(os.environ), "NODE_RANK", 0) == 0
     if rc != 0 or not main_node:
         return rc

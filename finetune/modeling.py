@@ -46,6 +46,7 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = path or resolve_model_path(model_cfg.name_or_path)
+    check_weight_files(path, model_cfg.allow_pickled_weights)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     if config.model_type != model_cfg.family:
         raise ConfigError(
@@ -57,11 +58,27 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
         dtype=DTYPES[precision],
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=True,
+        use_safetensors=not model_cfg.allow_pickled_weights,
         device_map=device_map,
     )
     install_position_rule(model, position_rule(model, model_cfg))
     return model
+
+
+def check_weight_files(path: str, allow_pickled: bool) -> None:
+    """A local checkpoint with pickled weights only is refused before anything is unpickled."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if allow_pickled or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ConfigError(
+            f"{path} holds pickled weights only ({', '.join(pickled[:3])}); loading them would run code stored in "
+            "the file. Convert them to safetensors (load once where you trust them, then `save_pretrained`), or "
+            "set model.allow_pickled_weights=true for a checkpoint you trust."
+        )
 
 
 def position_rule(model, model_cfg: ModelConfig) -> PositionRule:

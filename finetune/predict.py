@@ -104,14 +104,21 @@ def predict(args: argparse.Namespace) -> list[str]:
         answers = generate_answers(model, encoder, prompts, args.batch_size, args.max_new_tokens)
         with open(args.output, "w") as f:
             for (prompt, reference), answer in zip(questions, answers):
-                record = {"id": prompt.id, "question": question_of(prompt), "prediction": answer.strip()}
+                failed = isinstance(answer, DataError)
+                record = {"id": prompt.id, "question": question_of(prompt),
+                          "prediction": None if failed else answer.strip()}  # fmt: skip
+                record |= {"error": str(answer)} if failed else {}
                 f.write(json.dumps(record | ({"reference": reference} if reference is not None else {})) + "\n")
-        print(f"wrote {len(answers)} predictions to {args.output}", file=sys.stderr)
-        return [a.strip() for a in answers]
+        unanswered = sum(isinstance(a, DataError) for a in answers)
+        print(f"wrote {len(answers)} predictions to {args.output}" + (f" ({unanswered} could not be asked: their "
+              "media failed to decode; see their `error`)" if unanswered else ""), file=sys.stderr)  # fmt: skip
+        return [None if isinstance(a, DataError) else a.strip() for a in answers]
     options = {key: cast(getattr(args, key)) for key, cast in OPTIONS.items() if getattr(args, key) is not None}
     prompt = question_sample(args.question, args.image or [], args.video or [], options)
     streamer = TextStreamer(encoder.tokenizer, skip_prompt=True, skip_special_tokens=True)
     answer = generate_answers(model, encoder, [prompt], 1, args.max_new_tokens, streamer=streamer, progress=False)[0]
+    if isinstance(answer, DataError):
+        raise answer
     return [answer.strip()]
 
 

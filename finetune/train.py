@@ -71,7 +71,7 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # finetune/faults.py rotates, after a checkpoint is marked complete
         seed=t.seed,
         report_to=configure_logger_backend(config, run_dir),
         deepspeed=config.deepspeed.config_file and str(repo_path(config.deepspeed.config_file)),
@@ -108,6 +108,10 @@ def make_trainer_class():
             self.model_accepts_loss_kwargs = True
             self._train_loader = train_loader  # a callable of the world size building the training DataLoader
             self._one_vision_call = None
+            from finetune.faults import StepGuard, bad_sample_limit
+
+            limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
+            self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
             self._tokens = {"real": 0, "trained": 0}
             self._last_log = (time.perf_counter(), 0, 0)
 
@@ -144,15 +148,35 @@ def make_trainer_class():
 
                 self._one_vision_call = OneVisionCall(base_model(self.model).model)
 
-            real = inputs.pop("num_real_tokens")
-            self._tokens["real"] += int(real)
+            step = self.state.global_step
+            self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
+            real = int(inputs.pop("num_real_tokens"))
+            self._tokens["real"] += real
             self._tokens["trained"] += int((inputs["labels"] != -100).sum())
             counted = self._total_train_tokens
             loss = super().training_step(model, inputs, num_items_in_batch)
-            # TRL counts a batch without attention_mask by its number of rows (position_ids.size(1)); count tokens
-            real = torch.as_tensor(real, device=self.accelerator.device)
-            self._total_train_tokens = counted + int(self.accelerator.gather(real).sum())
+            # Every rank checks the step together (bad samples, non-finite loss). TRL counts a batch without
+            # attention_mask by its number of rows (position_ids.size(1)): count its tokens instead.
+            self._total_train_tokens = counted + self._guard.after_step(loss, real, step, model)
             return loss
+
+        def _save_checkpoint(self, model, trial):
+            """The Trainer's save, then the completion marker once every rank has written (finetune/faults.py)."""
+            from finetune.faults import RunStopped, mark_complete, out_of_disk, rotate
+
+            run_dir, step = Path(self.args.output_dir), self.state.global_step
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as err:
+                if not out_of_disk(err):
+                    raise
+                raise RunStopped(f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
+                                 "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
+                                 "and run again with trainer.resume_from_checkpoint=latest.") from None  # fmt: skip
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                mark_complete(run_dir / f"checkpoint-{step}", step)
+                rotate(run_dir, self._recipe.trainer.save_total_limit)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             """Generation-based evaluation on data.eval (all ranks together), logged as eval_* metrics."""
@@ -198,19 +222,16 @@ def loader_factory(config: Config, encoder, samples, counts, rule):
     return build, collator
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """checkpoint-N folders by step; one without trainer_state.json (killed while writing) is left out."""
-    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted((step, p) for step, p in found if (p / "trainer_state.json").is_file())
-
-
 def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
     """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
+    from finetune.faults import checkpoints, is_complete
+
     if value is not None and value != "latest":
-        if not (Path(value) / "trainer_state.json").is_file():
-            raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json).")
+        if not is_complete(Path(value)):
+            raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a complete checkpoint folder (no "
+                              "complete.json: its save did not finish). Give an earlier checkpoint or `latest`.")  # fmt: skip
         return value
-    found = _checkpoints(run_dir)
+    found = checkpoints(run_dir)
     newest = found[-1][1] if found else None
     if value is None:
         if newest:

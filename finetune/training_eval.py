@@ -47,9 +47,11 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
     tagged = [(i, r) for i, r in zip(indices, records)]
     by_index = dict(reversed(gather_object(tagged) if world > 1 else tagged))  # first answer per sample wins
     records = [by_index[i] for i in sorted(by_index)]
+    out_dir = run_dir / "eval" / f"step-{trainer.state.global_step}"
     if trainer.is_world_process_zero():
-        write_results(run_dir / "eval" / f"step-{trainer.state.global_step}", records)
-    return score(records)
+        return write_results(out_dir, records)
+    answered = [r for r in records if r.get("error") is None]
+    return {**score(answered), "unanswered": [r["id"] for r in records if r.get("error") is not None]}
 
 
 def as_logs(metrics: dict, prefix: str = "eval") -> dict:

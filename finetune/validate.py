@@ -8,8 +8,10 @@ unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media
 roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
 `--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
 Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
-when packed into rows of `--row-tokens` (default data.max_length). Exit status 1 when anything would fail
-training, 0 otherwise.
+when packed into rows of `--row-tokens` (default data.max_length).
+
+Exit status: 0 every sample can be trained on; 1 a problem in the data (samples, or a dataset file that is
+missing, unreadable, empty or not JSON); 2 the command or recipe itself is wrong (an unknown override, ...).
 """
 
 from __future__ import annotations
@@ -106,12 +108,17 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
         value = getattr(config.data, name)
         if value is None:
             continue
-        split = prepare_split(value, config.data, encoder, config.trainer.seed, resolve_data_file)
+        try:
+            split = prepare_split(value, config.data, encoder, config.trainer.seed, resolve_data_file)
+        except DataError as err:  # the file itself: missing, not JSON, not UTF-8
+            print(f"{name}: {err}", flush=True)
+            problems += 1
+            continue
         if decode:
             decode_check(split, encoder)
         print(report(name, split, row_tokens or config.data.max_length), flush=True)
         problems += split.num_problems
-    verdict = "OK: every sample can be trained on." if not problems else f"FAILED: {problems} samples would stop training."
+    verdict = "OK: every sample can be trained on." if not problems else f"FAILED: {problems} problems would stop training."
     print(verdict)
     return 1 if problems else 0
 

@@ -1,11 +1,17 @@
-"""`finetune.train` with test-only fault injection, launched by `accelerate launch` like the real thing.
+"""`finetune.train` with test-only fault injection, launched like the real thing (`accelerate launch`, or plain
+`python tests/distributed_harness.py <overrides>` for one process).
 
-    HARNESS_KILL_AT_STEP=N      every rank SIGKILLs itself right after checkpoint-N is complete on disk
-    HARNESS_SPLIT_MODALITIES=1  batches of one-sample rows go to ranks by modality: rank 0 gets only text-only rows,
-                                rank 1 only rows of video samples (the case that hangs ZeRO-3 without
-                                finetune/vision_sync.py)
+    HARNESS_KILL_AT_STEP=N         every rank SIGKILLs itself right after checkpoint-N is complete on disk
+    HARNESS_KILL_DURING_SAVE=N     SIGKILL while checkpoint-N is being written (weights saved, optimizer not yet)
+    HARNESS_FULL_DISK_AT_STEP=N    writing checkpoint-N's optimizer state fails with ENOSPC (disk full)
+    HARNESS_NAN_AT_STEP=N          the loss of optimizer step N is NaN
+    HARNESS_KILL_RANK=R:N          rank R SIGKILLs itself at the start of step N (a rank that dies mid-run)
+    HARNESS_SPLIT_MODALITIES=1     batches of one-sample rows go to ranks by modality: rank 0 gets only text-only rows,
+                                   rank 1 only rows of video samples (the case that hangs ZeRO-3 without
+                                   finetune/vision_sync.py)
 """
 
+import errno
 import json
 import os
 import signal
@@ -14,21 +20,48 @@ import sys
 import finetune.packing
 import finetune.train
 
+ENV = os.environ.get
 
-def kill_after_checkpoint(step: int) -> None:
+
+def faulty_trainer() -> None:
     make = finetune.train.make_trainer_class
 
-    def make_killing_trainer():
-        class KilledAfterCheckpoint(make()):
+    def make_faulty_trainer():
+        class Faulty(make()):
             def _save_checkpoint(self, model, trial):
                 super()._save_checkpoint(model, trial)
-                if self.state.global_step == step:
+                if ENV("HARNESS_KILL_AT_STEP") and self.state.global_step == int(ENV("HARNESS_KILL_AT_STEP")):
                     self.accelerator.wait_for_everyone()  # every rank's shards are written
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        return KilledAfterCheckpoint
+            def _save_optimizer_and_scheduler(self, output_dir):
+                step = self.state.global_step
+                if ENV("HARNESS_KILL_DURING_SAVE") and step == int(ENV("HARNESS_KILL_DURING_SAVE")):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if ENV("HARNESS_FULL_DISK_AT_STEP") and step == int(ENV("HARNESS_FULL_DISK_AT_STEP")):
+                    with open(os.path.join(output_dir, "optimizer.pt"), "wb") as f:
+                        f.write(b"\0" * 1000)  # a partial write, then the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "optimizer.pt"))
+                super()._save_optimizer_and_scheduler(output_dir)
 
-    finetune.train.make_trainer_class = make_killing_trainer
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                result = super().compute_loss(model, inputs, *args, **kwargs)
+                if ENV("HARNESS_NAN_AT_STEP") and self.state.global_step + 1 == int(ENV("HARNESS_NAN_AT_STEP")):
+                    loss = result[0] if isinstance(result, tuple) else result
+                    loss = loss * float("nan")
+                    return (loss, *result[1:]) if isinstance(result, tuple) else loss
+                return result
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                if ENV("HARNESS_KILL_RANK"):
+                    rank, step = map(int, ENV("HARNESS_KILL_RANK").split(":"))
+                    if self.accelerator.process_index == rank and self.state.global_step + 1 == step:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        return Faulty
+
+    finetune.train.make_trainer_class = make_faulty_trainer
 
 
 def split_modalities(overrides: list[str]) -> None:
@@ -48,8 +81,7 @@ def split_modalities(overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     overrides = sys.argv[1:]
-    if os.environ.get("HARNESS_KILL_AT_STEP"):
-        kill_after_checkpoint(int(os.environ["HARNESS_KILL_AT_STEP"]))
-    if os.environ.get("HARNESS_SPLIT_MODALITIES"):
+    faulty_trainer()
+    if ENV("HARNESS_SPLIT_MODALITIES"):
         split_modalities(overrides)
     sys.exit(finetune.train.main(overrides))

@@ -37,16 +37,18 @@ def video_frames(frames: int, width: int, height: int, seed: int = 0):
 
 
 def write_video(path: Path, frames: int, fps, width: int, height: int, seed: int = 0, codec: str | None = None,
-                gop: int = 12) -> Path:
-    """A clip whose container and codec follow the suffix (mp4/mkv/mov: H.264, avi: MPEG-4, webm: VP9)."""
+                gop: int = 12, bframes: int = 0, faststart: bool = False) -> Path:
+    """A clip whose container and codec follow the suffix (mp4/mkv/mov: H.264, avi: MPEG-4, webm: VP9). `bframes`
+    > 0 gives an MP4 a composition-offset (ctts) table; `faststart` puts its index (moov) before the frames."""
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = codec or CODECS[path.suffix]
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.gop_size = gop
         if codec == "libx264":
-            stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0", "crf": "20"}
+            stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}", "crf": "20"}
         for frame in video_frames(frames, width, height, seed):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

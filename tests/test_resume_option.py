@@ -8,24 +8,31 @@ from finetune.train import check_checkpoint_fits, resolve_checkpoint
 
 
 def _checkpoint(run_dir, step, complete=True):
+    """A checkpoint folder as the trainer leaves it; `complete` adds the marker written after every rank saved."""
+    from finetune.faults import mark_complete
+
     path = run_dir / f"checkpoint-{step}"
     path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
     if complete:
-        (path / "trainer_state.json").write_text("{}")
+        mark_complete(path, step)
     return path
 
 
 def test_latest_is_the_highest_complete_step(tmp_path):
     _checkpoint(tmp_path, 500), _checkpoint(tmp_path, 1000)
     _checkpoint(tmp_path, 1500, complete=False)  # killed while writing: skipped
+    (tmp_path / "checkpoint-2000").mkdir()  # killed before even the trainer state: skipped
     assert resolve_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-1000")
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-1500"), tmp_path)
     assert resolve_checkpoint(str(tmp_path / "checkpoint-500"), tmp_path) == str(tmp_path / "checkpoint-500")
 
 
 def test_no_checkpoint_to_resume_is_an_error_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="no complete checkpoint-"):
         resolve_checkpoint("latest", tmp_path)
-    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
         resolve_checkpoint(str(tmp_path), tmp_path)
 
 

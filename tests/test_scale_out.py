@@ -214,3 +214,37 @@ def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
     run_module("finetune.evaluate", overrides)
     standalone = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
     assert len(in_training) == 16 and in_training == standalone
+
+
+def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, data):
+    """Rank 1 is SIGKILLed at step 3 of a 2-rank DDP run: the job ends within a bounded time (the launcher stops the
+    other rank instead of letting it wait in a collective), and our launcher summarises it in one line."""
+    import time
+
+    from finetune.launcher_output import LauncherTracebackFilter, summary
+
+    start = time.monotonic()
+    rc, _, err = harness(recipe(tmp_path, data, 2), {"HARNESS_KILL_RANK": "1:3"}, timeout=300, expect_ok=False)
+    assert rc != 0 and time.monotonic() - start < 150
+    kept = []
+    filtered = LauncherTracebackFilter(kept.append)
+    filtered.feed(err.encode())
+    filtered.close()
+    assert b"ChildFailedError" not in b"".join(kept) and "ChildFailedError" in err
+    assert summary(filtered.failure, rc) == "training process (rank 1) was killed by SIGKILL; the other processes were stopped."
+
+
+def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
+    """2-rank DDP, one data-loader worker per rank, 3 samples whose media fail to decode: every step is taken on both
+    ranks (losses logged for all of them), and the three are reported once each."""
+    from broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
+
+    from finetune.faults import BAD_SAMPLES
+
+    data = dataset_with_bad_media(tmp_path)
+    overrides = bad_overrides(tmp_path / "run", data, 6, "accelerate.processes_per_node=2",
+                              "trainer.per_device_train_batch_size=2", "trainer.dataloader_num_workers=1")  # fmt: skip
+    launch_sh(overrides)
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    reported = [json.loads(line) for line in open(tmp_path / "run" / BAD_SAMPLES)]
+    assert {r["id"] for r in reported} == BAD_IDS

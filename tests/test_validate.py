@@ -63,8 +63,9 @@ def test_validate_reports_every_problem_class(bad_dataset):
     assert "12 records, 2 usable samples, 10 with problems" in out
     expected = {
         "missing media file: 1": "missing",
-        "unreadable media file: 1": "unreadable",
-        "corrupt, zero-frame or zero-duration video: 3": "zero-duration",
+        "corrupt or truncated image: 1": "unreadable",
+        "corrupt, zero-frame or zero-duration video: 2": "zero-frames",
+        "video with fewer than 2 frames: 1": "zero-duration",
         "placeholder / media count mismatch: 1": "mismatch",
         "unknown role: 1": "role",
         "empty or missing assistant turn: 1": "empty",
@@ -74,7 +75,7 @@ def test_validate_reports_every_problem_class(bad_dataset):
     for line, sample_id in expected.items():
         assert line in out, line
         assert f"(id {sample_id})" in out, sample_id
-    assert "over data.max_length=128" in out and "FAILED: 10 samples" in out
+    assert "over data.max_length=128" in out and "FAILED: 10 problems" in out
 
 
 def test_validate_passes_the_demo():

@@ -96,17 +96,21 @@ def _role(turn: dict, index: int, where: str) -> str:
     return ROLE_ALIASES[role]
 
 
-def _as_list(value) -> list:
+def _as_list(value, where: str = "", key: str = "") -> list:
     if value is None:
         return []
-    return [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: '{key}' must be a path or a list of paths, got {type(value).__name__}.")
+    return list(value)
 
 
 def _placeholder_messages(record: dict, turns: list, where: str, media_root: Path) -> list[dict]:
     """String contents with <image>/<video> placeholders (ShareGPT, LLaVA, Qwen official)."""
     files = {
-        "image": _as_list(record.get("images", record.get("image"))),
-        "video": _as_list(record.get("videos", record.get("video"))),
+        "image": _as_list(record.get("images", record.get("image")), where, "images"),
+        "video": _as_list(record.get("videos", record.get("video")), where, "videos"),
     }
     used = {"image": 0, "video": 0}
     messages = []
@@ -142,7 +146,7 @@ def _block_path(block: dict, kind: str, where: str):
     if kind == "image" and value is None and "image_url" in block:
         value = block["image_url"]["url"] if isinstance(block["image_url"], dict) else block["image_url"]
     if value is None:
-        raise DataError(f"{where}: a {kind} block has no {kind}/path/url.")
+        raise DataError(f"{where}: {'an' if kind == 'image' else 'a'} {kind} block has no {kind}/path/url.")
     return value
 
 
@@ -155,10 +159,15 @@ def _block_messages(record: dict, turns: list, where: str, media_root: Path) -> 
             content = [{"type": "text", "text": content}]
         blocks = []
         for block in content or []:
+            if not isinstance(block, dict):
+                raise DataError(f"{where}: turn {i} has a content block that is not an object: {block!r}.")
             kind = block.get("type")
             kind = "image" if kind == "image_url" else kind
             if kind == "text":
-                blocks.append({"type": "text", "text": block.get("text", "")})
+                text = block.get("text", "")
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: turn {i} has a text block whose text is {type(text).__name__}, not a string.")
+                blocks.append({"type": "text", "text": text})
             elif kind in ("image", "video"):
                 options = {k: v for k, v in block.items() if k in (IMAGE_KEYS if kind == "image" else VIDEO_KEYS)}
                 path = resolve_media(_block_path(block, kind, where), media_root, where)
@@ -186,4 +195,11 @@ def record_to_sample(record: dict, index: int, where: str, media_root: Path, req
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": record["system"]}]})
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to learn.", "empty_turn")
+    for i, message in enumerate(messages):
+        media = [b["type"] for b in message["content"] if b["type"] in ("image", "video")]
+        if media and message["role"] != "user":
+            # The target would become <|vision_start|><|vision_end|>: the model would learn to emit vision tokens.
+            raise DataError(f"{where}: turn {i} ({message['role']}) holds an {media[0]}; images and videos belong in "
+                            "user turns. Move the placeholder or media block into the user's question.",
+                            "placeholders")  # fmt: skip
     return Sample(sample_id, messages, where, {k: v for k, v in record.items() if k not in KNOWN_KEYS})

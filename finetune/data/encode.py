@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import os
-
 import torch
 from PIL import Image
 
 from finetune.data.conversation import DataError, Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
+from finetune.data.media_errors import media_error
 from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
@@ -83,11 +82,14 @@ class ConversationEncoder:
         plans = []
         for block in sample.media("image"):
             try:
+                spec = self.vision.image_spec(block)
+            except (TypeError, ValueError) as err:
+                raise DataError(f"{sample.source}: image {block['image']}: {err}.", "format") from err
+            try:
                 width, height = probe_image(block["image"])
-                plans.append(ImagePlan(block["image"], *self.vision.image_spec(block).target(height, width)))
-            except (OSError, ValueError) as err:
-                raise DataError(f"{sample.source}: image {block['image']}: {_first_line(err)}",
-                                _media_problem(block["image"], err)) from err  # fmt: skip
+                plans.append(ImagePlan(block["image"], *spec.target(height, width)))
+            except Exception as err:  # Pillow raises its own types (e.g. DecompressionBombError)
+                raise media_error(sample, "image", block["image"], block["image"], err) from err
         return plans
 
     def video_plans(self, sample: Sample) -> list[tuple[object, VideoPlan]]:
@@ -96,25 +98,39 @@ class ConversationEncoder:
             name = block["video"] if isinstance(block["video"], str) else f"{len(block['video'])} frame files"
             try:
                 spec = self.vision.video_spec(block)
+            except (TypeError, ValueError) as err:
+                raise DataError(f"{sample.source}: video {name}: {err}.", "format") from err
+            try:
                 info = probe_video(block["video"], spec.frames_fps)
                 plans.append((info, spec.plan(info.total_frames, info.fps, info.height, info.width)))
             except Exception as err:  # av raises its own error types for unreadable files
-                raise DataError(f"{sample.source}: video {name}: {_first_line(err)}",
-                                _media_problem(block["video"], err, video=True)) from err  # fmt: skip
+                raise media_error(sample, "video", name, block["video"], err) from err
         return plans
 
     # ----- text -----
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: list[dict], generation_prompt: bool, sample: Sample) -> str:
+        if not messages:
+            return ""
+        try:
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja and template errors: a turn layout the template does not accept
+            raise DataError(f"{sample.source}: the chat template cannot render this conversation ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}). Check the order of its turns.",
+                            "structure") from err  # fmt: skip
 
     def segments(self, sample: Sample, generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, trained) pieces, rendering one assistant turn at a time."""
         messages = sample.messages
+        first = next((m["role"] for m in messages if m["role"] != "system"), None)
+        if first is not None and first != "user":
+            raise DataError(f"{sample.source}: the conversation starts with an {first} turn; after an optional system "
+                            "turn the first turn must be the user's. Add the user's question before it.",
+                            "structure")  # fmt: skip
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         trained_turns = set(assistant_turns[-1:] if self.label_mode == "last_assistant" else assistant_turns)
         pieces, done = [], ""
         for i in assistant_turns:
-            prefix, full = self._render(messages[:i], True), self._render(messages[: i + 1], False)
+            prefix, full = self._render(messages[:i], True, sample), self._render(messages[: i + 1], False, sample)
             if not (prefix.startswith(done) and full.startswith(prefix)):
                 raise DataError(
                     f"{sample.source}: turn {i} cannot be rendered as a continuation of the turns before it "
@@ -128,7 +144,7 @@ class ConversationEncoder:
                 raise DataError(f"{sample.source}: assistant turn {i} is empty.", "empty_turn")
             pieces += [(prefix[len(done) :], False), (body, i in trained_turns), (reply[len(body) :], False)]
             done = full
-        tail = self._render(messages, generation_prompt)
+        tail = self._render(messages, generation_prompt, sample)
         pieces.append((tail[len(done) :], False))
         if self.label_mode == "all":
             pieces = [(text, True) for text, _ in pieces]
@@ -183,8 +199,8 @@ class ConversationEncoder:
         for plan in plans:
             try:
                 image = load_image(plan.path, target=(plan.height, plan.width))
-            except (OSError, ValueError) as err:
-                raise DataError(f"{sample.source}: image {plan.path}: {_first_line(err)}", "unreadable_media") from err
+            except Exception as err:
+                raise media_error(sample, "image", plan.path, plan.path, err) from err
             # qwen-vl-utils' fetch_image resize; the processor then takes the pixels as they are.
             image = image.resize((plan.width, plan.height), Image.Resampling.BICUBIC)
             out = self.processor.image_processor(images=[image], do_resize=False, return_tensors="pt")
@@ -203,7 +219,7 @@ class ConversationEncoder:
             try:
                 frames = torch.from_numpy(decode_frames(info, plan.indices)).permute(0, 3, 1, 2)
             except Exception as err:
-                raise DataError(f"{sample.source}: video {info.source}: {_first_line(err)}", "bad_video") from err
+                raise media_error(sample, "video", info.source, info.source, err) from err
             # The same resize as qwen-vl-utils' fetch_video (bicubic, antialiased, on uint8 frames).
             frames = resize(frames, [plan.height, plan.width], interpolation=InterpolationMode.BICUBIC, antialias=True)
             out = self.processor.video_processor(
@@ -250,19 +266,3 @@ def _check_grids(sample: Sample, vision: dict, image_plans: list[ImagePlan], vid
     got_v = [tuple(g) for g in vision.get("video_grid_thw", torch.empty(0, 3)).tolist()]
     if planned != got or planned_v != got_v:
         raise RuntimeError(f"{sample.source}: processor grids {got}/{got_v} differ from the plan {planned}/{planned_v}")
-
-
-def _media_problem(path, err: Exception, video: bool = False) -> str:
-    """The `validate` problem class of a media error."""
-    paths = path if isinstance(path, list) else [path]
-    if any(not os.path.exists(p) for p in paths):
-        return "missing_media"
-    if video and not isinstance(err, PermissionError):  # corrupt container, no frames, no fps, empty window
-        return "bad_video"
-    return "unreadable_media"
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-

@@ -48,11 +48,14 @@ def _probe_image(path: str, size: int, mtime_ns: int) -> tuple[int, int]:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
-    if image.mode == "RGBA":  # transparency on white, as qwen-vl-utils' to_rgb
+    # Transparency on white, as qwen-vl-utils' to_rgb: RGBA, and also grey + alpha (LA), palettes with a
+    # transparent index and RGB/grey with a transparent colour (`transparency` in the PNG's info).
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.split()[3])
+        background.paste(rgba, mask=rgba.split()[3])
         return background
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits instead of clipping
         array = np.asarray(image, dtype=np.float64)

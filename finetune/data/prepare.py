@@ -23,6 +23,11 @@ PROBLEM_CLASSES = {
     "outside_root": "media path outside the media root",
     "format": "malformed record",
     "structure": "turn order the chat template cannot render",
+    "duplicate_id": "the same id as an earlier sample",
+    "bad_image": "corrupt or truncated image",
+    "too_few_frames": "video with fewer than 2 frames",
+    "aspect_ratio": "image or frame over the 200:1 aspect ratio",
+    "empty_dataset": "no samples at all",
 }
 
 
@@ -61,6 +66,10 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
     for source in sources:
         samples, errors = read_source(source)
         read += len(samples) + len(errors)
+        if not samples and not errors:
+            problems["empty_dataset"].append(DataError(f"{source.path}: no records at all (an empty list or file). "
+                                                       "Point data.train/data.eval at the right file.",
+                                                       "empty_dataset"))  # fmt: skip
         for err in errors:
             problems[err.kind].append(err)
         results, cache, _ = token_counts(source, samples, encoder)

@@ -53,19 +53,33 @@ def iter_records(path: Path):
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises its own types for a truncated or foreign file
+            raise DataError(f"{path}: cannot be read as parquet ({str(err).splitlines()[0]}). Re-export it.") from None
+        for i, record in enumerate(table.to_pylist()):
             yield f"{path}[{i}]", record
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # line by line as bytes: one bad line never costs the good ones
+            for line_no, raw in enumerate(f, 1):
+                where = f"{path}:{line_no}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                           f"{err.start + 1}). Re-save the file as UTF-8.")  # fmt: skip
+                    continue
                 if line.strip():
                     try:
-                        yield f"{path}:{line_no}", json.loads(line)
+                        yield where, json.loads(line)
                     except json.JSONDecodeError as err:
-                        yield f"{path}:{line_no}", DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).")
+                        yield where, DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).")
     elif suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text (byte offset {err.start}). Re-save the file as UTF-8, or as "
+                            "JSONL so that one bad line costs only that line.") from None  # fmt: skip
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
         if not isinstance(records, list):
@@ -80,15 +94,26 @@ def read_source(source: DatasetSource) -> tuple[list[Sample], list[DataError]]:
     """Every record of one dataset as a Sample, or the DataError that says why it cannot be one."""
     if not source.path.exists():
         raise DataError(f"Dataset {source.path} does not exist.")
-    samples, errors = [], []
+    samples, errors, first_of = [], [], {}
     for index, (where, record) in enumerate(iter_records(source.path)):
         if isinstance(record, DataError):
             errors.append(record)
             continue
         try:
-            samples.append(record_to_sample(record, index, where, source.root))
+            sample = record_to_sample(record, index, where, source.root)
         except DataError as err:
             errors.append(err)
+            continue
+        except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
+            errors.append(DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, "
+                                    "for the formats read.", "format"))  # fmt: skip
+            continue
+        if sample.id in first_of:  # reports, skips and predictions name samples by id: it must be unique
+            errors.append(DataError(f"{where}: id {sample.id!r} is used again (first at {first_of[sample.id]}). Give "
+                                    "every sample its own id.", "duplicate_id"))  # fmt: skip
+            continue
+        first_of[sample.id] = where
+        samples.append(sample)
     return samples, errors
 
 

@@ -128,6 +128,8 @@ class VideoSpec:
 
     def nframes_for(self, total: int, fps: float) -> int:
         """How many frames to sample from `total` (qwen-vl-utils' `smart_nframes`)."""
+        if total < FRAME_FACTOR:
+            raise ValueError(f"{total} frame{'' if total == 1 else 's'}: too few frames")
         if self.nframes is not None:
             n = _round_by(self.nframes, FRAME_FACTOR)
         else:
@@ -135,7 +137,7 @@ class VideoSpec:
             high = _floor_by(min(self.max_frames, total), FRAME_FACTOR)
             n = _floor_by(min(max(total / fps * self.fps, low), high, total), FRAME_FACTOR)
         if not FRAME_FACTOR <= n <= total:
-            raise ValueError(f"cannot sample {n} frames from {total} (need {FRAME_FACTOR} <= frames <= {total})")
+            raise ValueError(f"cannot sample {n} frames from {total}: set nframes between {FRAME_FACTOR} and {total}")
         return n
 
     def frame_max_pixels(self, nframes: int) -> float:

@@ -1,0 +1,131 @@
+"""What can go wrong while a run trains, and how each is contained.
+
+- A sample whose media fail to decode (corrupt past the header, which the pre-pass cannot see) is left out
+  by the collator (finetune/batching.py) and handed here: logged, appended to `bad_samples.jsonl` in the run
+  directory, counted across ranks; past `data.max_bad_samples` the run stops with the list.
+- A NaN or infinite loss on any rank stops the run naming the step and the samples of every rank's rows
+  (`trainer.nonfinite_loss=stop`), or drops that step's gradients (`skip`; not under DeepSpeed).
+- A checkpoint counts only once every rank has written it and a `complete.json` marker was put in place
+  atomically (written, then renamed), so a kill during a save never leaves a checkpoint that resume would
+  load half-written; out of disk while saving stops the run and leaves the previous checkpoint as it was.
+All ranks make the same decision at the same step: the counts travel in one small all-gather per step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from finetune.data.conversation import DataError
+
+logger = logging.getLogger("finetune.faults")
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. out of disk); the message says what is kept and what to do."""
+
+COMPLETE = "complete.json"
+BAD_SAMPLES = "bad_samples.jsonl"
+
+
+def bad_sample_limit(value: float | None, num_samples: int) -> int:
+    """`data.max_bad_samples`: null -> max(10, 1 % of the samples); >= 1 -> that many; in (0, 1) -> that fraction."""
+    if value is None:
+        return max(10, num_samples // 100)
+    return int(value) if value >= 1 else int(value * num_samples)
+
+
+class StepGuard:
+    def __init__(self, run_dir: Path, limit: int, nonfinite: str, accelerator):
+        self.run_dir, self.limit, self.nonfinite, self.accelerator = run_dir, limit, nonfinite, accelerator
+        self.seen: set[str] = set()  # bad sample ids this rank has reported
+        self.bad_total = 0  # across ranks
+        self.sample_ids: list[list[str]] = []
+        self.new_bad = 0
+
+    def take(self, inputs: dict, step: int) -> None:
+        """Pop the collator's bookkeeping from a batch; report samples that failed to decode."""
+        self.sample_ids = inputs.pop("sample_ids", [])
+        self.new_bad = 0
+        for bad in inputs.pop("bad_samples", []):
+            if bad["id"] in self.seen:
+                continue
+            self.seen.add(bad["id"])
+            self.new_bad += 1
+            logger.warning("skipping sample %s (step %d): %s", bad["id"], step + 1, bad["error"])
+            with open(self.run_dir / BAD_SAMPLES, "a") as f:  # one short line per write: appends stay whole
+                f.write(json.dumps({**bad, "step": step + 1, "rank": self.accelerator.process_index}) + "\n")
+
+    def after_step(self, loss: torch.Tensor, real_tokens: int, step: int, model) -> int:
+        """Check the step on every rank together; returns the real tokens of all ranks."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        local = torch.tensor([real_tokens, self.new_bad, 0 if finite else 1], device=self.accelerator.device)
+        totals = self.accelerator.gather(local).reshape(-1, 3).sum(0).tolist()
+        self.bad_total += int(totals[1])
+        if totals[2]:
+            self._nonfinite(step, model)
+        if self.bad_total > self.limit:
+            raise DataError(
+                f"{self.bad_total} training samples failed to decode, more than data.max_bad_samples allows "
+                f"({self.limit}); they are listed in {self.run_dir / BAD_SAMPLES}. Fix or remove them (python -m "
+                "finetune.validate --decode lists every one), or raise data.max_bad_samples."
+            )
+        return int(totals[0])
+
+    def _nonfinite(self, step: int, model) -> None:
+        from accelerate.utils import gather_object
+
+        ids = gather_object([self.sample_ids]) if self.accelerator.num_processes > 1 else [self.sample_ids]
+        rows = "; ".join(f"rank {r}: {', '.join(map(str, sum(rank_rows, [])))}" for r, rank_rows in enumerate(ids))
+        if self.nonfinite == "skip":
+            model.zero_grad(set_to_none=True)  # nothing of this accumulation window reaches the weights
+            logger.warning("step %d: non-finite loss; its gradients were dropped (samples %s)", step + 1, rows)
+            return
+        raise DataError(
+            f"step {step + 1}: the loss is NaN or infinite (samples {rows}). Lower trainer.learning_rate, check "
+            "these samples, use trainer.precision=bf16 instead of fp16, or set trainer.nonfinite_loss=skip."
+        )
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Put the completion marker in place atomically: a reader sees it whole or not at all."""
+    tmp = checkpoint / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"step": step}))
+    os.replace(tmp, checkpoint / COMPLETE)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / "trainer_state.json").is_file()
+
+
+def checkpoints(run_dir: Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """checkpoint-N folders by step (complete ones only, by default)."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted((step, p) for step, p in found if not complete_only or is_complete(p))
+
+
+def rotate(run_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints; an incomplete one older than the newest complete one goes too
+    (a save that was killed). Replaces the Trainer's rotation, which could delete the last complete checkpoint
+    before the new one is marked."""
+    done = checkpoints(run_dir)
+    if not done:
+        return
+    doomed = [p for _, p in done[: -keep or None]] if keep else []
+    doomed += [p for step, p in checkpoints(run_dir, complete_only=False) if step < done[-1][0] and not is_complete(p)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def out_of_disk(err: BaseException) -> bool:
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err)
