@@ -25,24 +25,33 @@ def trained(tmp_path_factory):
     return run_dir, train_file, predictions
 
 
-def _ask(model, record, *extra):
+def _ask(model, record, capsys):
+    """The CLI in this process (the streamed answer is what it prints on stdout)."""
+    from finetune.predict import main
+
     kind = "image" if record.get("images") else "video"
     question = record["messages"][0]["content"].replace(f"<{kind}>", "")
     media = DEMO / record[kind + "s"][0]
-    result = run_module("finetune.predict", ["--model", str(model), f"--{kind}", str(media), "--question", question,
-                                             "--max-new-tokens", "4", *extra])  # fmt: skip
-    return result.stdout.strip()
+    capsys.readouterr()
+    assert main(["--model", str(model), f"--{kind}", str(media), "--question", question, "--max-new-tokens", "4"]) == 0
+    return capsys.readouterr().out.strip()
 
 
-def test_same_answers_from_run_adapter_and_export_as_evaluation(trained):
+def test_same_answers_from_run_adapter_and_export_as_evaluation(trained, capsys):
     run_dir, train_file, predictions = trained
     records = {r["id"]: r for r in json.loads(train_file.read_text())}
     image = next(p for p in predictions if p["task"] == "colour")
     video = next(p for p in predictions if p["task"] == "direction")
     for expected in (image, video):
         record = records[expected["id"]]
-        answers = {model.name: _ask(model, record) for model in (run_dir, run_dir / "adapter", run_dir / "merged")}
+        answers = {m.name: _ask(m, record, capsys) for m in (run_dir, run_dir / "adapter", run_dir / "merged")}
         assert set(answers.values()) == {expected["prediction"]}, (expected, answers)
+    # Once through a fresh interpreter, as a user runs it.
+    result = run_module("finetune.predict", ["--model", str(run_dir / "merged"), "--image",
+                                             str(DEMO / records[image["id"]]["images"][0]), "--question",
+                                             records[image["id"]]["messages"][0]["content"].replace("<image>", ""),
+                                             "--max-new-tokens", "4"])  # fmt: skip
+    assert result.stdout.strip() == image["prediction"]
 
 
 def test_a_file_of_questions_gives_evaluations_answers(trained, tmp_path):

@@ -137,12 +137,15 @@ def test_transparency_becomes_white(tmp_path, mode):
 
 
 # ---------------------------------------------------------------- validate: same table, documented exit codes
-def _validate(args):
-    result = run_module("finetune.validate", args, expect_failure=None)
-    return result.returncode, result.stdout + result.stderr
+def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path, capsys):
+    from finetune.validate import main
 
+    def _validate(args):  # in this process: main() returns the exit status the command exits with
+        capsys.readouterr()
+        rc = main(args)
+        captured = capsys.readouterr()
+        return rc, captured.out + captured.err
 
-def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path):
     image = write_image(tmp_path / "ok.png", 56, 56).name
     cut = cut_jpeg(tmp_path / "cut.jpg").name
     video = cut_faststart_mp4(tmp_path / "cut.mp4").name
@@ -172,6 +175,9 @@ def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path):
     assert rc == 1 and "not found" in out and "Traceback" not in out
     rc, out = _validate(["experiment=demo", "trainer.max_stpes=3"])
     assert rc == 2 and "did you mean 'trainer.max_steps'" in out
+    command = run_module("finetune.validate", ["experiment=demo", f"data.train={empty}", "--split", "train"],
+                         expect_failure=True)  # fmt: skip
+    assert command.returncode == 1  # the same status from the command line
     ok_only = tmp_path / "ok.json"
     ok_only.write_text(json.dumps([{**ok, "id": "x"}]))
     rc, out = _validate(["experiment=demo", f"data.train={ok_only}", "--split", "train", "--decode"])
