@@ -117,8 +117,7 @@ class RowCollator:
         self.pad_token_id = encoder.tokenizer.pad_token_id
         self._stand_in: EncodedSample | None = None
 
-    def _encode(self, i: int, bad: list[dict]) -> EncodedSample | None:
-        sample = self.samples[i]
+    def _encode(self, sample, bad: list[dict]) -> EncodedSample | None:
         try:
             encoded = self.encoder.encode(sample)
         except DataError as err:
@@ -129,10 +128,14 @@ class RowCollator:
         return encoded
 
     def __call__(self, rows: list[tuple[int, ...]]) -> dict:
+        return self.batch([[self.samples[i] for i in row] for row in rows])
+
+    def batch(self, rows: list[list]) -> dict:
+        """The training batch of rows given as lists of Samples (streaming mode calls this directly)."""
         bad: list[dict] = []
         kept = []  # rows of (encoded sample, id)
         for row in rows:
-            pairs = [(e, self.samples[i].id) for i in row if (e := self._encode(i, bad)) is not None]
+            pairs = [(e, sample.id) for sample in row if (e := self._encode(sample, bad)) is not None]
             if pairs:
                 kept.append(pairs)
         if not kept:
@@ -143,10 +146,10 @@ class RowCollator:
         return batch
 
     def _find_stand_in(self, bad: list[dict]) -> EncodedSample:
-        for i in range(len(self.samples)):
+        for i in range(len(self.samples or [])):
             if self._stand_in is not None:
                 break
-            self._encode(i, [])
+            self._encode(self.samples[i], [])
         if self._stand_in is None:
             raise DataError("no training sample can be encoded (every one failed to decode):\n"
                             + "\n".join(b["error"] for b in bad[:5]))  # fmt: skip

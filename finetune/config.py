@@ -103,8 +103,19 @@ class DataConfig:
     # stops past this many: null = max(10, 1 % of the samples), >= 1 a count, < 1 a fraction of the samples.
     max_bad_samples: float | None = None
     eval_max_samples: int | None = None
+    # Processes for the token pre-pass: null = the CPUs this process may use, shared by the ranks of a node (each
+    # rank counts its share of the records). Counts are stored beside the dataset in .finetune-store/.
+    num_proc: int | None = None
+    # true: read the records as a stream (sets too large to index, 10M+): sharded by rank and DataLoader worker,
+    # counted and packed on the fly from a look-ahead buffer; needs trainer.max_steps. See README, Data at scale.
+    streaming: bool = False
+    stream_buffer: int = 4096  # samples packed together in streaming mode (the indexed mode's packing window)
 
     def check(self) -> None:
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be >= 1 (or null for every CPU), got {self.num_proc}.")
+        if self.stream_buffer < 1:
+            raise ConfigError(f"data.stream_buffer must be >= 1, got {self.stream_buffer}.")
         if self.max_length < 16:
             raise ConfigError(f"data.max_length={self.max_length} is too small to hold one chat turn.")
         for name in ("train", "eval"):
@@ -177,6 +188,9 @@ class TrainerConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     seed: int = 42
+    # Seconds a rank waits for the others at a collective before the job fails (torch.distributed's timeout; the
+    # default 30 min of transformers is short for a cold pre-pass of millions of samples or a slow checkpoint).
+    ddp_timeout: int = 7200
     # latest: the newest checkpoint-* in output_dir; or a checkpoint folder. Same data order, optimizer,
     # scheduler and RNG state as the interrupted run.
     resume_from_checkpoint: str | None = None
@@ -193,6 +207,8 @@ class TrainerConfig:
         _choice("trainer.nonfinite_loss", self.nonfinite_loss, ("stop", "skip"))
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Set trainer.max_steps > 0 or trainer.num_train_epochs > 0: nothing would be trained.")
+        if self.ddp_timeout < 60:
+            raise ConfigError(f"trainer.ddp_timeout={self.ddp_timeout} s is too short for any collective; use >= 60.")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("trainer.per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
         for key in ("learning_rate", "vision_tower_lr", "merger_lr"):
@@ -312,6 +328,9 @@ class Config:
                 f"trainer.max_tokens_per_row={self.trainer.max_tokens_per_row} is below data.max_length="
                 f"{self.data.max_length}: a valid sample might not fit in a row. Raise it or lower data.max_length."
             )
+        if self.data.streaming and self.trainer.max_steps <= 0:
+            raise ConfigError("data.streaming=true reads the data as an endless stream: set trainer.max_steps to the "
+                              "number of optimizer steps to train (epochs cannot be counted without an index).")  # fmt: skip
         self._check_trainable_parts()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError("trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "

@@ -1,7 +1,8 @@
-"""Where relative paths in recipes point."""
+"""Where relative paths in recipes point, and where our caches live."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from finetune.config import REPO_ROOT
@@ -20,3 +21,8 @@ def resolve_data_file(path: str) -> Path:
         if p.exists():
             return p
     raise DataError(f"Dataset file {path!r} not found (looked at {', '.join(str(p) for p in tried)}).")
+
+
+def cache_root() -> Path:
+    """Tiny checkpoints, reference wheels and the stores of read-only datasets ($FINETUNE_CACHE_DIR)."""
+    return Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))

@@ -196,10 +196,6 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
-
-
 def _spec_hash(family: str, seed: int) -> str:
     import transformers
 
@@ -209,6 +205,8 @@ def _spec_hash(family: str, seed: int) -> str:
 
 def tiny_checkpoint(family: str, seed: int = 0) -> Path:
     """Path of the cached tiny checkpoint, building it first if needed (safe under concurrent builders)."""
+    from finetune.paths import cache_root
+
     target = cache_root() / "tiny" / f"{family}-{_spec_hash(family, seed)}"
     if (target / "model.safetensors").exists():
         return target

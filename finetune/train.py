@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from finetune.cli import run
@@ -73,6 +74,10 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         save_steps=t.save_steps,
         save_total_limit=None,  # finetune/faults.py rotates, after a checkpoint is marked complete
         seed=t.seed,
+        ddp_timeout=t.ddp_timeout,
+        # A stream resumes by counting past the trained batches itself (finetune/data/streaming.py), not by letting
+        # the Trainer decode and drop them.
+        ignore_data_skip=config.data.streaming,
         report_to=configure_logger_backend(config, run_dir),
         deepspeed=config.deepspeed.config_file and str(repo_path(config.deepspeed.config_file)),
         # Our collator does all preprocessing (video included): TRL must not touch the dataset, drop columns or
@@ -116,7 +121,10 @@ def make_trainer_class():
             self._last_log = (time.perf_counter(), 0, 0)
 
         def get_train_dataloader(self):
-            return self.accelerator.prepare(self._train_loader(self.accelerator.num_processes))
+            loader = self._train_loader(self.accelerator.num_processes)
+            if self._recipe.data.streaming:  # already this rank's own batches: accelerate must not shard them again
+                return loader
+            return self.accelerator.prepare(loader)
 
         def create_optimizer(self, model=None):
             """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
@@ -203,16 +211,16 @@ def make_trainer_class():
     return VisionLanguageSFTTrainer
 
 
-def loader_factory(config: Config, encoder, samples, counts, rule):
+def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
     """A function of the world size returning the training DataLoader: packed rows, or one sample per row."""
     from finetune.batching import RowCollator, training_loader
     from finetune.packing import training_rows
 
     budget = config.trainer.max_tokens_per_row or config.data.max_length
-    rows = training_rows([c.total for c in counts], config.trainer.packing, budget, config.trainer.seed)
+    rows = training_rows(lengths, config.trainer.packing, budget, config.trainer.seed)
     if config.trainer.packing:
         logger.info("packing %d samples into %d rows of <= %d tokens (%.1f%% filled)", len(samples), len(rows),
-                    budget, 100 * sum(c.total for c in counts) / (len(rows) * budget))  # fmt: skip
+                    budget, 100 * sum(lengths) / (len(rows) * budget))  # fmt: skip
     collator = RowCollator(encoder, samples, rule)
 
     def build(world_size: int):
@@ -220,6 +228,38 @@ def loader_factory(config: Config, encoder, samples, counts, rule):
                                world_size, config.trainer.dataloader_num_workers)  # fmt: skip
 
     return build, collator
+
+
+def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
+    """The training DataLoader of data.streaming=true (finetune/data/streaming.py)."""
+    from torch.utils.data import DataLoader
+
+    from finetune.batching import RowCollator
+    from finetune.data.sources import parse_sources
+    from finetune.data.streaming import StreamingBatches, checkpoint_step
+
+    sources = parse_sources(config.data.train, config.data.media_root, resolve_data_file)
+    if any(s.weight != 1.0 for s in sources):
+        raise ConfigError("data.streaming=true reads each dataset once per pass: dataset weights are not supported "
+                          "there. Drop the weights, or repeat/subsample the files, or use data.streaming=false.")  # fmt: skip
+    for source in sources:
+        if not source.path.exists():
+            raise DataError(f"Dataset {source.path} does not exist.")
+    t = config.trainer
+    skip = checkpoint_step(checkpoint) * t.gradient_accumulation_steps
+
+    def build(world_size: int):
+        from accelerate import PartialState
+
+        stream = StreamingBatches(sources, encoder, RowCollator(encoder, None, rule),
+                                  budget=t.max_tokens_per_row or config.data.max_length, packing=t.packing,
+                                  rows_per_batch=t.per_device_train_batch_size, seed=t.seed,
+                                  rank=PartialState().process_index, world_size=world_size,
+                                  buffer_size=config.data.stream_buffer, over_length=config.data.over_length,
+                                  skip_batches=skip)  # fmt: skip
+        return DataLoader(stream, batch_size=None, num_workers=t.dataloader_num_workers)
+
+    return build
 
 
 def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
@@ -260,7 +300,7 @@ def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> N
         )
 
 
-def build_trainer(config: Config, overrides: list[str]):
+def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
     """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
     import datasets
     from accelerate import PartialState
@@ -285,20 +325,23 @@ def build_trainer(config: Config, overrides: list[str]):
     # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
     # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
     # take turns below, and under ZeRO-3 make from_pretrained load each weight partitioned (deepspeed.zero.Init).
-    PartialState()
+    PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
     args = build_sft_config(config, precision, run_dir)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
-    # a bad or over-long sample stops the run here, naming it, not hours in. The main process counts first;
-    # the other ranks then read its cache.
-    with args.main_process_first(desc="token pre-pass"):
+    # a bad or over-long sample stops the run here, naming it, not hours in. Every rank counts its share of the
+    # records not counted yet (finetune/data/store.py) and the ranks exchange the counts.
+    if config.data.streaming:
+        split, samples = None, None
+        logger.info("streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
+                    "look-ahead buffer", config.data.stream_buffer)  # fmt: skip
+    else:
         split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
-    require_clean(split, "training", config.data.skip_invalid, logger)
-    if not split.samples:
-        raise DataError(f"data.train={config.data.train} holds no usable samples.")
-    samples = split.samples
-    logger.info("%d training samples, %s tokens (text/image/video %s/%s/%s)", len(samples),
-                f"{sum(c.total for c in split.counts):,}", *(f"{sum(getattr(c, k) for c in split.counts):,}"
-                for k in ("text", "image", "video")))  # fmt: skip
+        require_clean(split, "training", config.data.skip_invalid, logger)
+        if not split.samples:
+            raise DataError(f"data.train={config.data.train} holds no usable samples.")
+        samples = split.samples
+        logger.info("%d training samples, %s tokens (text/image/video %s/%s/%s)", len(samples),
+                    f"{int(split.totals.sum()):,}", *(f"{int(split.tokens[k].sum()):,}" for k in ("text", "image", "video")))
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -319,17 +362,23 @@ def build_trainer(config: Config, overrides: list[str]):
 
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
-    build_loader, collator = loader_factory(config, encoder, samples, split.counts, rule)
+    if config.data.streaming:
+        build_loader, collator = streaming_loader(config, encoder, rule, checkpoint), None
+    else:
+        build_loader, collator = loader_factory(config, encoder, samples, split.totals.tolist(), rule)
     eval_samples, eval_encoder = None, None
     if config.evaluation.steps:
         from finetune.evaluate import eval_samples as read_eval_samples
 
         eval_encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
-        with args.main_process_first(desc="evaluation pre-pass"):
-            eval_samples = read_eval_samples(config, eval_encoder)
+        eval_samples = read_eval_samples(config, eval_encoder)
         logger.info("evaluating on %d held-out samples every %d steps and at the end", len(eval_samples),
                     config.evaluation.steps)  # fmt: skip
-    index = datasets.Dataset.from_dict({"index": list(range(len(samples)))})  # TRL wants datasets; ours are unused
+    # TRL wants datasets; ours are unused except for their length (the base of a fractional data.max_bad_samples:
+    # in streaming mode, the rows the run trains).
+    t = config.trainer
+    size = len(samples) if samples is not None else t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * PartialState().num_processes
+    index = datasets.Dataset.from_dict({"index": list(range(size))})
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -342,10 +391,13 @@ def build_trainer(config: Config, overrides: list[str]):
         eval_samples=eval_samples,
         eval_encoder=eval_encoder,
     )
-    trainer.data_summary = {"num_train_samples": len(samples), "train_data": split.kept_per_file,
-                            "max_images_per_sample": max(len(s.media("image")) for s in samples),
-                            "max_videos_per_sample": max(len(s.media("video")) for s in samples)}  # fmt: skip
-    return trainer, processor, len(samples), precision
+    if samples is None:
+        trainer.data_summary = {"num_train_samples": None, "train_data": {str(config.data.train): "streamed"}}
+    else:
+        most_images, most_videos = samples.media_counts()
+        trainer.data_summary = {"num_train_samples": len(samples), "train_data": split.kept_per_file,
+                                "max_images_per_sample": most_images, "max_videos_per_sample": most_videos}  # fmt: skip
+    return trainer, processor, size, precision
 
 
 def train(config: Config, overrides: list[str]) -> Path:
@@ -355,7 +407,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
     if checkpoint:  # WORLD_SIZE: set by `accelerate launch` for every rank, before any process group exists
         check_checkpoint_fits(checkpoint, config, int(os.environ.get("WORLD_SIZE", "1")))
-    trainer, processor, _, precision = build_trainer(config, overrides)
+    trainer, processor, _, precision = build_trainer(config, overrides, checkpoint)
     if trainer.is_world_process_zero():
         write_run_info(run_dir, config, overrides, {"precision": precision, "resumed_from": checkpoint,
                                                     **trainer.data_summary})  # fmt: skip

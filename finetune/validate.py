@@ -8,7 +8,7 @@ unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media
 roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
 `--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
 Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
-when packed into rows of `--row-tokens` (default data.max_length).
+when packed into rows of `--row-tokens` (default: the row budget training uses) by the trainer's own packing.
 
 Exit status: 0 every sample can be trained on; 1 a problem in the data (samples, or a dataset file that is
 missing, unreadable, empty or not JSON); 2 the command or recipe itself is wrong (an unknown override, ...).
@@ -25,7 +25,7 @@ from collections import defaultdict
 from finetune.cli import run
 from finetune.config import Config, load_config
 from finetune.data.conversation import DataError
-from finetune.data.encode import ConversationEncoder, TokenCount
+from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.paths import resolve_data_file
 
@@ -36,29 +36,22 @@ def decode_check(split: PreparedSplit, encoder: ConversationEncoder) -> None:
     """Encode every kept sample for real; move the failures into the problem lists."""
     from tqdm import tqdm
 
-    kept_samples, kept_counts = [], []
-    for sample, count in tqdm(list(zip(split.samples, split.counts)), desc="decode check", unit="sample"):
+    kept = []
+    for i, sample in enumerate(tqdm(split.samples, total=len(split.samples), desc="decode check", unit="sample")):
         try:
             encoder.encode(sample)
         except DataError as err:
             split.problems.setdefault(err.kind, []).append(err)
             continue
-        kept_samples.append(sample)
-        kept_counts.append(count)
-    split.samples, split.counts = kept_samples, kept_counts
+        kept.append(i)
+    split.keep(kept)
 
 
-def packed_rows(lengths: list[int], row_tokens: int) -> int:
-    """First-fit decreasing: how many rows of `row_tokens` the samples fill (a lower-bound-quality estimate)."""
-    free: list[int] = []
-    for length in sorted(lengths, reverse=True):
-        for i, room in enumerate(free):
-            if room >= length:
-                free[i] -= length
-                break
-        else:
-            free.append(row_tokens - length)
-    return len(free)
+def packed_rows(lengths: list[int], row_tokens: int, seed: int) -> int:
+    """The rows of `row_tokens` the samples fill, packed exactly as training packs them."""
+    from finetune.packing import pack_rows
+
+    return len(pack_rows(lengths, row_tokens, seed))
 
 
 def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
@@ -74,27 +67,28 @@ def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
             for b in range(bins) if low + b * step <= high]  # fmt: skip
 
 
-def report(name: str, split: PreparedSplit, row_tokens: int) -> str:
-    counts: list[TokenCount] = split.counts
+def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> str:
     lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
     if split.shortened:
         lines.append(f"{split.shortened} samples lose trailing turns to fit data.max_length (data.over_length="
                      "drop_trailing_turns)")  # fmt: skip
     if split.num_problems:
         lines += ["problems:", format_problems(split.problems)]
-    totals = [c.total for c in counts]
+    totals = split.totals.tolist()
     if totals:
         lines.append("tokens per sample        min   median      p95      max      total")
         for part in ("text", "image", "video", "total"):
-            values = sorted(getattr(c, part) for c in counts)
+            values = sorted((split.totals if part == "total" else split.tokens[part]).tolist())
             p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
             lines.append(f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
                          f"{sum(values):>10,}")  # fmt: skip
         lines.append("total tokens per sample (histogram):")
         lines += histogram(totals)
-        rows = packed_rows(totals, row_tokens)
-        lines.append(f"packed into rows of {row_tokens} tokens: ~{rows} rows, {sum(totals) / (rows * row_tokens):.1%} "
-                     f"filled (padded batching would use {len(totals)} rows)")  # fmt: skip
+        fits = [t for t in totals if t <= row_tokens]
+        rows = packed_rows(fits, row_tokens, seed)
+        lines.append(f"packed into rows of {row_tokens} tokens as training packs them: {rows} rows, "
+                     f"{sum(fits) / max(1, rows * row_tokens):.1%} filled (one sample per row would use {len(fits)} rows)"
+                     + (f"; {len(totals) - len(fits)} samples are longer than a row" if len(fits) < len(totals) else ""))
     return "\n".join(lines)
 
 
@@ -116,7 +110,8 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
             continue
         if decode:
             decode_check(split, encoder)
-        print(report(name, split, row_tokens or config.data.max_length), flush=True)
+        print(report(name, split, row_tokens or config.trainer.max_tokens_per_row or config.data.max_length,
+                     config.trainer.seed), flush=True)  # fmt: skip
         problems += split.num_problems
     verdict = "OK: every sample can be trained on." if not problems else f"FAILED: {problems} problems would stop training."
     print(verdict)

@@ -17,6 +17,8 @@ Every media path is resolved inside the media root; a path that escapes it is re
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,15 +72,33 @@ def resolve_media(path, media_root: Path, where: str):
     if re.match(r"^[a-z][a-z0-9+.-]*://", path) and not path.startswith("file://"):
         raise DataError(f"{where}: remote media {path!r} is not supported; download it under the media root.", "missing_media")
     path = path.removeprefix("file://")
-    root = media_root.resolve()
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
+    root = _real_folder(str(media_root))
+    resolved = _real_path(os.path.join(root, path))
+    if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
         raise DataError(
             f"{where}: media path {path!r} resolves to {resolved}, outside the media root {root}. "
             "Move the file under the media root or set data.media_root to a folder that contains it.",
             "outside_root",
         )
-    return str(resolved)
+    return resolved
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _real_folder(folder: str) -> str:
+    """A folder with every symlink resolved; cached because a dataset has millions of files in few folders (the
+    process lives for one run: a folder re-linked during it is not seen)."""
+    return os.path.realpath(folder)
+
+
+def _real_path(path: str) -> str:
+    """os.path.realpath, resolving the (cached) folder once and then only the file name itself."""
+    if "/../" in path or path.endswith("/..") or "/./" in path:
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    if not name or name == ".":
+        return os.path.realpath(path)
+    joined = os.path.join(_real_folder(folder), name)
+    return os.path.realpath(joined) if os.path.islink(joined) else joined
 
 
 def _options(record: dict, kind: str) -> dict:

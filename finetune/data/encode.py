@@ -21,6 +21,7 @@ from finetune.data.media_errors import media_error
 from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
+_REPLY_MARK = "\x00reply {} here\x00"  # stands in for a reply to find where the template puts it
 
 
 @dataclass
@@ -119,7 +120,10 @@ class ConversationEncoder:
                             "structure") from err  # fmt: skip
 
     def segments(self, sample: Sample, generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, trained) pieces, rendering one assistant turn at a time."""
+        """The rendered conversation as (text, trained) pieces: each assistant reply with its end-of-turn token is
+        trained (per label mode), everything else is not. Linear in the number of turns: the conversation is
+        rendered once as it is and once with each reply replaced by a marker that locates it. Where a template
+        does not allow that (it rewrites or trims replies), every turn is rendered as a continuation instead."""
         messages = sample.messages
         first = next((m["role"] for m in messages if m["role"] != "system"), None)
         if first is not None and first != "user":
@@ -128,6 +132,57 @@ class ConversationEncoder:
                             "structure")  # fmt: skip
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         trained_turns = set(assistant_turns[-1:] if self.label_mode == "last_assistant" else assistant_turns)
+        pieces = self._segments_by_markers(sample, assistant_turns, trained_turns, generation_prompt)
+        if pieces is None:
+            pieces = self._segments_turn_by_turn(sample, assistant_turns, trained_turns, generation_prompt)
+        if self.label_mode == "all":
+            pieces = [(text, True) for text, _ in pieces]
+        return [(text, trained) for text, trained in pieces if text]
+
+    def _reply_piece(self, sample: Sample, turn: int, reply: str, trained: bool) -> list[tuple[str, bool]]:
+        body = reply.rstrip()  # the newline after the end-of-turn token belongs to the next prompt
+        if not body or body == self.tokenizer.eos_token:
+            raise DataError(f"{sample.source}: assistant turn {turn} is empty.", "empty_turn")
+        return [(body, trained), (reply[len(body) :], False)]
+
+    def _end_of_turn(self) -> str | None:
+        """What the template writes after an assistant reply (`<|im_end|>\\n` for Qwen), or None if it cannot tell."""
+        if not hasattr(self, "_end_of_turn_text"):
+            probe = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(0)}]}]  # fmt: skip
+            try:
+                text = self.processor.apply_chat_template(probe, tokenize=False)
+                self._end_of_turn_text = text.split(_REPLY_MARK.format(0), 1)[1]
+            except Exception:  # a template that needs more than this probe: use the turn-by-turn route
+                self._end_of_turn_text = None
+        return self._end_of_turn_text
+
+    def _segments_by_markers(self, sample, assistant_turns, trained_turns, generation_prompt):
+        end = self._end_of_turn()
+        messages = sample.messages
+        if end is None or any(b["type"] != "text" for i in assistant_turns for b in messages[i]["content"]):
+            return None
+        marked = list(messages)
+        for k, i in enumerate(assistant_turns):
+            marked[i] = {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(k)}]}
+        layout = self._render(marked, generation_prompt, sample)
+        pieces, pos = [], 0
+        for k, i in enumerate(assistant_turns):
+            mark = _REPLY_MARK.format(k)
+            at = layout.find(mark, pos)
+            if at < 0 or not layout.startswith(end, at + len(mark)):
+                return None
+            reply = "".join(b["text"] for b in messages[i]["content"]) + end
+            pieces += [(layout[pos:at], False), *self._reply_piece(sample, i, reply, i in trained_turns)]
+            pos = at + len(mark) + len(end)
+        pieces.append((layout[pos:], False))
+        if "".join(text for text, _ in pieces) != self._render(messages, generation_prompt, sample):
+            return None  # the template changes replies (trims, escapes): render turn by turn
+        return pieces
+
+    def _segments_turn_by_turn(self, sample, assistant_turns, trained_turns, generation_prompt):
+        """Each assistant turn as the difference between renders with and without it (quadratic in turns)."""
+        messages = sample.messages
         pieces, done = [], ""
         for i in assistant_turns:
             prefix, full = self._render(messages[:i], True, sample), self._render(messages[: i + 1], False, sample)
@@ -138,23 +193,18 @@ class ConversationEncoder:
                     "rewrite earlier turns).",
                     "structure",
                 )
-            reply = full[len(prefix) :]
-            body = reply.rstrip()  # the newline after the end-of-turn token belongs to the next prompt
-            if not body or body == self.tokenizer.eos_token:
-                raise DataError(f"{sample.source}: assistant turn {i} is empty.", "empty_turn")
-            pieces += [(prefix[len(done) :], False), (body, i in trained_turns), (reply[len(body) :], False)]
+            pieces += [(prefix[len(done) :], False), *self._reply_piece(sample, i, full[len(prefix) :], i in trained_turns)]
             done = full
         tail = self._render(messages, generation_prompt, sample)
         pieces.append((tail[len(done) :], False))
-        if self.label_mode == "all":
-            pieces = [(text, True) for text, _ in pieces]
-        return [(text, trained) for text, trained in pieces if text]
+        return pieces
 
     def _tokens(self, sample: Sample, generation_prompt: bool) -> tuple[list[int], list[int]]:
         """Token ids with ONE pad per image/video, and their labels."""
         ids, labels = [], []
-        for text, trained in self.segments(sample, generation_prompt):
-            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = self.segments(sample, generation_prompt)
+        tokenized = self.tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+        for (_, trained), piece in zip(pieces, tokenized):
             ids += piece
             labels += [t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece]
         return ids, labels

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from finetune.data.conversation import DataError, Sample
 from finetune.data.encode import ConversationEncoder, TokenCount
-from finetune.data.lengths import token_counts
-from finetune.data.sources import mix, parse_sources, read_source
+from finetune.data.sources import mix_order, parse_sources
+from finetune.data.store import SampleTable, load_source
 
 PROBLEM_CLASSES = {
     "missing_media": "missing media file",
@@ -32,70 +34,104 @@ PROBLEM_CLASSES = {
 
 
 def drop_trailing_turns(sample: Sample, encoder: ConversationEncoder, max_length: int):
-    """The sample cut back to an earlier assistant reply (whole turns, media included) so that it fits, with
-    its new count; None when even the first reply does not fit."""
+    """The number of messages to keep so that the sample, cut back to an earlier assistant reply (whole turns, media
+    included), fits, with its new count; None when even the first reply does not fit."""
     messages = sample.messages
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     for last in reversed(replies[:-1]):
-        shorter = Sample(sample.id, messages[: last + 1], sample.source, sample.extra)
-        count = encoder.count_tokens(shorter)
+        count = encoder.count_tokens(Sample(sample.id, messages[: last + 1], sample.source, sample.extra))
         if count.total <= max_length:
-            return shorter, count
+            return last + 1, count
     return None
 
 
 @dataclass
 class PreparedSplit:
-    samples: list[Sample]
-    counts: list[TokenCount]
+    """The usable samples of a split (built from the store on access), their token counts, and the problems."""
+
+    samples: SampleTable
+    tokens: dict[str, np.ndarray]  # text / image / video tokens per sample, in sample order
     problems: dict[str, list[DataError]] = field(default_factory=dict)
     read: int = 0  # records read across sources
     cache_files: list[str] = field(default_factory=list)
     shortened: int = 0  # samples that lost trailing turns to fit (data.over_length=drop_trailing_turns)
     kept_per_file: dict[str, int] = field(default_factory=dict)  # usable samples per dataset file, before mixing
+    counted: int = 0  # records counted by this call (the others came from the store)
 
     @property
     def num_problems(self) -> int:
         return sum(len(v) for v in self.problems.values())
 
+    @property
+    def totals(self) -> np.ndarray:
+        return self.tokens["text"] + self.tokens["image"] + self.tokens["video"]
+
+    def keep(self, positions) -> None:
+        """Only the samples at these positions (e.g. those that decode), in order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        self.samples = self.samples.subset(positions)
+        self.tokens = {name: values[positions] for name, values in self.tokens.items()}
+
+    @property
+    def counts(self) -> list[TokenCount]:
+        return [TokenCount(*map(int, c)) for c in zip(self.tokens["text"], self.tokens["image"], self.tokens["video"])]
+
 
 def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, resolve) -> PreparedSplit:
+    """Every record of the split's datasets read and counted (through the store), problems sorted, sources mixed."""
     sources = parse_sources(value, data_cfg.media_root, resolve)
     problems: dict[str, list[DataError]] = defaultdict(list)
-    kept_per_source, read, caches, shortened = [], 0, [], 0
+    stores, kept, read, shortened = [], [], 0, 0
+    limit = data_cfg.max_length
     for source in sources:
-        samples, errors = read_source(source)
-        read += len(samples) + len(errors)
-        if not samples and not errors:
+        stored = load_source(source, encoder, getattr(data_cfg, "num_proc", None))
+        stores.append(stored)
+        read += len(stored)
+        if not len(stored):
             problems["empty_dataset"].append(DataError(f"{source.path}: no records at all (an empty list or file). "
                                                        "Point data.train/data.eval at the right file.",
                                                        "empty_dataset"))  # fmt: skip
-        for err in errors:
-            problems[err.kind].append(err)
-        results, cache, _ = token_counts(source, samples, encoder)
-        caches.append(str(cache))
-        kept = []
-        for sample, result in zip(samples, results):
-            if isinstance(result, DataError):
-                problems[result.kind].append(result)
-            elif data_cfg.max_length and result.total > data_cfg.max_length:
-                if data_cfg.over_length == "drop_trailing_turns":
-                    fitted = drop_trailing_turns(sample, encoder, data_cfg.max_length)
-                    if fitted is not None:
-                        kept.append(fitted)
-                        shortened += 1
-                        continue
-                over = result.total - data_cfg.max_length
-                problems["too_long"].append(DataError(
-                    f"{sample.source}: {result.total} tokens (text {result.text}, image {result.image}, video "
-                    f"{result.video}), {over} over data.max_length={data_cfg.max_length}", "too_long"))  # fmt: skip
-            else:
-                kept.append((sample, result))
-        kept_per_source.append(kept)
-    mixed = mix(kept_per_source, [s.weight for s in sources], seed)
-    per_file = {str(source.path): len(kept) for source, kept in zip(sources, kept_per_source)}
-    return PreparedSplit([s for s, _ in mixed], [c for _, c in mixed], dict(problems), read, caches, shortened,
-                         per_file)  # fmt: skip
+        totals = stored.text + stored.image + stored.video
+        rows, cuts = [], {}  # cuts: row -> (messages kept, their count)
+        for row in np.flatnonzero(np.array([k is not None for k in stored.error_kind], dtype=bool)).tolist():
+            problems[stored.errors[row].kind].append(stored.errors[row])
+        usable = np.array([k is None for k in stored.error_kind], dtype=bool)
+        over = usable & (totals > limit) if limit else np.zeros(len(stored), dtype=bool)
+        for row in np.flatnonzero(over).tolist():
+            sample = SampleTable([stored.records_file], [(0, row)], tables=[stored.records])[0]
+            fitted = drop_trailing_turns(sample, encoder, limit) if data_cfg.over_length == "drop_trailing_turns" else None
+            if fitted is not None:
+                cuts[row] = fitted
+                shortened += 1
+                continue
+            problems["too_long"].append(DataError(
+                f"{sample.source}: {totals[row]} tokens (text {stored.text[row]}, image {stored.image[row]}, video "
+                f"{stored.video[row]}), {totals[row] - limit} over data.max_length={limit}", "too_long"))  # fmt: skip
+        rows = np.flatnonzero(usable & (~over | np.isin(np.arange(len(stored)), list(cuts))))
+        kept.append((rows, cuts))
+    order = mix_order([len(rows) for rows, _ in kept], [s.weight for s in sources], seed)
+    samples, tokens, table_cuts = [], {"text": [], "image": [], "video": []}, {}
+    pairs = np.stack([order[:, 0], np.zeros(len(order), dtype=np.int64)], axis=1) if len(order) else order
+    for part, (rows, cuts) in enumerate(kept):
+        mine = order[:, 0] == part
+        pairs[mine, 1] = rows[order[mine, 1]]
+    for name in tokens:
+        values = np.zeros(len(order), dtype=np.int64)
+        for part, stored in enumerate(stores):
+            mine = pairs[:, 0] == part
+            values[mine] = getattr(stored, name)[pairs[mine, 1]]
+        tokens[name] = values
+    for i in np.flatnonzero(np.isin(pairs[:, 1], [r for _, cuts in kept for r in cuts])).tolist():
+        part, row = pairs[i]
+        fitted = kept[part][1].get(int(row))
+        if fitted is not None:
+            kept_messages, count = fitted
+            table_cuts[i] = kept_messages
+            tokens["text"][i], tokens["image"][i], tokens["video"][i] = count.text, count.image, count.video
+    per_file = {str(source.path): len(rows) for source, (rows, _) in zip(sources, kept)}
+    return PreparedSplit(SampleTable([s.records_file for s in stores], pairs, table_cuts, [s.records for s in stores]), tokens, dict(problems), read,
+                         [str(s.records_file) for s in stores], shortened, per_file,
+                         sum(s.counted for s in stores))  # fmt: skip
 
 
 def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str:

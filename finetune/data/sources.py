@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from finetune.data.conversation import DataError, Sample, record_to_sample
 
 
@@ -117,15 +119,24 @@ def read_source(source: DatasetSource) -> tuple[list[Sample], list[DataError]]:
     return samples, errors
 
 
-def mix(per_source: list[list[Sample]], weights: list[float], seed: int) -> list[Sample]:
-    """Concatenate the datasets, repeating or subsampling each by its weight (deterministic for a seed)."""
-    mixed = []
+def mix_order(sizes: list[int], weights: list[float], seed: int) -> np.ndarray:
+    """(dataset, position) pairs of the mixture: each dataset repeated or subsampled by its weight, in dataset
+    order (deterministic for a seed). Arrays, not objects, so that millions of samples cost megabytes."""
     rng = random.Random(seed)
-    for samples, weight in zip(per_source, weights):
+    parts = []
+    for part, (size, weight) in enumerate(zip(sizes, weights)):
         whole, fraction = int(weight), weight - int(weight)
-        mixed += samples * whole
-        mixed += rng.sample(samples, round(fraction * len(samples)))
-    return mixed
+        positions = [np.tile(np.arange(size, dtype=np.int64), whole)]
+        positions.append(np.array(rng.sample(range(size), round(fraction * size)), dtype=np.int64))
+        positions = np.concatenate(positions)
+        parts.append(np.stack([np.full(len(positions), part, dtype=np.int64), positions], axis=1))
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+
+
+def mix(per_source: list[list], weights: list[float], seed: int) -> list:
+    """Concatenate the datasets, repeating or subsampling each by its weight (deterministic for a seed)."""
+    order = mix_order([len(items) for items in per_source], weights, seed)
+    return [per_source[part][position] for part, position in order.tolist()]
 
 
 def load_samples(path, media_root=None) -> list[Sample]:

@@ -170,3 +170,36 @@ def test_demo_pre_pass_equals_encoding(processors, demo_config):
     encoder = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings.from_config(demo_config.model))
     for sample in load_samples(DEMO / "test.json")[:40]:
         assert encoder.count_tokens(sample).total == len(encoder.encode(sample).input_ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_render_segments_equal_the_turn_by_turn_renders(processors, random_samples, family):
+    """The linear route (one render, replies located by markers) gives the very pieces of the quadratic one (every
+    turn rendered as a continuation of the turns before it), for every label mode, with and without a prompt."""
+    checked = 0
+    for mode in ("assistant", "last_assistant", "all"):
+        encoder = ConversationEncoder(processors[family], SETTINGS, label_mode=mode)
+        for sample in random_samples[:150]:
+            replies = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
+            trained = set(replies[-1:] if mode == "last_assistant" else replies)
+            prompt = Sample(sample.id, sample.messages[: replies[-1]], sample.source)
+            for s, turns, gen in ((sample, replies, False), (prompt, replies[:-1], True)):
+                marked = encoder._segments_by_markers(s, turns, trained & set(turns), gen)
+                assert marked is not None
+                assert marked == encoder._segments_turn_by_turn(s, turns, trained & set(turns), gen)
+                checked += len(turns) > 1
+    assert checked > 100  # multi-turn samples were among them
+
+
+def test_a_template_that_rewrites_replies_falls_back_to_turn_by_turn(processors):
+    """A template that trims replies cannot be located by markers: the encoder renders turn by turn instead and
+    trains on exactly what that template writes."""
+    import copy
+
+    processor = copy.deepcopy(processors["qwen2_vl"])
+    processor.chat_template = processor.chat_template.replace("{{ content['text'] }}", "{{ content['text'] | trim }}")
+    encoder = ConversationEncoder(processor, SETTINGS)
+    sample = Sample("t", [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "  padded reply  "}]}], "x[0]")  # fmt: skip
+    assert encoder._segments_by_markers(sample, [1], {1}, False) is None
+    assert ("padded reply<|im_end|>", True) in encoder.segments(sample)

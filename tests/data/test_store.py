@@ -1,0 +1,148 @@
+"""The sample store: read once beside the dataset, counted per record (an edit, an appended sample or a changed
+media file recounts only what changed), the same counts on 1 and N processes as the encoder's own, and the
+same samples and mixture as reading the files directly."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from finetune.data.conversation import DataError
+from finetune.data.encode import ConversationEncoder
+from finetune.data.prepare import prepare_split
+from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
+from finetune.data.store import load_source, store_dir
+from finetune.data.vision import VisionSettings
+from media_factory import write_dataset, write_image, write_video
+from random_data import build_media_pool, random_record
+
+SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784)
+
+
+def _qa(media: str, kind: str = "image", answer: str = "A") -> dict:
+    return {"messages": [{"role": "user", "content": f"<{kind}>Q"}, {"role": "assistant", "content": answer}],
+            f"{kind}s": [media]}  # fmt: skip
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root, images, videos = build_media_pool(tmp_path_factory.mktemp("pool"))
+    rng = random.Random(5)
+    return root, [random_record(rng, images, videos, i) for i in range(120)]
+
+
+def test_store_is_read_once_and_recounts_only_what_changed(tmp_path, processors):
+    write_image(tmp_path / "a.png", 300, 200)
+    write_image(tmp_path / "b.png", 120, 90)
+    write_video(tmp_path / "v.mp4", frames=40, fps=10, width=96, height=64)
+    records = [_qa("a.png"), _qa("v.mp4", "video"), _qa("gone.png"), _qa("b.png", answer="B"), _qa("b.png", answer="C")]
+    path = _jsonl(tmp_path / "d.jsonl", records)
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
+    source = DatasetSource(path)
+
+    first = load_source(source, encoder)
+    assert first.counted == 5 and store_dir(source) == tmp_path / ".finetune-store" / "d.jsonl"
+    samples = read_source(source)[0]
+    for row in (0, 1, 3, 4):
+        sample = samples[row]
+        assert first.text[row] + first.image[row] + first.video[row] == len(encoder.encode(sample).input_ids)
+    assert first.errors[2].kind == "missing_media" and "gone.png" in str(first.errors[2])
+
+    assert load_source(source, encoder).counted == 0  # nothing changed: nothing counted
+
+    with open(path, "a") as f:  # one sample appended: only it is counted
+        f.write(json.dumps(_qa("a.png", answer="appended")) + "\n")
+    appended = load_source(source, encoder)
+    assert appended.counted == 1 and len(appended) == 6 and appended.image[5] == first.image[0]
+    assert len(list(store_dir(source).glob("records-*.arrow"))) == 1  # the old records file is gone
+
+    records[1] = _qa("v.mp4", "video", answer="an edited answer, longer")  # one edited sample: only it
+    _jsonl(path, records + [_qa("a.png", answer="appended")])
+    edited = load_source(source, encoder)
+    assert edited.counted == 1 and edited.text[1] > appended.text[1]
+
+    write_image(tmp_path / "b.png", 300, 280)  # a media file changed: the two samples that show it
+    os.utime(tmp_path / "b.png", ns=(1, 1))
+    changed = load_source(source, encoder)
+    assert changed.counted == 2 and changed.image[3] > edited.image[3] and changed.image[0] == edited.image[0]
+
+    write_image(tmp_path / "gone.png", 64, 64)  # the missing file appears
+    assert load_source(source, encoder).counted == 1
+
+    other = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings(4 * 784, 16 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784))
+    assert load_source(source, other).counted == 6  # other budgets: counted afresh, in a file of their own
+    assert load_source(source, encoder).counted == 0  # ... and switching back costs nothing
+
+
+def test_counts_on_two_processes_equal_one_process_and_the_encoder(tmp_path, processors, pool):
+    root, records = pool
+    encoder = ConversationEncoder(processors["qwen2_vl"], SETTINGS)
+    results = []
+    path = write_dataset(root / "twice" / "d.json", records)
+    for num_proc in (1, 2):
+        shutil.rmtree(store_dir(DatasetSource(path)), ignore_errors=True)  # count afresh
+        stored = load_source(DatasetSource(path, 1.0, root), encoder, num_proc=num_proc)
+        assert stored.counted == len(records)
+        results.append((stored.text.tolist(), stored.image.tolist(), stored.video.tolist(),
+                        {r: str(e) for r, e in stored.errors.items()}))  # fmt: skip
+    assert results[0] == results[1]
+    samples, errors = read_source(DatasetSource(path, 1.0, root))
+    assert not errors
+    for row, sample in enumerate(samples):
+        try:
+            count = encoder.count_tokens(sample)
+        except Exception as err:
+            assert str(err) == results[0][3][row]
+            continue
+        assert (count.text, count.image, count.video) == tuple(r[row] for r in results[0][:3])
+
+
+def test_split_equals_reading_the_files_and_mixing_them(tmp_path, processors, pool):
+    """Samples, order (weights 2 and 0.5) and counts are what reading every file and mixing the samples gives."""
+    root, records = pool
+    first = write_dataset(root / "mix" / "a.json", records[:70])
+    second = _jsonl(root / "mix" / "b.jsonl", [{**r, "id": f"b{i}"} for i, r in enumerate(records[70:])])
+    value = [{"path": str(first), "weight": 2.0, "media_root": str(root)},
+             {"path": str(second), "weight": 0.5, "media_root": str(root)}]  # fmt: skip
+    data = SimpleNamespace(media_root=None, max_length=100000, over_length="error", num_proc=2)
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
+    split = prepare_split(value, data, encoder, 7, lambda p: Path(p))
+    def counts(sample):
+        try:
+            return encoder.count_tokens(sample)
+        except DataError:
+            return None
+
+    per_source = [[s for s in read_source(source)[0] if counts(s)] for source in parse_sources(value, None, Path)]
+    expected = mix(per_source, [2.0, 0.5], 7)
+    assert len(split.samples) == len(expected) == 2 * len(per_source[0]) + round(0.5 * len(per_source[1]))
+    assert split.num_problems == 120 - sum(map(len, per_source)) > 0
+    for got, want, count in zip(split.samples, expected, split.counts):
+        assert (got.id, got.messages, got.source, got.extra) == (want.id, want.messages, want.source, want.extra)
+        assert count == encoder.count_tokens(want)
+    # A DataLoader worker started with `spawn` receives the file names, not the data.
+    clone = pickle.loads(pickle.dumps(split.samples))
+    assert len(pickle.dumps(split.samples)) < 10_000 and clone[5].messages == split.samples[5].messages
+
+
+def test_read_only_dataset_folder_keeps_its_store_in_the_cache(tmp_path, processors, monkeypatch):
+    import finetune.data.store as store
+
+    write_image(tmp_path / "data" / "a.png", 64, 64)
+    path = _jsonl(tmp_path / "data" / "d.jsonl", [_qa("a.png")])
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    # A folder this user cannot write (chmod does not stop root, who runs CI containers).
+    monkeypatch.setattr(store.os, "access", lambda p, mode: Path(p) != tmp_path / "data")
+    stored = load_source(DatasetSource(path), ConversationEncoder(processors["qwen2_vl"], SETTINGS))
+    assert str(stored.records_file).startswith(str(tmp_path / "cache" / "store"))
+    assert not (tmp_path / "data" / ".finetune-store").exists() and stored.counted == 1
