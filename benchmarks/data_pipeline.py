@@ -87,7 +87,6 @@ def prepass_benchmark(root: Path, videos: list[str], n_images: int) -> None:
 
     from finetune.data.conversation import Sample
     from finetune.data.encode import ConversationEncoder
-    from finetune.data.lengths import count_all
     from finetune.tiny import tiny_checkpoint
 
     rng = np.random.default_rng(0)
@@ -103,7 +102,7 @@ def prepass_benchmark(root: Path, videos: list[str], n_images: int) -> None:
                                         {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]}], f"vid{i}"))  # fmt: skip
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_5_vl")), SETTINGS)
     start = time.perf_counter()
-    counts = count_all(samples, encoder, desc="pre-pass")
+    counts = [encoder.count_tokens(s) for s in samples]  # one process (benchmarks/data_scale.py: on every core)
     prepass_rate = len(samples) / (time.perf_counter() - start)
     media._backend = None
     encoded, encode_rate = timed(encoder.encode, samples)

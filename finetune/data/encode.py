@@ -132,6 +132,7 @@ class ConversationEncoder:
                             "structure")  # fmt: skip
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         trained_turns = set(assistant_turns[-1:] if self.label_mode == "last_assistant" else assistant_turns)
+        self._template_keeps_replies()  # probed once
         pieces = self._segments_by_markers(sample, assistant_turns, trained_turns, generation_prompt)
         if pieces is None:
             pieces = self._segments_turn_by_turn(sample, assistant_turns, trained_turns, generation_prompt)
@@ -157,6 +158,32 @@ class ConversationEncoder:
                 self._end_of_turn_text = None
         return self._end_of_turn_text
 
+    def _template_keeps_replies(self) -> bool:
+        """Whether the template writes every reply exactly as given, wherever it stands: then a conversation needs one
+        render (with markers). Probed once on replies a template might rewrite: surrounding spaces and newlines,
+        reasoning blocks in earlier turns, markup and template syntax, non-ASCII; otherwise every conversation's
+        marker layout is checked against its plain render."""
+        if not hasattr(self, "_keeps_replies"):
+            replies = ["  spaced reply  ", "line one\nline two\n\n", "<think>\nreasoning\n</think>\n\nanswer",
+                       "quotes \" ' & < > {{ x }} {% if %}", "é 日本 🙂", "last"]  # fmt: skip
+            turns = [{"role": "system", "content": [{"type": "text", "text": "S"}]}]
+            for k, reply in enumerate(replies):
+                turns += [{"role": "user", "content": [{"type": "text", "text": f"question {k}"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": reply}]}]  # fmt: skip
+            answers = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+            self._keeps_replies = False  # while probing, every layout is checked against the plain render
+            try:
+                checks = [
+                    self._segments_by_markers(Sample("probe", turns[:cut], "the chat template probe"),
+                                              [i for i in answers if i < cut], set(), generation_prompt) is not None
+                    for cut in (len(turns), len(turns) - 1)  # ending with a reply, and with a question
+                    for generation_prompt in (False, True)
+                ]  # fmt: skip
+                self._keeps_replies = all(checks)
+            except Exception:  # a template that cannot render the probe: check every conversation
+                self._keeps_replies = False
+        return self._keeps_replies
+
     def _segments_by_markers(self, sample, assistant_turns, trained_turns, generation_prompt):
         end = self._end_of_turn()
         messages = sample.messages
@@ -176,6 +203,8 @@ class ConversationEncoder:
             pieces += [(layout[pos:at], False), *self._reply_piece(sample, i, reply, i in trained_turns)]
             pos = at + len(mark) + len(end)
         pieces.append((layout[pos:], False))
+        if getattr(self, "_keeps_replies", False):
+            return pieces
         if "".join(text for text, _ in pieces) != self._render(messages, generation_prompt, sample):
             return None  # the template changes replies (trims, escapes): render turn by turn
         return pieces
@@ -203,11 +232,20 @@ class ConversationEncoder:
         """Token ids with ONE pad per image/video, and their labels."""
         ids, labels = [], []
         pieces = self.segments(sample, generation_prompt)
-        tokenized = self.tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+        tokenized = self._tokenize([text for text, _ in pieces])
         for (_, trained), piece in zip(pieces, tokenized):
             ids += piece
             labels += [t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece]
         return ids, labels
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens added (the fast tokenizer's backend, in one call)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
     def _check_pads(self, sample: Sample, ids: list[int], n_images: int, n_videos: int) -> None:
         found = (ids.count(self.image_pad_id), ids.count(self.video_pad_id))

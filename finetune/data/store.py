@@ -103,56 +103,98 @@ def open_table(path: Path) -> pa.Table:
 
 
 # ------------------------------------------------------------------ reading records
-def _media_paths(messages: list[dict]) -> list[str]:
-    paths = []
-    for message in messages:
+def _empty_batch() -> dict:
+    return {name: [] for name in RECORD_SCHEMA.names} | {"location": []}  # location: not stored, for messages
+
+
+def _add(batch: dict, sample_id, where, messages=None, extra=None, error: DataError | None = None) -> None:
+    media, n_images, n_videos = [], 0, 0
+    for message in messages or []:
         for block in message["content"]:
-            if block["type"] in ("image", "video"):
-                value = block[block["type"]]
-                paths += value if isinstance(value, list) else [value]
-    return paths
+            kind = block["type"]
+            if kind in ("image", "video"):
+                value = block[kind]
+                media += value if isinstance(value, list) else [value]
+                n_images += kind == "image"
+                n_videos += kind == "video"
+    text = json.dumps(messages, ensure_ascii=False, separators=(",", ":")) if messages else None
+    values = (sample_id, where, text, json.dumps(extra or {}, ensure_ascii=False),
+              hashlib.sha1(text.encode()).hexdigest()[:16] if text else None, media, n_images, n_videos,
+              error.kind if error else None, str(error) if error else None)  # fmt: skip
+    for name, value in zip(RECORD_SCHEMA.names, values):
+        batch[name].append(value)
+    batch["location"].append(None)  # set for samples (duplicate ids are named by it)
 
 
-def read_records(source: DatasetSource):
-    """Batches (dicts of columns) of every record of one dataset, each a sample or the problem that stops it."""
-    batch = {name: [] for name in RECORD_SCHEMA.names}
-    first_of: dict[str, str] = {}
-
-    def add(sample_id, where, messages=None, extra=None, error: DataError | None = None):
-        media = _media_paths(messages) if messages else []
-        text = json.dumps(messages, ensure_ascii=False, separators=(",", ":")) if messages else None
-        n_images = sum(b["type"] == "image" for m in messages for b in m["content"]) if messages else 0
-        values = dict(id=sample_id, where=where, messages=text, extra=json.dumps(extra or {}, ensure_ascii=False),
-                      key=hashlib.sha1(text.encode()).hexdigest()[:16] if text else None, media=media,
-                      n_images=n_images, n_videos=(sum(b["type"] == "video" for m in messages for b in m["content"])
-                                                   if messages else 0),
-                      error_kind=error.kind if error else None, error=str(error) if error else None)  # fmt: skip
-        for name, value in values.items():
-            batch[name].append(value)
-
-    for index, (where, record) in enumerate(iter_records(source.path)):
+def _convert(chunk: list, root: Path) -> dict:
+    """Records (index, location, record or DataError) as a batch of store columns; duplicates are found later."""
+    batch = _empty_batch()
+    for index, where, record in chunk:
         if isinstance(record, DataError):
-            add(None, where, error=record)
+            _add(batch, None, where, error=record)
+            continue
+        try:
+            sample = record_to_sample(record, index, where, root)
+        except DataError as err:
+            _add(batch, None, where, error=err)
+        except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name it
+            _add(batch, None, where, error=DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See "
+                                                     "README, Your data, for the formats read.", "format"))  # fmt: skip
         else:
-            try:
-                sample = record_to_sample(record, index, where, source.root)
-            except DataError as err:
-                add(None, where, error=err)
-            except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name it
-                add(None, where, error=DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See "
-                                                 "README, Your data, for the formats read.", "format"))  # fmt: skip
-            else:
-                if sample.id in first_of:  # reports, skips and predictions name samples by id: it must be unique
-                    add(sample.id, sample.source, error=DataError(
-                        f"{where}: id {sample.id!r} is used again (first at {first_of[sample.id]}). Give every "
-                        "sample its own id.", "duplicate_id"))  # fmt: skip
+            _add(batch, sample.id, sample.source, sample.messages, sample.extra)
+            batch["location"][-1] = where
+    return batch
+
+
+def _chunks(source: DatasetSource, size: int):
+    chunk = []
+    for index, (where, record) in enumerate(iter_records(source.path)):
+        chunk.append((index, where, record))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _convert_in_worker(chunk: list) -> dict:
+    return _convert(chunk, _worker_root)
+
+
+def _set_worker_root(root: Path) -> None:
+    global _worker_root
+    _worker_root = root
+
+
+def read_records(source: DatasetSource, num_proc: int = 1):
+    """Batches (dicts of columns) of every record of one dataset, each a sample or the problem that stops it.
+    Records are converted on `num_proc` forked processes; ids are checked for duplicates here, in file order."""
+    from contextlib import nullcontext
+
+    first_of: dict[str, str] = {}
+    pool = None
+    if num_proc > 1 and hasattr(os, "fork"):
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(num_proc, _set_worker_root, (source.root,))
+    with pool if pool is not None else nullcontext():
+        chunks = _chunks(source, _BATCH)
+        batches = pool.imap(_convert_in_worker, chunks) if pool is not None else (_convert(c, source.root) for c in chunks)
+        for batch in batches:
+            locations = batch.pop("location")
+            for row, sample_id in enumerate(batch["id"]):
+                if sample_id is None:
+                    continue
+                if sample_id in first_of:  # reports, skips and predictions name samples by id: it must be unique
+                    where = locations[row]
+                    batch["messages"][row] = batch["key"][row] = None
+                    batch["media"][row], batch["n_images"][row], batch["n_videos"][row] = [], 0, 0
+                    batch["error_kind"][row] = "duplicate_id"
+                    batch["error"][row] = (f"{where}: id {sample_id!r} is used again (first at {first_of[sample_id]}). "
+                                           "Give every sample its own id.")  # fmt: skip
                 else:
-                    first_of[sample.id] = where
-                    add(sample.id, sample.source, sample.messages, sample.extra)
-        if len(batch["id"]) >= _BATCH:
+                    first_of[sample_id] = locations[row]
             yield batch
-            batch = {name: [] for name in RECORD_SCHEMA.names}
-    yield batch
 
 
 # ------------------------------------------------------------------ counting
@@ -307,8 +349,9 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
     rank, world, writes = _ranks()
     folder = store_dir(source)
     records_file = folder / records_name(source)
-    if writes and not records_file.exists():
-        write_table(records_file, read_records(source), RECORD_SCHEMA)
+    if writes and not records_file.exists():  # one reader per node: it may use the CPUs of every local rank
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        write_table(records_file, read_records(source, (num_proc or default_num_proc()) * local), RECORD_SCHEMA)
     _barrier()  # the node's reader has written the records (a reading problem is in the file, not raised)
     records = open_table(records_file)
 

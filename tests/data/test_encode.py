@@ -175,10 +175,12 @@ def test_demo_pre_pass_equals_encoding(processors, demo_config):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_render_segments_equal_the_turn_by_turn_renders(processors, random_samples, family):
     """The linear route (one render, replies located by markers) gives the very pieces of the quadratic one (every
-    turn rendered as a continuation of the turns before it), for every label mode, with and without a prompt."""
+    turn rendered as a continuation of the turns before it), for every label mode, with and without a prompt. Qwen's
+    templates write replies verbatim (probed once), so a conversation is rendered once."""
     checked = 0
     for mode in ("assistant", "last_assistant", "all"):
         encoder = ConversationEncoder(processors[family], SETTINGS, label_mode=mode)
+        assert encoder._template_keeps_replies()
         for sample in random_samples[:150]:
             replies = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
             trained = set(replies[-1:] if mode == "last_assistant" else replies)
@@ -201,5 +203,6 @@ def test_a_template_that_rewrites_replies_falls_back_to_turn_by_turn(processors)
     encoder = ConversationEncoder(processor, SETTINGS)
     sample = Sample("t", [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "  padded reply  "}]}], "x[0]")  # fmt: skip
+    assert not encoder._template_keeps_replies()  # so every conversation's layout is checked
     assert encoder._segments_by_markers(sample, [1], {1}, False) is None
     assert ("padded reply<|im_end|>", True) in encoder.segments(sample)

@@ -18,6 +18,7 @@ from finetune.data.prepare import prepare_split
 from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
 from finetune.data.store import load_source, store_dir
 from finetune.data.vision import VisionSettings
+from finetune.packing import pack_rows
 from media_factory import write_dataset, write_image, write_video
 from random_data import build_media_pool, random_record
 
@@ -130,6 +131,8 @@ def test_split_equals_reading_the_files_and_mixing_them(tmp_path, processors, po
     for got, want, count in zip(split.samples, expected, split.counts):
         assert (got.id, got.messages, got.source, got.extra) == (want.id, want.messages, want.source, want.extra)
         assert count == encoder.count_tokens(want)
+    lengths = [encoder.count_tokens(s).total for s in expected]
+    assert pack_rows(split.totals.tolist(), 2048, 7) == pack_rows(lengths, 2048, 7)  # hence the same rows
     # A DataLoader worker started with `spawn` receives the file names, not the data.
     clone = pickle.loads(pickle.dumps(split.samples))
     assert len(pickle.dumps(split.samples)) < 10_000 and clone[5].messages == split.samples[5].messages
@@ -146,3 +149,20 @@ def test_read_only_dataset_folder_keeps_its_store_in_the_cache(tmp_path, process
     stored = load_source(DatasetSource(path), ConversationEncoder(processors["qwen2_vl"], SETTINGS))
     assert str(stored.records_file).startswith(str(tmp_path / "cache" / "store"))
     assert not (tmp_path / "data" / ".finetune-store").exists() and stored.counted == 1
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_store_problems_equal_reading_the_file(tmp_path, processors, num_proc, monkeypatch):
+    """Duplicate ids (across conversion chunks), malformed records and non-UTF-8 lines read through the store give the
+    messages reading the file directly gives, on one process and on several."""
+    import finetune.data.store as store
+
+    monkeypatch.setattr(store, "_BATCH", 4)  # records converted 4 at a time: duplicates span chunks and processes
+    write_image(tmp_path / "a.png", 64, 64)
+    lines = [json.dumps(dict(_qa("a.png"), id=f"s{i % 7}")) for i in range(20)] + ['{"id": 3, "messages": 5}']
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "\xff"}\n')
+    stored = load_source(DatasetSource(path), ConversationEncoder(processors["qwen2_vl"], SETTINGS), num_proc=num_proc)
+    _, errors = read_source(DatasetSource(path))
+    assert [str(e) for _, e in sorted(stored.errors.items())] == [str(e) for e in errors]
+    assert sum(e.kind == "duplicate_id" for e in errors) == 13 and len(errors) == 15

@@ -1,0 +1,228 @@
+"""Data at scale, measured side by side in one run on one generated LLaVA-style set.
+
+    .venv/bin/python benchmarks/data_scale.py [--samples 100000] [--images 5000] [--videos 300] [--root DIR]
+
+The set (generated once into --root, default $FINETUNE_CACHE_DIR/bench/data_scale-<samples>): JPEGs and MP4s,
+LLaVA records (`image`/`video` + `conversations`), 40 % of them multi-turn (2-4 rounds), in one JSON file.
+Reported (the tiny Qwen2.5-VL of the demo recipe, so the model costs little next to the data):
+  1. cold start (no store) and warm start (store present) to the end of the first optimizer step: wall time of
+     `python -m finetune.train ... trainer.max_steps=1`, and the peak RSS of that training process;
+  2. token pre-pass samples/s on 1 and on N processes (the same records, counts compared);
+  3. private memory a forked DataLoader worker gains by touching every sample: the store against a list of
+     Python Sample objects (what the pre-store code held), relative to the store's size;
+  4. store refresh after appending one sample (one record counted);
+  5. pre-pass samples/s of 1/4/8/16-round conversations: our one-render route against rendering each turn
+     (the quadratic route the pre-store code took);
+  6. `validate`'s packing estimate (the trainer's own pack_rows) on the set's lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data_pipeline import write_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "what is shown in this picture the red dot moves left right up down and then stops twice quickly".split()
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def generate(root: Path, samples: int, images: int, videos: int) -> Path:
+    data = root / "train.json"
+    if data.exists():
+        return data
+    rng = random.Random(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(images):
+        w = rng.randint(64, 640)
+        h = int(w * rng.uniform(0.5, 1.5))
+        array = np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(array).resize((w, h)).save(root / "images" / f"{i:05d}.jpg", quality=80)
+    for i in range(videos):
+        write_video(root / "videos" / f"{i:04d}.mp4", rng.randint(2, 20), rng.choice([10, 15, 25]), 96, 64, seed=i)
+    records = []
+    for i in range(samples):
+        video = rng.random() < 0.1
+        media = {"video": f"videos/{rng.randrange(videos):04d}.mp4"} if video else {"image": f"images/{rng.randrange(images):05d}.jpg"}
+        rounds = rng.randint(2, 4) if rng.random() < 0.4 else 1
+        turns = []
+        for r in range(rounds):
+            question = sentence(rng, 4, 16) + "?"
+            if r == 0:
+                question = ("<video>\n" if video else "<image>\n") + question
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": sentence(rng, 2, 30) + "."}]
+        records.append({"id": f"s{i}", **media, "conversations": turns})
+    data.write_text(json.dumps(records))
+    print(f"generated {samples:,} records, {images:,} JPEGs, {videos} MP4s in {time.perf_counter() - t0:.0f} s -> {root}")
+    return data
+
+
+def clear_store(data: Path) -> None:
+    shutil.rmtree(data.parent / ".finetune-store" / data.name, ignore_errors=True)
+
+
+def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of a one-step training run in a fresh process."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = ["experiment=demo", "logger=none", f"trainer.output_dir={run_dir}", "trainer.max_steps=1",
+                 f"data.train={data}", "data.eval=null", "evaluation.after_training=false", "data.max_length=1024",
+                 "trainer.packing=true", "trainer.per_device_train_batch_size=1"]  # fmt: skip
+    code = ("import atexit, resource, runpy, sys; sys.argv = ['finetune.train'] + sys.argv[1:]; "
+            "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "file=sys.stderr)); runpy.run_module('finetune.train', run_name='__main__')")  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *overrides], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"training failed:\n{result.stderr[-4000:]}")
+    peak = int(re.search(r"PEAK_RSS_KB (\d+)", result.stderr).group(1))
+    return wall, peak / 1024**2
+
+
+def private_kb() -> int:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return int(fields["Private_Dirty"].split()[0])
+
+
+def touched_in_child(samples) -> int:
+    """KB of private (copy-on-write) memory a forked child gains by reading every sample."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        before = private_kb()
+        n = 0
+        for i in range(len(samples)):
+            n += len(samples[i].messages)
+        os.write(write, str(private_kb() - before).encode())
+        os._exit(0)
+    os.close(write)
+    value = int(os.read(read, 64).decode())
+    os.waitpid(pid, 0)
+    return value
+
+
+def main() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in every training process and pre-pass worker
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--videos", type=int, default=300)
+    parser.add_argument("--root", type=Path, default=None)
+    args = parser.parse_args()
+
+    from finetune.config import load_config
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.prepare import prepare_split
+    from finetune.data.sources import DatasetSource, read_source
+    from finetune.data.store import default_num_proc, load_source
+    from finetune.modeling import load_processor
+    from finetune.packing import pack_rows
+    from finetune.paths import cache_root
+
+    root = args.root or cache_root() / "bench" / f"data_scale-{args.samples}"
+    data = generate(root, args.samples, args.images, args.videos)
+    cpus = default_num_proc()
+    print(f"{args.samples:,} samples, {cpus} CPUs; {data} ({data.stat().st_size / 1e6:.0f} MB)\n")
+
+    # 1. cold and warm start of a training process
+    clear_store(data)
+    cold, cold_rss = train_once(data, root / "run")
+    warm, warm_rss = train_once(data, root / "run")
+    print(f"start to first step, cold (no store):  {cold:6.1f} s   peak RSS {cold_rss:.2f} GB")
+    print(f"start to first step, warm (store):     {warm:6.1f} s   peak RSS {warm_rss:.2f} GB")
+
+    config = load_config(["experiment=demo", f"data.train={data}", "data.max_length=1024"])
+    encoder = ConversationEncoder.from_recipe(load_processor(config.model), config)
+    source = DatasetSource(data)
+
+    # 2. pre-pass on 1 and N processes (reading the records is not part of it: the store is kept, counts dropped)
+    rates, counts = {}, {}
+    for procs in sorted({1, cpus}):
+        for f in (data.parent / ".finetune-store" / data.name).glob("counts-*"):
+            f.unlink()
+        start = time.perf_counter()
+        stored = load_source(source, encoder, num_proc=procs)
+        rates[procs] = stored.counted / (time.perf_counter() - start)
+        counts[procs] = (stored.text + stored.image + stored.video).tolist()
+    assert len({tuple(c) for c in counts.values()}) == 1, "counts differ between process counts"
+    line = ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f} samples/s" for p, r in rates.items())
+    speedup = f" ({rates[cpus] / rates[1]:.2f}x)" if cpus > 1 else ""
+    print(f"token pre-pass: {line}{speedup}; identical counts")
+
+    # 3. private memory of a forked worker that touches every sample
+    split = prepare_split(str(data), config.data, encoder, 0, Path)
+    store_mb = sum(Path(f).stat().st_size for f in split.cache_files) / 1024**2
+    store_private = touched_in_child(split.samples) / 1024
+    objects = read_source(source)[0]
+    objects_private = touched_in_child(objects) / 1024
+    print(f"forked worker touching every sample: store {store_private:.1f} MB private ({store_private / store_mb:.1%} "
+          f"of the {store_mb:.0f} MB store); a list of Sample objects {objects_private:.0f} MB private")  # fmt: skip
+    del objects
+
+    # 4. appending one sample
+    records = json.loads(data.read_text())
+    appended = root / "appended.json"
+    appended.write_text(json.dumps(records))
+    clear_store(appended)
+    load_source(DatasetSource(appended), encoder)  # the store of the set as it was
+    new = dict(records[1], id="appended", conversations=[{"from": "human", "value": "<image>\nA new question?"},
+                                                         {"from": "gpt", "value": "A new answer."}])  # fmt: skip
+    appended.write_text(json.dumps(records + [new]))
+    start = time.perf_counter()
+    stored = load_source(DatasetSource(appended), encoder)
+    print(f"store refresh after appending 1 sample: {time.perf_counter() - start:.1f} s ({stored.counted} counted)")
+
+    # 5. multi-turn conversations: one render against a render per turn
+    from finetune.data.conversation import Sample
+
+    print("pre-pass of one conversation, by rounds:   one render          a render per turn")
+    for rounds in (1, 4, 8, 16):
+        messages = []
+        for r in range(rounds):
+            messages += [{"role": "user", "content": [{"type": "text", "text": sentence(random.Random(r), 8, 16)}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": sentence(random.Random(-r), 8, 30)}]}]  # fmt: skip
+        sample = Sample("m", messages, "bench")
+        n = max(20, 400 // rounds)
+        timings = []
+        for one_render in (True, False):
+            if not one_render:  # the route a template that rewrites replies takes, and the pre-store code's only one
+                encoder._segments_by_markers = lambda *args: None
+            start = time.perf_counter()
+            for _ in range(n):
+                encoder.count_tokens(sample)
+            timings.append((time.perf_counter() - start) / n * 1e6)
+            encoder.__dict__.pop("_segments_by_markers", None)
+        print(f"  {rounds:2d} rounds                      {timings[0]:7.0f} us ({timings[0] / rounds:4.0f}/round)   "
+              f"{timings[1]:7.0f} us ({timings[1] / rounds:4.0f}/round)")
+
+    # 6. validate's packing estimate
+    lengths = split.totals.tolist()
+    start = time.perf_counter()
+    rows = pack_rows(lengths, 1024, 0)
+    print(f"packing estimate (pack_rows) of {len(lengths):,} samples: {time.perf_counter() - start:.2f} s, {len(rows):,} rows")
+
+
+if __name__ == "__main__":
+    main()
