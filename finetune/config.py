@@ -429,8 +429,17 @@ def compose(overrides: list[str] | None = None):
         raise ConfigError(_explain_override_error(err, overrides)) from None
 
 
+RECIPE_FILE = "recipe_file="  # `recipe_file=runs/x/config.yaml`: a saved, resolved recipe instead of composing
+
+
 def load_config(overrides: list[str] | None = None) -> Config:
-    """Compose, resolve interpolations and run every schema check. Raises ConfigError with the fix."""
+    """Compose, resolve interpolations and run every schema check. Raises ConfigError with the fix.
+    With `recipe_file=PATH` among the overrides, the saved recipe is the starting point (what `rerun` uses) and
+    the other overrides (keys only, no groups) apply on top."""
+    overrides = list(overrides or [])
+    saved = [o[len(RECIPE_FILE) :] for o in overrides if o.startswith(RECIPE_FILE)]
+    if saved:
+        return _load_recipe_file(Path(saved[-1]), [o for o in overrides if not o.startswith(RECIPE_FILE)])
     cfg = compose(overrides)
     try:
         config = OmegaConf.to_object(cfg)  # resolves interpolations; fails on MISSING values
@@ -442,6 +451,20 @@ def load_config(overrides: list[str] | None = None) -> Config:
 
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
+    groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
+    if groups:
+        raise ConfigError(f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
+                          "groups; compose a new recipe instead.")  # fmt: skip
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        config = OmegaConf.to_object(cfg)
+    except Exception as err:
+        raise ConfigError(f"{path} with {overrides}: {str(err).splitlines()[0]}") from None
+    config.check()
+    return config
 
 
 def load_saved_config(path: Path) -> Config:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.config import Config, ConfigError, load_config, repo_path
+from finetune.config import Config, ConfigError, load_config, repo_path, to_yaml
 
 
 def _int_env(env: dict, name: str, default: int) -> int:
@@ -113,40 +113,124 @@ def replace_own_export(config: Config) -> list[str]:
     return ["export.overwrite=true"] if run_dir in out_dir.parents and not config.export.overwrite else []
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare_launch(overrides: list[str]) -> tuple[Config, list[str]]:
+    """The checked recipe and the `accelerate launch` options for it on this machine; ConfigError otherwise."""
     import torch
 
     from finetune.modeling import resolve_precision, uses_gpu
 
-    overrides = sys.argv[1:] if argv is None else argv
-    try:
-        config = load_config(overrides)  # fail here, before any process starts
-        precision = resolve_precision(config.trainer.precision, uses_gpu(config))
-        args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
-        # A resume that cannot work fails here, once, rather than in every started process.
-        from finetune.train import check_checkpoint_fits, resolve_checkpoint
+    config = load_config(overrides)  # fail here, before any process starts
+    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
+    args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
+    # A resume that cannot work fails here, once, rather than in every started process.
+    from finetune.train import check_checkpoint_fits, resolve_checkpoint
 
-        if config.trainer.resume_from_checkpoint:
-            checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, Path(config.trainer.output_dir))
-            check_checkpoint_fits(checkpoint, config, int(args[args.index("--num_processes") + 1]))
+    if config.trainer.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, Path(config.trainer.output_dir))
+        check_checkpoint_fits(checkpoint, config, int(args[args.index("--num_processes") + 1]))
+    return config, args
+
+
+def commands(config: Config, args: list[str], overrides: list[str]) -> list[list[str]]:
+    """The commands a run is: training under `accelerate launch`, then (on node 0) evaluation and export."""
+    python = sys.executable
+    steps = [[python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides]]
+    if config.evaluation.after_training and not config.evaluation.steps:  # with steps, training ended with it
+        steps.append([python, "-m", "finetune.evaluate", *overrides])
+    if config.export.after_training:
+        steps.append([python, "-m", "finetune.export", *overrides, *replace_own_export(config)])
+    return steps
+
+
+def layout(config: Config, args: list[str]) -> str:
+    value = {k: args[args.index(k) + 1] for k in ("--num_processes", "--num_machines") if k in args}
+    nodes, total = int(value["--num_machines"]), int(value["--num_processes"])
+    engine = f"DeepSpeed ({config.deepspeed.config_file})" if config.deepspeed.config_file else (
+        "DDP" if total > 1 else "one process")  # fmt: skip
+    node_rank = _int_env(dict(os.environ), "NODE_RANK", 0)
+    return (f"{nodes} node(s) x {total // nodes} process(es) = {total} ({engine}, accelerate={config.accelerate.mode}); "
+            f"this node is NODE_RANK={node_rank}; evaluation and export run on node 0 after training")  # fmt: skip
+
+
+def execute(config: Config, args: list[str], overrides: list[str]) -> int:
+    if not __import__("torch").cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
+    train, *after = commands(config, args, overrides)
+    rc = _run(train, filter_launcher_tracebacks=True)
+    if rc != 0 or _int_env(dict(os.environ), "NODE_RANK", 0) != 0:
+        return rc
+    for command in after:
+        rc = _run(command)
+        if rc:
+            return rc
+    print("\n" + summary(config))
+    return 0
+
+
+def run_recipe(overrides: list[str], dry_run: bool = False) -> int:
+    try:
+        config, args = prepare_launch(overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    python = sys.executable
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
-    rc = _run([python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides],
-              filter_launcher_tracebacks=True)
-    main_node = _int_env(dict(os.environ), "NODE_RANK", 0) == 0
-    if rc != 0 or not main_node:
-        return rc
-    if config.evaluation.after_training and not config.evaluation.steps:  # with steps, training ended with it
-        rc = _run([python, "-m", "finetune.evaluate", *overrides])
-    if rc == 0 and config.export.after_training:
-        rc = _run([python, "-m", "finetune.export", *overrides, *replace_own_export(config)])
-    if rc == 0:
-        print("\n" + summary(config))
-    return rc
+    if dry_run:
+        print(to_yaml(config))
+        print("process layout: " + layout(config, args))
+        print("commands (not started: --dry-run):")
+        for command in commands(config, args, overrides):
+            print("  " + shlex.join(command))
+        return 0
+    return execute(config, args, overrides)
+
+
+FLAGS = {"-m": "multirun", "--multirun": "multirun", "--dry-run": "dry_run", "--help": "help", "-h": "help"}
+
+
+def parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Our flags (Hydra's spelling where Hydra has one) and the overrides; an unknown flag is an error."""
+    flags, overrides, items = {}, [], list(argv)
+    while items:
+        item = items.pop(0)
+        if item in FLAGS:
+            flags[FLAGS[item]] = True
+        elif item in ("--cfg", "-c") or item.startswith("--cfg="):
+            value = item.split("=", 1)[1] if "=" in item else (items.pop(0) if items else "")
+            if value != "job":
+                raise ConfigError(f"--cfg {value}: only `--cfg job` (the composed recipe) is available.")
+            flags["cfg"] = True
+        elif item.startswith("-"):
+            raise ConfigError(f"unknown option {item}; see ./launch.sh --help.")
+        else:
+            overrides.append(item)
+    return flags, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["rerun"]:
+        from finetune.rerun import rerun
+
+        return rerun(argv[1:])
+    try:
+        flags, overrides = parse_flags(argv)
+        if flags.get("help"):
+            from finetune.recipe_help import help_text
+
+            print(help_text())
+            return 0
+        if flags.get("cfg"):
+            if flags.get("multirun"):
+                raise ConfigError("--cfg job shows one recipe; drop -m (or give single values).")
+            print(to_yaml(load_config(overrides)), end="")
+            return 0
+        if flags.get("multirun"):
+            from finetune.sweep import run_sweep
+
+            return run_sweep(overrides, flags.get("dry_run", False))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_recipe(overrides, flags.get("dry_run", False))
 
 
 if __name__ == "__main__":

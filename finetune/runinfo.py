@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -39,6 +40,32 @@ def git_state() -> dict[str, str | bool | None]:
     return {"sha": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a dataset file, or of every file of a dataset folder (names and bytes)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    for file in files:
+        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def data_digests(config: Config) -> dict[str, str]:
+    """{dataset path: sha256} of the recipe's training and evaluation files (media are not hashed)."""
+    from finetune.data.sources import parse_sources
+    from finetune.paths import resolve_data_file
+
+    digests = {}
+    for value in (config.data.train, config.data.eval):
+        if value is None:
+            continue
+        for source in parse_sources(value, config.data.media_root, resolve_data_file):
+            digests[str(source.path.resolve())] = file_digest(source.path)
+    return digests
+
+
 def write_run_info(run_dir: Path, config: Config, overrides: list[str], extra: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
@@ -49,6 +76,7 @@ def write_run_info(run_dir: Path, config: Config, overrides: list[str], extra: d
         "platform": platform.platform(),
         "packages": package_versions(),
         "git": git_state(),
+        "data_sha256": data_digests(config),
         **(extra or {}),
     }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
