@@ -248,3 +248,10 @@ def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
     reported = [json.loads(line) for line in open(tmp_path / "run" / BAD_SAMPLES)]
     assert {r["id"] for r in reported} == BAD_IDS
+
+
+def test_streaming_on_two_ranks_with_workers_takes_every_step(tmp_path, data):
+    """data.streaming=true under 2 DDP ranks with a DataLoader worker each: every step is taken on both ranks (the
+    stream never runs dry) and the run ends normally."""
+    launch_sh(recipe(tmp_path / "run", data, 2, "data.streaming=true", "trainer.dataloader_num_workers=1"))
+    assert sorted(losses(tmp_path / "run")) == list(range(1, STEPS + 1))

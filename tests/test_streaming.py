@@ -65,3 +65,33 @@ def test_shards_split_the_records_between_ranks(tmp_path):
     sources = [DatasetSource(path, 1.0, DEMO)]
     shards = [[record["id"] for _, _, record, _ in shard_records(sources, s, 3)] for s in range(3)]
     assert sorted(sum(shards, [])) == list(range(20)) and shards[1] == [1, 4, 7, 10, 13, 16, 19]
+
+
+def test_ranks_stream_disjoint_records_that_together_are_every_sample(tmp_path, processors, demo_config):
+    """Two ranks (and, within a rank, any number of workers) split the records: every usable record is trained by
+    exactly one rank in a pass; the bad record is reported once, by the rank that read it."""
+    from finetune.batching import RowCollator
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.streaming import StreamingBatches
+    from finetune.rope import PositionRule
+
+    records = json.loads(mini_dataset(tmp_path / "mini.json", per_task=4).read_text())
+    records = [dict(r, id=f"r{i}") for i, r in enumerate(records)] + [dict(records[0], id="bad", images=["no.png"])]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    encoder = ConversationEncoder.from_recipe(processors["qwen2_5_vl"], demo_config)
+    rule = PositionRule("qwen", 2, 2)
+    seen, bad = {}, []
+    for rank in (0, 1):
+        stream = StreamingBatches([DatasetSource(path, 1.0, DEMO)], encoder, RowCollator(encoder, None, rule),
+                                  budget=256, packing=False, rows_per_batch=1, seed=0, rank=rank, world_size=2,
+                                  buffer_size=3, over_length="error")  # fmt: skip
+        batches = iter(stream)
+        ids = []
+        for _ in range(4):  # one pass: rank 0 reads r0 r2 r4 r6 and the bad one, rank 1 reads r1 r3 r5 r7
+            batch = next(batches)
+            ids += [i for row in batch["sample_ids"] for i in row]
+            bad += [b["id"] for b in batch["bad_samples"]]
+        seen[rank] = ids
+    assert sorted(seen[0] + seen[1]) == sorted(f"r{i}" for i in range(8)) and not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) == {f"r{i}" for i in range(0, 8, 2)} and bad == ["bad"]
