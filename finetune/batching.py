@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import torch
 
-from finetune.data.conversation import DataError
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
+from finetune.data.errors import DataError
 from finetune.rope import PositionRule, batch_position_ids
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")

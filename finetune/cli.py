@@ -9,7 +9,7 @@ import warnings
 from typing import Callable
 
 from finetune.config import ConfigError
-from finetune.data.conversation import DataError
+from finetune.data.errors import DataError
 
 
 def run(entry: Callable[[], object]) -> int:

@@ -21,9 +21,11 @@ import torch
 
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
-from finetune.data.conversation import DataError, Sample
+from finetune.data.conversation import Sample
+from finetune.data.errors import DataError
 from finetune.metrics import format_metrics, score
 from finetune.paths import resolve_data_file
+from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.evaluate")
 # What a rank asks when none of its questions in a batch can be encoded: ranks generate in lockstep.
@@ -49,18 +51,16 @@ def load_trained_model(config: Config, model_dir: str | None = None, device_map=
     """(model, processor) from a merged directory, or base model + the run's adapter. Either way the model computes
     positions with the recipe's rope rule (finetune/modeling.py). `device_map`: the recipe's (GPUs of a GPU run,
     else CPU), or a transformers device map."""
-    from finetune.modeling import inference_device_map, load_model, load_processor, resolve_precision, uses_gpu
+    from finetune.modeling import inference_device_map, load_model, load_processor, recipe_precision
 
-    on_gpu = uses_gpu(config) if device_map == "recipe" else device_map not in (None, "cpu")
-    requested = config.trainer.precision if on_gpu else "auto"
-    precision = resolve_precision(requested, on_gpu)
+    precision = recipe_precision(config, device_map)
     if precision != config.trainer.precision and config.trainer.precision != "auto":
         logger.info("inference in %s on this machine (the recipe trained in %s)", precision, config.trainer.precision)
     device_map = inference_device_map(config) if device_map == "recipe" else device_map
     if model_dir:
         model = load_model(config.model, precision, path=model_dir, device_map=device_map)
         return model, load_processor(config.model, path=model_dir)
-    adapter_dir = Path(config.trainer.output_dir) / "adapter"
+    adapter_dir = RunDir(config.trainer.output_dir).adapter
     if not adapter_dir.is_dir():
         raise ConfigError(f"No trained adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
     processor = load_processor(config.model, path=str(adapter_dir))
@@ -170,7 +170,7 @@ def evaluate(config: Config, model_dir: str | None = None) -> dict:
     encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
     samples = eval_samples(config, encoder)
     records = predict_samples(model, encoder, samples, config.evaluation.batch_size, config.evaluation.max_new_tokens)
-    metrics = write_results(Path(config.trainer.output_dir) / "eval", records)
+    metrics = write_results(RunDir(config.trainer.output_dir).eval_dir, records)
     print(format_metrics(metrics))
     return metrics
 

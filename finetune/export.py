@@ -33,6 +33,7 @@ import torch
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config, to_yaml
 from finetune.paths import resolve_data_file
+from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.export")
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -191,12 +192,10 @@ def make_readable(out_dir: Path) -> None:
 
 
 def card_info(config: Config, run_dir: Path, export_dtype: str, served: dict) -> dict:
-    info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").exists() else {}
-    metrics_file = run_dir / "eval" / "metrics.json"
+    run, info = RunDir(run_dir), RunDir(run_dir).run_info()
     return {"base_model": config.model.name_or_path, "dtype": export_dtype, "data": info.get("train_data", {}),
             "max_images": info.get("max_images_per_sample", 1), "max_videos": info.get("max_videos_per_sample", 1),
-            "metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
-            "served_grids": served}  # fmt: skip
+            "metrics": run.metrics(), "served_grids": served}  # fmt: skip
 
 
 def push_to_hub(out_dir: Path, repo_id: str, private: bool) -> None:
@@ -213,18 +212,24 @@ def export(config: Config) -> Path:
     from peft import PeftModel
 
     from finetune.data.encode import ConversationEncoder
-    from finetune.modeling import DTYPES, inference_device_map, load_model, load_processor, position_rule
-    from finetune.modeling import resolve_precision, uses_gpu
+    from finetune.modeling import (
+        DTYPES,
+        inference_device_map,
+        load_model,
+        load_processor,
+        position_rule,
+        recipe_precision,
+    )
     from finetune.serving import apply_budgets, model_card, save_processor
     from finetune.tiny import resolve_model_path
 
     run_dir, out_dir = Path(config.trainer.output_dir), Path(config.export.output_dir)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = RunDir(run_dir).adapter
     if not (adapter_dir / "adapter_config.json").exists():
         raise ConfigError(f"No LoRA adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
     check_output_dir(out_dir, config.export.overwrite)
     check_adapter_base(adapter_dir, resolve_model_path(config.model.name_or_path))
-    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
+    precision = recipe_precision(config)
     export_dtype = precision if config.export.dtype == "auto" else config.export.dtype
     processor = load_processor(config.model, path=str(adapter_dir))
     base = load_model(config.model, precision, device_map=inference_device_map(config))

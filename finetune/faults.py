@@ -16,13 +16,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from finetune.data.conversation import DataError
+from finetune.data.errors import DataError
+from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.faults")
 
@@ -30,8 +29,6 @@ logger = logging.getLogger("finetune.faults")
 class RunStopped(RuntimeError):
     """The run cannot go on (e.g. out of disk); the message says what is kept and what to do."""
 
-COMPLETE = "complete.json"
-BAD_SAMPLES = "bad_samples.jsonl"
 
 
 def bad_sample_limit(value: float | None, num_samples: int) -> int:
@@ -59,7 +56,7 @@ class StepGuard:
             self.seen.add(bad["id"])
             self.new_bad += 1
             logger.warning("skipping sample %s (step %d): %s", bad["id"], step + 1, bad["error"])
-            with open(self.run_dir / BAD_SAMPLES, "a") as f:  # one short line per write: appends stay whole
+            with open(RunDir(self.run_dir).bad_samples_file, "a") as f:  # one short line per write: appends stay whole
                 f.write(json.dumps({**bad, "step": step + 1, "rank": self.accelerator.process_index}) + "\n")
 
     def after_step(self, loss: torch.Tensor, real_tokens: int, step: int, model) -> int:
@@ -73,7 +70,7 @@ class StepGuard:
         if self.bad_total > self.limit:
             raise DataError(
                 f"{self.bad_total} training samples failed to decode, more than data.max_bad_samples allows "
-                f"({self.limit}); they are listed in {self.run_dir / BAD_SAMPLES}. Fix or remove them (python -m "
+                f"({self.limit}); they are listed in {RunDir(self.run_dir).bad_samples_file}. Fix or remove them (python -m "
                 "finetune.validate --decode lists every one), or raise data.max_bad_samples."
             )
         return int(totals[0])
@@ -93,38 +90,12 @@ class StepGuard:
         )
 
 
-def mark_complete(checkpoint: Path, step: int) -> None:
-    """Put the completion marker in place atomically: a reader sees it whole or not at all."""
-    tmp = checkpoint / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"step": step}))
-    os.replace(tmp, checkpoint / COMPLETE)
 
 
-def is_complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return False
-    return (checkpoint / "trainer_state.json").is_file()
 
 
-def checkpoints(run_dir: Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """checkpoint-N folders by step (complete ones only, by default)."""
-    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted((step, p) for step, p in found if not complete_only or is_complete(p))
 
 
-def rotate(run_dir: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints; an incomplete one older than the newest complete one goes too
-    (a save that was killed). Replaces the Trainer's rotation, which could delete the last complete checkpoint
-    before the new one is marked."""
-    done = checkpoints(run_dir)
-    if not done:
-        return
-    doomed = [p for _, p in done[: -keep or None]] if keep else []
-    doomed += [p for step, p in checkpoints(run_dir, complete_only=False) if step < done[-1][0] and not is_complete(p)]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def out_of_disk(err: BaseException) -> bool:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import Config, ConfigError, load_config, repo_path, to_yaml
+from finetune.rundir import RunDir
 
 
 def _int_env(env: dict, name: str, default: int) -> int:
@@ -87,14 +88,14 @@ def _run(cmd: list[str], filter_launcher_tracebacks: bool = False) -> int:
 
 
 def summary(config: Config) -> str:
-    run_dir = Path(config.trainer.output_dir)
+    run = RunDir(config.trainer.output_dir)
+    run_dir = run.path
     lines = [f"Run directory: {run_dir.resolve()}",
-             f"  config:      {run_dir / 'config.yaml'}  (versions, git SHA, command: run_info.json)",
-             f"  adapter:     {run_dir / 'adapter'}"]  # fmt: skip
-    metrics_file = run_dir / "eval" / "metrics.json"
-    if metrics_file.exists():
-        m = json.loads(metrics_file.read_text())
-        lines.append(f"  evaluation:  {metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
+             f"  config:      {run.config_file}  (versions, git SHA, command: {run.run_info_file.name})",
+             f"  adapter:     {run.adapter}"]  # fmt: skip
+    m = run.metrics()
+    if m is not None:
+        lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
     report_file = Path(config.export.output_dir) / "export_report.json"
     if report_file.exists():
         r = json.loads(report_file.read_text())
@@ -117,13 +118,13 @@ def prepare_launch(overrides: list[str]) -> tuple[Config, list[str]]:
     """The checked recipe and the `accelerate launch` options for it on this machine; ConfigError otherwise."""
     import torch
 
-    from finetune.modeling import resolve_precision, uses_gpu
+    from finetune.modeling import recipe_precision
 
     config = load_config(overrides)  # fail here, before any process starts
-    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
+    precision = recipe_precision(config)
     args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
     # A resume that cannot work fails here, once, rather than in every started process.
-    from finetune.train import check_checkpoint_fits, resolve_checkpoint
+    from finetune.rundir import check_checkpoint_fits, resolve_checkpoint
 
     if config.trainer.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, Path(config.trainer.output_dir))

@@ -31,6 +31,13 @@ def resolve_precision(requested: str, has_gpu: bool) -> str:
     return requested
 
 
+def recipe_precision(config, device_map="recipe") -> str:
+    """The one precision decision: the recipe's `trainer.precision` on the recipe's devices (launch, train, export);
+    for inference on another device (`device_map`, e.g. "cpu" for a GPU-trained run) what that device can do."""
+    on_gpu = uses_gpu(config) if device_map == "recipe" else device_map not in (None, "cpu")
+    return resolve_precision(config.trainer.precision if on_gpu else "auto", on_gpu)
+
+
 def load_processor(model_cfg: ModelConfig, path: str | None = None):
     from transformers import AutoProcessor
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from finetune.config import REPO_ROOT
-from finetune.data.conversation import DataError
+from finetune.data.errors import DataError
 
 
 def resolve_data_file(path: str) -> Path:

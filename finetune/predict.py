@@ -24,7 +24,9 @@ from pathlib import Path
 
 from finetune.cli import run
 from finetune.config import Config, ConfigError, ModelConfig, load_config, load_saved_config
-from finetune.data.conversation import DataError, Sample, record_to_sample, resolve_media
+from finetune.data.conversation import Sample, record_to_sample, resolve_media
+from finetune.data.errors import DataError
+from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.predict")
 OPTIONS = {"fps": float, "nframes": int, "min_frames": int, "max_frames": int, "min_pixels": int, "max_pixels": int,
@@ -40,8 +42,8 @@ def find_model(path: str) -> tuple[Config, str | None]:
     if (folder / "finetune_config.yaml").is_file():  # an export
         return load_saved_config(folder / "finetune_config.yaml"), str(folder)
     run_dir = folder.parent if (folder / "adapter_config.json").is_file() else folder
-    if (run_dir / "config.yaml").is_file() and (run_dir / "adapter").is_dir():
-        config = load_saved_config(run_dir / "config.yaml")
+    if RunDir(run_dir).is_trained():
+        config = load_saved_config(RunDir(run_dir).config_file)
         config.trainer.output_dir = str(run_dir)  # the run may have moved since it was trained
         return config, None
     if (folder / "config.json").is_file():

@@ -7,12 +7,12 @@ different package version or git commit is reported before the run starts, since
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from finetune.config import ConfigError
+from finetune.rundir import RunDir
 
 
 def _differences(info: dict) -> list[str]:
@@ -36,7 +36,8 @@ def rerun_overrides(run_dir: Path, extra: list[str]) -> list[str]:
     from finetune.config import load_config
     from finetune.runinfo import data_digests
 
-    recipe = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    recipe = run.config_file
     if not recipe.is_file():
         raise ConfigError(f"{run_dir} holds no config.yaml: give the run directory of a finished run.")
     target = next((o.split("=", 1)[1] for o in extra if o.startswith("trainer.output_dir=")), None)
@@ -44,8 +45,7 @@ def rerun_overrides(run_dir: Path, extra: list[str]) -> list[str]:
         target = str(run_dir.parent / f"{run_dir.name}-rerun-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = [f"recipe_file={recipe}", f"trainer.output_dir={target}", f"export.output_dir={target}/merged",
                  "trainer.resume_from_checkpoint=null", *[o for o in extra if not o.startswith("trainer.output_dir=")]]  # fmt: skip
-    info_file = run_dir / "run_info.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info_file, info = run.run_info_file, run.run_info()
     recorded = info.get("data_sha256")
     if recorded is None:
         print(f"warning: {info_file} records no data checksums (an older run): the data files are not checked.")

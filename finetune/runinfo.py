@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from finetune.config import REPO_ROOT, Config, to_yaml
+from finetune.rundir import RunDir
 
 PACKAGES = (
     "torch", "torchvision", "torchcodec", "transformers", "tokenizers", "peft", "trl", "accelerate",
@@ -68,7 +69,7 @@ def data_digests(config: Config) -> dict[str, str]:
 
 def write_run_info(run_dir: Path, config: Config, overrides: list[str], extra: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(config))
+    RunDir(run_dir).config_file.write_text(to_yaml(config))
     info = {
         "command": [sys.executable, "-m", "finetune.train", *overrides],
         "overrides": overrides,
@@ -79,4 +80,4 @@ def write_run_info(run_dir: Path, config: Config, overrides: list[str], extra: d
         "data_sha256": data_digests(config),
         **(extra or {}),
     }
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    RunDir(run_dir).run_info_file.write_text(json.dumps(info, indent=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import time
 from pathlib import Path
@@ -100,17 +99,17 @@ def run_job(overrides: list[str], job_dir: str) -> dict:
 
 def job_results(job_dir: Path) -> dict:
     """What the job's own files say: final train loss, mean tokens/s per device, evaluation metrics."""
-    out = {}
-    history_file = job_dir / "log_history.json"
-    if history_file.exists():
-        history = json.loads(history_file.read_text())
+    from finetune.rundir import RunDir
+
+    out, run = {}, RunDir(job_dir)
+    history = run.history()
+    if history:
         losses = [h["loss"] for h in history if "loss" in h]
         speeds = [h["tokens_per_second_per_device"] for h in history if "tokens_per_second_per_device" in h]
         out["train_loss"] = losses[-1] if losses else None
         out["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
-    metrics_file = job_dir / "eval" / "metrics.json"
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
+    metrics = run.metrics()
+    if metrics is not None:
         out.update({f"eval_{k}": metrics[k] for k in METRICS if metrics.get(k) is not None})
     return out
 

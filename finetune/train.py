@@ -18,11 +18,14 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from trl import SFTTrainer
+
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config, repo_path
-from finetune.data.conversation import DataError
-from finetune.modeling import resolve_precision, uses_gpu
+from finetune.data.errors import DataError
+from finetune.modeling import recipe_precision, uses_gpu
 from finetune.paths import resolve_data_file
+from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.train")
 RULE_NOTES = {
@@ -96,119 +99,116 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
     )
 
 
-def make_trainer_class():
-    from trl import SFTTrainer
+class VisionLanguageSFTTrainer(SFTTrainer):
+    """SFTTrainer with our data loader (finetune/batching.py), per-part learning rates, one vision-tower call per
+    forward on every rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
 
-    class VisionLanguageSFTTrainer(SFTTrainer):
-        """SFTTrainer with our data loader (finetune/batching.py), per-part learning rates, one vision-tower call per
-        forward on every rank (finetune/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
+    def __init__(self, *args, train_loader, recipe: Config, eval_samples=None, eval_encoder=None, **kwargs):
+        self._recipe = recipe
+        self._eval_samples, self._eval_encoder = eval_samples, eval_encoder
+        super().__init__(*args, **kwargs)
+        # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
+        # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
+        # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
+        self.model_accepts_loss_kwargs = True
+        self._train_loader = train_loader  # a callable of the world size building the training DataLoader
+        self._one_vision_call = None
+        from finetune.faults import StepGuard, bad_sample_limit
 
-        def __init__(self, *args, train_loader, recipe: Config, eval_samples=None, eval_encoder=None, **kwargs):
-            self._recipe = recipe
-            self._eval_samples, self._eval_encoder = eval_samples, eval_encoder
-            super().__init__(*args, **kwargs)
-            # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
-            # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
-            # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
-            self.model_accepts_loss_kwargs = True
-            self._train_loader = train_loader  # a callable of the world size building the training DataLoader
-            self._one_vision_call = None
-            from finetune.faults import StepGuard, bad_sample_limit
+        limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
+        self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
+        self._tokens = {"real": 0, "trained": 0, "seen": 0}  # this rank's real and trained tokens; all ranks' real
+        self._seen_before: int | None = None  # tokens_seen of the run this one resumes
+        self._last_log = (time.perf_counter(), 0, 0)
 
-            limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
-            self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
-            self._tokens = {"real": 0, "trained": 0}
-            self._last_log = (time.perf_counter(), 0, 0)
+    def get_train_dataloader(self):
+        loader = self._train_loader(self.accelerator.num_processes)
+        if self._recipe.data.streaming:  # already this rank's own batches: accelerate must not shard them again
+            return loader
+        return self.accelerator.prepare(loader)
 
-        def get_train_dataloader(self):
-            loader = self._train_loader(self.accelerator.num_processes)
-            if self._recipe.data.streaming:  # already this rank's own batches: accelerate must not shard them again
-                return loader
-            return self.accelerator.prepare(loader)
+    def create_optimizer(self, model=None):
+        """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
+        DeepSpeed's CPU Adam when the DeepSpeed config offloads the optimizer."""
+        from finetune.trainable import offloads_optimizer, parameter_groups
 
-        def create_optimizer(self, model=None):
-            """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
-            DeepSpeed's CPU Adam when the DeepSpeed config offloads the optimizer."""
-            from finetune.trainable import offloads_optimizer, parameter_groups
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = parameter_groups(opt_model, self._recipe, set(self.get_decay_parameter_names(opt_model)))
+            if offloads_optimizer(self._recipe):
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            if self.optimizer is None:
-                opt_model = self.model if model is None else model
-                groups = parameter_groups(opt_model, self._recipe, set(self.get_decay_parameter_names(opt_model)))
-                if offloads_optimizer(self._recipe):
-                    from deepspeed.ops.adam import DeepSpeedCPUAdam
+                self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate, adamw_mode=True,
+                                                  betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                                  eps=self.args.adam_epsilon)  # fmt: skip
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
-                    self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate, adamw_mode=True,
-                                                      betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                                      eps=self.args.adam_epsilon)  # fmt: skip
-                else:
-                    optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-                    self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            return self.optimizer
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._one_vision_call is None and self.accelerator.num_processes > 1:
+            # One vision-tower call per forward on every rank (no ZeRO-3 hang); installed once DeepSpeed has
+            # its hooks.
+            from finetune.trainable import base_model
+            from finetune.vision_sync import OneVisionCall
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            import torch
+            self._one_vision_call = OneVisionCall(base_model(self.model).model)
 
-            if self._one_vision_call is None and self.accelerator.num_processes > 1:
-                # One vision-tower call per forward on every rank (no ZeRO-3 hang); installed once DeepSpeed has
-                # its hooks.
-                from finetune.trainable import base_model
-                from finetune.vision_sync import OneVisionCall
+        step = self.state.global_step
+        self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
+        real = int(inputs.pop("num_real_tokens"))
+        self._tokens["real"] += real
+        self._tokens["trained"] += int((inputs["labels"] != -100).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Every rank checks the step together (bad samples, non-finite loss); the same exchange sums the tokens of
+        # all ranks, logged as `tokens_seen` (TRL's `num_tokens` counts the rows of a batch without attention_mask).
+        self._tokens["seen"] += self._guard.after_step(loss, real, step, model)
+        return loss
 
-                self._one_vision_call = OneVisionCall(base_model(self.model).model)
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's save, then the completion marker once every rank has written (finetune/faults.py)."""
+        from finetune.faults import RunStopped, out_of_disk
+        from finetune.rundir import mark_complete, rotate
 
-            step = self.state.global_step
-            self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
-            real = int(inputs.pop("num_real_tokens"))
-            self._tokens["real"] += real
-            self._tokens["trained"] += int((inputs["labels"] != -100).sum())
-            counted = self._total_train_tokens
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # Every rank checks the step together (bad samples, non-finite loss). TRL counts a batch without
-            # attention_mask by its number of rows (position_ids.size(1)): count its tokens instead.
-            self._total_train_tokens = counted + self._guard.after_step(loss, real, step, model)
-            return loss
+        run_dir, step = Path(self.args.output_dir), self.state.global_step
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if not out_of_disk(err):
+                raise
+            raise RunStopped(f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
+                             "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
+                             "and run again with trainer.resume_from_checkpoint=latest.") from None  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            mark_complete(RunDir(run_dir).checkpoint(step), step)
+            rotate(run_dir, self._recipe.trainer.save_total_limit)
 
-        def _save_checkpoint(self, model, trial):
-            """The Trainer's save, then the completion marker once every rank has written (finetune/faults.py)."""
-            from finetune.faults import RunStopped, mark_complete, out_of_disk, rotate
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Generation-based evaluation on data.eval (all ranks together), logged as eval_* metrics."""
+        from finetune.training_eval import as_logs, evaluate_in_training
 
-            run_dir, step = Path(self.args.output_dir), self.state.global_step
-            try:
-                super()._save_checkpoint(model, trial)
-            except Exception as err:
-                if not out_of_disk(err):
-                    raise
-                raise RunStopped(f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
-                                 "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
-                                 "and run again with trainer.resume_from_checkpoint=latest.") from None  # fmt: skip
-            self.accelerator.wait_for_everyone()
-            if self.is_world_process_zero():
-                mark_complete(run_dir / f"checkpoint-{step}", step)
-                rotate(run_dir, self._recipe.trainer.save_total_limit)
+        e = self._recipe.evaluation
+        metrics = evaluate_in_training(self, self._eval_samples, self._eval_encoder, e.batch_size,
+                                       e.max_new_tokens, Path(self.args.output_dir))  # fmt: skip
+        logs = as_logs(metrics, metric_key_prefix)
+        self.log(logs)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
+        return logs
 
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            """Generation-based evaluation on data.eval (all ranks together), logged as eval_* metrics."""
-            from finetune.training_eval import as_logs, evaluate_in_training
-
-            e = self._recipe.evaluation
-            metrics = evaluate_in_training(self, self._eval_samples, self._eval_encoder, e.batch_size,
-                                           e.max_new_tokens, Path(self.args.output_dir))  # fmt: skip
-            logs = as_logs(metrics, metric_key_prefix)
-            self.log(logs)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
-            return logs
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs and self.model.training:
-                now, real, trained = time.perf_counter(), self._tokens["real"], self._tokens["trained"]
-                last_time, last_real, last_trained = self._last_log
-                elapsed = max(now - last_time, 1e-9)
-                logs["tokens_per_second_per_device"] = round((real - last_real) / elapsed, 1)
-                logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
-                self._last_log = (now, real, trained)
-            super().log(logs, start_time)
-
-    return VisionLanguageSFTTrainer
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self.model.training:
+            now, real, trained = time.perf_counter(), self._tokens["real"], self._tokens["trained"]
+            last_time, last_real, last_trained = self._last_log
+            elapsed = max(now - last_time, 1e-9)
+            logs["tokens_per_second_per_device"] = round((real - last_real) / elapsed, 1)
+            logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
+            self._last_log = (now, real, trained)
+            if self._seen_before is None:
+                self._seen_before = next((h["tokens_seen"] for h in reversed(self.state.log_history) if "tokens_seen" in h), 0)
+            logs["tokens_seen"] = self._seen_before + self._tokens["seen"]
+        super().log(logs, start_time)
 
 
 def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
@@ -262,42 +262,8 @@ def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
     return build
 
 
-def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
-    """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
-    from finetune.faults import checkpoints, is_complete
-
-    if value is not None and value != "latest":
-        if not is_complete(Path(value)):
-            raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a complete checkpoint folder (no "
-                              "complete.json: its save did not finish). Give an earlier checkpoint or `latest`.")  # fmt: skip
-        return value
-    found = checkpoints(run_dir)
-    newest = found[-1][1] if found else None
-    if value is None:
-        if newest:
-            logger.warning("%s already holds %s from an earlier run; this run starts again from step 0 (add "
-                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir, newest.name)  # fmt: skip
-        return None
-    if newest is None:
-        raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
-                          "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
-    return str(newest)
 
 
-def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> None:
-    """A DeepSpeed checkpoint resumes only under DeepSpeed with the same number of ranks (its optimizer state is
-    sharded per rank); say so at start-up instead of failing inside DeepSpeed's loader."""
-    shards = list(Path(checkpoint).glob("global_step*/*_optim_states.pt"))
-    if shards and not config.deepspeed.config_file:
-        raise ConfigError(f"{checkpoint} was written under DeepSpeed: resume it with the same deepspeed recipe.")
-    if not shards and config.deepspeed.config_file:
-        raise ConfigError(f"{checkpoint} was written without DeepSpeed: resume it with deepspeed=none, or start a "
-                          "new run.")  # fmt: skip
-    if shards and len(shards) != world_size:
-        raise ConfigError(
-            f"{checkpoint} holds optimizer shards of {len(shards)} DeepSpeed ranks but this run has {world_size}: "
-            f"resume with {len(shards)} processes in all (accelerate.processes_per_node x NNODES), or start a new run."
-        )
 
 
 def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
@@ -318,7 +284,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     )
 
     run_dir = Path(config.trainer.output_dir)
-    precision = resolve_precision(config.trainer.precision, uses_gpu(config))
+    precision = recipe_precision(config)
     processor = load_processor(config.model)
     encoder = ConversationEncoder.from_recipe(processor, config)
     # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)
@@ -379,7 +345,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     t = config.trainer
     size = len(samples) if samples is not None else t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * PartialState().num_processes
     index = datasets.Dataset.from_dict({"index": list(range(size))})
-    trainer = make_trainer_class()(
+    trainer = VisionLanguageSFTTrainer(
         model=model,
         args=args,
         train_dataset=index,
@@ -404,6 +370,8 @@ def train(config: Config, overrides: list[str]) -> Path:
     from finetune.runinfo import write_run_info
 
     run_dir = Path(config.trainer.output_dir)
+    from finetune.rundir import check_checkpoint_fits, resolve_checkpoint
+
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
     if checkpoint:  # WORLD_SIZE: set by `accelerate launch` for every rank, before any process group exists
         check_checkpoint_fits(checkpoint, config, int(os.environ.get("WORLD_SIZE", "1")))
@@ -423,13 +391,13 @@ def train(config: Config, overrides: list[str]) -> Path:
             from finetune.training_eval import publish_final
 
             publish_final(run_dir, step)
-            print(format_metrics(json.loads((run_dir / "eval" / "metrics.json").read_text())))
+            print(format_metrics(RunDir(run_dir).metrics()))
 
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = RunDir(run_dir).adapter
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(adapter_dir))
-        (run_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        RunDir(run_dir).history_file.write_text(json.dumps(trainer.state.log_history, indent=1))
         logger.info("saved %s to %s", "adapter" if config.peft.method == "lora" else "model", adapter_dir)
     return adapter_dir
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from finetune.evaluate import predict_samples, write_results
+from finetune.rundir import RunDir
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
@@ -47,7 +48,7 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
     tagged = [(i, r) for i, r in zip(indices, records)]
     by_index = dict(reversed(gather_object(tagged) if world > 1 else tagged))  # first answer per sample wins
     records = [by_index[i] for i in sorted(by_index)]
-    out_dir = run_dir / "eval" / f"step-{trainer.state.global_step}"
+    out_dir = RunDir(run_dir).eval_step_dir(trainer.state.global_step)
     if trainer.is_world_process_zero():
         return write_results(out_dir, records)
     answered = [r for r in records if r.get("error") is None]
@@ -67,4 +68,4 @@ def as_logs(metrics: dict, prefix: str = "eval") -> dict:
 def publish_final(run_dir: Path, step: int) -> None:
     """The last in-training evaluation is the run's evaluation: copy it to eval/ (what ./launch.sh reports)."""
     for name in ("metrics.json", "predictions.jsonl"):
-        shutil.copyfile(run_dir / "eval" / f"step-{step}" / name, run_dir / "eval" / name)
+        shutil.copyfile(RunDir(run_dir).eval_step_dir(step) / name, RunDir(run_dir).eval_dir / name)

@@ -24,8 +24,8 @@ from collections import defaultdict
 
 from finetune.cli import run
 from finetune.config import Config, load_config
-from finetune.data.conversation import DataError
 from finetune.data.encode import ConversationEncoder
+from finetune.data.errors import DataError
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.paths import resolve_data_file
 

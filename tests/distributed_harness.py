@@ -24,44 +24,39 @@ ENV = os.environ.get
 
 
 def faulty_trainer() -> None:
-    make = finetune.train.make_trainer_class
+    class Faulty(finetune.train.VisionLanguageSFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if ENV("HARNESS_KILL_AT_STEP") and self.state.global_step == int(ENV("HARNESS_KILL_AT_STEP")):
+                self.accelerator.wait_for_everyone()  # every rank's shards are written
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    def make_faulty_trainer():
-        class Faulty(make()):
-            def _save_checkpoint(self, model, trial):
-                super()._save_checkpoint(model, trial)
-                if ENV("HARNESS_KILL_AT_STEP") and self.state.global_step == int(ENV("HARNESS_KILL_AT_STEP")):
-                    self.accelerator.wait_for_everyone()  # every rank's shards are written
+        def _save_optimizer_and_scheduler(self, output_dir):
+            step = self.state.global_step
+            if ENV("HARNESS_KILL_DURING_SAVE") and step == int(ENV("HARNESS_KILL_DURING_SAVE")):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if ENV("HARNESS_FULL_DISK_AT_STEP") and step == int(ENV("HARNESS_FULL_DISK_AT_STEP")):
+                with open(os.path.join(output_dir, "optimizer.pt"), "wb") as f:
+                    f.write(b"\0" * 1000)  # a partial write, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "optimizer.pt"))
+            super()._save_optimizer_and_scheduler(output_dir)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+            if ENV("HARNESS_NAN_AT_STEP") and self.state.global_step + 1 == int(ENV("HARNESS_NAN_AT_STEP")):
+                loss = result[0] if isinstance(result, tuple) else result
+                loss = loss * float("nan")
+                return (loss, *result[1:]) if isinstance(result, tuple) else loss
+            return result
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if ENV("HARNESS_KILL_RANK"):
+                rank, step = map(int, ENV("HARNESS_KILL_RANK").split(":"))
+                if self.accelerator.process_index == rank and self.state.global_step + 1 == step:
                     os.kill(os.getpid(), signal.SIGKILL)
+            return super().training_step(model, inputs, num_items_in_batch)
 
-            def _save_optimizer_and_scheduler(self, output_dir):
-                step = self.state.global_step
-                if ENV("HARNESS_KILL_DURING_SAVE") and step == int(ENV("HARNESS_KILL_DURING_SAVE")):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if ENV("HARNESS_FULL_DISK_AT_STEP") and step == int(ENV("HARNESS_FULL_DISK_AT_STEP")):
-                    with open(os.path.join(output_dir, "optimizer.pt"), "wb") as f:
-                        f.write(b"\0" * 1000)  # a partial write, then the disk is full
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(output_dir, "optimizer.pt"))
-                super()._save_optimizer_and_scheduler(output_dir)
-
-            def compute_loss(self, model, inputs, *args, **kwargs):
-                result = super().compute_loss(model, inputs, *args, **kwargs)
-                if ENV("HARNESS_NAN_AT_STEP") and self.state.global_step + 1 == int(ENV("HARNESS_NAN_AT_STEP")):
-                    loss = result[0] if isinstance(result, tuple) else result
-                    loss = loss * float("nan")
-                    return (loss, *result[1:]) if isinstance(result, tuple) else loss
-                return result
-
-            def training_step(self, model, inputs, num_items_in_batch=None):
-                if ENV("HARNESS_KILL_RANK"):
-                    rank, step = map(int, ENV("HARNESS_KILL_RANK").split(":"))
-                    if self.accelerator.process_index == rank and self.state.global_step + 1 == step:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                return super().training_step(model, inputs, num_items_in_batch)
-
-        return Faulty
-
-    finetune.train.make_trainer_class = make_faulty_trainer
+    finetune.train.VisionLanguageSFTTrainer = Faulty
 
 
 def split_modalities(overrides: list[str]) -> None:

@@ -124,7 +124,6 @@ def _other_base_model(path):
 
 def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     from safetensors import safe_open
-
     from serving_media import OTHER_BUDGETS
 
     from finetune.config import ConfigError, load_config

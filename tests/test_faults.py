@@ -14,7 +14,8 @@ from broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 from conftest import REPO
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
-from finetune.faults import BAD_SAMPLES, checkpoints, is_complete
+from finetune.rundir import RunDir, is_complete
+
 
 def harness(overrides, env, expect_rc=0):
     result = subprocess.run([sys.executable, "tests/distributed_harness.py", *overrides], cwd=REPO, capture_output=True,
@@ -32,7 +33,7 @@ def test_samples_that_fail_to_decode_are_skipped_reported_and_bounded(tmp_path):
     run_dir = tmp_path / "run"
     result = run_module("finetune.train", bad_overrides(run_dir, data, 6, "data.max_bad_samples=3"))
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]  # trained to the last step
-    reported = [json.loads(line) for line in open(run_dir / BAD_SAMPLES)]
+    reported = [json.loads(line) for line in open(RunDir(run_dir).bad_samples_file)]
     assert {r["id"] for r in reported} == BAD_IDS and len(reported) == 3
     assert {r["kind"] for r in reported} == {"bad_video", "bad_image"}
     assert all(f"skipping sample {sid}" in result.stderr for sid in BAD_IDS)
@@ -47,7 +48,7 @@ def test_samples_that_fail_to_decode_are_skipped_reported_and_bounded(tmp_path):
     stopped = run_module("finetune.train", bad_overrides(tmp_path / "strict", data, 6, "data.max_bad_samples=1"),
                          expect_failure=True)  # fmt: skip
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
-    assert "more than data.max_bad_samples allows (1)" in stopped.stderr and BAD_SAMPLES in stopped.stderr
+    assert "more than data.max_bad_samples allows (1)" in stopped.stderr and "bad_samples.jsonl" in stopped.stderr
 
 
 def _fault_run(run_dir, data, *extra):
@@ -66,7 +67,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_a_kill_while_a_checkpoint_is_written_never_leaves_one_that_resume_loads(tmp_path, uninterrupted):
-    from finetune.train import resolve_checkpoint
+    from finetune.rundir import resolve_checkpoint
 
     data, expected = uninterrupted
     run_dir = tmp_path / "run"
@@ -76,11 +77,11 @@ def test_a_kill_while_a_checkpoint_is_written_never_leaves_one_that_resume_loads
     run_module("finetune.train", _fault_run(run_dir, data, "trainer.resume_from_checkpoint=latest"))
     resumed = losses(run_dir)  # steps 1-2 come back with checkpoint-2's state, 3-6 are trained again
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and resumed == pytest.approx(expected, abs=1e-6)
-    assert [step for step, _ in checkpoints(run_dir)] == [4, 6]  # rotation: the newest two complete ones
+    assert [step for step, _ in RunDir(run_dir).checkpoints()] == [4, 6]  # rotation: the newest two complete ones
 
 
 def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
-    from finetune.train import resolve_checkpoint
+    from finetune.rundir import resolve_checkpoint
 
     data, _ = uninterrupted
     run_dir = tmp_path / "run"
@@ -143,12 +144,11 @@ def test_secrets_in_the_environment_never_reach_the_run_directory(tmp_path):
 
 def test_pickled_weights_are_refused_unless_allowed(tmp_path, tiny_paths):
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     from finetune.config import ConfigError, load_config
     from finetune.modeling import load_model
-
-    from safetensors.torch import load_file
 
     folder = tmp_path / "pickled"  # what older tools wrote: pytorch_model.bin (a pickle), no safetensors
     AutoModelForImageTextToText.from_pretrained(tiny_paths["qwen2_5_vl"]).save_pretrained(folder)

@@ -6,19 +6,19 @@ import random
 
 import pytest
 import torch
+from media_factory import write_dataset
+from qwen_reference import reference_get_rope_index, reference_self
+from random_data import build_media_pool, random_record
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
 from finetune.batching import inference_batch, training_batch
-from finetune.data.conversation import DataError
 from finetune.data.encode import ConversationEncoder
+from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
 from finetune.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.rope import PositionRule
-from media_factory import write_dataset
-from qwen_reference import reference_get_rope_index, reference_self
-from random_data import build_media_pool, random_record
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 ROWS_PER_FAMILY = 600
@@ -206,9 +206,10 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
     from conftest import DEMO
+    from transformers import AutoProcessor
+
     from finetune.config import load_config
     from finetune.tiny import tiny_checkpoint
-    from transformers import AutoProcessor
 
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)),
                                   VisionSettings.from_config(load_config([]).model))  # fmt: skip

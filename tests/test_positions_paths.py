@@ -12,10 +12,9 @@ import json
 import pytest
 import torch
 from media_factory import write_image, write_video
+from recipe_runs import EXPERIMENT
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
-
-from recipe_runs import EXPERIMENT
 
 from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder

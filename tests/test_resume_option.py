@@ -4,12 +4,12 @@
 import pytest
 
 from finetune.config import ConfigError, load_config
-from finetune.train import check_checkpoint_fits, resolve_checkpoint
+from finetune.rundir import check_checkpoint_fits, resolve_checkpoint
 
 
 def _checkpoint(run_dir, step, complete=True):
     """A checkpoint folder as the trainer leaves it; `complete` adds the marker written after every rank saved."""
-    from finetune.faults import mark_complete
+    from finetune.rundir import mark_complete
 
     path = run_dir / f"checkpoint-{step}"
     path.mkdir(parents=True)

@@ -15,8 +15,8 @@ from PIL import Image
 from recipe_runs import run_module
 
 import finetune.data.media as media
-from finetune.data.conversation import DataError
 from finetune.data.encode import ConversationEncoder
+from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, read_source
 from finetune.data.vision import VisionSettings
 

@@ -239,14 +239,14 @@ def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     ranks (losses logged for all of them), and the three are reported once each."""
     from broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 
-    from finetune.faults import BAD_SAMPLES
+    from finetune.rundir import RunDir
 
     data = dataset_with_bad_media(tmp_path)
     overrides = bad_overrides(tmp_path / "run", data, 6, "accelerate.processes_per_node=2",
                               "trainer.per_device_train_batch_size=2", "trainer.dataloader_num_workers=1")  # fmt: skip
     launch_sh(overrides)
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
-    reported = [json.loads(line) for line in open(tmp_path / "run" / BAD_SAMPLES)]
+    reported = [json.loads(line) for line in open(RunDir(tmp_path / "run").bad_samples_file)]
     assert {r["id"] for r in reported} == BAD_IDS
 
 

@@ -7,16 +7,21 @@ import json
 import shutil
 
 import pytest
-
 from conftest import DEMO
+from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+
 from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def losses(run_dir):
     history = json.loads((run_dir / "log_history.json").read_text())
     return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def seen_tokens(run_dir):
+    history = json.loads((run_dir / "log_history.json").read_text())
+    return [h["tokens_seen"] for h in history if "loss" in h]
 
 
 def _train(run_dir, train_file, steps, *extra):
@@ -35,6 +40,9 @@ def test_streaming_equals_indexed_on_a_set_that_fits_one_buffer(tmp_path, packin
     assert len(indexed) == steps and streamed.keys() == indexed.keys()
     for step in indexed:
         assert streamed[step] == pytest.approx(indexed[step], abs=1e-6), step
+    # Our own token count (all ranks' real tokens so far) grows every step, alike in both modes.
+    seen = [seen_tokens(tmp_path / mode) for mode in ("indexed", "streamed")]
+    assert seen[0] == seen[1] and all(b > a > 0 for a, b in zip(seen[0], seen[0][1:]))
 
 
 def test_streaming_resume_continues_from_the_right_record(tmp_path):

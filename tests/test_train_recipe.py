@@ -18,8 +18,8 @@ def base_model_loss(family, train_file):
 
     from finetune.batching import inference_batch
     from finetune.config import load_config
-    from finetune.data.sources import load_samples
     from finetune.data.encode import ConversationEncoder
+    from finetune.data.sources import load_samples
     from finetune.data.vision import VisionSettings
     from finetune.rope import PositionRule
     from finetune.tiny import tiny_checkpoint

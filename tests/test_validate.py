@@ -6,11 +6,9 @@ from fractions import Fraction
 
 import av
 import pytest
-
 from conftest import DEMO, REPO
 from media_factory import write_dataset, write_image, write_video
 from recipe_runs import run_module
-
 
 GOOD = {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}]}
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.data.errors import DataError
 from finetune.data.vision import IMAGE_KEYS, VIDEO_KEYS
 
 ROLE_ALIASES = {
@@ -39,16 +40,6 @@ KNOWN_KEYS = {"id", "messages", "conversations", "images", "image", "videos", "v
               *IMAGE_KEYS, *VIDEO_KEYS}  # fmt: skip
 
 
-class DataError(ValueError):
-    """A sample that cannot be trained on; the message names the file, the sample and the fix. `kind` is the
-    problem class `validate` groups by."""
-
-    def __init__(self, message: str, kind: str = "format"):
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):  # keep `kind` when a DataLoader worker sends the error back
-        return (DataError, (str(self), self.kind))
 
 
 @dataclass

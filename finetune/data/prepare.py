@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune.data.conversation import DataError, Sample
+from finetune.data.conversation import Sample
 from finetune.data.encode import ConversationEncoder, TokenCount
+from finetune.data.errors import DataError
 from finetune.data.sources import mix_order, parse_sources
 from finetune.data.store import SampleTable, load_source
 
@@ -110,7 +111,7 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
         rows = np.flatnonzero(usable & (~over | np.isin(np.arange(len(stored)), list(cuts))))
         kept.append((rows, cuts))
     order = mix_order([len(rows) for rows, _ in kept], [s.weight for s in sources], seed)
-    samples, tokens, table_cuts = [], {"text": [], "image": [], "video": []}, {}
+    tokens, table_cuts = {"text": [], "image": [], "video": []}, {}
     pairs = np.stack([order[:, 0], np.zeros(len(order), dtype=np.int64)], axis=1) if len(order) else order
     for part, (rows, cuts) in enumerate(kept):
         mine = order[:, 0] == part

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.conversation import DataError, Sample, record_to_sample
+from finetune.data.conversation import Sample, record_to_sample
+from finetune.data.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from finetune.data.conversation import DataError, Sample, record_to_sample
+from finetune.data.conversation import Sample, record_to_sample
+from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, iter_records
 
 logger = logging.getLogger(__name__)

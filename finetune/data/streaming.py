@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.conversation import DataError, Sample, record_to_sample
+from finetune.data.conversation import Sample, record_to_sample
+from finetune.data.errors import DataError
 from finetune.data.prepare import drop_trailing_turns
 from finetune.data.sources import DatasetSource, iter_records
 

@@ -6,15 +6,16 @@ import random
 
 import pytest
 import torch
+from media_factory import write_dataset
 from qwen_vl_utils import process_vision_info
+from random_data import build_media_pool, random_record
 from transformers.video_utils import VideoMetadata
 
-from finetune.data.conversation import DataError, Sample
+from finetune.data.conversation import Sample
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
+from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
-from media_factory import write_dataset
-from random_data import build_media_pool, random_record
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 N_SAMPLES = 500

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
-from finetune.data.conversation import DataError
-from finetune.data.sources import DatasetSource, load_samples, mix, parse_sources, read_source
 from media_factory import write_dataset, write_image, write_video
+
+from finetune.data.errors import DataError
+from finetune.data.sources import DatasetSource, load_samples, mix, parse_sources, read_source
 
 CANONICAL = [
     ("user", [("image", "a.png"), ("text", "What is this?")]),

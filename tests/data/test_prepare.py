@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
+from media_factory import write_dataset, write_image
+
 from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import prepare_split
 from finetune.data.vision import VisionSettings
-from media_factory import write_dataset, write_image
 
 SETTINGS = VisionSettings(4 * 784, 16 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
 

@@ -11,16 +11,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from media_factory import write_dataset, write_image, write_video
+from random_data import build_media_pool, random_record
 
-from finetune.data.conversation import DataError
 from finetune.data.encode import ConversationEncoder
+from finetune.data.errors import DataError
 from finetune.data.prepare import prepare_split
 from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
 from finetune.data.store import load_source, store_dir
 from finetune.data.vision import VisionSettings
 from finetune.packing import pack_rows
-from media_factory import write_dataset, write_image, write_video
-from random_data import build_media_pool, random_record
 
 SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784)
 
