@@ -83,29 +83,21 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_job_is_reported_and_the_others_finish(tmp_path):
+def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
+    """One sweep for two behaviours: submitit's local executor runs the jobs, and the job with a bad value fails
+    and is reported while the other finishes."""
     train = mini_dataset(tmp_path / "mini.json", per_task=2)
     sweep_dir = tmp_path / "sweep"
     result = run_module("finetune.launch", ["-m", *FAST, f"data.train={train}", "evaluation.after_training=false",
                                             "trainer.max_steps=1", "trainer.learning_rate=-1,2e-3",
+                                            "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                                             f"hydra.sweep.dir={sweep_dir}"], expect_failure=True)  # fmt: skip
     rows = {r["overrides"]: r for r in _rows(sweep_dir)}
     assert rows["trainer.learning_rate=0.002"]["status"] == "ok" and rows["trainer.learning_rate=0.002"]["train_loss"]
     assert rows["trainer.learning_rate=-1"]["status"] == "failed"
     assert "trainer.learning_rate must be positive" in rows["trainer.learning_rate=-1"]["error"]
     assert "1 of 2 jobs failed" in result.stdout
-
-
-@pytest.mark.slow
-def test_submitit_local_sweep_runs_its_jobs(tmp_path):
-    train = mini_dataset(tmp_path / "mini.json", per_task=2)
-    sweep_dir = tmp_path / "sweep"
-    run_module("finetune.launch", ["-m", *FAST, f"data.train={train}", "evaluation.after_training=false",
-                                   "trainer.max_steps=1", "trainer.seed=1,2", "hydra/launcher=submitit_local",
-                                   "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}"])  # fmt: skip
-    rows = _rows(sweep_dir)
-    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["train_loss"] for r in rows)
-    assert len(list((sweep_dir / ".submitit").glob("*_log.out"))) == 2  # they ran as submitit jobs
+    assert len(list((sweep_dir / ".submitit").glob("*_log.out"))) == 2  # both ran as submitit jobs
 
 
 @pytest.mark.slow
