@@ -154,7 +154,9 @@ def layout(config: Config, args: list[str]) -> str:
 
 
 def execute(config: Config, args: list[str], overrides: list[str]) -> int:
-    if not __import__("torch").cuda.is_available():
+    import torch
+
+    if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
     train, *after = commands(config, args, overrides)
     rc = _run(train, filter_launcher_tracebacks=True)

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import re
 import textwrap
+import typing
 
 from finetune.config import RECIPES_DIR, Config
 
@@ -68,9 +69,10 @@ def _field_comments(cls) -> dict[str, str]:
 def key_docs() -> dict[str, tuple[str, str]]:
     """{"group.key": (default, doc)} for every key of the schemas."""
     docs = {}
+    groups = typing.get_type_hints(Config)  # the annotations are strings (from __future__ import annotations)
     for group in dataclasses.fields(Config):
-        cls = group.type if isinstance(group.type, type) else getattr(__import__("finetune.config").config, group.type, None)
-        if cls is None or not dataclasses.is_dataclass(cls):
+        cls = groups[group.name]
+        if not dataclasses.is_dataclass(cls):
             continue
         comments = _field_comments(cls)
         for f in dataclasses.fields(cls):

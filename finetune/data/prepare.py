@@ -93,7 +93,7 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
                                                        "Point data.train/data.eval at the right file.",
                                                        "empty_dataset"))  # fmt: skip
         totals = stored.text + stored.image + stored.video
-        rows, cuts = [], {}  # cuts: row -> (messages kept, their count)
+        cuts = {}  # row -> (messages kept, their count)
         for row in np.flatnonzero(np.array([k is not None for k in stored.error_kind], dtype=bool)).tolist():
             problems[stored.errors[row].kind].append(stored.errors[row])
         usable = np.array([k is None for k in stored.error_kind], dtype=bool)
@@ -108,31 +108,32 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
             problems["too_long"].append(DataError(
                 f"{sample.source}: {totals[row]} tokens (text {stored.text[row]}, image {stored.image[row]}, video "
                 f"{stored.video[row]}), {totals[row] - limit} over data.max_length={limit}", "too_long"))  # fmt: skip
-        rows = np.flatnonzero(usable & (~over | np.isin(np.arange(len(stored)), list(cuts))))
-        kept.append((rows, cuts))
-    order = mix_order([len(rows) for rows, _ in kept], [s.weight for s in sources], seed)
-    tokens, table_cuts = {"text": [], "image": [], "video": []}, {}
-    pairs = np.stack([order[:, 0], np.zeros(len(order), dtype=np.int64)], axis=1) if len(order) else order
-    for part, (rows, cuts) in enumerate(kept):
+        rows = np.flatnonzero(usable & ~over)
+        rows = np.union1d(rows, np.array(sorted(cuts), dtype=np.int64))  # sorted: the shortened ones join in place
+        part_tokens = {name: getattr(stored, name)[rows].astype(np.int64) for name in ("text", "image", "video")}
+        keep = np.full(len(rows), -1, dtype=np.int64)  # messages kept by a shortened sample; -1: all
+        for position, row in zip(np.searchsorted(rows, sorted(cuts)).tolist(), sorted(cuts)):
+            kept_messages, count = cuts[row]
+            keep[position] = kept_messages
+            for name in part_tokens:
+                part_tokens[name][position] = getattr(count, name)
+        kept.append((rows, part_tokens, keep))
+    order = mix_order([len(rows) for rows, _, _ in kept], [s.weight for s in sources], seed)
+    pairs = order.copy()  # (dataset, position among its kept rows) -> (dataset, record row)
+    tokens = {name: np.zeros(len(order), dtype=np.int64) for name in ("text", "image", "video")}
+    keep_all = np.full(len(order), -1, dtype=np.int64)
+    for part, (rows, part_tokens, keep) in enumerate(kept):
         mine = order[:, 0] == part
-        pairs[mine, 1] = rows[order[mine, 1]]
-    for name in tokens:
-        values = np.zeros(len(order), dtype=np.int64)
-        for part, stored in enumerate(stores):
-            mine = pairs[:, 0] == part
-            values[mine] = getattr(stored, name)[pairs[mine, 1]]
-        tokens[name] = values
-    for i in np.flatnonzero(np.isin(pairs[:, 1], [r for _, cuts in kept for r in cuts])).tolist():
-        part, row = pairs[i]
-        fitted = kept[part][1].get(int(row))
-        if fitted is not None:
-            kept_messages, count = fitted
-            table_cuts[i] = kept_messages
-            tokens["text"][i], tokens["image"][i], tokens["video"][i] = count.text, count.image, count.video
-    per_file = {str(source.path): len(rows) for source, (rows, _) in zip(sources, kept)}
-    return PreparedSplit(SampleTable([s.records_file for s in stores], pairs, table_cuts, [s.records for s in stores]), tokens, dict(problems), read,
-                         [str(s.records_file) for s in stores], shortened, per_file,
-                         sum(s.counted for s in stores))  # fmt: skip
+        positions = order[mine, 1]
+        pairs[mine, 1] = rows[positions]
+        keep_all[mine] = keep[positions]
+        for name in tokens:
+            tokens[name][mine] = part_tokens[name][positions]
+    cuts_by_sample = {int(i): int(keep_all[i]) for i in np.flatnonzero(keep_all >= 0)}
+    samples = SampleTable([s.records_file for s in stores], pairs, cuts_by_sample, [s.records for s in stores])
+    per_file = {str(source.path): len(rows) for source, (rows, _, _) in zip(sources, kept)}
+    return PreparedSplit(samples, tokens, dict(problems), read, [str(s.records_file) for s in stores], shortened,
+                         per_file, sum(s.counted for s in stores))  # fmt: skip
 
 
 def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str:

@@ -93,27 +93,38 @@ def iter_records(path: Path):
         raise DataError(f"{path}: unsupported dataset file; use .json, .jsonl, .parquet or a `save_to_disk` folder.")
 
 
+def to_sample(record, index: int, where: str, root: Path) -> Sample:
+    """A record (or the DataError reading it gave) as a Sample; every problem is a DataError naming the record."""
+    if isinstance(record, DataError):
+        raise record
+    try:
+        return record_to_sample(record, index, where, root)
+    except DataError:
+        raise
+    except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
+        raise DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, for the "
+                        "formats read.", "format") from None  # fmt: skip
+
+
+def duplicate_id(where: str, sample_id: str, first: str) -> DataError:
+    """Reports, skips and predictions name samples by id: it must be unique."""
+    return DataError(f"{where}: id {sample_id!r} is used again (first at {first}). Give every sample its own id.",
+                     "duplicate_id")  # fmt: skip
+
+
 def read_source(source: DatasetSource) -> tuple[list[Sample], list[DataError]]:
     """Every record of one dataset as a Sample, or the DataError that says why it cannot be one."""
     if not source.path.exists():
         raise DataError(f"Dataset {source.path} does not exist.")
     samples, errors, first_of = [], [], {}
     for index, (where, record) in enumerate(iter_records(source.path)):
-        if isinstance(record, DataError):
-            errors.append(record)
-            continue
         try:
-            sample = record_to_sample(record, index, where, source.root)
+            sample = to_sample(record, index, where, source.root)
         except DataError as err:
             errors.append(err)
             continue
-        except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
-            errors.append(DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, "
-                                    "for the formats read.", "format"))  # fmt: skip
-            continue
-        if sample.id in first_of:  # reports, skips and predictions name samples by id: it must be unique
-            errors.append(DataError(f"{where}: id {sample.id!r} is used again (first at {first_of[sample.id]}). Give "
-                                    "every sample its own id.", "duplicate_id"))  # fmt: skip
+        if sample.id in first_of:
+            errors.append(duplicate_id(where, sample.id, first_of[sample.id]))
             continue
         first_of[sample.id] = where
         samples.append(sample)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from finetune.data.conversation import Sample, record_to_sample
+from finetune.data.conversation import Sample
 from finetune.data.errors import DataError
-from finetune.data.sources import DatasetSource, iter_records
+from finetune.data.sources import DatasetSource, duplicate_id, iter_records, to_sample
 
 logger = logging.getLogger(__name__)
 STORE_VERSION = 1  # of the records file layout and of reading (finetune/data/conversation.py)
@@ -131,16 +131,10 @@ def _convert(chunk: list, root: Path) -> dict:
     """Records (index, location, record or DataError) as a batch of store columns; duplicates are found later."""
     batch = _empty_batch()
     for index, where, record in chunk:
-        if isinstance(record, DataError):
-            _add(batch, None, where, error=record)
-            continue
         try:
-            sample = record_to_sample(record, index, where, root)
+            sample = to_sample(record, index, where, root)
         except DataError as err:
             _add(batch, None, where, error=err)
-        except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name it
-            _add(batch, None, where, error=DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See "
-                                                     "README, Your data, for the formats read.", "format"))  # fmt: skip
         else:
             _add(batch, sample.id, sample.source, sample.messages, sample.extra)
             batch["location"][-1] = where
@@ -186,13 +180,11 @@ def read_records(source: DatasetSource, num_proc: int = 1):
             for row, sample_id in enumerate(batch["id"]):
                 if sample_id is None:
                     continue
-                if sample_id in first_of:  # reports, skips and predictions name samples by id: it must be unique
-                    where = locations[row]
+                if sample_id in first_of:
+                    error = duplicate_id(locations[row], sample_id, first_of[sample_id])
                     batch["messages"][row] = batch["key"][row] = None
                     batch["media"][row], batch["n_images"][row], batch["n_videos"][row] = [], 0, 0
-                    batch["error_kind"][row] = "duplicate_id"
-                    batch["error"][row] = (f"{where}: id {sample_id!r} is used again (first at {first_of[sample_id]}). "
-                                           "Give every sample its own id.")  # fmt: skip
+                    batch["error_kind"][row], batch["error"][row] = error.kind, str(error)
                 else:
                     first_of[sample_id] = locations[row]
             yield batch
@@ -432,22 +424,20 @@ class SampleTable:
     def __len__(self) -> int:
         return len(self._order)
 
-    def _value(self, part: int, row: int, name: str):
-        chunks, starts = self._columns[part]
-        at = bisect.bisect_right(starts, row) - 1
-        return chunks[name][at][row - starts[at]].as_py()
-
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
         part, row = self._order[i]
-        messages = json.loads(self._value(part, row, "messages"))
+        chunks, starts = self._columns[part]
+        at = bisect.bisect_right(starts, row) - 1  # the record batch holding the row, found once per sample
+        sample_id, where, messages, extra = (chunks[name][at][row - starts[at]].as_py()
+                                             for name in ("id", "where", "messages", "extra"))  # fmt: skip
+        messages = json.loads(messages)
         if i in self._cuts:
             messages = messages[: self._cuts[i]]
-        return Sample(self._value(part, row, "id"), messages, self._value(part, row, "where"),
-                      json.loads(self._value(part, row, "extra")))  # fmt: skip
+        return Sample(sample_id, messages, where, json.loads(extra))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.conversation import Sample, record_to_sample
+from finetune.data.conversation import Sample
 from finetune.data.errors import DataError
 from finetune.data.prepare import drop_trailing_turns
-from finetune.data.sources import DatasetSource, iter_records
+from finetune.data.sources import DatasetSource, iter_records, to_sample
 
 
 def shard_records(sources: list[DatasetSource], shard: int, shards: int):
@@ -68,9 +68,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         """(sample, total tokens) of one pass over the shard; problems are appended as bad-sample entries."""
         for number, where, record, source in shard_records(self.sources, shard, shards):
             try:
-                if isinstance(record, DataError):
-                    raise record
-                sample = record_to_sample(record, number, where, source.root)
+                sample = to_sample(record, number, where, source.root)
                 count = self.encoder.count_tokens(sample)
                 if count.total > self.budget:
                     fitted = drop_trailing_turns(sample, self.encoder, self.budget) if self.over_length == "drop_trailing_turns" else None
@@ -82,10 +80,6 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             except DataError as err:
                 problems.append({"id": str(record.get("id", number)) if isinstance(record, dict) else str(number),
                                  "source": where, "kind": err.kind, "error": str(err)})  # fmt: skip
-                continue
-            except Exception as err:  # a shape no reader expects: a bad sample like any other
-                problems.append({"id": str(number), "source": where, "kind": "format",
-                                 "error": f"{where}: malformed record ({type(err).__name__}: {err})."})  # fmt: skip
                 continue
             yield sample, count.total
 
@@ -112,19 +106,21 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 if len(buffer) == self.buffer_size:
                     pending += self._rows(buffer, pass_number, buffer_number)
                     buffer, buffer_number = [], buffer_number + 1
-                while len(pending) >= self.rows_per_batch:
-                    yield pending[: self.rows_per_batch]
-                    pending = pending[self.rows_per_batch :]
+                yield from self._full_batches(pending)
             if not seen:
                 raise DataError(f"streaming: rank {self.rank} of {self.world_size} found no usable sample in its share "
                                 "of the records (every world_size-th record). Check the data with python -m "
                                 "finetune.validate, or use data.streaming=false.")  # fmt: skip
             if buffer:
                 pending += self._rows(buffer, pass_number, buffer_number)
-            while len(pending) >= self.rows_per_batch:
-                yield pending[: self.rows_per_batch]
-                pending = pending[self.rows_per_batch :]
+            yield from self._full_batches(pending)
             pass_number += 1
+
+    def _full_batches(self, pending: list[list[Sample]]):
+        """Every full batch of the pending rows, taken off the list (the rest waits for the next buffer)."""
+        while len(pending) >= self.rows_per_batch:
+            yield pending[: self.rows_per_batch]
+            del pending[: self.rows_per_batch]
 
     def __iter__(self):
         # Every worker of a rank follows the rank's whole sequence (reading and counting are cheap) and decodes
