@@ -133,10 +133,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from finetune.config import load_config
-    from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split
     from finetune.data.sources import DatasetSource, read_source
     from finetune.data.store import default_num_proc, load_source
+    from finetune.data_settings import conversation_encoder, split_settings
     from finetune.modeling import load_processor
     from finetune.packing import pack_rows
     from finetune.paths import cache_root
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"start to first step, warm (store):     {warm:6.1f} s   peak RSS {warm_rss:.2f} GB")
 
     config = load_config(["experiment=demo", f"data.train={data}", "data.max_length=1024"])
-    encoder = ConversationEncoder.from_recipe(load_processor(config.model), config)
+    encoder = conversation_encoder(load_processor(config.model), config)
     source = DatasetSource(data)
 
     # 2. pre-pass on 1 and N processes (reading the records is not part of it: the store is kept, counts dropped)
@@ -172,7 +172,7 @@ def main() -> None:
     print(f"token pre-pass: {line}{speedup}; identical counts")
 
     # 3. private memory of a forked worker that touches every sample
-    split = prepare_split(str(data), config.data, encoder, 0, Path)
+    split = prepare_split(str(data), split_settings(config), encoder, Path)
     store_mb = sum(Path(f).stat().st_size for f in split.cache_files) / 1024**2
     store_private = touched_in_child(split.samples) / 1024
     objects = read_source(source)[0]

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from finetune import legacy_keys
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
 GROUPS = ("model", "data", "peft", "trainer", "deepspeed", "accelerate", "logger", "experiment")
@@ -54,13 +56,6 @@ class ModelConfig:
     video_min_pixels: int = 128 * 28 * 28
     video_max_pixels: int = 768 * 28 * 28
     video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
-    # What trains fully (see finetune/trainable.py). The vision tower is the ViT without its merger.
-    freeze_vision_tower: bool = True
-    freeze_merger: bool = True
-    freeze_llm: bool | None = None  # null: frozen under LoRA (only adapters train), trained with peft=none
-
-    def llm_frozen(self, peft: "PeftConfig") -> bool:
-        return peft.method == "lora" if self.freeze_llm is None else self.freeze_llm
 
     def check(self) -> None:
         _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
@@ -132,28 +127,75 @@ class DataConfig:
             raise ConfigError(f"data.frames_fps must be positive, got {self.frames_fps}.")
 
 
+PART_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class PartsConfig:
+    """What trains in each part of the model (finetune/trainable.py), one mode per part: frozen | lora | full.
+
+    llm: embeddings, decoder layers, norm and lm_head; vision_tower: the ViT blocks and the Conv3d patch embed;
+    merger: the MLP that projects vision features into the LLM (frozen or full: it never takes LoRA).
+    """
+
+    llm: str = "lora"
+    vision_tower: str = "frozen"
+    merger: str = "frozen"
+    # Learning rates of the vision tower and the merger (their full weights or their LoRA weights);
+    # null = trainer.learning_rate, which is the LLM's.
+    vision_tower_lr: float | None = None
+    merger_lr: float | None = None
+
+    def modes(self) -> dict[str, str]:
+        return {"llm": self.llm, "vision_tower": self.vision_tower, "merger": self.merger}
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether an adapter is trained (then full parts are saved beside it and the export merges it)."""
+        return "lora" in self.modes().values()
+
+    def check(self) -> None:
+        for part, mode in self.modes().items():
+            _choice(f"parts.{part}", mode, PART_MODES)
+        if self.merger == "lora":
+            raise ConfigError("parts.merger=lora is not supported: the merger is small and trains fully if at all. "
+                              "Use parts.merger=full (or frozen).")  # fmt: skip
+        if self.llm == "full" and self.vision_tower == "lora":
+            raise ConfigError(
+                "parts.llm=full with parts.vision_tower=lora would save the whole LLM inside a LoRA adapter. "
+                "Use parts.llm=lora with parts.vision_tower=lora, or parts.vision_tower=full for full fine-tuning."
+            )
+        if set(self.modes().values()) == {"frozen"}:
+            raise ConfigError("Nothing would be trained: parts.llm, parts.vision_tower and parts.merger are all "
+                              "frozen. Set one to lora or full (e.g. parts.llm=lora).")  # fmt: skip
+        for part in ("vision_tower", "merger"):
+            rate = getattr(self, f"{part}_lr")
+            if rate is not None and rate <= 0:
+                raise ConfigError(f"parts.{part}_lr must be positive, got {rate}.")
+            if rate is not None and getattr(self, part) == "frozen":
+                raise ConfigError(f"parts.{part}_lr is set but parts.{part}=frozen: set parts.{part}=full (or "
+                                  f"lora), or remove parts.{part}_lr.")  # fmt: skip
+
+
 @dataclass
 class PeftConfig:
-    """LoRA on the language model's linear layers (default) and optionally on the ViT blocks' linear layers."""
+    """LoRA hyperparameters for the parts whose mode is `lora` (see `parts`): the LLM's linear layers and, with
+    parts.vision_tower=lora, the ViT blocks' linear layers."""
 
-    method: str = "lora"  # lora | none (full fine-tuning of whatever is not frozen)
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     use_dora: bool = False  # weight-decomposed LoRA (PEFT's DoRA)
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (PEFT's rsLoRA)
-    lora_llm: bool = True
     # Anchored on the language model: Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare
     # module-name list would silently put LoRA on the vision tower too. Only nn.Linear layers ever match.
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-    lora_vision_tower: bool = False
     # ViT blocks' attention and MLP (Qwen2-VL: qkv/proj/fc1/fc2; Qwen2.5-VL: qkv/proj/gate/up/down_proj).
-    # The Conv3d patch embed and the merger never take LoRA (train the merger fully with model.freeze_merger=false).
+    # The Conv3d patch embed and the merger never take LoRA (train the merger fully with parts.merger=full).
     vision_target_modules: str = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$"
 
     def check(self) -> None:
-        _choice("peft.method", self.method, ("lora", "none"))
-        if self.method == "lora" and (self.r <= 0 or self.alpha <= 0):
+        if self.r <= 0 or self.alpha <= 0:
             raise ConfigError(f"peft.r ({self.r}) and peft.alpha ({self.alpha}) must be positive for LoRA.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}.")
@@ -173,9 +215,7 @@ class TrainerConfig:
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4  # the LLM's, and every part's unless set below
-    vision_tower_lr: float | None = None  # ViT blocks + patch embed (full training or their LoRA weights)
-    merger_lr: float | None = None
+    learning_rate: float = 1e-4  # the LLM's, and every part's unless parts.vision_tower_lr / parts.merger_lr
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.03  # < 1: fraction of the total steps
     weight_decay: float = 0.0
@@ -211,10 +251,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.ddp_timeout={self.ddp_timeout} s is too short for any collective; use >= 60.")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("trainer.per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
-        for key in ("learning_rate", "vision_tower_lr", "merger_lr"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"trainer.{key} must be positive, got {value}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"trainer.learning_rate must be positive, got {self.learning_rate}.")
 
 
 @dataclass
@@ -299,6 +337,7 @@ class Config:
     name: str = MISSING  # experiment name; names the run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parts: PartsConfig = field(default_factory=PartsConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -308,13 +347,13 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
-        for group in (self.model, self.data, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger,
+        for group in (self.model, self.data, self.parts, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger,
                       self.evaluation, self.export):
             group.check()
-        if self.peft.method == "none" and self.export.after_training:
+        if not self.parts.uses_lora and self.export.after_training:
             raise ConfigError(
-                "export.after_training=true merges a LoRA adapter, but peft.method=none trains the weights "
-                "directly (the run directory already holds a full checkpoint). Set export.after_training=false."
+                "export.after_training=true merges a LoRA adapter, but no part has parts.<part>=lora: the weights "
+                "train directly and the run directory already holds a full checkpoint. Set export.after_training=false."
             )
         if self.evaluation.after_training and not self.data.eval:
             raise ConfigError(
@@ -331,51 +370,20 @@ class Config:
         if self.data.streaming and self.trainer.max_steps <= 0:
             raise ConfigError("data.streaming=true reads the data as an endless stream: set trainer.max_steps to the "
                               "number of optimizer steps to train (epochs cannot be counted without an index).")  # fmt: skip
-        self._check_trainable_parts()
+        if self.trainer.gradient_checkpointing_vision_tower and not (
+            self.trainer.gradient_checkpointing and self.parts.vision_tower != "frozen"
+        ):
+            raise ConfigError(
+                "trainer.gradient_checkpointing_vision_tower=true needs trainer.gradient_checkpointing=true and a "
+                "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
+            )
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError("trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
                               "its engine); use trainer.nonfinite_loss=stop with DeepSpeed.")  # fmt: skip
         if self.data.max_bad_samples is not None and self.data.max_bad_samples < 0:
             raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
-        if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and self.peft.method == "none":
+        if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and not self.parts.uses_lora:
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
-
-
-    def _check_trainable_parts(self) -> None:
-        """Freezing, LoRA and per-part learning rates must describe one consistent set of trained weights."""
-        m, p, t = self.model, self.peft, self.trainer
-        lora = p.method == "lora"
-        if lora and m.freeze_llm is False:
-            raise ConfigError(
-                "model.freeze_llm=false trains every LLM weight, which peft=lora does not do (the LLM gets "
-                "adapters). Use peft=none for full fine-tuning, or leave model.freeze_llm unset."
-            )
-        if lora and p.lora_vision_tower and not m.freeze_vision_tower:
-            raise ConfigError(
-                "peft.lora_vision_tower=true puts adapters on a frozen vision tower, but model.freeze_vision_tower"
-                "=false trains it fully: choose one (keep model.freeze_vision_tower=true for ViT LoRA)."
-            )
-        if not lora and p.lora_vision_tower:
-            raise ConfigError("peft.lora_vision_tower=true needs peft=lora (peft.method=lora).")
-        vision_trains = not m.freeze_vision_tower or (lora and p.lora_vision_tower)
-        llm_trains = (lora and p.lora_llm) or not m.llm_frozen(p)
-        if not (vision_trains or llm_trains or not m.freeze_merger):
-            raise ConfigError(
-                "Nothing would be trained: the LLM, vision tower and merger are all frozen and no LoRA is applied. "
-                "Set peft.lora_llm=true, peft.lora_vision_tower=true, or unfreeze a part (model.freeze_merger=false)."
-            )
-        if t.vision_tower_lr is not None and not vision_trains:
-            raise ConfigError(
-                "trainer.vision_tower_lr is set but the vision tower does not train: set model.freeze_vision_tower"
-                "=false or peft.lora_vision_tower=true, or remove trainer.vision_tower_lr."
-            )
-        if t.merger_lr is not None and m.freeze_merger:
-            raise ConfigError("trainer.merger_lr is set but the merger is frozen: set model.freeze_merger=false.")
-        if t.gradient_checkpointing_vision_tower and not (t.gradient_checkpointing and vision_trains):
-            raise ConfigError(
-                "trainer.gradient_checkpointing_vision_tower=true needs trainer.gradient_checkpointing=true and a "
-                "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
-            )
 
 
 def repo_path(path: str) -> Path:
@@ -420,13 +428,18 @@ def compose(overrides: list[str] | None = None):
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides or [])
+    replaced = legacy_keys.check_overrides(overrides)
+    if replaced:
+        raise ConfigError(replaced)
     _register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
     except Exception as err:  # Hydra wraps the real cause; keep its text and add our hints
-        raise ConfigError(_explain_override_error(err, overrides)) from None
+        message = _explain_override_error(err, overrides)
+        hint = legacy_keys.hint_for_error(message)
+        raise ConfigError(message + ("\n" + hint if hint else "")) from None
 
 
 RECIPE_FILE = "recipe_file="  # `recipe_file=runs/x/config.yaml`: a saved, resolved recipe instead of composing
@@ -455,11 +468,15 @@ def to_yaml(config: Config) -> str:
 
 def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
     groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
+    replaced = legacy_keys.check_overrides(overrides)
+    if replaced:
+        raise ConfigError(replaced)
     if groups:
         raise ConfigError(f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
                           "groups; compose a new recipe instead.")  # fmt: skip
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        saved = _read_saved(path)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(overrides))
         config = OmegaConf.to_object(cfg)
     except Exception as err:
         raise ConfigError(f"{path} with {overrides}: {str(err).splitlines()[0]}") from None
@@ -467,10 +484,16 @@ def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
     return config
 
 
+def _read_saved(path: Path):
+    """A saved recipe as a DictConfig; one written before `parts` existed is translated (with a warning)."""
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    return OmegaConf.create(legacy_keys.migrate_saved(values, str(path)))
+
+
 def load_saved_config(path: Path) -> Config:
     """A resolved recipe saved by a run (`config.yaml`) or an export (`finetune_config.yaml`), checked again."""
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _read_saved(path)))
     except Exception as err:
         raise ConfigError(f"{path} is not a recipe this version can read: {str(err).splitlines()[0]}") from None
     config.check()

@@ -23,6 +23,7 @@ from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config
 from finetune.data.conversation import Sample
 from finetune.data.errors import DataError
+from finetune.data_settings import conversation_encoder, split_settings
 from finetune.metrics import format_metrics, score
 from finetune.paths import resolve_data_file
 from finetune.rundir import RunDir
@@ -45,31 +46,6 @@ def question_of(prompt: Sample) -> str:
     """The text of the last user turn (what the predictions file shows as the question)."""
     user = [m for m in prompt.messages if m["role"] == "user"]
     return "".join(b["text"] for b in user[-1]["content"] if b["type"] == "text").strip() if user else ""
-
-
-def load_trained_model(config: Config, model_dir: str | None = None, device_map="recipe"):
-    """(model, processor) from a merged directory, or base model + the run's adapter. Either way the model computes
-    positions with the recipe's rope rule (finetune/modeling.py). `device_map`: the recipe's (GPUs of a GPU run,
-    else CPU), or a transformers device map."""
-    from finetune.modeling import inference_device_map, load_model, load_processor, recipe_precision
-
-    precision = recipe_precision(config, device_map)
-    if precision != config.trainer.precision and config.trainer.precision != "auto":
-        logger.info("inference in %s on this machine (the recipe trained in %s)", precision, config.trainer.precision)
-    device_map = inference_device_map(config) if device_map == "recipe" else device_map
-    if model_dir:
-        model = load_model(config.model, precision, path=model_dir, device_map=device_map)
-        return model, load_processor(config.model, path=model_dir)
-    adapter_dir = RunDir(config.trainer.output_dir).adapter
-    if not adapter_dir.is_dir():
-        raise ConfigError(f"No trained adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
-    processor = load_processor(config.model, path=str(adapter_dir))
-    if config.peft.method == "none":
-        return load_model(config.model, precision, path=str(adapter_dir), device_map=device_map), processor
-    from peft import PeftModel
-
-    base = load_model(config.model, precision, device_map=device_map)
-    return PeftModel.from_pretrained(base, str(adapter_dir)), processor
 
 
 @torch.no_grad()
@@ -150,7 +126,7 @@ def eval_samples(config: Config, encoder) -> list[Sample]:
 
     if not config.data.eval:
         raise ConfigError("No held-out split: set data.eval=PATH.")
-    split = prepare_split(config.data.eval, config.data, encoder, config.trainer.seed, resolve_data_file)
+    split = prepare_split(config.data.eval, split_settings(config), encoder, resolve_data_file)
     require_clean(split, "evaluation", config.data.skip_invalid, logger)
     samples = split.samples[: config.data.eval_max_samples] if config.data.eval_max_samples else split.samples
     if not samples:
@@ -161,13 +137,13 @@ def eval_samples(config: Config, encoder) -> list[Sample]:
 
 
 def evaluate(config: Config, model_dir: str | None = None) -> dict:
-    from finetune.data.encode import ConversationEncoder
+    from finetune.modeling import load_trained_model
 
     if not config.data.eval:
         raise ConfigError("No held-out split: set data.eval=PATH.")
     model, processor = load_trained_model(config, model_dir)
     model.eval()
-    encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+    encoder = conversation_encoder(processor, config, for_training=False)
     samples = eval_samples(config, encoder)
     records = predict_samples(model, encoder, samples, config.evaluation.batch_size, config.evaluation.max_new_tokens)
     metrics = write_results(RunDir(config.trainer.output_dir).eval_dir, records)

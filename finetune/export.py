@@ -209,17 +209,8 @@ def push_to_hub(out_dir: Path, repo_id: str, private: bool) -> None:
 
 
 def export(config: Config) -> Path:
-    from peft import PeftModel
-
-    from finetune.data.encode import ConversationEncoder
-    from finetune.modeling import (
-        DTYPES,
-        inference_device_map,
-        load_model,
-        load_processor,
-        position_rule,
-        recipe_precision,
-    )
+    from finetune.data_settings import conversation_encoder
+    from finetune.modeling import DTYPES, inference_device_map, load_trained_model, position_rule, recipe_precision
     from finetune.serving import apply_budgets, model_card, save_processor
     from finetune.tiny import resolve_model_path
 
@@ -231,16 +222,10 @@ def export(config: Config) -> Path:
     check_adapter_base(adapter_dir, resolve_model_path(config.model.name_or_path))
     precision = recipe_precision(config)
     export_dtype = precision if config.export.dtype == "auto" else config.export.dtype
-    processor = load_processor(config.model, path=str(adapter_dir))
-    base = load_model(config.model, precision, device_map=inference_device_map(config))
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    except RuntimeError as err:  # size mismatches: an adapter for another architecture
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"{adapter_dir} does not fit {config.model.name_or_path}: {reason}") from None
-    encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+    model, processor = load_trained_model(config)  # base + adapter, on the recipe's devices in `precision`
+    encoder = conversation_encoder(processor, config, for_training=False)
     samples = reference_samples(config)
-    batch = reference_batch(samples, encoder, position_rule(base, config.model))
+    batch = reference_batch(samples, encoder, position_rule(model, config.model))
     expected_grids = training_grids(samples, encoder)
     inputs = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():

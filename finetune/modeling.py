@@ -1,6 +1,10 @@
-"""Load the model and processor a recipe names and decide precision from the hardware (what trains: trainable.py)."""
+"""Load models and processors and decide precision from the hardware (what trains: trainable.py). One loader for
+each form a model takes here: the base checkpoint (`load_model`, training), and a trained run (base + adapter, a
+run trained without LoRA, or a merged export: `load_trained_model`, used by evaluate, predict and export)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -8,6 +12,7 @@ from finetune.config import ConfigError, ModelConfig
 from finetune.rope import PositionRule, install_position_rule
 from finetune.tiny import resolve_model_path
 
+logger = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -70,6 +75,36 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     )
     install_position_rule(model, position_rule(model, model_cfg))
     return model
+
+
+def load_trained_model(config, model_dir: str | None = None, device_map="recipe"):
+    """(model, processor) of a trained run: a merged directory (`model_dir`), or the run's base model + adapter (a
+    PeftModel), or the weights saved by a run with no LoRA part. The model computes positions with the recipe's
+    rope rule. `device_map`: the recipe's (the GPUs of a GPU run, else the CPU) or a transformers device map."""
+    from finetune.rundir import RunDir
+
+    precision = recipe_precision(config, device_map)
+    if precision != config.trainer.precision and config.trainer.precision != "auto":
+        logger.info("inference in %s on this machine (the recipe trained in %s)", precision, config.trainer.precision)
+    device_map = inference_device_map(config) if device_map == "recipe" else device_map
+    if model_dir:
+        return load_model(config.model, precision, path=model_dir, device_map=device_map), load_processor(
+            config.model, path=model_dir
+        )
+    adapter_dir = RunDir(config.trainer.output_dir).adapter
+    if not adapter_dir.is_dir():
+        raise ConfigError(f"No trained adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
+    processor = load_processor(config.model, path=str(adapter_dir))
+    if not config.parts.uses_lora:
+        return load_model(config.model, precision, path=str(adapter_dir), device_map=device_map), processor
+    from peft import PeftModel
+
+    base = load_model(config.model, precision, device_map=device_map)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), processor
+    except RuntimeError as err:  # size mismatches: an adapter trained on another architecture
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{adapter_dir} does not fit {config.model.name_or_path}: {reason}") from None
 
 
 def check_weight_files(path: str, allow_pickled: bool) -> None:

@@ -91,14 +91,15 @@ def predict(args: argparse.Namespace) -> list[str]:
     import torch
     from transformers import TextStreamer
 
-    from finetune.data.encode import ConversationEncoder
-    from finetune.evaluate import generate_answers, load_trained_model, question_of
+    from finetune.data_settings import conversation_encoder
+    from finetune.evaluate import generate_answers, question_of
+    from finetune.modeling import load_trained_model
 
     config, merged_dir = find_model(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_trained_model(config, merged_dir, device_map="auto" if device == "cuda" else None)
     model.eval()
-    encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+    encoder = conversation_encoder(processor, config, for_training=False)
     if args.input:
         source = Path(args.input)
         questions = read_questions(source, Path(args.media_root) if args.media_root else source.resolve().parent)

@@ -31,7 +31,7 @@ Commands:
 MOST_USED = (
     "model.name_or_path", "model.max_pixels", "model.video_fps", "model.video_max_frames", "model.rope_rule",
     "data.train", "data.eval", "data.media_root", "data.max_length", "data.skip_invalid", "data.streaming",
-    "peft.r", "peft.alpha", "trainer.output_dir", "trainer.max_steps", "trainer.num_train_epochs",
+    "parts.llm", "parts.vision_tower", "parts.merger", "peft.r", "peft.alpha", "trainer.output_dir", "trainer.max_steps", "trainer.num_train_epochs",
     "trainer.per_device_train_batch_size", "trainer.gradient_accumulation_steps", "trainer.learning_rate",
     "trainer.packing", "trainer.precision", "trainer.resume_from_checkpoint", "trainer.seed",
     "accelerate.processes_per_node", "evaluation.steps", "export.dtype",

@@ -118,7 +118,7 @@ tags: [{m.family}, qwen-vl-finetune, lora-merged]
 # {config.name}
 
 `{info.get("base_model", m.name_or_path)}` fine-tuned with qwen-vl-finetune (recipe `{config.name}`,
-{"LoRA r=" + str(config.peft.r) + " merged into the weights" if config.peft.method == "lora" else "full fine-tuning"}),
+{"LoRA r=" + str(config.peft.r) + " merged into the weights" if config.parts.uses_lora else "full fine-tuning"}),
 exported in {info.get("dtype", "?")}. The full resolved recipe is `finetune_config.yaml`.
 
 ## Training data

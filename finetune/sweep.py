@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import re
 import time
 from pathlib import Path
@@ -56,15 +57,23 @@ def _scalar(value: str):
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides, in Hydra's order (the last swept key varies fastest)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """Every job's overrides, in the order of Hydra's basic sweeper (the last swept key varies fastest), from
+    Hydra's own override parser: choices `a=1,2`, `choice(...)`, `range(...)`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        return BasicSweeper.split_arguments(parsed, None)[0]
+        choices = []
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                choices.append([f"{key}={override.get_value_element_as_str()}"])
+            elif override.is_discrete_sweep():
+                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            else:
+                raise ValueError(f"{key}: an interval sweep needs an optimizing sweeper; list the values instead")
     except Exception as err:  # Hydra's parser errors: keep the first line
         raise ConfigError(f"cannot read the sweep {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def swept(jobs: list[list[str]]) -> list[list[str]]:

@@ -23,6 +23,7 @@ from trl import SFTTrainer
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config, repo_path
 from finetune.data.errors import DataError
+from finetune.data_settings import conversation_encoder, split_settings
 from finetune.modeling import recipe_precision, uses_gpu
 from finetune.paths import resolve_data_file
 from finetune.rundir import RunDir
@@ -112,7 +113,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.
         self.model_accepts_loss_kwargs = True
         self._train_loader = train_loader  # a callable of the world size building the training DataLoader
-        self._one_vision_call = None
+        self.one_vision_call = None
         from finetune.faults import StepGuard, bad_sample_limit
 
         limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
@@ -147,13 +148,13 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._one_vision_call is None and self.accelerator.num_processes > 1:
+        if self.one_vision_call is None and self.accelerator.num_processes > 1:
             # One vision-tower call per forward on every rank (no ZeRO-3 hang); installed once DeepSpeed has
             # its hooks.
             from finetune.trainable import base_model
             from finetune.vision_sync import OneVisionCall
 
-            self._one_vision_call = OneVisionCall(base_model(self.model).model)
+            self.one_vision_call = OneVisionCall(base_model(self.model).model)
 
         step = self.state.global_step
         self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
@@ -272,7 +273,6 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     from accelerate import PartialState
     from transformers import set_seed
 
-    from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split, require_clean
     from finetune.modeling import load_model, load_processor, position_rule
     from finetune.trainable import (
@@ -286,7 +286,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     run_dir = Path(config.trainer.output_dir)
     precision = recipe_precision(config)
     processor = load_processor(config.model)
-    encoder = ConversationEncoder.from_recipe(processor, config)
+    encoder = conversation_encoder(processor, config)
     # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)
     # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
     # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
@@ -301,7 +301,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         logger.info("streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
                     "look-ahead buffer", config.data.stream_buffer)  # fmt: skip
     else:
-        split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
+        split = prepare_split(config.data.train, split_settings(config), encoder, resolve_data_file)
         require_clean(split, "training", config.data.skip_invalid, logger)
         if not split.samples:
             raise DataError(f"data.train={config.data.train} holds no usable samples.")
@@ -336,7 +336,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     if config.evaluation.steps:
         from finetune.evaluate import eval_samples as read_eval_samples
 
-        eval_encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+        eval_encoder = conversation_encoder(processor, config, for_training=False)
         eval_samples = read_eval_samples(config, eval_encoder)
         logger.info("evaluating on %d held-out samples every %d steps and at the end", len(eval_samples),
                     config.evaluation.steps)  # fmt: skip
@@ -398,7 +398,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(adapter_dir))
         RunDir(run_dir).history_file.write_text(json.dumps(trainer.state.log_history, indent=1))
-        logger.info("saved %s to %s", "adapter" if config.peft.method == "lora" else "model", adapter_dir)
+        logger.info("saved %s to %s", "adapter" if config.parts.uses_lora else "model", adapter_dir)
     return adapter_dir
 
 

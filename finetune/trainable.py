@@ -1,10 +1,10 @@
-"""What trains, and how fast: freezing, LoRA targets, per-part learning rates, activation checkpointing.
+"""What trains, and how fast: `parts` modes, LoRA targets, per-part learning rates, activation checkpointing.
 
-A Qwen-VL model has three parts, told apart by parameter name:
+A Qwen-VL model has three parts, told apart by parameter name, each `frozen`, `lora` or `full` in the recipe:
   vision_tower  `model.visual.*` except the merger (Conv3d patch embed + ViT blocks)
   merger        `model.visual.merger.*` (the MLP projecting vision features into the LLM)
   llm           everything else (embeddings, decoder layers, norm, lm_head)
-Under LoRA, PEFT freezes every base weight; a part that trains fully (an unfrozen merger or vision tower) goes
+Under LoRA, PEFT freezes every base weight; a part that trains fully (a `full` merger or vision tower) goes
 into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload` puts it back in the export.
 """
 
@@ -41,22 +41,21 @@ def vision_tower(model):
 
 
 def apply_freezing(model, config: Config) -> None:
-    """requires_grad per part as the recipe asks (LoRA later freezes the base weights of every part)."""
-    frozen = {"llm": config.model.llm_frozen(config.peft), "vision_tower": config.model.freeze_vision_tower,
-              "merger": config.model.freeze_merger}  # fmt: skip
+    """requires_grad on the weights of `full` parts only (a `lora` part's base weights stay frozen)."""
+    modes = config.parts.modes()
     for name, param in model.named_parameters():
-        param.requires_grad_(not frozen[model_part(name)])
+        param.requires_grad_(modes[model_part(name)] == "full")
 
 
 def lora_targets(model, config: Config) -> list[str]:
-    """Full names of the nn.Linear modules that get LoRA: the LLM's (peft.target_modules) and, with
-    peft.lora_vision_tower, the ViT blocks' (peft.vision_target_modules). Only nn.Linear ever matches, so the
+    """Full names of the nn.Linear modules that get LoRA: with parts.llm=lora the LLM's (peft.target_modules),
+    with parts.vision_tower=lora the ViT blocks' (peft.vision_target_modules). Only nn.Linear ever matches, so the
     Conv3d patch embed never takes LoRA (LLaMA-Factory #5324), nor does the merger (it trains fully if at all)."""
-    peft = config.peft
+    peft, modes = config.peft, config.parts.modes()
     patterns = []
-    if peft.lora_llm:
+    if modes["llm"] == "lora":
         patterns.append(("llm", re.compile(peft.target_modules)))
-    if peft.lora_vision_tower:
+    if modes["vision_tower"] == "lora":
         patterns.append(("vision_tower", re.compile(peft.vision_target_modules)))
     names = []
     for name, module in model.named_modules():
@@ -76,9 +75,9 @@ def fully_trained_modules(model, config: Config) -> list[str]:
     visual = vision_tower(model)
     prefix = next(n for n, m in model.named_modules() if m is visual)
     names = []
-    if not config.model.freeze_merger:
+    if config.parts.merger == "full":
         names.append(f"{prefix}.merger")
-    if not config.model.freeze_vision_tower:  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
+    if config.parts.vision_tower == "full":  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
         for child_name, child in visual.named_children():
             if child_name == "merger" or next(child.parameters(), None) is None:
                 continue
@@ -108,17 +107,16 @@ def apply_lora(model, config: Config):
 
 
 def make_trainable(model, config: Config):
-    """Freeze per the recipe, then add LoRA if asked; returns the model to train."""
+    """Freeze per the recipe, then add LoRA if a part asks for it; returns the model to train."""
     apply_freezing(model, config)
-    if config.peft.method == "lora":
+    if config.parts.uses_lora:
         model = apply_lora(model, config)
     return model
 
 
 def part_learning_rates(config: Config) -> dict[str, float]:
-    t = config.trainer
-    return {"llm": t.learning_rate, "vision_tower": t.vision_tower_lr or t.learning_rate,
-            "merger": t.merger_lr or t.learning_rate}  # fmt: skip
+    base, parts = config.trainer.learning_rate, config.parts
+    return {"llm": base, "vision_tower": parts.vision_tower_lr or base, "merger": parts.merger_lr or base}
 
 
 def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]:
@@ -175,7 +173,7 @@ def enable_activation_checkpointing(model, config: Config) -> bool:
     A frozen vision tower is left alone by default: with no parameter and no input needing a gradient it
     builds no autograd graph, so checkpointing it only costs a second forward (2U1/Qwen2-VL-Finetune #56).
     """
-    reentrant = config.peft.method == "lora" and zero_stage(config) == 3
+    reentrant = config.parts.uses_lora and zero_stage(config) == 3
     inner = base_model(model)
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     visual = vision_tower(inner)

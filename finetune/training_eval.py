@@ -33,7 +33,7 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
 
     world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
     indices = shard(len(samples), rank, world)
-    model, sync = trainer.model, trainer._one_vision_call
+    model, sync = trainer.model, trainer.one_vision_call
     was_training = model.training
     model.eval()
     if sync is not None:

@@ -27,6 +27,7 @@ from finetune.config import Config, load_config
 from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
+from finetune.data_settings import conversation_encoder, split_settings
 from finetune.paths import resolve_data_file
 
 logger = logging.getLogger("finetune.validate")
@@ -96,14 +97,14 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
     from finetune.modeling import load_processor
 
     processor = load_processor(config.model)
-    encoder = ConversationEncoder.from_recipe(processor, config)
+    encoder = conversation_encoder(processor, config)
     problems = 0
     for name in split_names:
         value = getattr(config.data, name)
         if value is None:
             continue
         try:
-            split = prepare_split(value, config.data, encoder, config.trainer.seed, resolve_data_file)
+            split = prepare_split(value, split_settings(config), encoder, resolve_data_file)
         except DataError as err:  # the file itself: missing, not JSON, not UTF-8
             print(f"{name}: {err}", flush=True)
             problems += 1

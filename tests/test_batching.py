@@ -6,12 +6,12 @@ import torch
 from finetune.batching import INFERENCE_KEYS, TRAINING_KEYS, RowCollator, inference_batch, training_batch
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
-from finetune.data.vision import VisionSettings
+from finetune.data_settings import vision_settings
 from finetune.rope import PositionRule
 
 
 def _encoder(processors, family, demo_config):
-    return ConversationEncoder(processors[family], VisionSettings.from_config(demo_config.model))
+    return ConversationEncoder(processors[family], vision_settings(demo_config))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

@@ -55,7 +55,7 @@ def test_command_line_group_beats_experiment_default():
         (["trainer.learning_rate=fast"], "could not be converted to Float"),
         (["model.family=llava"], "choose one of qwen2_vl, qwen2_5_vl"),
         (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),
-        (["peft=none"], "Set export.after_training=false"),
+        (["parts.llm=full"], "Set export.after_training=false"),
         (["data.eval=null"], "set data.eval=PATH or evaluation.after_training=false"),
         (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], "nothing would be trained"),
         (["peft.target_modules='(unclosed'"], "not a valid regular expression"),

@@ -8,6 +8,8 @@ from conftest import DEMO
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from finetune.data_settings import vision_settings
+
 
 def held_out_video_inputs(processor):
     """The processor's defaults only: the export carries the recipe's budgets (56 x 56 frames at 4 fps here)."""
@@ -75,7 +77,7 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=3) + [
-        "peft.lora_vision_tower=true", "model.freeze_merger=false", "trainer.merger_lr=1e-2"]  # fmt: skip
+        "parts.vision_tower=lora", "parts.merger=full", "parts.merger_lr=1e-2"]  # fmt: skip
     run_module("finetune.train", overrides)
     run_module("finetune.export", overrides)
     report = json.loads((run_dir / "merged" / "export_report.json").read_text())
@@ -99,11 +101,10 @@ def assert_served_grids_are_trained_grids(merged, overrides, media_root):
 
     from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
-    from finetune.data.vision import VisionSettings
 
     images, videos = write_media(media_root)
     config = load_config(overrides)
-    encoder = ConversationEncoder(AutoProcessor.from_pretrained(merged), VisionSettings.from_config(config.model))
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(merged), vision_settings(config))
     assert_same_grids(trained_grids(encoder, images, videos), served_grids(merged, images, videos))
 
 

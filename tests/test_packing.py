@@ -17,6 +17,7 @@ from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
+from finetune.data_settings import vision_settings
 from finetune.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.rope import PositionRule
 
@@ -212,7 +213,7 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     from finetune.tiny import tiny_checkpoint
 
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)),
-                                  VisionSettings.from_config(load_config([]).model))  # fmt: skip
+                                  vision_settings(load_config([])))  # fmt: skip
     encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
     rows = pack_rows([len(e.input_ids) for e in encoded], 400, seed=42)
     trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]

@@ -17,9 +17,10 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from finetune.config import load_config
-from finetune.data.encode import ConversationEncoder
 from finetune.data.sources import load_samples
-from finetune.evaluate import generate_answers, load_trained_model, split_prompt
+from finetune.data_settings import conversation_encoder
+from finetune.evaluate import generate_answers, split_prompt
+from finetune.modeling import load_trained_model
 from finetune.rope import PositionRule
 from finetune.train import build_trainer
 
@@ -101,7 +102,7 @@ def test_training_and_evaluation_feed_the_same_positions(tmp_path, monkeypatch, 
     for packing in (False, True):
         config = load_config(_overrides(family, tmp_path, data, packing))
         trainer, processor, *_ = build_trainer(config, [])
-        encoder = ConversationEncoder.from_recipe(processor, config)
+        encoder = conversation_encoder(processor, config)
         encoded = {s.id: encoder.encode(s) for s in samples}
         capture.take()
         trainer.train()
@@ -129,7 +130,7 @@ def test_training_and_evaluation_feed_the_same_positions(tmp_path, monkeypatch, 
     model.eval()
     monkeypatch.setattr(model.generation_config, "eos_token_id", None)  # every row decodes all its tokens
     prompts = [split_prompt(s)[0] for s in samples]
-    eval_encoder = ConversationEncoder.from_recipe(processor, config, for_training=False)
+    eval_encoder = conversation_encoder(processor, config, for_training=False)
     new_tokens = 3
     capture.take()
     generate_answers(model, eval_encoder, prompts, batch_size=4, max_new_tokens=new_tokens)

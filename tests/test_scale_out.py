@@ -68,7 +68,7 @@ def recipe(run_dir, data, processes, *extra):
         "trainer.save_steps=2", "evaluation.after_training=false", "export.after_training=false", *extra]  # fmt: skip
 
 
-VISION_TRAINING = ("peft.lora_vision_tower=true", "model.freeze_merger=false", "trainer.vision_tower_lr=1e-3",
+VISION_TRAINING = ("parts.vision_tower=lora", "parts.merger=full", "parts.vision_tower_lr=1e-3",
                    "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
 
 
@@ -163,8 +163,8 @@ def test_ranks_with_different_modalities_do_not_hang(tmp_path):
                            {"role": "assistant", "content": str(2 * i)}]} for i in range(4)]  # fmt: skip
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(texts + videos))
-    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=2", "model.freeze_merger=false",
-                       "peft.lora_vision_tower=true", "trainer.gradient_checkpointing=true",
+    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=2", "parts.merger=full",
+                       "parts.vision_tower=lora", "trainer.gradient_checkpointing=true",
                        "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
     _, _, err = harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1"}, timeout=300)
     # A new dataset: each rank counts half of its records (finetune/data/store.py) and they exchange the counts.

@@ -17,7 +17,8 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize 
 
 from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder
-from finetune.data.vision import FRAME_FACTOR, VisionSettings, smart_resize
+from finetune.data.vision import FRAME_FACTOR, smart_resize
+from finetune.data_settings import vision_settings
 from finetune.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
 
 RECIPES = {"demo": ["experiment=demo"], "budgets": ["experiment=demo", *OTHER_BUDGETS]}
@@ -33,7 +34,7 @@ def media(tmp_path_factory):
 def test_exported_processor_gives_the_training_grids(tmp_path, tiny_paths, processors, media, recipe, family):
     images, videos = media
     config = load_config(RECIPES[recipe])
-    encoder = ConversationEncoder(processors[family], VisionSettings.from_config(config.model))
+    encoder = ConversationEncoder(processors[family], vision_settings(config))
 
     exported = AutoProcessor.from_pretrained(tiny_paths[family])
     apply_budgets(exported, config.model)

@@ -12,6 +12,7 @@ from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records
+from finetune.data_settings import conversation_encoder
 
 
 def losses(run_dir):
@@ -79,7 +80,6 @@ def test_ranks_stream_disjoint_records_that_together_are_every_sample(tmp_path, 
     """Two ranks (and, within a rank, any number of workers) split the records: every usable record is trained by
     exactly one rank in a pass; the bad record is reported once, by the rank that read it."""
     from finetune.batching import RowCollator
-    from finetune.data.encode import ConversationEncoder
     from finetune.data.streaming import StreamingBatches
     from finetune.rope import PositionRule
 
@@ -87,7 +87,7 @@ def test_ranks_stream_disjoint_records_that_together_are_every_sample(tmp_path, 
     records = [dict(r, id=f"r{i}") for i, r in enumerate(records)] + [dict(records[0], id="bad", images=["no.png"])]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    encoder = ConversationEncoder.from_recipe(processors["qwen2_5_vl"], demo_config)
+    encoder = conversation_encoder(processors["qwen2_5_vl"], demo_config)
     rule = PositionRule("qwen", 2, 2)
     seen, bad = {}, []
     for rank in (0, 1):

@@ -10,6 +10,8 @@ import pytest
 from recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from safetensors import safe_open
 
+from finetune.data_settings import vision_settings
+
 
 def base_model_loss(family, train_file):
     import torch
@@ -20,13 +22,12 @@ def base_model_loss(family, train_file):
     from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
     from finetune.data.sources import load_samples
-    from finetune.data.vision import VisionSettings
     from finetune.rope import PositionRule
     from finetune.tiny import tiny_checkpoint
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
     path = tiny_checkpoint(family)
-    encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), VisionSettings.from_config(config.model))
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), vision_settings(config))
     model = AutoModelForImageTextToText.from_pretrained(path)
     # Plain transformers given the qwen rule's position ids explicitly (it would compute its own otherwise).
     rule = PositionRule.for_model(model.config, "qwen")

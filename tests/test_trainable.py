@@ -1,11 +1,15 @@
 """Freezing, LoRA placement and per-part learning rates: after real training steps (the trainer the recipe
 builds), exactly the expected parameters changed, and each part moved at its own learning rate."""
 
+import re
+import shutil
+
 import pytest
 import torch
 from recipe_runs import mini_dataset, tiny_run_overrides
 
 from finetune.config import ConfigError, load_config
+from finetune.data_settings import vision_settings
 from finetune.trainable import model_part
 
 
@@ -32,23 +36,22 @@ CASES = {
     # name: (overrides, expected changed set as a function of all parameter names)
     "default: LoRA on the LLM only": ([], lambda names: _lora(names, "llm")),
     "merger trained fully beside LLM LoRA": (
-        ["model.freeze_merger=false"],
+        ["parts.merger=full"],
         lambda names: _lora(names, "llm") | {n for n in names if ".merger.modules_to_save." in n}),
     "ViT LoRA beside LLM LoRA": (
-        ["peft.lora_vision_tower=true"],
+        ["parts.vision_tower=lora"],
         lambda names: _lora(names, "llm") | _lora(names, "vision_tower")),
     "ViT LoRA only, merger trained": (
-        ["peft.lora_vision_tower=true", "peft.lora_llm=false", "model.freeze_merger=false"],
+        ["parts.vision_tower=lora", "parts.llm=frozen", "parts.merger=full"],
         lambda names: _lora(names, "vision_tower") | {n for n in names if ".merger.modules_to_save." in n}),
     "full fine-tuning of the LLM": (
-        ["peft=none", "export.after_training=false"],
+        ["parts.llm=full", "export.after_training=false"],
         lambda names: {n for n in names if model_part(n) == "llm"}),
     "full fine-tuning of vision tower and merger, LLM frozen": (
-        ["peft=none", "export.after_training=false", "model.freeze_llm=true", "model.freeze_vision_tower=false",
-         "model.freeze_merger=false"],
+        ["parts.llm=frozen", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
         lambda names: {n for n in names if model_part(n) != "llm"}),
     "everything trains": (
-        ["peft=none", "export.after_training=false", "model.freeze_vision_tower=false", "model.freeze_merger=false"],
+        ["parts.llm=full", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
         lambda names: set(names)),
     "DoRA": (["peft.use_dora=true"], lambda names: _lora(names, "llm")),
 }
@@ -72,8 +75,8 @@ def test_each_part_moves_at_its_own_learning_rate(tmp_path):
     """One AdamW step moves each element by lr * |g| / (|g| + eps): the largest move in a part is its rate."""
     rates = {"llm": 1e-3, "vision_tower": 2e-3, "merger": 4e-3}
     changed, before, after, _ = _train(tmp_path, [
-        "peft.lora_vision_tower=true", "model.freeze_merger=false", f"trainer.learning_rate={rates['llm']}",
-        f"trainer.vision_tower_lr={rates['vision_tower']}", f"trainer.merger_lr={rates['merger']}"], steps=1)  # fmt: skip
+        "parts.vision_tower=lora", "parts.merger=full", f"trainer.learning_rate={rates['llm']}",
+        f"parts.vision_tower_lr={rates['vision_tower']}", f"parts.merger_lr={rates['merger']}"], steps=1)  # fmt: skip
     for part, lr in rates.items():
         moves = [(after[n].detach() - before[n]).abs().max().item() for n in changed if model_part(n) == part]
         assert moves and max(moves) == pytest.approx(lr, rel=1e-3), (part, max(moves))
@@ -88,17 +91,70 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [(["model.freeze_llm=false"], "peft=none for full fine-tuning"),
-     (["peft.lora_vision_tower=true", "model.freeze_vision_tower=false"], "choose one"),
-     (["peft=none", "peft.lora_vision_tower=true", "export.after_training=false"], "needs peft=lora"),
-     (["peft.lora_llm=false"], "Nothing would be trained"),
-     (["trainer.vision_tower_lr=1e-5"], "vision tower does not train"),
-     (["trainer.merger_lr=1e-5"], "merger is frozen"),
+    [(["parts.merger=lora"], "parts.merger=full"),
+     (["parts.llm=full", "parts.vision_tower=lora"], "whole LLM inside a LoRA adapter"),
+     (["parts.llm=sometimes"], "choose one of frozen, lora, full"),
+     (["parts.llm=frozen"], "Nothing would be trained"),
+     (["parts.llm=full"], "Set export.after_training=false"),
+     (["parts.vision_tower_lr=1e-5"], "parts.vision_tower=frozen"),
+     (["parts.merger_lr=1e-5"], "parts.merger=frozen"),
+     (["parts.merger=full", "parts.merger_lr=-1"], "must be positive"),
      (["trainer.gradient_checkpointing_vision_tower=true", "trainer.gradient_checkpointing=true"], "frozen one")],
 )
 def test_inconsistent_trainable_parts_are_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,new_spelling",
+    [(["model.freeze_merger=false"], "parts.merger=full"),
+     (["model.freeze_vision_tower=false"], "parts.vision_tower=full"),
+     (["model.freeze_llm=true"], "parts.llm=frozen"),
+     (["peft.lora_vision_tower=true"], "parts.vision_tower=lora"),
+     (["peft.lora_llm=false"], "parts.llm=frozen"),
+     (["peft=none"], "parts.llm=full export.after_training=false"),
+     (["peft.method=none"], "parts.llm=full export.after_training=false"),
+     (["trainer.vision_tower_lr=2e-5"], "parts.vision_tower_lr=2e-5"),
+     (["trainer.merger_lr=1e-5"], "parts.merger_lr=1e-5")],
+)
+def test_replaced_keys_fail_with_the_new_spelling(overrides, new_spelling):
+    with pytest.raises(ConfigError, match=re.escape(new_spelling)):
+        load_config(overrides)
+
+
+def test_a_recipe_file_with_a_replaced_key_names_the_new_spelling(tmp_path, monkeypatch):
+    import finetune.config as config_module
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(config_module.RECIPES_DIR, recipes)
+    (recipes / "experiment" / "old.yaml").write_text(
+        "# @package _global_\nname: old\nmodel:\n  freeze_merger: false\n")
+    monkeypatch.setattr(config_module, "RECIPES_DIR", recipes)
+    with pytest.raises(ConfigError, match=re.escape("model.freeze_merger=false is now `parts.merger=full`")):
+        load_config(["experiment=old"])
+
+
+def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
+    """A run directory written before `parts` existed (evaluate, export, rerun read its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import load_saved_config, to_yaml
+
+    saved = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config([]))))
+    del saved["parts"]
+    saved["model"].update(freeze_llm=None, freeze_vision_tower=True, freeze_merger=False)
+    saved["peft"].update(method="lora", lora_llm=True, lora_vision_tower=True)
+    saved["trainer"].update(vision_tower_lr=2e-5, merger_lr=None)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    parts = load_saved_config(tmp_path / "config.yaml").parts
+    assert (parts.llm, parts.vision_tower, parts.merger, parts.vision_tower_lr) == ("lora", "lora", "full", 2e-5)
+    saved["peft"].update(method="none", lora_vision_tower=False)
+    saved["trainer"]["vision_tower_lr"] = None
+    saved["export"]["after_training"] = False
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    parts = load_saved_config(tmp_path / "config.yaml").parts
+    assert (parts.llm, parts.vision_tower, parts.merger) == ("full", "frozen", "full")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -111,20 +167,19 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
     from finetune.data.conversation import record_to_sample
     from finetune.data.encode import ConversationEncoder
     from finetune.data.sources import load_samples
-    from finetune.data.vision import VisionSettings
     from finetune.modeling import load_model
     from finetune.rope import model_position_rule
     from finetune.trainable import make_trainable, vision_tower
     from finetune.vision_sync import OneVisionCall
 
     experiment = "experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"
-    config = load_config([experiment, "peft.lora_vision_tower=true", "model.freeze_merger=false"])
+    config = load_config([experiment, "parts.vision_tower=lora", "parts.merger=full"])
     torch.manual_seed(0)
     model = make_trainable(load_model(config.model, "fp32"), config).train()
     for name, param in model.named_parameters():  # LoRA B starts at zero: give every trainable weight a value
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    encoder = ConversationEncoder(processors[family], VisionSettings.from_config(config.model))
+    encoder = ConversationEncoder(processors[family], vision_settings(config))
     image, video = [encoder.encode(s) for s in load_samples(mini_dataset(tmp_path / "d.json", per_task=1), DEMO)]
     text = encoder.encode(record_to_sample({"messages": [{"role": "user", "content": "What is two plus two?"},
                                                          {"role": "assistant", "content": "Four."}]}, 0, "text", DEMO))  # fmt: skip
@@ -159,7 +214,7 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
 def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_too):
     """Same losses and the same updated weights with checkpointing on (LLM only, or both towers with ViT LoRA),
     and checkpointing really is set on the chosen blocks (never on a frozen vision tower)."""
-    extra = ["peft.lora_vision_tower=true", "model.freeze_merger=false"] if vision_too else []
+    extra = ["parts.vision_tower=lora", "parts.merger=full"] if vision_too else []
     runs = {}
     for checkpointing in (False, True):
         options = [f"trainer.gradient_checkpointing={checkpointing}",

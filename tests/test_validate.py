@@ -10,6 +10,8 @@ from conftest import DEMO, REPO
 from media_factory import write_dataset, write_image, write_video
 from recipe_runs import run_module
 
+from finetune.data_settings import conversation_encoder, split_settings
+
 GOOD = {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}]}
 
 
@@ -83,15 +85,14 @@ def test_validate_passes_the_demo():
     assert "OK: every sample can be trained on." in result.stdout
     # The estimate is the trainer's own packing of the same counts: the row count training logs.
     from finetune.config import load_config
-    from finetune.data.encode import ConversationEncoder
     from finetune.data.prepare import prepare_split
     from finetune.modeling import load_processor
     from finetune.packing import pack_rows
     from finetune.paths import resolve_data_file
 
     config = load_config([])
-    encoder = ConversationEncoder.from_recipe(load_processor(config.model), config)
-    split = prepare_split(config.data.train, config.data, encoder, config.trainer.seed, resolve_data_file)
+    encoder = conversation_encoder(load_processor(config.model), config)
+    split = prepare_split(config.data.train, split_settings(config), encoder, resolve_data_file)
     rows = len(pack_rows(split.totals.tolist(), config.data.max_length, config.trainer.seed))
     assert f"packed into rows of {config.data.max_length} tokens as training packs them: {rows} rows" in result.stdout
 

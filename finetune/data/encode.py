@@ -11,6 +11,7 @@ sampled with the real source fps, and the processor only normalises and patchifi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from PIL import Image
@@ -23,6 +24,14 @@ from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings,
 
 IGNORE_INDEX = -100
 _REPLY_MARK = "\x00reply {} here\x00"  # stands in for a reply to find where the template puts it
+
+
+class LabelMode(str, Enum):
+    """Which tokens carry loss: every assistant reply, only the last one, or every token but the vision pads."""
+
+    ASSISTANT = "assistant"
+    LAST_ASSISTANT = "last_assistant"
+    ALL = "all"
 
 
 @dataclass
@@ -60,24 +69,17 @@ class ImagePlan:
 
 
 class ConversationEncoder:
-    def __init__(self, processor, vision: VisionSettings, label_mode: str = "assistant", max_length: int | None = None):
+    def __init__(self, processor, vision: VisionSettings, label_mode: LabelMode = LabelMode.ASSISTANT,
+                 max_length: int | None = None):  # fmt: skip
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.vision = vision
-        self.label_mode = label_mode
+        self.label_mode = LabelMode(label_mode)
         self.max_length = max_length
         self.image_pad_id = processor.image_token_id
         self.video_pad_id = processor.video_token_id
         # Qwen2.5-VL spaces video frames in absolute time; Qwen2-VL has no such input.
         self.uses_time = "second_per_grid_ts" in processor.model_input_names
-
-    @classmethod
-    def from_recipe(cls, processor, config, for_training: bool = True) -> "ConversationEncoder":
-        """The encoder a recipe describes; training and validation also apply its label mode and length limit."""
-        vision = VisionSettings.from_config(config.model, config.data.frames_fps)
-        if not for_training:
-            return cls(processor, vision)
-        return cls(processor, vision, config.trainer.label_mode, config.data.max_length)
 
     # ----- media plans (headers only) -----
     def image_plans(self, sample: Sample) -> list[ImagePlan]:
@@ -132,12 +134,12 @@ class ConversationEncoder:
                             "turn the first turn must be the user's. Add the user's question before it.",
                             "structure")  # fmt: skip
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        trained_turns = set(assistant_turns[-1:] if self.label_mode == "last_assistant" else assistant_turns)
+        trained_turns = set(assistant_turns[-1:] if self.label_mode is LabelMode.LAST_ASSISTANT else assistant_turns)
         self._template_keeps_replies()  # probed once
         pieces = self._segments_by_markers(sample, assistant_turns, trained_turns, generation_prompt)
         if pieces is None:
             pieces = self._segments_turn_by_turn(sample, assistant_turns, trained_turns, generation_prompt)
-        if self.label_mode == "all":
+        if self.label_mode is LabelMode.ALL:
             pieces = [(text, True) for text, _ in pieces]
         return [(text, trained) for text, trained in pieces if text]
 

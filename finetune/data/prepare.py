@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -32,6 +33,27 @@ PROBLEM_CLASSES = {
     "aspect_ratio": "image or frame over the 200:1 aspect ratio",
     "empty_dataset": "no samples at all",
 }
+
+
+class OverLength(str, Enum):
+    """What a sample over the length limit becomes: a problem (error), or itself without its trailing turns."""
+
+    ERROR = "error"
+    DROP_TRAILING_TURNS = "drop_trailing_turns"
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How a split is read: where media live, the length limit and its policy, processes, the mixing seed."""
+
+    max_length: int | None
+    over_length: OverLength = OverLength.ERROR
+    media_root: str | None = None  # default: each dataset file's folder
+    num_proc: int | None = None  # pre-pass processes; None: every CPU this process may use
+    seed: int = 0  # mixing order of weighted sources
+
+    def __post_init__(self):
+        object.__setattr__(self, "over_length", OverLength(self.over_length))
 
 
 def drop_trailing_turns(sample: Sample, encoder: ConversationEncoder, max_length: int):
@@ -78,14 +100,15 @@ class PreparedSplit:
         return [TokenCount(*map(int, c)) for c in zip(self.tokens["text"], self.tokens["image"], self.tokens["video"])]
 
 
-def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, resolve) -> PreparedSplit:
-    """Every record of the split's datasets read and counted (through the store), problems sorted, sources mixed."""
-    sources = parse_sources(value, data_cfg.media_root, resolve)
+def prepare_split(value, settings: SplitSettings, encoder: ConversationEncoder, resolve) -> PreparedSplit:
+    """Every record of the split's datasets (`value`: a path, or a list of paths / {path, weight, media_root}) read
+    and counted through the store, problems sorted, sources mixed. `resolve` turns a path into a file."""
+    sources = parse_sources(value, settings.media_root, resolve)
     problems: dict[str, list[DataError]] = defaultdict(list)
     stores, kept, read, shortened = [], [], 0, 0
-    limit = data_cfg.max_length
+    limit, drop_turns = settings.max_length, settings.over_length is OverLength.DROP_TRAILING_TURNS
     for source in sources:
-        stored = load_source(source, encoder, getattr(data_cfg, "num_proc", None))
+        stored = load_source(source, encoder, settings.num_proc)
         stores.append(stored)
         read += len(stored)
         if not len(stored):
@@ -100,7 +123,7 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
         over = usable & (totals > limit) if limit else np.zeros(len(stored), dtype=bool)
         for row in np.flatnonzero(over).tolist():
             sample = SampleTable([stored.records_file], [(0, row)], tables=[stored.records])[0]
-            fitted = drop_trailing_turns(sample, encoder, limit) if data_cfg.over_length == "drop_trailing_turns" else None
+            fitted = drop_trailing_turns(sample, encoder, limit) if drop_turns else None
             if fitted is not None:
                 cuts[row] = fitted
                 shortened += 1
@@ -118,7 +141,7 @@ def prepare_split(value, data_cfg, encoder: ConversationEncoder, seed: int, reso
             for name in part_tokens:
                 part_tokens[name][position] = getattr(count, name)
         kept.append((rows, part_tokens, keep))
-    order = mix_order([len(rows) for rows, _, _ in kept], [s.weight for s in sources], seed)
+    order = mix_order([len(rows) for rows, _, _ in kept], [s.weight for s in sources], settings.seed)
     pairs = order.copy()  # (dataset, position among its kept rows) -> (dataset, record row)
     tokens = {name: np.zeros(len(order), dtype=np.int64) for name in ("text", "image", "video")}
     keep_all = np.full(len(order), -1, dtype=np.int64)

@@ -25,7 +25,7 @@ import torch
 
 from finetune.data.conversation import Sample
 from finetune.data.errors import DataError
-from finetune.data.prepare import drop_trailing_turns
+from finetune.data.prepare import OverLength, drop_trailing_turns
 from finetune.data.sources import DatasetSource, iter_records, to_sample
 
 
@@ -56,12 +56,14 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     """Infinite training batches of one rank, built as the module docstring says."""
 
     def __init__(self, sources: list[DatasetSource], encoder, collator, *, budget: int, packing: bool,
-                 rows_per_batch: int, seed: int, rank: int, world_size: int, buffer_size: int, over_length: str,
+                 rows_per_batch: int, seed: int, rank: int, world_size: int, buffer_size: int,
+                 over_length: OverLength,
                  skip_batches: int = 0):  # fmt: skip
         super().__init__()
         self.sources, self.encoder, self.collator = sources, encoder, collator  # a RowCollator
         self.budget, self.packing, self.rows_per_batch, self.seed = budget, packing, rows_per_batch, seed
-        self.rank, self.world_size, self.buffer_size, self.over_length = rank, world_size, buffer_size, over_length
+        self.rank, self.world_size, self.buffer_size = rank, world_size, buffer_size
+        self.drop_trailing_turns = OverLength(over_length) is OverLength.DROP_TRAILING_TURNS
         self.skip_batches = skip_batches  # batches of this rank already trained (resume)
 
     def _samples(self, shard: int, shards: int, problems: list[dict]):
@@ -71,7 +73,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 sample = to_sample(record, number, where, source.root)
                 count = self.encoder.count_tokens(sample)
                 if count.total > self.budget:
-                    fitted = drop_trailing_turns(sample, self.encoder, self.budget) if self.over_length == "drop_trailing_turns" else None
+                    fitted = drop_trailing_turns(sample, self.encoder, self.budget) if self.drop_trailing_turns else None
                     if fitted is None:
                         raise DataError(f"{sample.source}: {count.total} tokens, over the {self.budget}-token limit.",
                                         "too_long")  # fmt: skip

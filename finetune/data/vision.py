@@ -13,7 +13,7 @@ Every option can be overridden per sample or per media item with the same key na
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -167,11 +167,6 @@ class VisionSettings:
     video_max_pixels: int
     video_total_pixels: float
     frames_fps: float | None = None
-
-    @classmethod
-    def from_config(cls, model_cfg, frames_fps: float | None = None) -> "VisionSettings":
-        names = {f.name for f in fields(cls)} - {"frames_fps"}
-        return cls(**{n: getattr(model_cfg, n) for n in names}, frames_fps=frames_fps)
 
     def image_spec(self, block: dict) -> ImageSpec:
         return ImageSpec(int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels)))

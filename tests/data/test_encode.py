@@ -16,6 +16,7 @@ from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
+from finetune.data_settings import vision_settings
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 N_SAMPLES = 500
@@ -168,7 +169,7 @@ def test_generation_prompt_ends_with_the_assistant_header(processors, random_sam
 def test_demo_pre_pass_equals_encoding(processors, demo_config):
     from conftest import DEMO
 
-    encoder = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings.from_config(demo_config.model))
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], vision_settings(demo_config))
     for sample in load_samples(DEMO / "test.json")[:40]:
         assert encoder.count_tokens(sample).total == len(encoder.encode(sample).input_ids)
 

@@ -4,9 +4,8 @@ from pathlib import Path
 
 from media_factory import write_dataset, write_image
 
-from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder
-from finetune.data.prepare import prepare_split
+from finetune.data.prepare import SplitSettings, prepare_split
 from finetune.data.vision import VisionSettings
 
 SETTINGS = VisionSettings(4 * 784, 16 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
@@ -23,12 +22,10 @@ def test_trailing_turns_are_dropped_only_when_allowed(tmp_path, processors):
     path = write_dataset(tmp_path / "d.json", [long_tail, too_long_anyway])
     encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS, max_length=100)
 
-    strict = load_config([f"data.train={path}", "data.max_length=100"]).data
-    split = prepare_split(strict.train, strict, encoder, 0, Path)
+    split = prepare_split(str(path), SplitSettings(max_length=100), encoder, Path)
     assert not split.samples and len(split.problems["too_long"]) == 2 and split.shortened == 0
 
-    lenient = load_config([f"data.train={path}", "data.max_length=100", "data.over_length=drop_trailing_turns"]).data
-    split = prepare_split(lenient.train, lenient, encoder, 0, Path)
+    split = prepare_split(str(path), SplitSettings(max_length=100, over_length="drop_trailing_turns"), encoder, Path)
     assert [s.id for s in split.samples] == ["multi"] and split.shortened == 1
     assert len(split.problems["too_long"]) == 1 and "(id single)" in str(split.problems["too_long"][0])
     (sample,) = split.samples

@@ -8,7 +8,6 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from media_factory import write_dataset, write_image, write_video
@@ -16,7 +15,7 @@ from random_data import build_media_pool, random_record
 
 from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError
-from finetune.data.prepare import prepare_split
+from finetune.data.prepare import SplitSettings, prepare_split
 from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
 from finetune.data.store import load_source, store_dir
 from finetune.data.vision import VisionSettings
@@ -115,9 +114,9 @@ def test_split_equals_reading_the_files_and_mixing_them(tmp_path, processors, po
     second = _jsonl(root / "mix" / "b.jsonl", [{**r, "id": f"b{i}"} for i, r in enumerate(records[70:])])
     value = [{"path": str(first), "weight": 2.0, "media_root": str(root)},
              {"path": str(second), "weight": 0.5, "media_root": str(root)}]  # fmt: skip
-    data = SimpleNamespace(media_root=None, max_length=100000, over_length="error", num_proc=2)
+    settings = SplitSettings(max_length=100000, num_proc=2, seed=7)
     encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
-    split = prepare_split(value, data, encoder, 7, lambda p: Path(p))
+    split = prepare_split(value, settings, encoder, lambda p: Path(p))
     def counts(sample):
         try:
             return encoder.count_tokens(sample)
