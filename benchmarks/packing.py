@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from finetune.batching import training_batch  # noqa: E402
 from finetune.data.conversation import Sample  # noqa: E402
@@ -37,7 +36,7 @@ SETTINGS = VisionSettings(4 * 784, 256 * 784, 2.0, 4, 16, 32 * 784, 64 * 784, 10
 
 
 def make_samples(root: Path, n: int, seed: int) -> list[Sample]:
-    from media_factory import write_video
+    from tests.helpers.media_factory import write_video
 
     rng = random.Random(seed)
     images = []

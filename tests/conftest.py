@@ -1,11 +1,4 @@
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "data" / "demo"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/media_factory.py
 
 
 @pytest.fixture(scope="session")

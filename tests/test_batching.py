@@ -16,7 +16,7 @@ def _encoder(processors, family, demo_config):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, family):
-    from conftest import DEMO
+    from tests.helpers import DEMO
 
     samples = load_samples(DEMO / "test.json")[:6]
     encoder = _encoder(processors, family, demo_config)
@@ -47,7 +47,7 @@ def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, 
 
 
 def test_left_padded_inference_batch_has_the_same_positions(processors, demo_config):
-    from conftest import DEMO
+    from tests.helpers import DEMO
 
     samples = load_samples(DEMO / "test.json")[:3]
     encoder = _encoder(processors, "qwen2_vl", demo_config)

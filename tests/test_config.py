@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from finetune.config import GROUPS, RECIPES_DIR, ConfigError, load_config
 
@@ -23,10 +24,28 @@ def test_every_experiment_composes(experiment):
 )
 def test_every_group_option_composes(group, option):
     # Options that the demo experiment cannot take alone need the override their error message asks for.
-    companions = {("peft", "none"): ["export.after_training=false"], ("data", "custom"): ["evaluation.after_training=false"]}
+    companions = {("data", "custom"): ["evaluation.after_training=false"]}
     overrides = [f"{group}={option}", *companions.get((group, option), [])]
-    config = load_config(overrides)
-    assert config is not None
+    composed = OmegaConf.structured(load_config(overrides))
+    # every value the option file sets is what the checked recipe holds, unless the default experiment sets it
+    written = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / group / f"{option}.yaml"))
+    written.pop("defaults", None)
+    leaves = [(f"{group}.{k}", v) for k, v in _flatten(written)]
+    by_experiment = dict(_flatten(OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "experiment" / "demo.yaml"))))
+    assert leaves
+    for key, value in leaves:
+        if key in by_experiment:
+            continue
+        if not (isinstance(value, str) and "${" in value):
+            assert OmegaConf.select(composed, key) == value, key
+
+
+def _flatten(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def test_experiment_files_start_with_command_and_hardware():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO
-from recipe_runs import run_module
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import run_module
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 

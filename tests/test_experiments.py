@@ -6,8 +6,8 @@ import csv
 import json
 
 import pytest
-from conftest import DEMO, REPO
-from recipe_runs import mini_dataset, run_module
+from tests.helpers import DEMO, REPO
+from tests.helpers.recipe_runs import mini_dataset, run_module
 
 from finetune.config import load_config, to_yaml
 from finetune.launch import main

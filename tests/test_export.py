@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from finetune.data_settings import vision_settings
@@ -97,7 +97,7 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
 
 def assert_served_grids_are_trained_grids(merged, overrides, media_root):
     """Plain transformers on the merged folder sizes images and videos of many shapes as training did."""
-    from serving_media import assert_same_grids, served_grids, trained_grids, write_media
+    from tests.helpers.serving_media import assert_same_grids, served_grids, trained_grids, write_media
 
     from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
@@ -125,7 +125,7 @@ def _other_base_model(path):
 
 def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     from safetensors import safe_open
-    from serving_media import OTHER_BUDGETS
+    from tests.helpers.serving_media import OTHER_BUDGETS
 
     from finetune.config import ConfigError, load_config
     from finetune.export import export

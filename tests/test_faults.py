@@ -1,7 +1,7 @@
 """Faults during a run: bad samples found at decode time, a kill or a full disk while a checkpoint is written, a
 NaN loss, refusals through the launcher, secrets in the environment, pickled weights.
 
-Faults are injected by tests/distributed_harness.py into the real `finetune.train` (see its docstring).
+Faults are injected by tests/helpers/distributed_harness.py into the real `finetune.train` (see its docstring).
 """
 
 import json
@@ -10,15 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
-from conftest import REPO
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
+from tests.helpers import REPO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.rundir import RunDir, is_complete
 
 
 def harness(overrides, env, expect_rc=0):
-    result = subprocess.run([sys.executable, "tests/distributed_harness.py", *overrides], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "tests/helpers/distributed_harness.py", *overrides], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})  # fmt: skip
     assert result.returncode == expect_rc, f"exit {result.returncode}:\n{result.stderr[-5000:]}"
     return result

@@ -4,7 +4,7 @@ which runs the README's test command, lints too."""
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.helpers import REPO
 
 
 def test_ruff_check_passes():

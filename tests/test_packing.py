@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from media_factory import write_dataset
-from qwen_reference import reference_get_rope_index, reference_self
-from random_data import build_media_pool, random_record
+from tests.helpers.media_factory import write_dataset
+from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
+from tests.helpers.random_data import build_media_pool, random_record
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
@@ -188,7 +188,7 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""
     import json
 
-    from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+    from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
     train_file = mini_dataset(tmp_path / "train.json")
     records = json.loads(train_file.read_text())
@@ -206,7 +206,7 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
         history = json.loads((run_dir / "log_history.json").read_text())
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
-    from conftest import DEMO
+    from tests.helpers import DEMO
     from transformers import AutoProcessor
 
     from finetune.config import load_config

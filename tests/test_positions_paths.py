@@ -11,8 +11,8 @@ import json
 
 import pytest
 import torch
-from media_factory import write_image, write_video
-from recipe_runs import EXPERIMENT
+from tests.helpers.media_factory import write_image, write_video
+from tests.helpers.recipe_runs import EXPERIMENT
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 

@@ -5,8 +5,8 @@ of questions; per-item budgets; clear refusals."""
 import json
 
 import pytest
-from conftest import DEMO
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.config import ConfigError
 from finetune.predict import find_model, question_sample

@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
-from broken_media import bomb_png, cut_faststart_mp4, cut_jpeg, garbage_ctts_mp4
-from media_factory import write_image, write_video
+from tests.helpers.broken_media import bomb_png, cut_faststart_mp4, cut_jpeg, garbage_ctts_mp4
+from tests.helpers.media_factory import write_image, write_video
 from PIL import Image
-from recipe_runs import run_module
+from tests.helpers.recipe_runs import run_module
 
 import finetune.data.media as media
 from finetune.data.encode import ConversationEncoder

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from qwen_reference import reference_get_rope_index, reference_self
+from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from finetune.rope import PositionRule, batch_position_ids, install_position_rule

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from recipe_runs import mini_dataset, tiny_run_overrides
+from tests.helpers import REPO
+from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 pytestmark = pytest.mark.slow
 KILL_AT, STEPS = 4, 6
@@ -42,12 +42,12 @@ def launch_sh(overrides, env_extra=None, timeout=420):
 
 
 def harness(overrides, env_extra, timeout=420, expect_ok=True):
-    """tests/distributed_harness.py under the same `accelerate launch` options ./launch.sh would use."""
+    """tests/helpers/distributed_harness.py under the same `accelerate launch` options ./launch.sh would use."""
     from finetune.config import load_config
     from finetune.launch import accelerate_args
 
     args = accelerate_args(load_config(overrides), {}, 0, "fp32")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "tests/distributed_harness.py", *overrides]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "tests/helpers/distributed_harness.py", *overrides]
     return _run(cmd, {"DS_ACCELERATOR": "cpu", **env_extra}, timeout, expect_ok)
 
 
@@ -154,7 +154,7 @@ def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_p
 def test_ranks_with_different_modalities_do_not_hang(tmp_path):
     """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with a trainable merger, LoRA on the
     ViT and checkpointing of both towers: every collective must still pair up. Bounded: fails, never hangs."""
-    from conftest import DEMO
+    from tests.helpers import DEMO
     from safetensors import safe_open
 
     records = json.loads((DEMO / "train.json").read_text())
@@ -203,7 +203,7 @@ def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
     """evaluation.steps under 2-rank ZeRO-3: each rank generates for its share of the held-out images and videos in
     lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered predictions equal
     those of the standalone single-process evaluation of the saved adapter."""
-    from recipe_runs import run_module
+    from tests.helpers.recipe_runs import run_module
 
     overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=4", "evaluation.steps=2",
                        "evaluation.batch_size=3")  # fmt: skip
@@ -237,7 +237,7 @@ def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, da
 def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     """2-rank DDP, one data-loader worker per rank, 3 samples whose media fail to decode: every step is taken on both
     ranks (losses logged for all of them), and the three are reported once each."""
-    from broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
+    from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 
     from finetune.rundir import RunDir
 

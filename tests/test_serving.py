@@ -11,7 +11,7 @@ import math
 import random
 
 import pytest
-from serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
+from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as transformers_smart_resize
 

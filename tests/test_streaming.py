@@ -7,8 +7,8 @@ import json
 import shutil
 
 import pytest
-from conftest import DEMO
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records

@@ -7,7 +7,7 @@ tokenisation, labels, vision inputs, initialisation or optimisation changed: fin
 import json
 
 import pytest
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from safetensors import safe_open
 
 from finetune.data_settings import vision_settings
@@ -15,7 +15,7 @@ from finetune.data_settings import vision_settings
 
 def base_model_loss(family, train_file):
     import torch
-    from conftest import DEMO
+    from tests.helpers import DEMO
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from finetune.batching import inference_batch

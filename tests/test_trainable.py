@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from recipe_runs import mini_dataset, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 from finetune.config import ConfigError, load_config
 from finetune.data_settings import vision_settings
@@ -161,7 +161,7 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
 def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, family):
     """With the multi-process hook, every forward calls the vision tower exactly once (text-only, image-only,
     video-only or both), and the loss and gradients equal the plain forward's (two calls, or none)."""
-    from conftest import DEMO
+    from tests.helpers import DEMO
 
     from finetune.batching import training_batch
     from finetune.data.conversation import record_to_sample

@@ -5,7 +5,7 @@ what the standalone `finetune.evaluate` answers with the saved adapter."""
 import json
 
 import pytest
-from recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.training_eval import shard
 

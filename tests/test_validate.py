@@ -6,9 +6,9 @@ from fractions import Fraction
 
 import av
 import pytest
-from conftest import DEMO, REPO
-from media_factory import write_dataset, write_image, write_video
-from recipe_runs import run_module
+from tests.helpers import DEMO, REPO
+from tests.helpers.media_factory import write_dataset, write_image, write_video
+from tests.helpers.recipe_runs import run_module
 
 from finetune.data_settings import conversation_encoder, split_settings
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from media_factory import write_dataset
+from tests.helpers.media_factory import write_dataset
 from qwen_vl_utils import process_vision_info
-from random_data import build_media_pool, random_record
+from tests.helpers.random_data import build_media_pool, random_record
 from transformers.video_utils import VideoMetadata
 
 from finetune.data.conversation import Sample
@@ -167,7 +167,7 @@ def test_generation_prompt_ends_with_the_assistant_header(processors, random_sam
 
 
 def test_demo_pre_pass_equals_encoding(processors, demo_config):
-    from conftest import DEMO
+    from tests.helpers import DEMO
 
     encoder = ConversationEncoder(processors["qwen2_5_vl"], vision_settings(demo_config))
     for sample in load_samples(DEMO / "test.json")[:40]:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from media_factory import write_dataset, write_image, write_video
+from tests.helpers.media_factory import write_dataset, write_image, write_video
 
 from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, load_samples, mix, parse_sources, read_source
@@ -166,7 +166,7 @@ def test_invalid_json_lines_are_reported_per_line(media):
 
 
 def test_demo_data_loads():
-    from conftest import DEMO
+    from tests.helpers import DEMO
 
     train, test = load_samples(DEMO / "train.json"), load_samples(DEMO / "test.json")
     assert len(train) == 1200 and len(test) == 200

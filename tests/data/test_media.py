@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from media_factory import write_frame_folder, write_image, write_video
+from tests.helpers.media_factory import write_frame_folder, write_image, write_video
 from PIL import Image
 
 import finetune.data.media as media

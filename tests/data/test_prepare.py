@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from media_factory import write_dataset, write_image
+from tests.helpers.media_factory import write_dataset, write_image
 
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import SplitSettings, prepare_split

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from media_factory import write_dataset, write_image, write_video
-from random_data import build_media_pool, random_record
+from tests.helpers.media_factory import write_dataset, write_image, write_video
+from tests.helpers.random_data import build_media_pool, random_record
 
 from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError

@@ -1,5 +1,5 @@
 """`finetune.train` with test-only fault injection, launched like the real thing (`accelerate launch`, or plain
-`python tests/distributed_harness.py <overrides>` for one process).
+`python tests/helpers/distributed_harness.py <overrides>` for one process).
 
     HARNESS_KILL_AT_STEP=N         every rank SIGKILLs itself right after checkpoint-N is complete on disk
     HARNESS_KILL_DURING_SAVE=N     SIGKILL while checkpoint-N is being written (weights saved, optimizer not yet)

@@ -2,7 +2,7 @@
 
 import random
 
-from media_factory import write_image, write_video
+from tests.helpers.media_factory import write_image, write_video
 
 WORDS = "what is shown here the red dot moves left right up down and then stops twice quickly".split()
 

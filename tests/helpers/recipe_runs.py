@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DEMO, REPO
+from tests.helpers import DEMO, REPO
 
 EXPERIMENT = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo"}
 

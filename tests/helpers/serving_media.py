@@ -3,7 +3,7 @@ export tests)."""
 
 from __future__ import annotations
 
-from media_factory import write_image, write_video
+from tests.helpers.media_factory import write_image, write_video
 from transformers import AutoProcessor
 from transformers.image_utils import load_image
 

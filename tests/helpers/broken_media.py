@@ -8,9 +8,9 @@ import struct
 import zlib
 from pathlib import Path
 
-from conftest import DEMO
-from media_factory import write_image, write_video
-from recipe_runs import mini_dataset
+from tests.helpers import DEMO
+from tests.helpers.media_factory import write_image, write_video
+from tests.helpers.recipe_runs import mini_dataset
 
 
 def cut_jpeg(path: Path) -> Path:
