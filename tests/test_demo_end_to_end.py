@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
 from tests.helpers import DEMO
 from tests.helpers.recipe_runs import run_module
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 def ask_about_videos(model_dir, records):

@@ -6,11 +6,11 @@ import csv
 import json
 
 import pytest
-from tests.helpers import DEMO, REPO
-from tests.helpers.recipe_runs import mini_dataset, run_module
 
 from finetune.config import load_config, to_yaml
 from finetune.launch import main
+from tests.helpers import DEMO, REPO
+from tests.helpers.recipe_runs import mini_dataset, run_module
 
 FAST = ["logger=none", "export.after_training=false", "trainer.logging_steps=1", "trainer.warmup_steps=0",
         "trainer.per_device_train_batch_size=4", f"data.media_root={DEMO}"]  # fmt: skip

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from tests.helpers import DEMO
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from finetune.data_settings import vision_settings
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def held_out_video_inputs(processor):
@@ -97,10 +97,9 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
 
 def assert_served_grids_are_trained_grids(merged, overrides, media_root):
     """Plain transformers on the merged folder sizes images and videos of many shapes as training did."""
-    from tests.helpers.serving_media import assert_same_grids, served_grids, trained_grids, write_media
-
     from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
+    from tests.helpers.serving_media import assert_same_grids, served_grids, trained_grids, write_media
 
     images, videos = write_media(media_root)
     config = load_config(overrides)
@@ -125,10 +124,10 @@ def _other_base_model(path):
 
 def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     from safetensors import safe_open
-    from tests.helpers.serving_media import OTHER_BUDGETS
 
     from finetune.config import ConfigError, load_config
     from finetune.export import export
+    from tests.helpers.serving_media import OTHER_BUDGETS
 
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
     run_dir = tmp_path / "run"

@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
-from tests.helpers import REPO
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.rundir import RunDir, is_complete
+from tests.helpers import REPO
+from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def harness(overrides, env, expect_rc=0):

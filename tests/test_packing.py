@@ -6,9 +6,6 @@ import random
 
 import pytest
 import torch
-from tests.helpers.media_factory import write_dataset
-from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
-from tests.helpers.random_data import build_media_pool, random_record
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
@@ -20,6 +17,9 @@ from finetune.data.vision import VisionSettings
 from finetune.data_settings import vision_settings
 from finetune.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.rope import PositionRule
+from tests.helpers.media_factory import write_dataset
+from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
+from tests.helpers.random_data import build_media_pool, random_record
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 ROWS_PER_FAMILY = 600
@@ -206,11 +206,11 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
         history = json.loads((run_dir / "log_history.json").read_text())
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
-    from tests.helpers import DEMO
     from transformers import AutoProcessor
 
     from finetune.config import load_config
     from finetune.tiny import tiny_checkpoint
+    from tests.helpers import DEMO
 
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)),
                                   vision_settings(load_config([])))  # fmt: skip

@@ -11,8 +11,6 @@ import json
 
 import pytest
 import torch
-from tests.helpers.media_factory import write_image, write_video
-from tests.helpers.recipe_runs import EXPERIMENT
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
@@ -23,6 +21,8 @@ from finetune.evaluate import generate_answers, split_prompt
 from finetune.modeling import load_trained_model
 from finetune.rope import PositionRule
 from finetune.train import build_trainer
+from tests.helpers.media_factory import write_image, write_video
+from tests.helpers.recipe_runs import EXPERIMENT
 
 QUESTIONS = ["Which way does it move?", "What happens first?", "Where does it end?", "What colour is it?"]
 

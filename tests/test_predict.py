@@ -5,11 +5,11 @@ of questions; per-item budgets; clear refusals."""
 import json
 
 import pytest
-from tests.helpers import DEMO
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.config import ConfigError
 from finetune.predict import find_model, question_sample
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ import json
 
 import numpy as np
 import pytest
-from tests.helpers.broken_media import bomb_png, cut_faststart_mp4, cut_jpeg, garbage_ctts_mp4
-from tests.helpers.media_factory import write_image, write_video
 from PIL import Image
-from tests.helpers.recipe_runs import run_module
 
 import finetune.data.media as media
 from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, read_source
 from finetune.data.vision import VisionSettings
+from tests.helpers.broken_media import bomb_png, cut_faststart_mp4, cut_jpeg, garbage_ctts_mp4
+from tests.helpers.media_factory import write_image, write_video
+from tests.helpers.recipe_runs import run_module
 
 SETTINGS = VisionSettings(3136, 3136 * 4, 2.0, 4, 16, 3136, 3136 * 4, 3136 * 400)
 

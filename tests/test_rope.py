@@ -12,10 +12,10 @@ import random
 
 import pytest
 import torch
-from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from finetune.rope import PositionRule, batch_position_ids, install_position_rule
+from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SEQUENCES = 1000

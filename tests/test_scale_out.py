@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.helpers import REPO
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
@@ -154,8 +155,9 @@ def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_p
 def test_ranks_with_different_modalities_do_not_hang(tmp_path):
     """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with a trainable merger, LoRA on the
     ViT and checkpointing of both towers: every collective must still pair up. Bounded: fails, never hangs."""
-    from tests.helpers import DEMO
     from safetensors import safe_open
+
+    from tests.helpers import DEMO
 
     records = json.loads((DEMO / "train.json").read_text())
     videos = [r for r in records if r["task"] == "direction"][:4]
@@ -237,9 +239,8 @@ def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, da
 def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     """2-rank DDP, one data-loader worker per rank, 3 samples whose media fail to decode: every step is taken on both
     ranks (losses logged for all of them), and the three are reported once each."""
-    from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
-
     from finetune.rundir import RunDir
+    from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 
     data = dataset_with_bad_media(tmp_path)
     overrides = bad_overrides(tmp_path / "run", data, 6, "accelerate.processes_per_node=2",

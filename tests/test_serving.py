@@ -11,7 +11,6 @@ import math
 import random
 
 import pytest
-from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as transformers_smart_resize
 
@@ -20,6 +19,7 @@ from finetune.data.encode import ConversationEncoder
 from finetune.data.vision import FRAME_FACTOR, smart_resize
 from finetune.data_settings import vision_settings
 from finetune.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
+from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 
 RECIPES = {"demo": ["experiment=demo"], "budgets": ["experiment=demo", *OTHER_BUDGETS]}
 

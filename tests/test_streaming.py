@@ -7,12 +7,12 @@ import json
 import shutil
 
 import pytest
-from tests.helpers import DEMO
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records
 from finetune.data_settings import conversation_encoder
+from tests.helpers import DEMO
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def losses(run_dir):

@@ -7,15 +7,14 @@ tokenisation, labels, vision inputs, initialisation or optimisation changed: fin
 import json
 
 import pytest
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 from safetensors import safe_open
 
 from finetune.data_settings import vision_settings
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def base_model_loss(family, train_file):
     import torch
-    from tests.helpers import DEMO
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from finetune.batching import inference_batch
@@ -24,6 +23,7 @@ def base_model_loss(family, train_file):
     from finetune.data.sources import load_samples
     from finetune.rope import PositionRule
     from finetune.tiny import tiny_checkpoint
+    from tests.helpers import DEMO
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
     path = tiny_checkpoint(family)

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 from finetune.config import ConfigError, load_config
 from finetune.data_settings import vision_settings
 from finetune.trainable import model_part
+from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 
 def _train(tmp_path, extra, steps=2):
@@ -161,8 +161,6 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
 def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, family):
     """With the multi-process hook, every forward calls the vision tower exactly once (text-only, image-only,
     video-only or both), and the loss and gradients equal the plain forward's (two calls, or none)."""
-    from tests.helpers import DEMO
-
     from finetune.batching import training_batch
     from finetune.data.conversation import record_to_sample
     from finetune.data.encode import ConversationEncoder
@@ -171,6 +169,7 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
     from finetune.rope import model_position_rule
     from finetune.trainable import make_trainable, vision_tower
     from finetune.vision_sync import OneVisionCall
+    from tests.helpers import DEMO
 
     experiment = "experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"
     config = load_config([experiment, "parts.vision_tower=lora", "parts.merger=full"])

@@ -5,9 +5,9 @@ what the standalone `finetune.evaluate` answers with the saved adapter."""
 import json
 
 import pytest
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 from finetune.training_eval import shard
+from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
 def test_shards_cover_every_sample_with_equal_counts():

@@ -6,11 +6,11 @@ from fractions import Fraction
 
 import av
 import pytest
+
+from finetune.data_settings import conversation_encoder, split_settings
 from tests.helpers import DEMO, REPO
 from tests.helpers.media_factory import write_dataset, write_image, write_video
 from tests.helpers.recipe_runs import run_module
-
-from finetune.data_settings import conversation_encoder, split_settings
 
 GOOD = {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}]}
 

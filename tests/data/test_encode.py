@@ -6,9 +6,7 @@ import random
 
 import pytest
 import torch
-from tests.helpers.media_factory import write_dataset
 from qwen_vl_utils import process_vision_info
-from tests.helpers.random_data import build_media_pool, random_record
 from transformers.video_utils import VideoMetadata
 
 from finetune.data.conversation import Sample
@@ -17,6 +15,8 @@ from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
 from finetune.data_settings import vision_settings
+from tests.helpers.media_factory import write_dataset
+from tests.helpers.random_data import build_media_pool, random_record
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 N_SAMPLES = 500

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from tests.helpers.media_factory import write_dataset, write_image, write_video
 
 from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, load_samples, mix, parse_sources, read_source
+from tests.helpers.media_factory import write_dataset, write_image, write_video
 
 CANONICAL = [
     ("user", [("image", "a.png"), ("text", "What is this?")]),

@@ -4,12 +4,12 @@ import logging
 
 import numpy as np
 import pytest
-from tests.helpers.media_factory import write_frame_folder, write_image, write_video
 from PIL import Image
 
 import finetune.data.media as media
 from finetune.data.media import decode_all_then_pick, decode_frames, load_image, probe_image, probe_video
 from finetune.data.vision import VisionSettings
+from tests.helpers.media_factory import write_frame_folder, write_image, write_video
 
 SETTINGS = VisionSettings(3136, 3136 * 16, 2.0, 4, 768, 3136, 3136 * 16, 3136 * 400)
 

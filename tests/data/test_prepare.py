@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-from tests.helpers.media_factory import write_dataset, write_image
-
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import SplitSettings, prepare_split
 from finetune.data.vision import VisionSettings
+from tests.helpers.media_factory import write_dataset, write_image
 
 SETTINGS = VisionSettings(4 * 784, 16 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
 

@@ -10,8 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.helpers.media_factory import write_dataset, write_image, write_video
-from tests.helpers.random_data import build_media_pool, random_record
 
 from finetune.data.encode import ConversationEncoder
 from finetune.data.errors import DataError
@@ -20,6 +18,8 @@ from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
 from finetune.data.store import load_source, store_dir
 from finetune.data.vision import VisionSettings
 from finetune.packing import pack_rows
+from tests.helpers.media_factory import write_dataset, write_image, write_video
+from tests.helpers.random_data import build_media_pool, random_record
 
 SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784)
 

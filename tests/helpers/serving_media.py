@@ -3,12 +3,12 @@ export tests)."""
 
 from __future__ import annotations
 
-from tests.helpers.media_factory import write_image, write_video
 from transformers import AutoProcessor
 from transformers.image_utils import load_image
 
 from finetune.data.conversation import Sample
 from finetune.data.vision import FRAME_FACTOR, PATCH
+from tests.helpers.media_factory import write_image, write_video
 
 IMAGES = [(640, 360, "jpg"), (1920, 1080, "png"), (300, 800, "webp"), (50, 50, "png"), (1234, 567, "jpg"),
           (4000, 3000, "jpg")]  # fmt: skip
