@@ -68,7 +68,10 @@ def video_benchmark(paths: list[str]) -> None:
 
     naive, naive_rate = timed(decode_everything, paths)
     pyav, pyav_rate = timed(lambda p: ours(p, "pyav"), paths)
-    rows = [("decode every frame, then subsample (PyAV)", naive_rate), ("ours: seek to sampled frames (PyAV)", pyav_rate)]
+    rows = [
+        ("decode every frame, then subsample (PyAV)", naive_rate),
+        ("ours: seek to sampled frames (PyAV)", pyav_rate),
+    ]
     assert all(np.array_equal(a, b) for a, b in zip(naive, pyav)), "PyAV seeking returned different frames"
     try:
         codec, codec_rate = timed(lambda p: ours(p, "torchcodec"), paths)
@@ -95,11 +98,33 @@ def prepass_benchmark(root: Path, videos: list[str], n_images: int) -> None:
         w, h = int(rng.integers(200, 1600)), int(rng.integers(200, 1200))
         path = root / f"img{i}.jpg"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
-        samples.append(Sample(f"i{i}", [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "What is it?"}]},
-                                        {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]}], f"img{i}"))  # fmt: skip
+        samples.append(
+            Sample(
+                f"i{i}",
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "What is it?"}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+                ],
+                f"img{i}",
+            )
+        )
     for i, path in enumerate(videos):
-        samples.append(Sample(f"v{i}", [{"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "What moves?"}]},
-                                        {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]}], f"vid{i}"))  # fmt: skip
+        samples.append(
+            Sample(
+                f"v{i}",
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "video", "video": path}, {"type": "text", "text": "What moves?"}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+                ],
+                f"vid{i}",
+            )
+        )
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint("qwen2_5_vl")), SETTINGS)
     start = time.perf_counter()
     counts = [encoder.count_tokens(s) for s in samples]  # one process (benchmarks/data_scale.py: on every core)
@@ -107,9 +132,13 @@ def prepass_benchmark(root: Path, videos: list[str], n_images: int) -> None:
     media._backend = None
     encoded, encode_rate = timed(encoder.encode, samples)
     assert [c.total for c in counts] == [len(e.input_ids) for e in encoded], "pre-pass counts differ"
-    print(f"\ntoken counts, {len(samples)} samples ({n_images} images of 0.04-1.9 MP, {len(videos)} videos), identical counts:")
+    print(
+        f"\ntoken counts, {len(samples)} samples ({n_images} images of 0.04-1.9 MP, {len(videos)} videos), identical counts:"
+    )
     print(f"  {'full encoding (decode + resize + processor)':<45} {encode_rate:8.2f} samples/s   1.0x")
-    print(f"  {'ours: pre-pass from headers only':<45} {prepass_rate:8.2f} samples/s {prepass_rate / encode_rate:6.1f}x")
+    print(
+        f"  {'ours: pre-pass from headers only':<45} {prepass_rate:8.2f} samples/s {prepass_rate / encode_rate:6.1f}x"
+    )
 
 
 def main() -> None:
@@ -127,8 +156,10 @@ def main() -> None:
         for i in range(args.videos):
             paths.append(str(root / f"v{i}.mp4"))
             write_video(Path(paths[-1]), args.seconds, args.fps, width, height, seed=i)
-        print(f"{args.videos} H.264 videos of {args.seconds} s at {args.fps} fps, {width}x{height}, keyframe every 2 s; "
-              f"sampling at {SETTINGS.video_fps} fps")  # fmt: skip
+        print(
+            f"{args.videos} H.264 videos of {args.seconds} s at {args.fps} fps, {width}x{height}, keyframe every 2 s; "
+            f"sampling at {SETTINGS.video_fps} fps"
+        )
         video_benchmark(paths)
         prepass_benchmark(root, paths, args.images)
 

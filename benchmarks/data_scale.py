@@ -63,7 +63,11 @@ def generate(root: Path, samples: int, images: int, videos: int) -> Path:
     records = []
     for i in range(samples):
         video = rng.random() < 0.1
-        media = {"video": f"videos/{rng.randrange(videos):04d}.mp4"} if video else {"image": f"images/{rng.randrange(images):05d}.jpg"}
+        media = (
+            {"video": f"videos/{rng.randrange(videos):04d}.mp4"}
+            if video
+            else {"image": f"images/{rng.randrange(images):05d}.jpg"}
+        )
         rounds = rng.randint(2, 4) if rng.random() < 0.4 else 1
         turns = []
         for r in range(rounds):
@@ -73,7 +77,9 @@ def generate(root: Path, samples: int, images: int, videos: int) -> Path:
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": sentence(rng, 2, 30) + "."}]
         records.append({"id": f"s{i}", **media, "conversations": turns})
     data.write_text(json.dumps(records))
-    print(f"generated {samples:,} records, {images:,} JPEGs, {videos} MP4s in {time.perf_counter() - t0:.0f} s -> {root}")
+    print(
+        f"generated {samples:,} records, {images:,} JPEGs, {videos} MP4s in {time.perf_counter() - t0:.0f} s -> {root}"
+    )
     return data
 
 
@@ -84,15 +90,31 @@ def clear_store(data: Path) -> None:
 def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS GB) of a one-step training run in a fresh process."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = ["experiment=demo", "logger=none", f"trainer.output_dir={run_dir}", "trainer.max_steps=1",
-                 f"data.train={data}", "data.eval=null", "evaluation.after_training=false", "data.max_length=1024",
-                 "trainer.packing=true", "trainer.per_device_train_batch_size=1"]  # fmt: skip
-    code = ("import atexit, resource, runpy, sys; sys.argv = ['finetune.train'] + sys.argv[1:]; "
-            "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "file=sys.stderr)); runpy.run_module('finetune.train', run_name='__main__')")  # fmt: skip
+    overrides = [
+        "experiment=demo",
+        "logger=none",
+        f"trainer.output_dir={run_dir}",
+        "trainer.max_steps=1",
+        f"data.train={data}",
+        "data.eval=null",
+        "evaluation.after_training=false",
+        "data.max_length=1024",
+        "trainer.packing=true",
+        "trainer.per_device_train_batch_size=1",
+    ]
+    code = (
+        "import atexit, resource, runpy, sys; sys.argv = ['finetune.train'] + sys.argv[1:]; "
+        "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "file=sys.stderr)); runpy.run_module('finetune.train', run_name='__main__')"
+    )
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code, *overrides], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code, *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     wall = time.perf_counter() - start
     if result.returncode:
         raise SystemExit(f"training failed:\n{result.stderr[-4000:]}")
@@ -177,8 +199,10 @@ def main() -> None:
     store_private = touched_in_child(split.samples) / 1024
     objects = read_source(source)[0]
     objects_private = touched_in_child(objects) / 1024
-    print(f"forked worker touching every sample: store {store_private:.1f} MB private ({store_private / store_mb:.1%} "
-          f"of the {store_mb:.0f} MB store); a list of Sample objects {objects_private:.0f} MB private")  # fmt: skip
+    print(
+        f"forked worker touching every sample: store {store_private:.1f} MB private ({store_private / store_mb:.1%} "
+        f"of the {store_mb:.0f} MB store); a list of Sample objects {objects_private:.0f} MB private"
+    )
     del objects
 
     # 4. appending one sample
@@ -187,8 +211,14 @@ def main() -> None:
     appended.write_text(json.dumps(records))
     clear_store(appended)
     load_source(DatasetSource(appended), encoder)  # the store of the set as it was
-    new = dict(records[1], id="appended", conversations=[{"from": "human", "value": "<image>\nA new question?"},
-                                                         {"from": "gpt", "value": "A new answer."}])  # fmt: skip
+    new = dict(
+        records[1],
+        id="appended",
+        conversations=[
+            {"from": "human", "value": "<image>\nA new question?"},
+            {"from": "gpt", "value": "A new answer."},
+        ],
+    )
     appended.write_text(json.dumps(records + [new]))
     start = time.perf_counter()
     stored = load_source(DatasetSource(appended), encoder)
@@ -201,8 +231,10 @@ def main() -> None:
     for rounds in (1, 4, 8, 16):
         messages = []
         for r in range(rounds):
-            messages += [{"role": "user", "content": [{"type": "text", "text": sentence(random.Random(r), 8, 16)}]},
-                         {"role": "assistant", "content": [{"type": "text", "text": sentence(random.Random(-r), 8, 30)}]}]  # fmt: skip
+            messages += [
+                {"role": "user", "content": [{"type": "text", "text": sentence(random.Random(r), 8, 16)}]},
+                {"role": "assistant", "content": [{"type": "text", "text": sentence(random.Random(-r), 8, 30)}]},
+            ]
         sample = Sample("m", messages, "bench")
         n = max(20, 400 // rounds)
         timings = []
@@ -214,14 +246,18 @@ def main() -> None:
                 encoder.count_tokens(sample)
             timings.append((time.perf_counter() - start) / n * 1e6)
             encoder.__dict__.pop("_segments_by_markers", None)
-        print(f"  {rounds:2d} rounds                      {timings[0]:7.0f} us ({timings[0] / rounds:4.0f}/round)   "
-              f"{timings[1]:7.0f} us ({timings[1] / rounds:4.0f}/round)")
+        print(
+            f"  {rounds:2d} rounds                      {timings[0]:7.0f} us ({timings[0] / rounds:4.0f}/round)   "
+            f"{timings[1]:7.0f} us ({timings[1] / rounds:4.0f}/round)"
+        )
 
     # 6. validate's packing estimate
     lengths = split.totals.tolist()
     start = time.perf_counter()
     rows = pack_rows(lengths, 1024, 0)
-    print(f"packing estimate (pack_rows) of {len(lengths):,} samples: {time.perf_counter() - start:.2f} s, {len(rows):,} rows")
+    print(
+        f"packing estimate (pack_rows) of {len(lengths):,} samples: {time.perf_counter() - start:.2f} s, {len(rows):,} rows"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,19 @@ def make_samples(root: Path, n: int, seed: int) -> list[Sample]:
         w, h = rng.randint(100, 600), rng.randint(100, 600)
         images.append(str(root / f"i{i}.png"))
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images[-1])
-    videos = [str(write_video(root / f"v{i}.mp4", frames=rng.randint(8, 40), fps=4, width=2 * rng.randint(40, 120),
-                              height=2 * rng.randint(40, 90), seed=i)) for i in range(6)]  # fmt: skip
+    videos = [
+        str(
+            write_video(
+                root / f"v{i}.mp4",
+                frames=rng.randint(8, 40),
+                fps=4,
+                width=2 * rng.randint(40, 120),
+                height=2 * rng.randint(40, 90),
+                seed=i,
+            )
+        )
+        for i in range(6)
+    ]
     samples = []
     for i in range(n):
         words = int(min(1500, rng.lognormvariate(4.5, 1.0)))  # long-tailed text lengths
@@ -57,8 +68,16 @@ def make_samples(root: Path, n: int, seed: int) -> list[Sample]:
             content.append({"type": "video", "video": rng.choice(videos)})
         content.append({"type": "text", "text": " ".join(rng.choice(WORDS) for _ in range(words))})
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
-        samples.append(Sample(str(i), [{"role": "user", "content": content},
-                                       {"role": "assistant", "content": [{"type": "text", "text": answer}]}], str(i)))  # fmt: skip
+        samples.append(
+            Sample(
+                str(i),
+                [
+                    {"role": "user", "content": content},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                str(i),
+            )
+        )
     return samples
 
 
@@ -84,8 +103,12 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_vl", "qwen2_5_vl"))
     parser.add_argument("--batch", type=int, default=8, help="samples per padded batch")
     parser.add_argument("--row-tokens", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=64, help="LLM width: 64 is the tiny test model; wider makes "
-                        "the linear layers dominate as in real models")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=64,
+        help="LLM width: 64 is the tiny test model; wider makes the linear layers dominate as in real models",
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -106,29 +129,42 @@ def main() -> None:
     torch.manual_seed(0)
     config = AutoModelForImageTextToText.from_pretrained(path).config
     heads = max(4, args.hidden // 64)
-    config.text_config.update({"hidden_size": args.hidden, "intermediate_size": 4 * args.hidden, "num_attention_heads": heads,
-                               "num_key_value_heads": heads // 2, "num_hidden_layers": args.layers,
-                               "layer_types": ["full_attention"] * args.layers})  # fmt: skip
+    config.text_config.update(
+        {
+            "hidden_size": args.hidden,
+            "intermediate_size": 4 * args.hidden,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "num_hidden_layers": args.layers,
+            "layer_types": ["full_attention"] * args.layers,
+        }
+    )
     head_dim = args.hidden // heads
     config.text_config.rope_parameters["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     vision = config.vision_config
     setattr(vision, "out_hidden_size" if args.family == "qwen2_5_vl" else "hidden_size", args.hidden)
     model = AutoModelForImageTextToText.from_config(config)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj$"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj$")
+    )
     rule = PositionRule.for_model(model.config, "qwen")
 
     order = list(range(len(encoded)))
     random.Random(1).shuffle(order)
-    padded = [training_batch([[encoded[i]] for i in order[s : s + args.batch]], pad_id, rule)
-              for s in range(0, len(order), args.batch)]  # fmt: skip
+    padded = [
+        training_batch([[encoded[i]] for i in order[s : s + args.batch]], pad_id, rule)
+        for s in range(0, len(order), args.batch)
+    ]
     rows = pack_rows(lengths, args.row_tokens, seed=1)
     packed = [training_batch([[encoded[i] for i in row]], pad_id, rule) for row in rows]
     trained = sum(sum(label != -100 for label in e.labels[1:]) for e in encoded)
 
-    print(f"{len(encoded)} samples ({args.family}, LLM hidden {args.hidden} x {args.layers} layers, LoRA r=8, CPU fp32, "
-          f"rows of {args.row_tokens} tokens vs batches of {args.batch}): tokens per sample min {min(lengths)}, "
-          f"median {int(np.median(lengths))}, p95 {int(np.percentile(lengths, 95))}, max {max(lengths)}; "
-          f"{sum(lengths):,} real tokens, {trained:,} trained")  # fmt: skip
+    print(
+        f"{len(encoded)} samples ({args.family}, LLM hidden {args.hidden} x {args.layers} layers, LoRA r=8, CPU fp32, "
+        f"rows of {args.row_tokens} tokens vs batches of {args.batch}): tokens per sample min {min(lengths)}, "
+        f"median {int(np.median(lengths))}, p95 {int(np.percentile(lengths, 95))}, max {max(lengths)}; "
+        f"{sum(lengths):,} real tokens, {trained:,} trained"
+    )
     results, timings = {}, {"padded batching": [], "packing": []}
     for _ in range(args.repeats):  # alternate the modes and keep each one's best pass: robust to machine noise
         for name, batches in (("padded batching", padded), ("packing", packed)):
@@ -136,10 +172,14 @@ def main() -> None:
     for name, batches in (("padded batching", padded), ("packing", packed)):
         seconds, real, computed = min(timings[name])
         results[name] = trained / seconds
-        print(f"  {name:<16} {len(batches):>4} steps  real-token fraction {real / computed:6.3f}  "
-              f"{trained / seconds:9.1f} trained tokens/s  {real / seconds:9.1f} real tokens/s")  # fmt: skip
-    print(f"  packing / padded: {results['packing'] / results['padded batching']:.2f}x trained tokens/s; rows filled to "
-          f"{sum(lengths) / (len(rows) * args.row_tokens):.1%} of {args.row_tokens} tokens")
+        print(
+            f"  {name:<16} {len(batches):>4} steps  real-token fraction {real / computed:6.3f}  "
+            f"{trained / seconds:9.1f} trained tokens/s  {real / seconds:9.1f} real tokens/s"
+        )
+    print(
+        f"  packing / padded: {results['packing'] / results['padded batching']:.2f}x trained tokens/s; rows filled to "
+        f"{sum(lengths) / (len(rows) * args.row_tokens):.1%} of {args.row_tokens} tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ from finetune.rope import PositionRule, batch_position_ids
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # `sample_ids` (per row) and `bad_samples` are bookkeeping the trainer pops before the forward.
-TRAINING_KEYS = ("input_ids", "labels", "mm_token_type_ids", "position_ids", "num_real_tokens", "sample_ids",
-                 "bad_samples") + VISION_KEYS  # fmt: skip
+TRAINING_KEYS = (
+    "input_ids",
+    "labels",
+    "mm_token_type_ids",
+    "position_ids",
+    "num_real_tokens",
+    "sample_ids",
+    "bad_samples",
+) + VISION_KEYS
 INFERENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids") + VISION_KEYS
 
 
@@ -49,8 +56,12 @@ def vision_inputs(encoded: list[EncodedSample]) -> dict:
 
 def sample_positions(sample: EncodedSample, rule: PositionRule) -> torch.Tensor:
     """(3, L) M-RoPE ids of one encoded sample."""
-    return rule.sample(sample.mm_token_type_ids, _grids(sample.image_grid_thw), _grids(sample.video_grid_thw),
-                       sample.second_per_grid_ts)  # fmt: skip
+    return rule.sample(
+        sample.mm_token_type_ids,
+        _grids(sample.image_grid_thw),
+        _grids(sample.video_grid_thw),
+        sample.second_per_grid_ts,
+    )
 
 
 def training_batch(rows: list[list[EncodedSample]], pad_token_id: int, rule: PositionRule) -> dict:
@@ -73,13 +84,19 @@ def training_batch(rows: list[list[EncodedSample]], pad_token_id: int, rule: Pos
             offset += n
         position_ids[:, r, offset:] = torch.arange(longest - offset)  # padding: a block of its own
     real = sum(len(s.input_ids) for row in rows for s in row)
-    batch = {"input_ids": input_ids, "labels": labels, "mm_token_type_ids": types, "position_ids": position_ids,
-             "num_real_tokens": torch.tensor(real)}  # fmt: skip
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "mm_token_type_ids": types,
+        "position_ids": position_ids,
+        "num_real_tokens": torch.tensor(real),
+    }
     return {**batch, **vision_inputs([s for row in rows for s in row])}
 
 
-def inference_batch(encoded: list[EncodedSample], pad_token_id: int, rule: PositionRule,
-                    padding_side: str = "left") -> dict:  # fmt: skip
+def inference_batch(
+    encoded: list[EncodedSample], pad_token_id: int, rule: PositionRule, padding_side: str = "left"
+) -> dict:
     """Samples padded to the longest with an attention mask (left-padded by default: generation continues every
     row), `labels` included, and the rule's (3, B, L) position ids (0 on padding)."""
     longest = max(len(e.input_ids) for e in encoded)
@@ -98,9 +115,14 @@ def inference_batch(encoded: list[EncodedSample], pad_token_id: int, rule: Posit
         "labels": pad([e.labels for e in encoded], IGNORE_INDEX),
         **vision_inputs(encoded),
     }
-    batch["position_ids"], _ = batch_position_ids(rule, batch["mm_token_type_ids"], batch.get("image_grid_thw"),
-                                                  batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
-                                                  batch["attention_mask"])  # fmt: skip
+    batch["position_ids"], _ = batch_position_ids(
+        rule,
+        batch["mm_token_type_ids"],
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        batch.get("second_per_grid_ts"),
+        batch["attention_mask"],
+    )
     return batch
 
 
@@ -151,8 +173,10 @@ class RowCollator:
                 break
             self._encode(self.samples[i], [])
         if self._stand_in is None:
-            raise DataError("no training sample can be encoded (every one failed to decode):\n"
-                            + "\n".join(b["error"] for b in bad[:5]))  # fmt: skip
+            raise DataError(
+                "no training sample can be encoded (every one failed to decode):\n"
+                + "\n".join(b["error"] for b in bad[:5])
+            )
         return self._stand_in
 
 
@@ -163,8 +187,14 @@ class RowIndex:
         return row
 
 
-def training_loader(rows: list[tuple[int, ...]], collator: RowCollator, rows_per_batch: int, seed: int,
-                    world_size: int, num_workers: int):  # fmt: skip
+def training_loader(
+    rows: list[tuple[int, ...]],
+    collator: RowCollator,
+    rows_per_batch: int,
+    seed: int,
+    world_size: int,
+    num_workers: int,
+):
     """The one training DataLoader: `rows_per_batch` rows per step and device, reshuffled every epoch."""
     from torch.utils.data import DataLoader
 

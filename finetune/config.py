@@ -158,23 +158,29 @@ class PartsConfig:
         for part, mode in self.modes().items():
             _choice(f"parts.{part}", mode, PART_MODES)
         if self.merger == "lora":
-            raise ConfigError("parts.merger=lora is not supported: the merger is small and trains fully if at all. "
-                              "Use parts.merger=full (or frozen).")  # fmt: skip
+            raise ConfigError(
+                "parts.merger=lora is not supported: the merger is small and trains fully if at all. "
+                "Use parts.merger=full (or frozen)."
+            )
         if self.llm == "full" and self.vision_tower == "lora":
             raise ConfigError(
                 "parts.llm=full with parts.vision_tower=lora would save the whole LLM inside a LoRA adapter. "
                 "Use parts.llm=lora with parts.vision_tower=lora, or parts.vision_tower=full for full fine-tuning."
             )
         if set(self.modes().values()) == {"frozen"}:
-            raise ConfigError("Nothing would be trained: parts.llm, parts.vision_tower and parts.merger are all "
-                              "frozen. Set one to lora or full (e.g. parts.llm=lora).")  # fmt: skip
+            raise ConfigError(
+                "Nothing would be trained: parts.llm, parts.vision_tower and parts.merger are all "
+                "frozen. Set one to lora or full (e.g. parts.llm=lora)."
+            )
         for part in ("vision_tower", "merger"):
             rate = getattr(self, f"{part}_lr")
             if rate is not None and rate <= 0:
                 raise ConfigError(f"parts.{part}_lr must be positive, got {rate}.")
             if rate is not None and getattr(self, part) == "frozen":
-                raise ConfigError(f"parts.{part}_lr is set but parts.{part}=frozen: set parts.{part}=full (or "
-                                  f"lora), or remove parts.{part}_lr.")  # fmt: skip
+                raise ConfigError(
+                    f"parts.{part}_lr is set but parts.{part}=frozen: set parts.{part}=full (or "
+                    f"lora), or remove parts.{part}_lr."
+                )
 
 
 @dataclass
@@ -192,7 +198,9 @@ class PeftConfig:
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
     # ViT blocks' attention and MLP (Qwen2-VL: qkv/proj/fc1/fc2; Qwen2.5-VL: qkv/proj/gate/up/down_proj).
     # The Conv3d patch embed and the merger never take LoRA (train the merger fully with parts.merger=full).
-    vision_target_modules: str = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$"
+    vision_target_modules: str = (
+        r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$"
+    )
 
     def check(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
@@ -347,8 +355,18 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def check(self) -> None:
-        for group in (self.model, self.data, self.parts, self.peft, self.trainer, self.deepspeed, self.accelerate, self.logger,
-                      self.evaluation, self.export):
+        for group in (
+            self.model,
+            self.data,
+            self.parts,
+            self.peft,
+            self.trainer,
+            self.deepspeed,
+            self.accelerate,
+            self.logger,
+            self.evaluation,
+            self.export,
+        ):
             group.check()
         if not self.parts.uses_lora and self.export.after_training:
             raise ConfigError(
@@ -368,8 +386,10 @@ class Config:
                 f"{self.data.max_length}: a valid sample might not fit in a row. Raise it or lower data.max_length."
             )
         if self.data.streaming and self.trainer.max_steps <= 0:
-            raise ConfigError("data.streaming=true reads the data as an endless stream: set trainer.max_steps to the "
-                              "number of optimizer steps to train (epochs cannot be counted without an index).")  # fmt: skip
+            raise ConfigError(
+                "data.streaming=true reads the data as an endless stream: set trainer.max_steps to the "
+                "number of optimizer steps to train (epochs cannot be counted without an index)."
+            )
         if self.trainer.gradient_checkpointing_vision_tower and not (
             self.trainer.gradient_checkpointing and self.parts.vision_tower != "frozen"
         ):
@@ -378,8 +398,10 @@ class Config:
                 "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
             )
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
-            raise ConfigError("trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
-                              "its engine); use trainer.nonfinite_loss=stop with DeepSpeed.")  # fmt: skip
+            raise ConfigError(
+                "trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
+                "its engine); use trainer.nonfinite_loss=stop with DeepSpeed."
+            )
         if self.data.max_bad_samples is not None and self.data.max_bad_samples < 0:
             raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and not self.parts.uses_lora:
@@ -472,8 +494,10 @@ def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
     if replaced:
         raise ConfigError(replaced)
     if groups:
-        raise ConfigError(f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
-                          "groups; compose a new recipe instead.")  # fmt: skip
+        raise ConfigError(
+            f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
+            "groups; compose a new recipe instead."
+        )
     try:
         saved = _read_saved(path)
         cfg = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(overrides))

@@ -31,11 +31,17 @@ def conversation_encoder(processor, config: Config, for_training: bool = True) -
     (inference encodes prompts, which have no labels and are never refused for length)."""
     if not for_training:
         return ConversationEncoder(processor, vision_settings(config))
-    return ConversationEncoder(processor, vision_settings(config), LabelMode(config.trainer.label_mode),
-                               config.data.max_length)  # fmt: skip
+    return ConversationEncoder(
+        processor, vision_settings(config), LabelMode(config.trainer.label_mode), config.data.max_length
+    )
 
 
 def split_settings(config: Config) -> SplitSettings:
     d = config.data
-    return SplitSettings(max_length=d.max_length, over_length=d.over_length, media_root=d.media_root,
-                         num_proc=d.num_proc, seed=config.trainer.seed)  # fmt: skip
+    return SplitSettings(
+        max_length=d.max_length,
+        over_length=d.over_length,
+        media_root=d.media_root,
+        num_proc=d.num_proc,
+        seed=config.trainer.seed,
+    )

@@ -49,8 +49,16 @@ def question_of(prompt: Sample) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, encoder, prompts: list[Sample], batch_size: int, max_new_tokens: int, streamer=None,
-                     synced_gpus: bool = False, progress: bool = True) -> list[str]:  # fmt: skip
+def generate_answers(
+    model,
+    encoder,
+    prompts: list[Sample],
+    batch_size: int,
+    max_new_tokens: int,
+    streamer=None,
+    synced_gpus: bool = False,
+    progress: bool = True,
+) -> list[str]:
     """Greedy answers. `model` was loaded by `finetune.modeling.load_model`, so `generate` computes the prefill
     positions with the recipe's rope rule (the same function as training) and decodes from max + 1.
     `synced_gpus`: every rank keeps stepping until all have finished (needed under ZeRO-3)."""
@@ -82,25 +90,44 @@ def generate_answers(model, encoder, prompts: list[Sample], batch_size: int, max
         for key in ("labels", "position_ids"):  # generate derives the positions itself, through the installed rule
             batch.pop(key)
         batch = {k: v.to(device) for k, v in batch.items()}
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                streamer=streamer, synced_gpus=synced_gpus)  # fmt: skip
-        texts = iter([] if stand_in else encoder.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :],
-                                                                        skip_special_tokens=True))  # fmt: skip
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            streamer=streamer,
+            synced_gpus=synced_gpus,
+        )
+        texts = iter(
+            []
+            if stand_in
+            else encoder.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
         answers += [failed[i] if i in failed else next(texts) for i in range(len(chunk))]
     return answers
 
 
-def predict_samples(model, encoder, samples: list[Sample], batch_size: int, max_new_tokens: int,
-                    synced_gpus: bool = False, progress: bool = True) -> list[dict]:  # fmt: skip
+def predict_samples(
+    model,
+    encoder,
+    samples: list[Sample],
+    batch_size: int,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     """One record per sample: id, task, question, reference, prediction (answers stripped)."""
     prompts, references = zip(*(split_prompt(s) for s in samples)) if samples else ((), ())
-    answers = generate_answers(model, encoder, list(prompts), batch_size, max_new_tokens, synced_gpus=synced_gpus,
-                               progress=progress)  # fmt: skip
+    answers = generate_answers(
+        model, encoder, list(prompts), batch_size, max_new_tokens, synced_gpus=synced_gpus, progress=progress
+    )
     records = []
     for s, p, ref, ans in zip(samples, prompts, references, answers):
         record = {"id": s.id, "task": str(s.extra.get("task", "all")), "question": question_of(p), "reference": ref}
-        records.append(record | ({"prediction": None, "error": str(ans)} if isinstance(ans, DataError)
-                                 else {"prediction": ans.strip()}))  # fmt: skip
+        records.append(
+            record
+            | ({"prediction": None, "error": str(ans)} if isinstance(ans, DataError) else {"prediction": ans.strip()})
+        )
     return records
 
 
@@ -109,8 +136,10 @@ def write_results(out_dir: Path, records: list[dict]) -> dict:
     those that could not be asked (their media failed to decode) under `unanswered`."""
     answered = [r for r in records if r.get("error") is None]
     if not answered:
-        raise DataError(f"none of the {len(records)} evaluation samples could be asked (their media failed to "
-                        f"decode), e.g. {records[0]['error']}")  # fmt: skip
+        raise DataError(
+            f"none of the {len(records)} evaluation samples could be asked (their media failed to "
+            f"decode), e.g. {records[0]['error']}"
+        )
     metrics = score(answered)
     metrics["unanswered"] = [r["id"] for r in records if r.get("error") is not None]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="evaluate this merged/exported model directory instead of the adapter")
     args, overrides = parser.parse_known_args(argv)
     return run(lambda: evaluate(load_config(overrides), args.model))
+
 
 if __name__ == "__main__":
     sys.exit(main())

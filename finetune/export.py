@@ -36,9 +36,17 @@ from finetune.paths import resolve_data_file
 from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.export")
-REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-                  "finetune_config.yaml", "README.md")  # fmt: skip
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "finetune_config.yaml",
+    "README.md",
+)
 MAX_CHECKED_MEDIA = 8  # per kind, for the served-grid check
 
 # Runs in a separate interpreter with no project code: what a user of the exported model has.
@@ -130,11 +138,15 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise ConfigError(f"export.output_dir={out_dir} already exists and is not empty. Set export.overwrite=true "
-                          "to replace that export, or choose another export.output_dir.")  # fmt: skip
+        raise ConfigError(
+            f"export.output_dir={out_dir} already exists and is not empty. Set export.overwrite=true "
+            "to replace that export, or choose another export.output_dir."
+        )
     if not (out_dir / "export_report.json").exists() and not (out_dir / "config.json").exists():
-        raise ConfigError(f"export.output_dir={out_dir} holds files that are not an earlier export; export.overwrite "
-                          "only ever replaces an export. Choose another export.output_dir.")  # fmt: skip
+        raise ConfigError(
+            f"export.output_dir={out_dir} holds files that are not an earlier export; export.overwrite "
+            "only ever replaces an export. Choose another export.output_dir."
+        )
 
 
 def check_adapter_base(adapter_dir: Path, base_path: str) -> None:
@@ -142,17 +154,24 @@ def check_adapter_base(adapter_dir: Path, base_path: str) -> None:
     trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not trained_on or trained_on == base_path:
         return
-    fix = (f"Export with the recipe the adapter was trained with (model.name_or_path={trained_on}), or train an "
-           f"adapter for {base_path}.")  # fmt: skip
+    fix = (
+        f"Export with the recipe the adapter was trained with (model.name_or_path={trained_on}), or train an "
+        f"adapter for {base_path}."
+    )
     if not (Path(trained_on) / "config.json").is_file() or not (Path(base_path) / "config.json").is_file():
-        raise ConfigError(f"{adapter_dir} was trained on {trained_on}, but the recipe's base model is {base_path}. "
-                          + fix)
+        raise ConfigError(
+            f"{adapter_dir} was trained on {trained_on}, but the recipe's base model is {base_path}. " + fix
+        )
     ignore = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
-    configs = [{k: v for k, v in json.loads((Path(p) / "config.json").read_text()).items() if k not in ignore}
-               for p in (trained_on, base_path)]  # fmt: skip
+    configs = [
+        {k: v for k, v in json.loads((Path(p) / "config.json").read_text()).items() if k not in ignore}
+        for p in (trained_on, base_path)
+    ]
     if configs[0] != configs[1]:
-        raise ConfigError(f"{adapter_dir} was trained on {trained_on}, a different model from the recipe's "
-                          f"{base_path} (their config.json differ). {fix}")  # fmt: skip
+        raise ConfigError(
+            f"{adapter_dir} was trained on {trained_on}, a different model from the recipe's "
+            f"{base_path} (their config.json differ). {fix}"
+        )
     logger.info("adapter base %s is at %s now (same config.json)", trained_on, base_path)
 
 
@@ -163,11 +182,20 @@ def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.
     with tempfile.TemporaryDirectory() as tmp:
         names = ("batch.safetensors", "media.json", "logits.safetensors", "grids.json")
         files = {name: Path(tmp) / name for name in names}
-        save_file({k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()},
-                  str(files["batch.safetensors"]))  # fmt: skip
+        save_file(
+            {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()},
+            str(files["batch.safetensors"]),
+        )
         files["media.json"].write_text(json.dumps({kind: list(expected_grids[kind]) for kind in ("image", "video")}))
-        cmd = [sys.executable, "-c", RELOAD_SCRIPT, str(out_dir), *(str(f) for f in files.values()),
-               str(dtype).removeprefix("torch."), device_map or "none"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            RELOAD_SCRIPT,
+            str(out_dir),
+            *(str(f) for f in files.values()),
+            str(dtype).removeprefix("torch."),
+            device_map or "none",
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"plain transformers could not load {out_dir}:\n{result.stderr[-3000:]}")
@@ -193,9 +221,15 @@ def make_readable(out_dir: Path) -> None:
 
 def card_info(config: Config, run_dir: Path, export_dtype: str, served: dict) -> dict:
     run, info = RunDir(run_dir), RunDir(run_dir).run_info()
-    return {"base_model": config.model.name_or_path, "dtype": export_dtype, "data": info.get("train_data", {}),
-            "max_images": info.get("max_images_per_sample", 1), "max_videos": info.get("max_videos_per_sample", 1),
-            "metrics": run.metrics(), "served_grids": served}  # fmt: skip
+    return {
+        "base_model": config.model.name_or_path,
+        "dtype": export_dtype,
+        "data": info.get("train_data", {}),
+        "max_images": info.get("max_images_per_sample", 1),
+        "max_videos": info.get("max_videos_per_sample", 1),
+        "metrics": run.metrics(),
+        "served_grids": served,
+    }
 
 
 def push_to_hub(out_dir: Path, repo_id: str, private: bool) -> None:
@@ -235,8 +269,10 @@ def export(config: Config) -> Path:
     merge_diff = (in_memory_logits - adapter_logits).abs()[batch["attention_mask"].bool()].max()
     merge_atol, reload_atol = tolerances(config, precision, export_dtype, adapter_logits)
     if merge_diff > merge_atol:
-        raise RuntimeError(f"merging changed the logits by {merge_diff:.2e} > {merge_atol:.0e}: the adapter did not "
-                           "merge cleanly into the base weights")  # fmt: skip
+        raise RuntimeError(
+            f"merging changed the logits by {merge_diff:.2e} > {merge_atol:.0e}: the adapter did not "
+            "merge cleanly into the base weights"
+        )
     merged = merged.to(DTYPES[export_dtype])
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an earlier export (check_output_dir): no stale shard may survive
@@ -260,9 +296,12 @@ def export(config: Config) -> Path:
         "merge_atol": merge_atol,
         "max_abs_logit_diff": max_diff,  # reloaded by plain transformers in `dtype`
         "atol": reload_atol,
-        "batch": {"samples": int(batch["input_ids"].shape[0]), "tokens": int(mask.sum()),
-                  "images": int(len(batch.get("image_grid_thw", []))),
-                  "videos": int(len(batch.get("video_grid_thw", [])))},  # fmt: skip
+        "batch": {
+            "samples": int(batch["input_ids"].shape[0]),
+            "tokens": int(mask.sum()),
+            "images": int(len(batch.get("image_grid_thw", []))),
+            "videos": int(len(batch.get("video_grid_thw", []))),
+        },
         "served_grids": {"checked": sum(len(v) for v in expected_grids.values()), "mismatches": mismatches},
         "passed": max_diff <= reload_atol and not mismatches,
     }
@@ -274,12 +313,15 @@ def export(config: Config) -> Path:
     if missing:
         raise RuntimeError(f"export to {out_dir} is missing {', '.join(missing)}")
     if max_diff > reload_atol:
-        raise RuntimeError(f"the reloaded export's logits differ from the adapter model's by {max_diff:.2e} > "
-                           f"{reload_atol:.1e}")  # fmt: skip
+        raise RuntimeError(
+            f"the reloaded export's logits differ from the adapter model's by {max_diff:.2e} > {reload_atol:.1e}"
+        )
     if mismatches:
         raise RuntimeError("the exported processor does not reproduce the training grids:\n" + "\n".join(mismatches))
-    print(f"exported {out_dir} ({export_dtype}) | reloaded with plain transformers | max |logit diff| {max_diff:.2e} "
-          f"<= {reload_atol:.1e} | served grids = training grids on {report['served_grids']['checked']} media files")
+    print(
+        f"exported {out_dir} ({export_dtype}) | reloaded with plain transformers | max |logit diff| {max_diff:.2e} "
+        f"<= {reload_atol:.1e} | served grids = training grids on {report['served_grids']['checked']} media files"
+    )
     if config.export.push_to_hub:
         push_to_hub(out_dir, config.export.push_to_hub, config.export.hub_private)
     return out_dir
@@ -288,6 +330,7 @@ def export(config: Config) -> Path:
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     return run(lambda: export(load_config(overrides)))
+
 
 if __name__ == "__main__":
     sys.exit(main())

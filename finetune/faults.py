@@ -30,7 +30,6 @@ class RunStopped(RuntimeError):
     """The run cannot go on (e.g. out of disk); the message says what is kept and what to do."""
 
 
-
 def bad_sample_limit(value: float | None, num_samples: int) -> int:
     """`data.max_bad_samples`: null -> max(10, 1 % of the samples); >= 1 -> that many; in (0, 1) -> that fraction."""
     if value is None:
@@ -88,14 +87,6 @@ class StepGuard:
             f"step {step + 1}: the loss is NaN or infinite (samples {rows}). Lower trainer.learning_rate, check "
             "these samples, use trainer.precision=bf16 instead of fp16, or set trainer.nonfinite_loss=skip."
         )
-
-
-
-
-
-
-
-
 
 
 def out_of_disk(err: BaseException) -> bool:

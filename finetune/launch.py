@@ -44,8 +44,9 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     if acc.mode == "single_gpu" and nodes > 1:
         raise ConfigError(f"NNODES={nodes} with accelerate=single_gpu: use accelerate=multi_node for several machines.")
     if acc.mode == "multi_node" and "NNODES" not in env:
-        raise ConfigError("accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node "
-                          "(see README, Multi-node).")
+        raise ConfigError(
+            "accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node (see README, Multi-node)."
+        )
     if nodes < 1 or not 0 <= node_rank < nodes:
         raise ConfigError(f"NODE_RANK={node_rank} must be in [0, NNODES={nodes}).")
     if nodes > 1 and not env.get("MASTER_ADDR"):
@@ -66,11 +67,20 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
     if acc.mode == "cpu":
         # Several CPU processes go through --multi_gpu (gloo; the trainer sets use_cpu): accelerate refuses
         # --cpu together with --multi_gpu, and `--cpu --num_processes 2` would start a single process.
-        args += (["--cpu"] if total == 1 else []) + ["--num_cpu_threads_per_process",
-                                                     str(max(1, (os.cpu_count() or 1) // per_node))]  # fmt: skip
+        args += (["--cpu"] if total == 1 else []) + [
+            "--num_cpu_threads_per_process",
+            str(max(1, (os.cpu_count() or 1) // per_node)),
+        ]
     if nodes > 1:
-        args += ["--machine_rank", str(node_rank), "--main_process_ip", env["MASTER_ADDR"],
-                 "--main_process_port", env.get("MASTER_PORT") or "29500", "--same_network"]  # fmt: skip
+        args += [
+            "--machine_rank",
+            str(node_rank),
+            "--main_process_ip",
+            env["MASTER_ADDR"],
+            "--main_process_port",
+            env.get("MASTER_PORT") or "29500",
+            "--same_network",
+        ]
         if config.deepspeed.config_file:
             # One `./launch.sh` per node (by hand or srun), like DDP. accelerate's default for DeepSpeed on several
             # machines is instead to start every node from this one over pdsh with the `deepspeed` launcher.
@@ -90,9 +100,11 @@ def _run(cmd: list[str], filter_launcher_tracebacks: bool = False) -> int:
 def summary(config: Config) -> str:
     run = RunDir(config.trainer.output_dir)
     run_dir = run.path
-    lines = [f"Run directory: {run_dir.resolve()}",
-             f"  config:      {run.config_file}  (versions, git SHA, command: {run.run_info_file.name})",
-             f"  adapter:     {run.adapter}"]  # fmt: skip
+    lines = [
+        f"Run directory: {run_dir.resolve()}",
+        f"  config:      {run.config_file}  (versions, git SHA, command: {run.run_info_file.name})",
+        f"  adapter:     {run.adapter}",
+    ]
     m = run.metrics()
     if m is not None:
         lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
@@ -101,7 +113,9 @@ def summary(config: Config) -> str:
         r = json.loads(report_file.read_text())
         lines.append(f"  merged:      {r['merged_dir']}  (reloaded; max |logit diff| {r['max_abs_logit_diff']:.1e})")
     if config.logger.report_to == "wandb":
-        lines.append(f"  wandb:       {run_dir / 'wandb'}  (offline runs: `wandb sync {run_dir / 'wandb'}/offline-run-*`)")
+        lines.append(
+            f"  wandb:       {run_dir / 'wandb'}  (offline runs: `wandb sync {run_dir / 'wandb'}/offline-run-*`)"
+        )
     elif config.logger.report_to == "tensorboard":
         lines.append(f"  tensorboard: tensorboard --logdir {run_dir}")
     return "\n".join(lines)
@@ -146,11 +160,16 @@ def commands(config: Config, args: list[str], overrides: list[str]) -> list[list
 def layout(config: Config, args: list[str]) -> str:
     value = {k: args[args.index(k) + 1] for k in ("--num_processes", "--num_machines") if k in args}
     nodes, total = int(value["--num_machines"]), int(value["--num_processes"])
-    engine = f"DeepSpeed ({config.deepspeed.config_file})" if config.deepspeed.config_file else (
-        "DDP" if total > 1 else "one process")  # fmt: skip
+    engine = (
+        f"DeepSpeed ({config.deepspeed.config_file})"
+        if config.deepspeed.config_file
+        else ("DDP" if total > 1 else "one process")
+    )
     node_rank = _int_env(dict(os.environ), "NODE_RANK", 0)
-    return (f"{nodes} node(s) x {total // nodes} process(es) = {total} ({engine}, accelerate={config.accelerate.mode}); "
-            f"this node is NODE_RANK={node_rank}; evaluation and export run on node 0 after training")  # fmt: skip
+    return (
+        f"{nodes} node(s) x {total // nodes} process(es) = {total} ({engine}, accelerate={config.accelerate.mode}); "
+        f"this node is NODE_RANK={node_rank}; evaluation and export run on node 0 after training"
+    )
 
 
 def execute(config: Config, args: list[str], overrides: list[str]) -> int:

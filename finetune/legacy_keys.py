@@ -47,8 +47,10 @@ def _both_values(key: str) -> str:
     return f"{_spelling(key, 'true')}; {_spelling(key, 'false')}"
 
 
-_GUIDE = ("What trains is one mode per part: parts.llm, parts.vision_tower, parts.merger = frozen | lora | full "
-          "(README, What trains).")  # fmt: skip
+_GUIDE = (
+    "What trains is one mode per part: parts.llm, parts.vision_tower, parts.merger = frozen | lora | full "
+    "(README, What trains)."
+)
 
 
 def check_overrides(overrides: list[str]) -> str | None:
@@ -92,6 +94,12 @@ def migrate_saved(values: dict, source: str) -> dict:
         rate = trainer.pop(f"{part}_lr", None)
         if rate is not None:
             parts.setdefault(f"{part}_lr", rate)
-    logger.warning("%s was saved by an older version (%s); read as parts: llm=%s vision_tower=%s merger=%s.",
-                   source, ", ".join(sorted(old)), parts["llm"], parts["vision_tower"], parts["merger"])  # fmt: skip
+    logger.warning(
+        "%s was saved by an older version (%s); read as parts: llm=%s vision_tower=%s merger=%s.",
+        source,
+        ", ".join(sorted(old)),
+        parts["llm"],
+        parts["vision_tower"],
+        parts["merger"],
+    )
     return values

@@ -29,8 +29,18 @@ from finetune.data.errors import DataError
 from finetune.rundir import RunDir
 
 logger = logging.getLogger("finetune.predict")
-OPTIONS = {"fps": float, "nframes": int, "min_frames": int, "max_frames": int, "min_pixels": int, "max_pixels": int,
-           "total_pixels": float, "video_start": float, "video_end": float, "frames_fps": float}  # fmt: skip
+OPTIONS = {
+    "fps": float,
+    "nframes": int,
+    "min_frames": int,
+    "max_frames": int,
+    "min_pixels": int,
+    "max_pixels": int,
+    "total_pixels": float,
+    "video_start": float,
+    "video_end": float,
+    "frames_fps": float,
+}
 IMAGE_OPTIONS = ("min_pixels", "max_pixels")
 
 
@@ -54,8 +64,10 @@ def find_model(path: str) -> tuple[Config, str | None]:
         config = load_config(["evaluation.after_training=false", "export.after_training=false"])
         config.model = ModelConfig(name_or_path=str(folder), family=model_type)
         return config, str(folder)
-    raise ConfigError(f"--model {path} is not a run directory (config.yaml + adapter/), an adapter directory inside "
-                      "one, or a model folder (config.json).")  # fmt: skip
+    raise ConfigError(
+        f"--model {path} is not a run directory (config.yaml + adapter/), an adapter directory inside "
+        "one, or a model folder (config.json)."
+    )
 
 
 def question_sample(question: str, images: list[str], videos: list[str], options: dict) -> Sample:
@@ -108,13 +120,23 @@ def predict(args: argparse.Namespace) -> list[str]:
         with open(args.output, "w") as f:
             for (prompt, reference), answer in zip(questions, answers):
                 failed = isinstance(answer, DataError)
-                record = {"id": prompt.id, "question": question_of(prompt),
-                          "prediction": None if failed else answer.strip()}  # fmt: skip
+                record = {
+                    "id": prompt.id,
+                    "question": question_of(prompt),
+                    "prediction": None if failed else answer.strip(),
+                }
                 record |= {"error": str(answer)} if failed else {}
                 f.write(json.dumps(record | ({"reference": reference} if reference is not None else {})) + "\n")
         unanswered = sum(isinstance(a, DataError) for a in answers)
-        print(f"wrote {len(answers)} predictions to {args.output}" + (f" ({unanswered} could not be asked: their "
-              "media failed to decode; see their `error`)" if unanswered else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"wrote {len(answers)} predictions to {args.output}"
+            + (
+                f" ({unanswered} could not be asked: their media failed to decode; see their `error`)"
+                if unanswered
+                else ""
+            ),
+            file=sys.stderr,
+        )
         return [None if isinstance(a, DataError) else a.strip() for a in answers]
     options = {key: cast(getattr(args, key)) for key, cast in OPTIONS.items() if getattr(args, key) is not None}
     prompt = question_sample(args.question, args.image or [], args.video or [], options)

@@ -29,13 +29,36 @@ Commands:
 """
 
 MOST_USED = (
-    "model.name_or_path", "model.max_pixels", "model.video_fps", "model.video_max_frames", "model.rope_rule",
-    "data.train", "data.eval", "data.media_root", "data.max_length", "data.skip_invalid", "data.streaming",
-    "parts.llm", "parts.vision_tower", "parts.merger", "peft.r", "peft.alpha", "trainer.output_dir", "trainer.max_steps", "trainer.num_train_epochs",
-    "trainer.per_device_train_batch_size", "trainer.gradient_accumulation_steps", "trainer.learning_rate",
-    "trainer.packing", "trainer.precision", "trainer.resume_from_checkpoint", "trainer.seed",
-    "accelerate.processes_per_node", "evaluation.steps", "export.dtype",
-)  # fmt: skip
+    "model.name_or_path",
+    "model.max_pixels",
+    "model.video_fps",
+    "model.video_max_frames",
+    "model.rope_rule",
+    "data.train",
+    "data.eval",
+    "data.media_root",
+    "data.max_length",
+    "data.skip_invalid",
+    "data.streaming",
+    "parts.llm",
+    "parts.vision_tower",
+    "parts.merger",
+    "peft.r",
+    "peft.alpha",
+    "trainer.output_dir",
+    "trainer.max_steps",
+    "trainer.num_train_epochs",
+    "trainer.per_device_train_batch_size",
+    "trainer.gradient_accumulation_steps",
+    "trainer.learning_rate",
+    "trainer.packing",
+    "trainer.precision",
+    "trainer.resume_from_checkpoint",
+    "trainer.seed",
+    "accelerate.processes_per_node",
+    "evaluation.steps",
+    "export.dtype",
+)
 
 
 def group_options() -> dict[str, list[tuple[str, str]]]:
@@ -82,8 +105,12 @@ def key_docs() -> dict[str, tuple[str, str]]:
 
 
 def help_text() -> str:
-    lines = ["Fine-tune Qwen2-VL / Qwen2.5-VL: ./launch.sh [--help] [--cfg job] [--dry-run] [-m] [overrides]", "",
-             COMMANDS, "Recipe groups (choose one with group=option; default recipe: recipes/config.yaml):"]  # fmt: skip
+    lines = [
+        "Fine-tune Qwen2-VL / Qwen2.5-VL: ./launch.sh [--help] [--cfg job] [--dry-run] [-m] [overrides]",
+        "",
+        COMMANDS,
+        "Recipe groups (choose one with group=option; default recipe: recipes/config.yaml):",
+    ]
     for group, options in group_options().items():
         lines.append(f"  {group}:")
         lines += [f"    {name:<28} {doc}" for name, doc in options]

@@ -43,8 +43,13 @@ def rerun_overrides(run_dir: Path, extra: list[str]) -> list[str]:
     target = next((o.split("=", 1)[1] for o in extra if o.startswith("trainer.output_dir=")), None)
     if target is None:
         target = str(run_dir.parent / f"{run_dir.name}-rerun-{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = [f"recipe_file={recipe}", f"trainer.output_dir={target}", f"export.output_dir={target}/merged",
-                 "trainer.resume_from_checkpoint=null", *[o for o in extra if not o.startswith("trainer.output_dir=")]]  # fmt: skip
+    overrides = [
+        f"recipe_file={recipe}",
+        f"trainer.output_dir={target}",
+        f"export.output_dir={target}/merged",
+        "trainer.resume_from_checkpoint=null",
+        *[o for o in extra if not o.startswith("trainer.output_dir=")],
+    ]
     info_file, info = run.run_info_file, run.run_info()
     recorded = info.get("data_sha256")
     if recorded is None:
@@ -53,8 +58,10 @@ def rerun_overrides(run_dir: Path, extra: list[str]) -> list[str]:
         now = data_digests(load_config(overrides))
         changed = [path for path, digest in recorded.items() if now.get(path) != digest]
         if changed:
-            raise ConfigError("the data changed since the run: " + ", ".join(changed) + " (sha256 differs or the file "
-                              "is gone). Restore the files, or start a new run from the recipe instead.")  # fmt: skip
+            raise ConfigError(
+                "the data changed since the run: " + ", ".join(changed) + " (sha256 differs or the file "
+                "is gone). Restore the files, or start a new run from the recipe instead."
+            )
     for note in _differences(info):
         print(f"warning: {note}: the numbers may differ from the original run.")
     return overrides

@@ -41,7 +41,9 @@ class PositionRule:
             raise ValueError(f"rope rule {rule!r} is not one of {RULES}")
         vision = model_config.vision_config
         # Qwen2-VL's vision config has no tokens_per_second: its video frames are one temporal id apart.
-        tokens_per_second = getattr(vision, "tokens_per_second", None) if model_config.model_type == "qwen2_5_vl" else None
+        tokens_per_second = (
+            getattr(vision, "tokens_per_second", None) if model_config.model_type == "qwen2_5_vl" else None
+        )
         return cls(rule, vision.spatial_merge_size, tokens_per_second)
 
     def sample(self, mm_token_type_ids, image_grids, video_grids, second_per_grid=None) -> torch.Tensor:
@@ -68,7 +70,9 @@ def _vision_block(grid, start: int, seconds: float | None, rule: PositionRule) -
     return torch.stack(torch.meshgrid(temporal, rows, cols, indexing="ij")).reshape(3, -1)
 
 
-def sample_position_ids(mm_token_type_ids, image_grids, video_grids, second_per_grid, rule: PositionRule) -> torch.Tensor:
+def sample_position_ids(
+    mm_token_type_ids, image_grids, video_grids, second_per_grid, rule: PositionRule
+) -> torch.Tensor:
     """(3, L) int64 position ids of one sample under `rule`. Consecutive vision tokens of one kind may hold
     several blocks back to back: each consumes its grid's token count."""
     types = torch.as_tensor(mm_token_type_ids).tolist()
@@ -93,8 +97,10 @@ def sample_position_ids(mm_token_type_ids, image_grids, video_grids, second_per_
             # both references.
             block = _vision_block(grid, current, next(seconds, 1.0) if kind == 2 else None, rule)
             if block.shape[1] > end - i:
-                raise ValueError(f"a vision block of grid {tuple(int(v) for v in grid)} needs {block.shape[1]} "
-                                 f"tokens but only {end - i} follow")  # fmt: skip
+                raise ValueError(
+                    f"a vision block of grid {tuple(int(v) for v in grid)} needs {block.shape[1]} "
+                    f"tokens but only {end - i} follow"
+                )
             parts.append(block)
             i += block.shape[1]
             if rule.rule == "qwen":
@@ -104,8 +110,14 @@ def sample_position_ids(mm_token_type_ids, image_grids, video_grids, second_per_
     return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
 
 
-def batch_position_ids(rule: PositionRule, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                       second_per_grid_ts=None, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def batch_position_ids(
+    rule: PositionRule,
+    mm_token_type_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    attention_mask=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, B, L) ids of a padded batch (grids of all rows in row order; padding = attention_mask 0, its ids 0)
     and the rope deltas (B, 1): max + 1 - (the row's real tokens). transformers 5.23 adds them to the text
     positions it counts from the attention mask, so the next token sits at max + 1 (Qwen's 4.49 and vLLM count
@@ -123,9 +135,13 @@ def batch_position_ids(rule: PositionRule, mm_token_type_ids, image_grid_thw=Non
         row_types = types[row][mask[row].to(types.device)].cpu()
         n_images = _blocks(row_types, 1, images[used["image"] :], rule.spatial_merge_size)
         n_videos = _blocks(row_types, 2, videos[used["video"] :], rule.spatial_merge_size)
-        ids = sample_position_ids(row_types, images[used["image"] : used["image"] + n_images],
-                                  videos[used["video"] : used["video"] + n_videos],
-                                  seconds[used["video"] : used["video"] + n_videos], rule)  # fmt: skip
+        ids = sample_position_ids(
+            row_types,
+            images[used["image"] : used["image"] + n_images],
+            videos[used["video"] : used["video"] + n_videos],
+            seconds[used["video"] : used["video"] + n_videos],
+            rule,
+        )
         used["image"] += n_images
         used["video"] += n_videos
         positions[:, row, mask[row].cpu()] = ids
@@ -154,12 +170,20 @@ def install_position_rule(model, rule: PositionRule) -> None:
     prompt position + 1, which under the qwen rule is max + 1 (a prompt ends in text)."""
     inner = _inner_model(model)
 
-    def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
-                       second_per_grid_ts=None, attention_mask=None, **_):  # fmt: skip
+    def get_rope_index(
+        input_ids,
+        mm_token_type_ids=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        attention_mask=None,
+        **_,
+    ):
         if mm_token_type_ids is None:
             raise ValueError("M-RoPE positions need mm_token_type_ids (the processors return it; keep it in the batch)")
-        positions, deltas = batch_position_ids(rule, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                               second_per_grid_ts, attention_mask)  # fmt: skip
+        positions, deltas = batch_position_ids(
+            rule, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
+        )
         return positions.to(input_ids.device), deltas.to(input_ids.device)
 
     inner.get_rope_index = get_rope_index

@@ -67,7 +67,9 @@ class RunDir:
 
     def checkpoints(self, complete_only: bool = True) -> list[tuple[int, Path]]:
         """checkpoint-N folders by step (complete ones only, by default)."""
-        found = [(int(p.name.split("-")[1]), p) for p in self.path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        found = [
+            (int(p.name.split("-")[1]), p) for p in self.path.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+        ]
         return sorted((step, p) for step, p in found if not complete_only or is_complete(p))
 
     def run_info(self) -> dict:
@@ -117,19 +119,27 @@ def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
     """`trainer.resume_from_checkpoint`: null, `latest` (the newest checkpoint-N in the run directory) or a path."""
     if value is not None and value != "latest":
         if not is_complete(Path(value)):
-            raise ConfigError(f"trainer.resume_from_checkpoint={value}: not a complete checkpoint folder (no "
-                              "complete.json: its save did not finish). Give an earlier checkpoint or `latest`.")  # fmt: skip
+            raise ConfigError(
+                f"trainer.resume_from_checkpoint={value}: not a complete checkpoint folder (no "
+                "complete.json: its save did not finish). Give an earlier checkpoint or `latest`."
+            )
         return value
     found = RunDir(run_dir).checkpoints()
     newest = found[-1][1] if found else None
     if value is None:
         if newest:
-            logger.warning("%s already holds %s from an earlier run; this run starts again from step 0 (add "
-                           "trainer.resume_from_checkpoint=latest to continue it instead)", run_dir, newest.name)  # fmt: skip
+            logger.warning(
+                "%s already holds %s from an earlier run; this run starts again from step 0 (add "
+                "trainer.resume_from_checkpoint=latest to continue it instead)",
+                run_dir,
+                newest.name,
+            )
         return None
     if newest is None:
-        raise ConfigError(f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
-                          "Drop the option to start afresh, or give a checkpoint folder.")  # fmt: skip
+        raise ConfigError(
+            f"trainer.resume_from_checkpoint=latest: no complete checkpoint-* folder in {run_dir}. "
+            "Drop the option to start afresh, or give a checkpoint folder."
+        )
     return str(newest)
 
 
@@ -140,8 +150,9 @@ def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> N
     if shards and not config.deepspeed.config_file:
         raise ConfigError(f"{checkpoint} was written under DeepSpeed: resume it with the same deepspeed recipe.")
     if not shards and config.deepspeed.config_file:
-        raise ConfigError(f"{checkpoint} was written without DeepSpeed: resume it with deepspeed=none, or start a "
-                          "new run.")  # fmt: skip
+        raise ConfigError(
+            f"{checkpoint} was written without DeepSpeed: resume it with deepspeed=none, or start a new run."
+        )
     if shards and len(shards) != world_size:
         raise ConfigError(
             f"{checkpoint} holds optimizer shards of {len(shards)} DeepSpeed ranks but this run has {world_size}: "

@@ -14,9 +14,23 @@ from finetune.config import REPO_ROOT, Config, to_yaml
 from finetune.rundir import RunDir
 
 PACKAGES = (
-    "torch", "torchvision", "torchcodec", "transformers", "tokenizers", "peft", "trl", "accelerate",
-    "deepspeed", "datasets", "hydra-core", "omegaconf", "wandb", "av", "pillow", "numpy",
-)  # fmt: skip
+    "torch",
+    "torchvision",
+    "torchcodec",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "trl",
+    "accelerate",
+    "deepspeed",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "av",
+    "pillow",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -44,7 +58,9 @@ def git_state() -> dict[str, str | bool | None]:
 def file_digest(path: Path) -> str:
     """sha256 of a dataset file, or of every file of a dataset folder (names and bytes)."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    )
     for file in files:
         h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with open(file, "rb") as f:

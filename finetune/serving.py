@@ -63,12 +63,15 @@ def save_processor(processor, out_dir: Path) -> None:
     processor.image_processor.save_pretrained(str(out_dir))
     processor.video_processor.save_pretrained(str(out_dir))
     processor_class = type(processor).__name__
-    for name, part in (("preprocessor_config.json", processor.image_processor),
-                       ("video_preprocessor_config.json", processor.video_processor)):  # fmt: skip
+    for name, part in (
+        ("preprocessor_config.json", processor.image_processor),
+        ("video_preprocessor_config.json", processor.video_processor),
+    ):
         path = out_dir / name
         data = json.loads(path.read_text())
-        data.update(min_pixels=part.size["shortest_edge"], max_pixels=part.size["longest_edge"],
-                    processor_class=processor_class)  # fmt: skip
+        data.update(
+            min_pixels=part.size["shortest_edge"], max_pixels=part.size["longest_edge"], processor_class=processor_class
+        )
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -100,14 +103,20 @@ def model_card(config, info: dict) -> str:
     data = "\n".join(f"- `{name}`: {count} samples" for name, count in info.get("data", {}).items())
     data = data or "- (not recorded)"
     served = info.get("served_grids") or {}
-    grid_line = (f"Checked at export: plain transformers on this folder gave the training grids for "
-                 f"{served.get('checked', 0)} media files ({len(served.get('mismatches', []))} mismatches)."
-                 if served else "")  # fmt: skip
+    grid_line = (
+        f"Checked at export: plain transformers on this folder gave the training grids for "
+        f"{served.get('checked', 0)} media files ({len(served.get('mismatches', []))} mismatches)."
+        if served
+        else ""
+    )
     limit, kwargs = json.dumps(settings["limit_mm_per_prompt"]), json.dumps(settings["mm_processor_kwargs"])
-    rule_note = ("vLLM and SGLang use the same M-RoPE rule as training (`qwen`: text after an image or video "
-                 "resumes at the largest position + 1)." if m.rope_rule == "qwen" else
-                 "WARNING: trained with `model.rope_rule=transformers`; vLLM and SGLang use the `qwen` rule, so "
-                 "video answers can differ from what was trained. Serve with transformers' own `generate`.")
+    rule_note = (
+        "vLLM and SGLang use the same M-RoPE rule as training (`qwen`: text after an image or video "
+        "resumes at the largest position + 1)."
+        if m.rope_rule == "qwen"
+        else "WARNING: trained with `model.rope_rule=transformers`; vLLM and SGLang use the `qwen` rule, so "
+        "video answers can differ from what was trained. Serve with transformers' own `generate`."
+    )
     return f"""---
 base_model: {info.get("base_model", m.name_or_path)}
 library_name: transformers

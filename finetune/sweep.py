@@ -23,8 +23,16 @@ from finetune.config import ConfigError
 LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
 METRICS = ("accuracy", "exact_match", "token_f1", "choice_accuracy")
 # hydra.launcher.* keys submitit knows without a cluster prefix (the rest become slurm_<key>)
-GENERIC_SUBMITIT_KEYS = {"timeout_min", "mem_gb", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_node", "name",
-                         "stderr_to_stdout"}  # fmt: skip
+GENERIC_SUBMITIT_KEYS = {
+    "timeout_min",
+    "mem_gb",
+    "nodes",
+    "tasks_per_node",
+    "cpus_per_task",
+    "gpus_per_node",
+    "name",
+    "stderr_to_stdout",
+}
 
 
 def split_sweep_options(overrides: list[str]) -> tuple[list[str], str, dict, str | None]:

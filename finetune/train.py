@@ -31,10 +31,10 @@ from finetune.rundir import RunDir
 logger = logging.getLogger("finetune.train")
 RULE_NOTES = {
     "qwen": "text after an image or video resumes at the largest position + 1, as Qwen pre-trained and vLLM/SGLang "
-            "serve",
+    "serve",
     "transformers": "the installed transformers' rule: text after a video resumes at start + max(h, w)/merge, "
-                    "which vLLM/SGLang do not use; for models served with transformers' own generate",
-}  # fmt: skip
+    "which vLLM/SGLang do not use; for models served with transformers' own generate",
+}
 
 
 def configure_logger_backend(config: Config, run_dir: Path) -> list[str]:
@@ -139,9 +139,13 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             if offloads_optimizer(self._recipe):
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-                self.optimizer = DeepSpeedCPUAdam(groups, lr=self.args.learning_rate, adamw_mode=True,
-                                                  betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                                  eps=self.args.adam_epsilon)  # fmt: skip
+                self.optimizer = DeepSpeedCPUAdam(
+                    groups,
+                    lr=self.args.learning_rate,
+                    adamw_mode=True,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                )
             else:
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -178,9 +182,11 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         except Exception as err:
             if not out_of_disk(err):
                 raise
-            raise RunStopped(f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
-                             "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
-                             "and run again with trainer.resume_from_checkpoint=latest.") from None  # fmt: skip
+            raise RunStopped(
+                f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
+                "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
+                "and run again with trainer.resume_from_checkpoint=latest."
+            ) from None
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             mark_complete(RunDir(run_dir).checkpoint(step), step)
@@ -191,8 +197,9 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         from finetune.training_eval import as_logs, evaluate_in_training
 
         e = self._recipe.evaluation
-        metrics = evaluate_in_training(self, self._eval_samples, self._eval_encoder, e.batch_size,
-                                       e.max_new_tokens, Path(self.args.output_dir))  # fmt: skip
+        metrics = evaluate_in_training(
+            self, self._eval_samples, self._eval_encoder, e.batch_size, e.max_new_tokens, Path(self.args.output_dir)
+        )
         logs = as_logs(metrics, metric_key_prefix)
         self.log(logs)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
@@ -207,7 +214,9 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
             self._last_log = (now, real, trained)
             if self._seen_before is None:
-                self._seen_before = next((h["tokens_seen"] for h in reversed(self.state.log_history) if "tokens_seen" in h), 0)
+                self._seen_before = next(
+                    (h["tokens_seen"] for h in reversed(self.state.log_history) if "tokens_seen" in h), 0
+                )
             logs["tokens_seen"] = self._seen_before + self._tokens["seen"]
         super().log(logs, start_time)
 
@@ -220,13 +229,24 @@ def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
     budget = config.trainer.max_tokens_per_row or config.data.max_length
     rows = training_rows(lengths, config.trainer.packing, budget, config.trainer.seed)
     if config.trainer.packing:
-        logger.info("packing %d samples into %d rows of <= %d tokens (%.1f%% filled)", len(samples), len(rows),
-                    budget, 100 * sum(lengths) / (len(rows) * budget))  # fmt: skip
+        logger.info(
+            "packing %d samples into %d rows of <= %d tokens (%.1f%% filled)",
+            len(samples),
+            len(rows),
+            budget,
+            100 * sum(lengths) / (len(rows) * budget),
+        )
     collator = RowCollator(encoder, samples, rule)
 
     def build(world_size: int):
-        return training_loader(rows, collator, config.trainer.per_device_train_batch_size, config.trainer.seed,
-                               world_size, config.trainer.dataloader_num_workers)  # fmt: skip
+        return training_loader(
+            rows,
+            collator,
+            config.trainer.per_device_train_batch_size,
+            config.trainer.seed,
+            world_size,
+            config.trainer.dataloader_num_workers,
+        )
 
     return build, collator
 
@@ -241,8 +261,10 @@ def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
 
     sources = parse_sources(config.data.train, config.data.media_root, resolve_data_file)
     if any(s.weight != 1.0 for s in sources):
-        raise ConfigError("data.streaming=true reads each dataset once per pass: dataset weights are not supported "
-                          "there. Drop the weights, or repeat/subsample the files, or use data.streaming=false.")  # fmt: skip
+        raise ConfigError(
+            "data.streaming=true reads each dataset once per pass: dataset weights are not supported "
+            "there. Drop the weights, or repeat/subsample the files, or use data.streaming=false."
+        )
     for source in sources:
         if not source.path.exists():
             raise DataError(f"Dataset {source.path} does not exist.")
@@ -252,19 +274,23 @@ def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
     def build(world_size: int):
         from accelerate import PartialState
 
-        stream = StreamingBatches(sources, encoder, RowCollator(encoder, None, rule),
-                                  budget=t.max_tokens_per_row or config.data.max_length, packing=t.packing,
-                                  rows_per_batch=t.per_device_train_batch_size, seed=t.seed,
-                                  rank=PartialState().process_index, world_size=world_size,
-                                  buffer_size=config.data.stream_buffer, over_length=config.data.over_length,
-                                  skip_batches=skip)  # fmt: skip
+        stream = StreamingBatches(
+            sources,
+            encoder,
+            RowCollator(encoder, None, rule),
+            budget=t.max_tokens_per_row or config.data.max_length,
+            packing=t.packing,
+            rows_per_batch=t.per_device_train_batch_size,
+            seed=t.seed,
+            rank=PartialState().process_index,
+            world_size=world_size,
+            buffer_size=config.data.stream_buffer,
+            over_length=config.data.over_length,
+            skip_batches=skip,
+        )
         return DataLoader(stream, batch_size=None, num_workers=t.dataloader_num_workers)
 
     return build
-
-
-
-
 
 
 def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
@@ -298,16 +324,23 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     # records not counted yet (finetune/data/store.py) and the ranks exchange the counts.
     if config.data.streaming:
         split, samples = None, None
-        logger.info("streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
-                    "look-ahead buffer", config.data.stream_buffer)  # fmt: skip
+        logger.info(
+            "streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
+            "look-ahead buffer",
+            config.data.stream_buffer,
+        )
     else:
         split = prepare_split(config.data.train, split_settings(config), encoder, resolve_data_file)
         require_clean(split, "training", config.data.skip_invalid, logger)
         if not split.samples:
             raise DataError(f"data.train={config.data.train} holds no usable samples.")
         samples = split.samples
-        logger.info("%d training samples, %s tokens (text/image/video %s/%s/%s)", len(samples),
-                    f"{int(split.totals.sum()):,}", *(f"{int(split.tokens[k].sum()):,}" for k in ("text", "image", "video")))
+        logger.info(
+            "%d training samples, %s tokens (text/image/video %s/%s/%s)",
+            len(samples),
+            f"{int(split.totals.sum()):,}",
+            *(f"{int(split.tokens[k].sum()):,}" for k in ("text", "image", "video")),
+        )
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -317,14 +350,22 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     model = make_trainable(load_model(config.model, precision), config)
     if config.trainer.gradient_checkpointing:
         reentrant = enable_activation_checkpointing(model, config)
-        logger.info("activation checkpointing (%s) on the LLM%s", "reentrant" if reentrant else "non-reentrant",
-                    " and the vision tower" if config.trainer.gradient_checkpointing_vision_tower else "")  # fmt: skip
+        logger.info(
+            "activation checkpointing (%s) on the LLM%s",
+            "reentrant" if reentrant else "non-reentrant",
+            " and the vision tower" if config.trainer.gradient_checkpointing_vision_tower else "",
+        )
     trainable, total = count_parameters(model)
     by_part = {part: count for part, count in trained_parts(model).items() if count}
     rates = part_learning_rates(config)
-    logger.info("precision %s | trainable parameters %s / %s (%.2f%%): %s", precision, f"{trainable:,}",
-                f"{total:,}", 100 * trainable / total,
-                ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()))  # fmt: skip
+    logger.info(
+        "precision %s | trainable parameters %s / %s (%.2f%%): %s",
+        precision,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()),
+    )
 
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
@@ -338,12 +379,19 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
 
         eval_encoder = conversation_encoder(processor, config, for_training=False)
         eval_samples = read_eval_samples(config, eval_encoder)
-        logger.info("evaluating on %d held-out samples every %d steps and at the end", len(eval_samples),
-                    config.evaluation.steps)  # fmt: skip
+        logger.info(
+            "evaluating on %d held-out samples every %d steps and at the end",
+            len(eval_samples),
+            config.evaluation.steps,
+        )
     # TRL wants datasets; ours are unused except for their length (the base of a fractional data.max_bad_samples:
     # in streaming mode, the rows the run trains).
     t = config.trainer
-    size = len(samples) if samples is not None else t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * PartialState().num_processes
+    size = (
+        len(samples)
+        if samples is not None
+        else t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * PartialState().num_processes
+    )
     index = datasets.Dataset.from_dict({"index": list(range(size))})
     trainer = VisionLanguageSFTTrainer(
         model=model,
@@ -361,8 +409,12 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         trainer.data_summary = {"num_train_samples": None, "train_data": {str(config.data.train): "streamed"}}
     else:
         most_images, most_videos = samples.media_counts()
-        trainer.data_summary = {"num_train_samples": len(samples), "train_data": split.kept_per_file,
-                                "max_images_per_sample": most_images, "max_videos_per_sample": most_videos}  # fmt: skip
+        trainer.data_summary = {
+            "num_train_samples": len(samples),
+            "train_data": split.kept_per_file,
+            "max_images_per_sample": most_images,
+            "max_videos_per_sample": most_videos,
+        }
     return trainer, processor, size, precision
 
 
@@ -377,8 +429,9 @@ def train(config: Config, overrides: list[str]) -> Path:
         check_checkpoint_fits(checkpoint, config, int(os.environ.get("WORLD_SIZE", "1")))
     trainer, processor, _, precision = build_trainer(config, overrides, checkpoint)
     if trainer.is_world_process_zero():
-        write_run_info(run_dir, config, overrides, {"precision": precision, "resumed_from": checkpoint,
-                                                    **trainer.data_summary})  # fmt: skip
+        write_run_info(
+            run_dir, config, overrides, {"precision": precision, "resumed_from": checkpoint, **trainer.data_summary}
+        )
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -405,6 +458,7 @@ def train(config: Config, overrides: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     return run(lambda: train(load_config(overrides), overrides))
+
 
 if __name__ == "__main__":
     sys.exit(main())

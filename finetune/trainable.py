@@ -126,9 +126,15 @@ def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups.setdefault((model_part(name), name in decay_names), []).append(param)
-    return [{"params": params, "lr": rates[part], "weight_decay": config.trainer.weight_decay if decay else 0.0,
-             "name": f"{part}{'' if decay else '_no_decay'}"}  # fmt: skip
-            for (part, decay), params in sorted(groups.items())]
+    return [
+        {
+            "params": params,
+            "lr": rates[part],
+            "weight_decay": config.trainer.weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
 
 
 def trained_parts(model) -> dict[str, int]:

@@ -24,8 +24,7 @@ def shard(n: int, rank: int, world: int) -> list[int]:
     return mine + [mine[-1] if mine else n - 1] * (per_rank - len(mine))
 
 
-def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_new_tokens: int,
-                         run_dir: Path) -> dict:  # fmt: skip
+def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_new_tokens: int, run_dir: Path) -> dict:
     """Metrics of the current model on `samples` (all ranks call this together); rank 0 writes eval/step-N/."""
     from accelerate.utils import gather_object
 
@@ -39,8 +38,15 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
     if sync is not None:
         sync.in_evaluation = True
     try:
-        records = predict_samples(model, encoder, [samples[i] for i in indices], batch_size, max_new_tokens,
-                                  synced_gpus=world > 1, progress=trainer.is_world_process_zero())  # fmt: skip
+        records = predict_samples(
+            model,
+            encoder,
+            [samples[i] for i in indices],
+            batch_size,
+            max_new_tokens,
+            synced_gpus=world > 1,
+            progress=trainer.is_world_process_zero(),
+        )
     finally:
         if sync is not None:
             sync.in_evaluation = False
@@ -57,8 +63,11 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
 
 def as_logs(metrics: dict, prefix: str = "eval") -> dict:
     """Flat `eval_*` scalars for the logger: overall metrics, then exact match and token F1 per task."""
-    logs = {f"{prefix}_{k}": metrics[k] for k in ("exact_match", "token_f1", "choice_accuracy", "chance")
-            if metrics.get(k) is not None}  # fmt: skip
+    logs = {
+        f"{prefix}_{k}": metrics[k]
+        for k in ("exact_match", "token_f1", "choice_accuracy", "chance")
+        if metrics.get(k) is not None
+    }
     for task, values in metrics["tasks"].items():
         logs[f"{prefix}_{task}_exact_match"] = values["exact_match"]
         logs[f"{prefix}_{task}_token_f1"] = values["token_f1"]

@@ -64,15 +64,20 @@ def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
     for v in values:
         counts[(v - low) // step] += 1
     top = max(counts.values())
-    return [f"    {low + b * step:>7}-{low + (b + 1) * step - 1:<7} {counts[b]:>7} {'#' * max(1, round(width * counts[b] / top)) if counts[b] else ''}"
-            for b in range(bins) if low + b * step <= high]  # fmt: skip
+    return [
+        f"    {low + b * step:>7}-{low + (b + 1) * step - 1:<7} {counts[b]:>7} {'#' * max(1, round(width * counts[b] / top)) if counts[b] else ''}"
+        for b in range(bins)
+        if low + b * step <= high
+    ]
 
 
 def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> str:
     lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
     if split.shortened:
-        lines.append(f"{split.shortened} samples lose trailing turns to fit data.max_length (data.over_length="
-                     "drop_trailing_turns)")  # fmt: skip
+        lines.append(
+            f"{split.shortened} samples lose trailing turns to fit data.max_length (data.over_length="
+            "drop_trailing_turns)"
+        )
     if split.num_problems:
         lines += ["problems:", format_problems(split.problems)]
     totals = split.totals.tolist()
@@ -81,15 +86,19 @@ def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> s
         for part in ("text", "image", "video", "total"):
             values = sorted((split.totals if part == "total" else split.tokens[part]).tolist())
             p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
-            lines.append(f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
-                         f"{sum(values):>10,}")  # fmt: skip
+            lines.append(
+                f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
+                f"{sum(values):>10,}"
+            )
         lines.append("total tokens per sample (histogram):")
         lines += histogram(totals)
         fits = [t for t in totals if t <= row_tokens]
         rows = packed_rows(fits, row_tokens, seed)
-        lines.append(f"packed into rows of {row_tokens} tokens as training packs them: {rows} rows, "
-                     f"{sum(fits) / max(1, rows * row_tokens):.1%} filled (one sample per row would use {len(fits)} rows)"
-                     + (f"; {len(totals) - len(fits)} samples are longer than a row" if len(fits) < len(totals) else ""))
+        lines.append(
+            f"packed into rows of {row_tokens} tokens as training packs them: {rows} rows, "
+            f"{sum(fits) / max(1, rows * row_tokens):.1%} filled (one sample per row would use {len(fits)} rows)"
+            + (f"; {len(totals) - len(fits)} samples are longer than a row" if len(fits) < len(totals) else "")
+        )
     return "\n".join(lines)
 
 
@@ -111,10 +120,19 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
             continue
         if decode:
             decode_check(split, encoder)
-        print(report(name, split, row_tokens or config.trainer.max_tokens_per_row or config.data.max_length,
-                     config.trainer.seed), flush=True)  # fmt: skip
+        print(
+            report(
+                name,
+                split,
+                row_tokens or config.trainer.max_tokens_per_row or config.data.max_length,
+                config.trainer.seed,
+            ),
+            flush=True,
+        )
         problems += split.num_problems
-    verdict = "OK: every sample can be trained on." if not problems else f"FAILED: {problems} problems would stop training."
+    verdict = (
+        "OK: every sample can be trained on." if not problems else f"FAILED: {problems} problems would stop training."
+    )
     print(verdict)
     return 1 if problems else 0
 
@@ -133,4 +151,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

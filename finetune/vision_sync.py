@@ -71,16 +71,24 @@ class OneVisionCall:
     def _before(self, module, args, kwargs):
         if not module.training and not self.in_evaluation:
             return None
-        if (kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None
-                or kwargs.get("mm_encoder_outputs") is not None):  # fmt: skip
+        if (
+            kwargs.get("input_ids") is None
+            or kwargs.get("inputs_embeds") is not None
+            or kwargs.get("mm_encoder_outputs") is not None
+        ):
             return None
         embeds = module.get_input_embeddings()(kwargs["input_ids"])  # the model's own order: embeddings first
         features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
         # input_ids stay: they locate the media placeholders; the grids stay: they give the M-RoPE positions.
-        return args, {**kwargs, "inputs_embeds": embeds, "pixel_values": None, "pixel_values_videos": None,
-                      "mm_encoder_outputs": features}  # fmt: skip
+        return args, {
+            **kwargs,
+            "inputs_embeds": embeds,
+            "pixel_values": None,
+            "pixel_values_videos": None,
+            "mm_encoder_outputs": features,
+        }
 
     def remove(self) -> None:
         self.handle.remove()

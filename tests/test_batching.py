@@ -24,7 +24,9 @@ def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, 
     batch = RowCollator(encoder, samples, rule)([(i,) for i in range(6)])
     encoded = [encoder.encode(s) for s in samples]
     lengths = [len(e.input_ids) for e in encoded]
-    assert set(batch) <= set(TRAINING_KEYS) and {"input_ids", "labels", "mm_token_type_ids", "position_ids"} <= set(batch)
+    assert set(batch) <= set(TRAINING_KEYS) and {"input_ids", "labels", "mm_token_type_ids", "position_ids"} <= set(
+        batch
+    )
     assert "attention_mask" not in batch  # sample boundaries come from position_ids row 0
     assert batch["input_ids"].shape == (6, max(lengths)) and batch["position_ids"].shape == (4, 6, max(lengths))
     assert batch["num_real_tokens"].item() == sum(lengths)
@@ -40,10 +42,15 @@ def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, 
         assert (batch["input_ids"][row, n:] == pad).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert torch.equal(batch["position_ids"][0, row, :n], torch.arange(n))
         assert torch.equal(batch["position_ids"][0, row, n:], torch.arange(max(lengths) - n))  # padding: own block
-        assert torch.equal(batch["position_ids"][1:, row, :n], rule.sample(e.mm_token_type_ids,
-                           [tuple(g) for g in (e.image_grid_thw.tolist() if e.image_grid_thw is not None else [])],
-                           [tuple(g) for g in (e.video_grid_thw.tolist() if e.video_grid_thw is not None else [])],
-                           e.second_per_grid_ts))  # fmt: skip
+        assert torch.equal(
+            batch["position_ids"][1:, row, :n],
+            rule.sample(
+                e.mm_token_type_ids,
+                [tuple(g) for g in (e.image_grid_thw.tolist() if e.image_grid_thw is not None else [])],
+                [tuple(g) for g in (e.video_grid_thw.tolist() if e.video_grid_thw is not None else [])],
+                e.second_per_grid_ts,
+            ),
+        )
 
 
 def test_left_padded_inference_batch_has_the_same_positions(processors, demo_config):

@@ -19,9 +19,7 @@ def test_every_experiment_composes(experiment):
     assert config.trainer.output_dir == f"runs/{experiment}"
 
 
-@pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)]
-)
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)])
 def test_every_group_option_composes(group, option):
     # Options that the demo experiment cannot take alone need the override their error message asks for.
     companions = {("data", "custom"): ["evaluation.after_training=false"]}

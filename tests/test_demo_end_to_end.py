@@ -30,7 +30,9 @@ def ask_about_videos(model_dir, records):
         inputs = processor(text=[text], videos=[str(DEMO / record["videos"][0])], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers.append(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+        answers.append(
+            processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        )
     return answers
 
 
@@ -38,7 +40,11 @@ def ask_about_videos(model_dir, records):
 @pytest.mark.parametrize("experiment,logger", [("demo", "wandb"), ("demo_qwen2_vl", "tensorboard")])
 def test_demo_end_to_end(tmp_path, experiment, logger):
     run_dir = tmp_path / experiment
-    result = run_module("finetune.launch", [f"experiment={experiment}", f"logger={logger}", f"trainer.output_dir={run_dir}"], timeout=900)
+    result = run_module(
+        "finetune.launch",
+        [f"experiment={experiment}", f"logger={logger}", f"trainer.output_dir={run_dir}"],
+        timeout=900,
+    )
     assert "accelerate.commands.launch --num_processes 1 --num_machines 1" in result.stdout and "--cpu" in result.stdout
     assert "Run directory:" in result.stdout
 
@@ -50,12 +56,18 @@ def test_demo_end_to_end(tmp_path, experiment, logger):
 
     report = json.loads((run_dir / "merged" / "export_report.json").read_text())
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
-    logs = list((run_dir / "wandb").glob("offline-run-*")) if logger == "wandb" else list(run_dir.rglob("events.out.tfevents.*"))
+    logs = (
+        list((run_dir / "wandb").glob("offline-run-*"))
+        if logger == "wandb"
+        else list(run_dir.rglob("events.out.tfevents.*"))
+    )
     assert logs, f"no {logger} logs written"
 
     records = [r for r in json.loads((DEMO / "test.json").read_text()) if r["task"] == "direction"][:8]
     answers = ask_about_videos(run_dir / "merged", records)
     correct = sum(a == r["messages"][-1]["content"] for a, r in zip(answers, records))
     assert correct >= 6, list(zip(answers, [r["messages"][-1]["content"] for r in records]))
-    predictions = {p["id"]: p["prediction"].strip() for p in map(json.loads, open(run_dir / "eval" / "predictions.jsonl"))}
+    predictions = {
+        p["id"]: p["prediction"].strip() for p in map(json.loads, open(run_dir / "eval" / "predictions.jsonl"))
+    }
     assert answers == [predictions[r["id"]] for r in records]  # served = evaluated: same pixels, positions, tokens

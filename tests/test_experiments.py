@@ -12,8 +12,14 @@ from finetune.launch import main
 from tests.helpers import DEMO, REPO
 from tests.helpers.recipe_runs import mini_dataset, run_module
 
-FAST = ["logger=none", "export.after_training=false", "trainer.logging_steps=1", "trainer.warmup_steps=0",
-        "trainer.per_device_train_batch_size=4", f"data.media_root={DEMO}"]  # fmt: skip
+FAST = [
+    "logger=none",
+    "export.after_training=false",
+    "trainer.logging_steps=1",
+    "trainer.warmup_steps=0",
+    "trainer.per_device_train_batch_size=4",
+    f"data.media_root={DEMO}",
+]
 
 
 def test_help_lists_every_group_option_on_disk_and_the_commands(capsys):
@@ -24,8 +30,17 @@ def test_help_lists_every_group_option_on_disk_and_the_commands(capsys):
             assert f"  {folder.name}:" in out
             for option in folder.glob("*.yaml"):
                 assert f"    {option.stem} " in out, option
-    for text in ("--cfg job", "--dry-run", "-m a=1,2", "rerun runs/<run>", "hydra/launcher=submitit_slurm",
-                 "trainer.learning_rate", "data.max_length", "4096", "finetune.validate"):  # fmt: skip
+    for text in (
+        "--cfg job",
+        "--dry-run",
+        "-m a=1,2",
+        "rerun runs/<run>",
+        "hydra/launcher=submitit_slurm",
+        "trainer.learning_rate",
+        "data.max_length",
+        "4096",
+        "finetune.validate",
+    ):
         assert text in out, text
 
 
@@ -61,15 +76,28 @@ def _rows(sweep_dir):
 def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     sweep_dir = tmp_path / "sweep"
-    result = run_module("finetune.launch", ["-m", *FAST, f"data.train={train}", f"data.eval={train}",
-                                            "data.eval_max_samples=4", "trainer.max_steps=2",
-                                            "trainer.learning_rate=1e-3,3e-3", "trainer.seed=1,2",
-                                            f"hydra.sweep.dir={sweep_dir}"])  # fmt: skip
+    result = run_module(
+        "finetune.launch",
+        [
+            "-m",
+            *FAST,
+            f"data.train={train}",
+            f"data.eval={train}",
+            "data.eval_max_samples=4",
+            "trainer.max_steps=2",
+            "trainer.learning_rate=1e-3,3e-3",
+            "trainer.seed=1,2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+    )
     rows = _rows(sweep_dir)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
-        "0-trainer.learning_rate=0.001,trainer.seed=1", "1-trainer.learning_rate=0.001,trainer.seed=2",
-        "2-trainer.learning_rate=0.003,trainer.seed=1", "3-trainer.learning_rate=0.003,trainer.seed=2"]  # fmt: skip
+        "0-trainer.learning_rate=0.001,trainer.seed=1",
+        "1-trainer.learning_rate=0.001,trainer.seed=2",
+        "2-trainer.learning_rate=0.003,trainer.seed=1",
+        "3-trainer.learning_rate=0.003,trainer.seed=2",
+    ]
     for row in rows:
         run = sweep_dir / row["run_dir"].split("/")[-1]
         history = json.loads((run / "log_history.json").read_text())
@@ -88,10 +116,21 @@ def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
     and is reported while the other finishes."""
     train = mini_dataset(tmp_path / "mini.json", per_task=2)
     sweep_dir = tmp_path / "sweep"
-    result = run_module("finetune.launch", ["-m", *FAST, f"data.train={train}", "evaluation.after_training=false",
-                                            "trainer.max_steps=1", "trainer.learning_rate=-1,2e-3",
-                                            "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                                            f"hydra.sweep.dir={sweep_dir}"], expect_failure=True)  # fmt: skip
+    result = run_module(
+        "finetune.launch",
+        [
+            "-m",
+            *FAST,
+            f"data.train={train}",
+            "evaluation.after_training=false",
+            "trainer.max_steps=1",
+            "trainer.learning_rate=-1,2e-3",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        expect_failure=True,
+    )
     rows = {r["overrides"]: r for r in _rows(sweep_dir)}
     assert rows["trainer.learning_rate=0.002"]["status"] == "ok" and rows["trainer.learning_rate=0.002"]["train_loss"]
     assert rows["trainer.learning_rate=-1"]["status"] == "failed"
@@ -104,8 +143,17 @@ def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
 def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     first = tmp_path / "first"
-    run_module("finetune.launch", [*FAST, f"data.train={train}", "evaluation.after_training=false",
-                                   "trainer.max_steps=5", f"trainer.output_dir={first}", "peft.dropout=0.1"])  # fmt: skip
+    run_module(
+        "finetune.launch",
+        [
+            *FAST,
+            f"data.train={train}",
+            "evaluation.after_training=false",
+            "trainer.max_steps=5",
+            f"trainer.output_dir={first}",
+            "peft.dropout=0.1",
+        ],
+    )
     again = tmp_path / "again"
     run_module("finetune.launch", ["rerun", str(first), f"trainer.output_dir={again}"])
 
@@ -115,4 +163,6 @@ def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
     assert len(losses(first)) == 5 and losses(again) == losses(first)
     train.write_text(train.read_text().replace("colour", "color"))
     refused = run_module("finetune.launch", ["rerun", str(first)], expect_failure=True)
-    assert refused.returncode == 2 and "the data changed since the run" in refused.stderr and str(train) in refused.stderr
+    assert (
+        refused.returncode == 2 and "the data changed since the run" in refused.stderr and str(train) in refused.stderr
+    )

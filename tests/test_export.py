@@ -35,9 +35,19 @@ def test_export_round_trip(tmp_path, family):
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["merge_max_abs_logit_diff"] <= 1e-4
     assert report["batch"]["images"] > 0 and report["batch"]["videos"] > 0
     assert report["served_grids"]["checked"] >= 4 and report["served_grids"]["mismatches"] == []
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
-                 "video_preprocessor_config.json", "finetune_config.yaml", "README.md"):  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "finetune_config.yaml",
+        "README.md",
+    ):
         assert (merged / name).exists(), name
     assert not list(merged.glob("*.bin")) and not (merged / "adapter_config.json").exists()
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in merged.iterdir()), "export files must be readable by all"
@@ -77,7 +87,10 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=3) + [
-        "parts.vision_tower=lora", "parts.merger=full", "parts.merger_lr=1e-2"]  # fmt: skip
+        "parts.vision_tower=lora",
+        "parts.merger=full",
+        "parts.merger_lr=1e-2",
+    ]
     run_module("finetune.train", overrides)
     run_module("finetune.export", overrides)
     report = json.loads((run_dir / "merged" / "export_report.json").read_text())
@@ -158,7 +171,11 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     assert report["passed"] and (report["precision"], report["dtype"]) == ("fp32", "bf16")
     assert report["merge_max_abs_logit_diff"] <= 1e-4 and 1e-4 < report["max_abs_logit_diff"] <= report["atol"]
     shards = sorted(merged.glob("model-*.safetensors"))
-    assert len(shards) > 1 and (merged / "model.safetensors.index.json").exists() and not (merged / "model.safetensors").exists()
+    assert (
+        len(shards) > 1
+        and (merged / "model.safetensors.index.json").exists()
+        and not (merged / "model.safetensors").exists()
+    )
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -18,8 +18,14 @@ from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrid
 
 
 def harness(overrides, env, expect_rc=0):
-    result = subprocess.run([sys.executable, "tests/helpers/distributed_harness.py", *overrides], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "tests/helpers/distributed_harness.py", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+    )
     assert result.returncode == expect_rc, f"exit {result.returncode}:\n{result.stderr[-5000:]}"
     return result
 
@@ -38,24 +44,39 @@ def test_samples_that_fail_to_decode_are_skipped_reported_and_bounded(tmp_path):
     assert {r["kind"] for r in reported} == {"bad_video", "bad_image"}
     assert all(f"skipping sample {sid}" in result.stderr for sid in BAD_IDS)
 
-    validate = run_module("finetune.validate", [f"data.train={data}", "data.media_root=/", "data.eval=null",
-                                                "evaluation.after_training=false", "--split", "train", "--decode"],
-                          expect_failure=True)  # fmt: skip
+    validate = run_module(
+        "finetune.validate",
+        [
+            f"data.train={data}",
+            "data.media_root=/",
+            "data.eval=null",
+            "evaluation.after_training=false",
+            "--split",
+            "train",
+            "--decode",
+        ],
+        expect_failure=True,
+    )
     listed = {sid for sid in BAD_IDS if f"(id {sid})" in validate.stdout}
     assert listed == BAD_IDS and "FAILED: 3 problems" in validate.stdout
 
     # Past data.max_bad_samples the run stops, naming where the list is.
-    stopped = run_module("finetune.train", bad_overrides(tmp_path / "strict", data, 6, "data.max_bad_samples=1"),
-                         expect_failure=True)  # fmt: skip
+    stopped = run_module(
+        "finetune.train", bad_overrides(tmp_path / "strict", data, 6, "data.max_bad_samples=1"), expect_failure=True
+    )
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
     assert "more than data.max_bad_samples allows (1)" in stopped.stderr and "bad_samples.jsonl" in stopped.stderr
 
 
 def _fault_run(run_dir, data, *extra):
     return tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=6) + [
-        "trainer.save_steps=2", "trainer.save_total_limit=2", "trainer.per_device_train_batch_size=2",
+        "trainer.save_steps=2",
+        "trainer.save_total_limit=2",
+        "trainer.per_device_train_batch_size=2",
         "evaluation.after_training=false",
-        "peft.dropout=0.1", *extra]  # fmt: skip
+        "peft.dropout=0.1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -111,29 +132,49 @@ def test_a_nan_loss_stops_naming_the_step_and_samples_or_is_skipped(tmp_path, un
 
 
 def test_a_refused_start_through_the_launcher_reads_as_a_refusal(tmp_path):
-    record = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
-              "images": ["nowhere.png"]}  # fmt: skip
+    record = {
+        "messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
+        "images": ["nowhere.png"],
+    }
     data = tmp_path / "missing.json"
     data.write_text(json.dumps([record]))
-    result = run_module("finetune.launch", ["experiment=demo", "logger=none", f"trainer.output_dir={tmp_path / 'r'}",
-                                            f"data.train={data}", "data.eval=null", "evaluation.after_training=false",
-                                            "export.after_training=false"], expect_failure=True)  # fmt: skip
+    result = run_module(
+        "finetune.launch",
+        [
+            "experiment=demo",
+            "logger=none",
+            f"trainer.output_dir={tmp_path / 'r'}",
+            f"data.train={data}",
+            "data.eval=null",
+            "evaluation.after_training=false",
+            "export.after_training=false",
+        ],
+        expect_failure=True,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
     assert "missing media file: 1" in result.stderr
     assert result.stderr.rstrip().endswith("error: training stopped with exit status 2 (the reason is above).")
 
 
 def test_secrets_in_the_environment_never_reach_the_run_directory(tmp_path):
-    secrets = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef", "HF_TOKEN": "hf_secretTOKEN0123456789",
-               "HUGGING_FACE_HUB_TOKEN": "hf_otherSECRET9876543210"}  # fmt: skip
+    secrets = {
+        "WANDB_API_KEY": "wandb-secret-0123456789abcdef",
+        "HF_TOKEN": "hf_secretTOKEN0123456789",
+        "HUGGING_FACE_HUB_TOKEN": "hf_otherSECRET9876543210",
+    }
     data = mini_dataset(tmp_path / "train.json", per_task=2)
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=2) + [
-        "logger=wandb", "logger.wandb_mode=offline", "trainer.save_steps=1", "evaluation.after_training=false"]  # fmt: skip
+        "logger=wandb",
+        "logger.wandb_mode=offline",
+        "trainer.save_steps=1",
+        "evaluation.after_training=false",
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **secrets}
     for module in ("finetune.train", "finetune.export"):
-        result = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=env, capture_output=True,
-                                text=True, timeout=600)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", module, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert not any(s in result.stdout + result.stderr for s in secrets.values())
     files = [p for p in run_dir.rglob("*") if p.is_file()]

@@ -17,7 +17,11 @@ def _opt(args, name):
 def test_demo_runs_one_cpu_process():
     args = _args([])
     assert "--cpu" in args and "--multi_gpu" not in args
-    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--mixed_precision")) == ("1", "1", "no")
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--mixed_precision")) == (
+        "1",
+        "1",
+        "no",
+    )
 
 
 def test_two_cpu_processes_use_the_multi_process_launcher():
@@ -40,7 +44,11 @@ def test_multi_node_from_the_environment():
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29555"}
     args = _args(["accelerate=multi_node", "deepspeed=zero3"], env=env, gpus=8, precision="bf16")
     assert _opt(args, "--num_processes") == "16" and _opt(args, "--num_machines") == "2"
-    assert (_opt(args, "--machine_rank"), _opt(args, "--main_process_ip"), _opt(args, "--main_process_port")) == ("1", "10.1.2.3", "29555")
+    assert (_opt(args, "--machine_rank"), _opt(args, "--main_process_ip"), _opt(args, "--main_process_port")) == (
+        "1",
+        "10.1.2.3",
+        "29555",
+    )
     assert "--use_deepspeed" in args and _opt(args, "--deepspeed_config_file").endswith("recipes/deepspeed/zero3.json")
     assert _opt(args, "--deepspeed_multinode_launcher") == "standard"  # one launch per node, no pdsh
 
@@ -48,7 +56,11 @@ def test_multi_node_from_the_environment():
 def test_nodes_of_cpu_processes_rehearse_a_multi_node_run():
     env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     args = _args(["deepspeed=zero3"], env=env)
-    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--machine_rank")) == ("2", "2", "0")
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--machine_rank")) == (
+        "2",
+        "2",
+        "0",
+    )
     assert "--cpu" not in args and _opt(args, "--main_process_port") == "29500"
 
 
@@ -64,10 +76,12 @@ def test_gpus_per_node_overrides_the_visible_count():
 
 @pytest.mark.parametrize(
     "env,message",
-    [({"NNODES": "2", "NODE_RANK": "0"}, "needs MASTER_ADDR"),
-     ({}, "needs NNODES"),
-     ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be in"),
-     ({"NNODES": "two"}, "must be a whole number")],
+    [
+        ({"NNODES": "2", "NODE_RANK": "0"}, "needs MASTER_ADDR"),
+        ({}, "needs NNODES"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be in"),
+        ({"NNODES": "two"}, "must be a whole number"),
+    ],
 )
 def test_multi_node_mistakes(env, message):
     with pytest.raises(ConfigError, match=message):

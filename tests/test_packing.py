@@ -199,8 +199,12 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     for name, rows, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
         run_dir = tmp_path / name
         overrides = tiny_run_overrides(family, run_dir, train_file, steps=2) + [
-            "trainer.packing=true", "trainer.max_tokens_per_row=400", "data.max_length=400",
-            f"trainer.per_device_train_batch_size={rows}", f"trainer.gradient_accumulation_steps={accumulation}"]  # fmt: skip
+            "trainer.packing=true",
+            "trainer.max_tokens_per_row=400",
+            "data.max_length=400",
+            f"trainer.per_device_train_batch_size={rows}",
+            f"trainer.gradient_accumulation_steps={accumulation}",
+        ]
         result = run_module("finetune.train", overrides)
         assert "packing 8 samples into 2 rows" in result.stderr
         history = json.loads((run_dir / "log_history.json").read_text())
@@ -212,8 +216,9 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     from finetune.tiny import tiny_checkpoint
     from tests.helpers import DEMO
 
-    encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)),
-                                  vision_settings(load_config([])))  # fmt: skip
+    encoder = ConversationEncoder(
+        AutoProcessor.from_pretrained(tiny_checkpoint(family)), vision_settings(load_config([]))
+    )
     encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
     rows = pack_rows([len(e.input_ids) for e in encoded], 400, seed=42)
     trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]

@@ -30,13 +30,30 @@ QUESTIONS = ["Which way does it move?", "What happens first?", "Where does it en
 def long_video_dataset(root):
     videos = [write_video(root / f"v{i}.mp4", frames=80, fps=4, width=56, height=56, seed=i).name for i in range(3)]
     image = write_image(root / "i.png", 56, 56, seed=9).name
-    records = [{"id": f"video{i}", "messages": [{"role": "user", "content": f"<video>{QUESTIONS[i]}"},
-                                                {"role": "assistant", "content": f"answer {i}"}],
-                "videos": [v]} for i, v in enumerate(videos)]  # fmt: skip
-    records.append({"id": "image_then_video", "messages": [
-        {"role": "user", "content": f"<image>{QUESTIONS[3]}"}, {"role": "assistant", "content": "red"},
-        {"role": "user", "content": "<video>And now?"}, {"role": "assistant", "content": "left"}],
-        "images": [image], "videos": [videos[0]]})  # fmt: skip
+    records = [
+        {
+            "id": f"video{i}",
+            "messages": [
+                {"role": "user", "content": f"<video>{QUESTIONS[i]}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ],
+            "videos": [v],
+        }
+        for i, v in enumerate(videos)
+    ]
+    records.append(
+        {
+            "id": "image_then_video",
+            "messages": [
+                {"role": "user", "content": f"<image>{QUESTIONS[3]}"},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "<video>And now?"},
+                {"role": "assistant", "content": "left"},
+            ],
+            "images": [image],
+            "videos": [videos[0]],
+        }
+    )
     path = root / "long.json"
     path.write_text(json.dumps(records))
     return path
@@ -54,8 +71,13 @@ class Capture:
         model_forward, rotary_forward = model_cls.forward, rotary_cls.forward
 
         def inner_forward(model_self, *args, **kwargs):
-            self.calls.append({"input_ids": kwargs.get("input_ids"), "attention_mask": kwargs.get("attention_mask"),
-                               "given": kwargs.get("position_ids")})  # fmt: skip
+            self.calls.append(
+                {
+                    "input_ids": kwargs.get("input_ids"),
+                    "attention_mask": kwargs.get("attention_mask"),
+                    "given": kwargs.get("position_ids"),
+                }
+            )
             return model_forward(model_self, *args, **kwargs)
 
         def rotary(rotary_self, x, position_ids):
@@ -71,11 +93,23 @@ class Capture:
 
 
 def _overrides(family, tmp_path, data, packing):
-    rows = ["trainer.packing=true", "trainer.max_tokens_per_row=512", "trainer.per_device_train_batch_size=2"] \
-        if packing else ["trainer.per_device_train_batch_size=4"]  # fmt: skip
-    return [f"experiment={EXPERIMENT[family]}", "logger=none", f"trainer.output_dir={tmp_path / str(packing)}",
-            "trainer.max_steps=1", "trainer.warmup_steps=0", "trainer.save_steps=1000", f"data.train={data}",
-            "data.max_length=512", "evaluation.after_training=false", "export.after_training=false"] + rows  # fmt: skip
+    rows = (
+        ["trainer.packing=true", "trainer.max_tokens_per_row=512", "trainer.per_device_train_batch_size=2"]
+        if packing
+        else ["trainer.per_device_train_batch_size=4"]
+    )
+    return [
+        f"experiment={EXPERIMENT[family]}",
+        "logger=none",
+        f"trainer.output_dir={tmp_path / str(packing)}",
+        "trainer.max_steps=1",
+        "trainer.warmup_steps=0",
+        "trainer.save_steps=1000",
+        f"data.train={data}",
+        "data.max_length=512",
+        "evaluation.after_training=false",
+        "export.after_training=false",
+    ] + rows
 
 
 def training_positions(calls, encoded) -> dict:
@@ -115,14 +149,20 @@ def test_training_and_evaluation_feed_the_same_positions(tmp_path, monkeypatch, 
     # Every sample got the rule's own ids, unpacked and packed alike ...
     assert rule == PositionRule.for_model(trainer.model.config, "qwen")
     for sid, e in encoded.items():
-        expected = rule.sample(e.mm_token_type_ids, e.image_grid_thw.tolist() if e.image_grid_thw is not None else [],
-                               e.video_grid_thw.tolist(), e.second_per_grid_ts)  # fmt: skip
+        expected = rule.sample(
+            e.mm_token_type_ids,
+            e.image_grid_thw.tolist() if e.image_grid_thw is not None else [],
+            e.video_grid_thw.tolist(),
+            e.second_per_grid_ts,
+        )
         assert torch.equal(positions[False][sid], expected) and torch.equal(positions[True][sid], expected), sid
     # ... and these clips are where the rules part: the installed transformers would have given other ids.
     other = PositionRule.for_model(trainer.model.config, "transformers")
     e = encoded["video0"]
-    assert not torch.equal(other.sample(e.mm_token_type_ids, [], e.video_grid_thw.tolist(), e.second_per_grid_ts),
-                           positions[False]["video0"])  # fmt: skip
+    assert not torch.equal(
+        other.sample(e.mm_token_type_ids, [], e.video_grid_thw.tolist(), e.second_per_grid_ts),
+        positions[False]["video0"],
+    )
 
     # Evaluation: the prompt (the sample without its last reply) gets the training ids of the same tokens, and
     # each decoded token k sits at max + 1 + k in all three rows.

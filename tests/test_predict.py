@@ -47,27 +47,73 @@ def test_same_answers_from_run_adapter_and_export_as_evaluation(trained, capsys)
         answers = {m.name: _ask(m, record, capsys) for m in (run_dir, run_dir / "adapter", run_dir / "merged")}
         assert set(answers.values()) == {expected["prediction"]}, (expected, answers)
     # Once through a fresh interpreter, as a user runs it.
-    result = run_module("finetune.predict", ["--model", str(run_dir / "merged"), "--image",
-                                             str(DEMO / records[image["id"]]["images"][0]), "--question",
-                                             records[image["id"]]["messages"][0]["content"].replace("<image>", ""),
-                                             "--max-new-tokens", "4"])  # fmt: skip
+    result = run_module(
+        "finetune.predict",
+        [
+            "--model",
+            str(run_dir / "merged"),
+            "--image",
+            str(DEMO / records[image["id"]]["images"][0]),
+            "--question",
+            records[image["id"]]["messages"][0]["content"].replace("<image>", ""),
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert result.stdout.strip() == image["prediction"]
 
 
 def test_a_file_of_questions_gives_evaluations_answers(trained, tmp_path):
     run_dir, train_file, predictions = trained
     out = tmp_path / "preds.jsonl"
-    run_module("finetune.predict", ["--model", str(run_dir / "merged"), "--input", str(train_file), "--output", str(out),
-                                    "--media-root", str(DEMO), "--max-new-tokens", "4", "--batch-size", "3"])  # fmt: skip
+    run_module(
+        "finetune.predict",
+        [
+            "--model",
+            str(run_dir / "merged"),
+            "--input",
+            str(train_file),
+            "--output",
+            str(out),
+            "--media-root",
+            str(DEMO),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "3",
+        ],
+    )
     got = [json.loads(line) for line in open(out)]
     assert [(g["id"], g["question"], g["reference"], g["prediction"]) for g in got] == [
-        (p["id"], p["question"], p["reference"], p["prediction"]) for p in predictions]  # fmt: skip
+        (p["id"], p["question"], p["reference"], p["prediction"]) for p in predictions
+    ]
     # Questions without an answer are fine too (no reference then).
     unanswered = tmp_path / "questions.jsonl"
-    unanswered.write_text(json.dumps({"id": "q", "messages": [{"role": "user", "content": "<image>What colour?"}],
-                                      "images": [json.loads(train_file.read_text())[0]["images"][0]]}) + "\n")  # fmt: skip
-    run_module("finetune.predict", ["--model", str(run_dir), "--input", str(unanswered), "--output", str(out),
-                                    "--media-root", str(DEMO), "--max-new-tokens", "2"])  # fmt: skip
+    unanswered.write_text(
+        json.dumps(
+            {
+                "id": "q",
+                "messages": [{"role": "user", "content": "<image>What colour?"}],
+                "images": [json.loads(train_file.read_text())[0]["images"][0]],
+            }
+        )
+        + "\n"
+    )
+    run_module(
+        "finetune.predict",
+        [
+            "--model",
+            str(run_dir),
+            "--input",
+            str(unanswered),
+            "--output",
+            str(out),
+            "--media-root",
+            str(DEMO),
+            "--max-new-tokens",
+            "2",
+        ],
+    )
     (only,) = [json.loads(line) for line in open(out)]
     assert only["id"] == "q" and "reference" not in only and only["question"] == "What colour?"
 
@@ -88,7 +134,11 @@ def test_model_folders_are_recognised_and_others_refused(trained, tmp_path, tiny
     config, merged = find_model(str(run_dir / "merged"))
     assert merged == str(run_dir / "merged") and config.model.rope_rule == "qwen" and config.model.max_pixels == 3136
     config, plain = find_model(str(tiny_paths["qwen2_vl"]))  # a checkpoint without a saved recipe: Qwen's defaults
-    assert plain == str(tiny_paths["qwen2_vl"]) and config.model.family == "qwen2_vl" and config.model.max_pixels == 1003520
+    assert (
+        plain == str(tiny_paths["qwen2_vl"])
+        and config.model.family == "qwen2_vl"
+        and config.model.max_pixels == 1003520
+    )
     with pytest.raises(ConfigError, match="no such directory"):
         find_model(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="not a run directory"):

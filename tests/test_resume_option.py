@@ -63,8 +63,13 @@ def test_the_launcher_refuses_an_impossible_resume_before_starting_processes(tmp
     checkpoint = _checkpoint(tmp_path, 4)
     (checkpoint / "global_step4").mkdir()
     (checkpoint / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    overrides = [f"trainer.output_dir={tmp_path}", "trainer.resume_from_checkpoint=latest", "logger=none",
-                 "deepspeed=zero3", "accelerate.processes_per_node=2"]  # fmt: skip
+    overrides = [
+        f"trainer.output_dir={tmp_path}",
+        "trainer.resume_from_checkpoint=latest",
+        "logger=none",
+        "deepspeed=zero3",
+        "accelerate.processes_per_node=2",
+    ]
     assert main(overrides) == 2
     err = capsys.readouterr().err
     assert "shards of 1 DeepSpeed ranks but this run has 2" in err and "accelerate launch" not in err

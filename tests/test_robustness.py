@@ -36,8 +36,11 @@ def _sample(tmp_path, records):
 
 
 def _one(tmp_path, kind, name):
-    record = {"id": "s1", "messages": [{"role": "user", "content": f"<{kind}>What is it?"},
-                                       {"role": "assistant", "content": "A thing."}], kind + "s": [name]}  # fmt: skip
+    record = {
+        "id": "s1",
+        "messages": [{"role": "user", "content": f"<{kind}>What is it?"}, {"role": "assistant", "content": "A thing."}],
+        kind + "s": [name],
+    }
     samples, errors = _sample(tmp_path, [record])
     assert not errors, errors
     return samples[0]
@@ -56,8 +59,9 @@ def _refusal(encoder, sample, decode: bool) -> DataError:
     "make, problem, fix",
     [(cut_faststart_mp4, "bad_video", "re-encode it"), (garbage_ctts_mp4, "bad_video", "re-encode it")],
 )
-def test_videos_corrupt_past_the_header_fail_at_decode_with_the_fix(tmp_path, monkeypatch, encoder, backend, make,
-                                                                    problem, fix):  # fmt: skip
+def test_videos_corrupt_past_the_header_fail_at_decode_with_the_fix(
+    tmp_path, monkeypatch, encoder, backend, make, problem, fix
+):
     monkeypatch.setattr(media, "_backend", backend)
     sample = _one(tmp_path, "video", make(tmp_path / "v.mp4").name)
     encoder.count_tokens(sample)  # the header is fine: only decoding finds it
@@ -73,11 +77,16 @@ def test_videos_corrupt_past_the_header_fail_at_decode_with_the_fix(tmp_path, mo
         (lambda p: bomb_png(p / "bomb.png"), "image", False, "unreadable_media", "900,000,000 pixels. Downscale it"),
         (lambda p: write_image(p / "thin.png", 2000, 8), "image", False, "aspect_ratio", "Crop or pad it"),
         (lambda p: p / "nowhere.jpg", "image", False, "missing_media", "Check the path"),
-        (lambda p: write_video(p / "one.mp4", frames=1, fps=24, width=64, height=64), "video", False,
-         "too_few_frames", "1 frame: too few frames. A video needs at least 2 frames"),
+        (
+            lambda p: write_video(p / "one.mp4", frames=1, fps=24, width=64, height=64),
+            "video",
+            False,
+            "too_few_frames",
+            "1 frame: too few frames. A video needs at least 2 frames",
+        ),
         (lambda p: write_image(p / "still.jpg", 64, 64), "video", False, "too_few_frames", "list it as an image"),
     ],
-)  # fmt: skip
+)
 def test_each_media_problem_names_the_sample_and_the_fix(tmp_path, encoder, make, kind, decode, problem, words):
     sample = _one(tmp_path, kind, make(tmp_path).name)
     err = _refusal(encoder, sample, decode)
@@ -87,8 +96,9 @@ def test_each_media_problem_names_the_sample_and_the_fix(tmp_path, encoder, make
 def test_one_bad_jsonl_line_costs_only_that_line(tmp_path):
     good = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
     path = tmp_path / "data.jsonl"
-    path.write_bytes(json.dumps(good).encode() + b"\n" + b'{"messages": "caf\xe9"}\n' + json.dumps(good).encode()
-                     + b"\n{not json\n")  # fmt: skip
+    path.write_bytes(
+        json.dumps(good).encode() + b"\n" + b'{"messages": "caf\xe9"}\n' + json.dumps(good).encode() + b"\n{not json\n"
+    )
     samples, errors = read_source(DatasetSource(path))
     assert len(samples) == 2 and len(errors) == 2
     assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 18). Re-save the file as UTF-8." == str(errors[0])
@@ -100,17 +110,31 @@ def test_one_bad_jsonl_line_costs_only_that_line(tmp_path):
 
 
 def test_conversation_shapes_the_template_cannot_train_on(tmp_path, encoder):
-    assistant_first = {"id": "s1", "messages": [{"role": "assistant", "content": "Hello."},
-                                                {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes."}]}  # fmt: skip
+    assistant_first = {
+        "id": "s1",
+        "messages": [
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+    }
     samples, _ = _sample(tmp_path, [assistant_first])
     err = _refusal(encoder, samples[0], decode=False)
     assert err.kind == "structure" and "the first turn must be the user's" in str(err)
 
     image = write_image(tmp_path / "i.png", 56, 56).name
-    in_reply = {"id": "s2", "messages": [{"role": "user", "content": "What is it?"},
-                                         {"role": "assistant", "content": "<image> this."}], "images": [image]}  # fmt: skip
-    block_in_reply = {"id": "s3", "messages": [{"role": "user", "content": [{"type": "text", "text": "And?"}]},
-                                               {"role": "assistant", "content": [{"type": "image", "image": image}]}]}  # fmt: skip
+    in_reply = {
+        "id": "s2",
+        "messages": [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "<image> this."}],
+        "images": [image],
+    }
+    block_in_reply = {
+        "id": "s3",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "And?"}]},
+            {"role": "assistant", "content": [{"type": "image", "image": image}]},
+        ],
+    }
     _, errors = _sample(tmp_path, [in_reply, block_in_reply])
     assert [e.kind for e in errors] == ["placeholders", "placeholders"]
     assert all("images and videos belong in user turns" in str(e) for e in errors)
@@ -149,13 +173,25 @@ def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path, 
     image = write_image(tmp_path / "ok.png", 56, 56).name
     cut = cut_jpeg(tmp_path / "cut.jpg").name
     video = cut_faststart_mp4(tmp_path / "cut.mp4").name
-    ok = {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
-          "images": [image]}  # fmt: skip
-    records = [{**ok, "id": "a"}, {**ok, "id": "a"}, {**ok, "id": "b", "images": [cut]},
-               {"id": "c", "messages": [{"role": "user", "content": "<video>Way?"},
-                                        {"role": "assistant", "content": "Left."}], "videos": [video]},
-               {"id": "d", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<image>"}],
-                "images": [image]}]  # fmt: skip
+    ok = {
+        "messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}],
+        "images": [image],
+    }
+    records = [
+        {**ok, "id": "a"},
+        {**ok, "id": "a"},
+        {**ok, "id": "b", "images": [cut]},
+        {
+            "id": "c",
+            "messages": [{"role": "user", "content": "<video>Way?"}, {"role": "assistant", "content": "Left."}],
+            "videos": [video],
+        },
+        {
+            "id": "d",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<image>"}],
+            "images": [image],
+        },
+    ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     base = ["experiment=demo", f"data.train={data}", "data.eval=null", "evaluation.after_training=false"]
@@ -175,8 +211,9 @@ def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path, 
     assert rc == 1 and "not found" in out and "Traceback" not in out
     rc, out = _validate(["experiment=demo", "trainer.max_stpes=3"])
     assert rc == 2 and "did you mean 'trainer.max_steps'" in out
-    command = run_module("finetune.validate", ["experiment=demo", f"data.train={empty}", "--split", "train"],
-                         expect_failure=True)  # fmt: skip
+    command = run_module(
+        "finetune.validate", ["experiment=demo", f"data.train={empty}", "--split", "train"], expect_failure=True
+    )
     assert command.returncode == 1  # the same status from the command line
     ok_only = tmp_path / "ok.json"
     ok_only.write_text(json.dumps([{**ok, "id": "x"}]))
@@ -195,10 +232,19 @@ def test_no_malformed_record_escapes_as_anything_but_a_named_data_error(tmp_path
         return {"role": "assistant", "content": content}
 
     records = [
-        5, "text", [], {}, {"messages": 5}, {"messages": []}, {"messages": [5]},
-        {"messages": [{"role": 5, "content": "x"}]}, {"messages": [user(None), reply("x")]},
-        {"messages": [user(5), reply("x")]}, {"messages": [user([5]), reply("x")]},
-        {"messages": [user([{"type": 5}]), reply("x")]}, {"messages": [user([{"type": "image"}]), reply("x")]},
+        5,
+        "text",
+        [],
+        {},
+        {"messages": 5},
+        {"messages": []},
+        {"messages": [5]},
+        {"messages": [{"role": 5, "content": "x"}]},
+        {"messages": [user(None), reply("x")]},
+        {"messages": [user(5), reply("x")]},
+        {"messages": [user([5]), reply("x")]},
+        {"messages": [user([{"type": 5}]), reply("x")]},
+        {"messages": [user([{"type": "image"}]), reply("x")]},
         {"messages": [user([{"type": "image", "image": 5}]), reply("x")]},
         {"messages": [user("<image>"), reply("x")], "images": 5},
         {"messages": [user("<image>"), reply("x")], "images": [5]},
@@ -208,9 +254,10 @@ def test_no_malformed_record_escapes_as_anything_but_a_named_data_error(tmp_path
         {"messages": [user("hi"), reply([{"type": "text", "text": None}])]},
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "image": {"x": 1}},
         {"messages": [user([{"type": "image_url", "image_url": {"url": 5}}]), reply("x")]},
-        {"messages": [user("hi"), reply("")]}, {"messages": [user("<image>"), reply("x")], "images": ["../i.png"]},
+        {"messages": [user("hi"), reply("")]},
+        {"messages": [user("<image>"), reply("x")], "images": ["../i.png"]},
         {"messages": [user("hi"), reply("fine")]},
-    ]  # fmt: skip
+    ]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
     samples, errors = read_source(DatasetSource(path))

@@ -52,8 +52,13 @@ def random_sequence(rng: random.Random, config, with_seconds: bool) -> dict:
         types.append(0)
         text(rng.randint(0, 9))
     text(rng.randint(1, 6))  # a prompt ends in text
-    return {"ids": ids, "types": types, "images": images, "videos": videos,
-            "seconds": seconds if with_seconds else None}  # fmt: skip
+    return {
+        "ids": ids,
+        "types": types,
+        "images": images,
+        "videos": videos,
+        "seconds": seconds if with_seconds else None,
+    }
 
 
 def left_padded(batch: list[dict], pad_id: int) -> dict:
@@ -64,12 +69,20 @@ def left_padded(batch: list[dict], pad_id: int) -> dict:
     for r, s in enumerate(batch):
         n = len(s["ids"])
         ids[r, longest - n :], types[r, longest - n :], mask[r, longest - n :] = (
-            torch.tensor(s["ids"]), torch.tensor(s["types"]), 1)  # fmt: skip
+            torch.tensor(s["ids"]),
+            torch.tensor(s["types"]),
+            1,
+        )
     images = [g for s in batch for g in s["images"]]
     videos = [g for s in batch for g in s["videos"]]
-    out = {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": mask,
-           "image_grid_thw": torch.tensor(images) if images else None,
-           "video_grid_thw": torch.tensor(videos) if videos else None, "second_per_grid_ts": None}  # fmt: skip
+    out = {
+        "input_ids": ids,
+        "mm_token_type_ids": types,
+        "attention_mask": mask,
+        "image_grid_thw": torch.tensor(images) if images else None,
+        "video_grid_thw": torch.tensor(videos) if videos else None,
+        "second_per_grid_ts": None,
+    }
     if batch[0]["seconds"] is not None and videos:
         out["second_per_grid_ts"] = torch.tensor([x for s in batch for x in s["seconds"]], dtype=torch.float32)
     return out
@@ -97,8 +110,14 @@ def _reference(family, config, batch):
 
 
 def _ours(rule, batch):
-    return batch_position_ids(rule, batch["mm_token_type_ids"], batch["image_grid_thw"], batch["video_grid_thw"],
-                              batch["second_per_grid_ts"], batch["attention_mask"])  # fmt: skip
+    return batch_position_ids(
+        rule,
+        batch["mm_token_type_ids"],
+        batch["image_grid_thw"],
+        batch["video_grid_thw"],
+        batch["second_per_grid_ts"],
+        batch["attention_mask"],
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -25,8 +25,9 @@ KILL_AT, STEPS = 4, 6
 def _run(cmd, env_extra=None, timeout=420, expect_ok=True):
     """Run a command in its own process group; on timeout kill the whole group and fail (never hang)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "FINETUNE_VENV": sys.prefix, **(env_extra or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -48,7 +49,14 @@ def harness(overrides, env_extra, timeout=420, expect_ok=True):
     from finetune.launch import accelerate_args
 
     args = accelerate_args(load_config(overrides), {}, 0, "fp32")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, "tests/helpers/distributed_harness.py", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *args,
+        "tests/helpers/distributed_harness.py",
+        *overrides,
+    ]
     return _run(cmd, {"DS_ACCELERATOR": "cpu", **env_extra}, timeout, expect_ok)
 
 
@@ -64,13 +72,24 @@ def data(tmp_path_factory):
 
 def recipe(run_dir, data, processes, *extra):
     return tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=STEPS) + [
-        "trainer.packing=true", "trainer.max_tokens_per_row=128", "data.max_length=128",
-        f"trainer.per_device_train_batch_size={2 // processes}", f"accelerate.processes_per_node={processes}",
-        "trainer.save_steps=2", "evaluation.after_training=false", "export.after_training=false", *extra]  # fmt: skip
+        "trainer.packing=true",
+        "trainer.max_tokens_per_row=128",
+        "data.max_length=128",
+        f"trainer.per_device_train_batch_size={2 // processes}",
+        f"accelerate.processes_per_node={processes}",
+        "trainer.save_steps=2",
+        "evaluation.after_training=false",
+        "export.after_training=false",
+        *extra,
+    ]
 
 
-VISION_TRAINING = ("parts.vision_tower=lora", "parts.merger=full", "parts.vision_tower_lr=1e-3",
-                   "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
+VISION_TRAINING = (
+    "parts.vision_tower=lora",
+    "parts.merger=full",
+    "parts.vision_tower_lr=1e-3",
+    "trainer.gradient_checkpointing_vision_tower=true",
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +112,11 @@ def test_two_processes_match_the_single_process_losses(tmp_path, data, single_pr
     """Same global batch (2 rows), split over 2 ranks: the same losses. ZeRO-3 runs with LoRA and activation
     checkpointing (reentrant there, see finetune/trainable.py): on the LLM only with a frozen vision tower, or
     also on the ViT with ViT LoRA and a fully trained merger at their own learning rates."""
-    extra = {"ddp": (), "zero3": ("trainer.gradient_checkpointing=true",),
-             "zero3_vision_training": ("trainer.gradient_checkpointing=true", *VISION_TRAINING)}[backend]  # fmt: skip
+    extra = {
+        "ddp": (),
+        "zero3": ("trainer.gradient_checkpointing=true",),
+        "zero3_vision_training": ("trainer.gradient_checkpointing=true", *VISION_TRAINING),
+    }[backend]
     backend_options = ["deepspeed=zero3"] if backend.startswith("zero3") else []
     _, out, err = launch_sh(recipe(tmp_path, data, 2, *backend_options, *extra))
     assert "--num_processes 2" in out and ("--use_deepspeed" in out) == backend.startswith("zero3")
@@ -122,10 +144,18 @@ def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_p
 
     overrides = recipe(tmp_path, data, 1, "deepspeed=zero3", "trainer.max_steps=2", "export.after_training=true")
     env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    nodes = [subprocess.Popen(["bash", str(REPO / "launch.sh"), *overrides], cwd=REPO, start_new_session=True,
-                              env={**os.environ, **env, "NODE_RANK": str(rank), "FINETUNE_VENV": sys.prefix},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch.sh"), *overrides],
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, **env, "NODE_RANK": str(rank), "FINETUNE_VENV": sys.prefix},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=420) for node in nodes]
     finally:
@@ -161,13 +191,28 @@ def test_ranks_with_different_modalities_do_not_hang(tmp_path):
 
     records = json.loads((DEMO / "train.json").read_text())
     videos = [r for r in records if r["task"] == "direction"][:4]
-    texts = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                           {"role": "assistant", "content": str(2 * i)}]} for i in range(4)]  # fmt: skip
+    texts = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(4)
+    ]
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(texts + videos))
-    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=2", "parts.merger=full",
-                       "parts.vision_tower=lora", "trainer.gradient_checkpointing=true",
-                       "trainer.gradient_checkpointing_vision_tower=true")  # fmt: skip
+    overrides = recipe(
+        tmp_path / "run",
+        data,
+        2,
+        "deepspeed=zero3",
+        "trainer.max_steps=2",
+        "parts.merger=full",
+        "parts.vision_tower=lora",
+        "trainer.gradient_checkpointing=true",
+        "trainer.gradient_checkpointing_vision_tower=true",
+    )
     _, _, err = harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1"}, timeout=300)
     # A new dataset: each rank counts half of its records (finetune/data/store.py) and they exchange the counts.
     assert "token pre-pass mixed.json (rank 0: 4 of 8)" in err and "token pre-pass mixed.json (rank 1: 4 of 8)" in err
@@ -189,8 +234,9 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, proc
     uninterrupted = tmp_path / "uninterrupted"
     launch_sh(recipe(uninterrupted, data, processes, *extra))
     run_dir = tmp_path / "killed"
-    code, _, _ = harness(recipe(run_dir, data, processes, *extra), {"HARNESS_KILL_AT_STEP": str(KILL_AT)},
-                         expect_ok=False)  # fmt: skip
+    code, _, _ = harness(
+        recipe(run_dir, data, processes, *extra), {"HARNESS_KILL_AT_STEP": str(KILL_AT)}, expect_ok=False
+    )
     assert code != 0 and (run_dir / f"checkpoint-{KILL_AT}").is_dir() and not (run_dir / "adapter").exists()
     _, _, err = launch_sh(recipe(run_dir, data, processes, *extra, "trainer.resume_from_checkpoint=latest"))
     assert f"resuming from {run_dir / f'checkpoint-{KILL_AT}'}" in err
@@ -207,8 +253,15 @@ def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
     those of the standalone single-process evaluation of the saved adapter."""
     from tests.helpers.recipe_runs import run_module
 
-    overrides = recipe(tmp_path / "run", data, 2, "deepspeed=zero3", "trainer.max_steps=4", "evaluation.steps=2",
-                       "evaluation.batch_size=3")  # fmt: skip
+    overrides = recipe(
+        tmp_path / "run",
+        data,
+        2,
+        "deepspeed=zero3",
+        "trainer.max_steps=4",
+        "evaluation.steps=2",
+        "evaluation.batch_size=3",
+    )
     launch_sh(overrides, timeout=420)
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert [h["step"] for h in history if "eval_exact_match" in h] == [2, 4]
@@ -233,7 +286,10 @@ def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, da
     filtered.feed(err.encode())
     filtered.close()
     assert b"ChildFailedError" not in b"".join(kept) and "ChildFailedError" in err
-    assert summary(filtered.failure, rc) == "training process (rank 1) was killed by SIGKILL; the other processes were stopped."
+    assert (
+        summary(filtered.failure, rc)
+        == "training process (rank 1) was killed by SIGKILL; the other processes were stopped."
+    )
 
 
 def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
@@ -243,8 +299,14 @@ def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 
     data = dataset_with_bad_media(tmp_path)
-    overrides = bad_overrides(tmp_path / "run", data, 6, "accelerate.processes_per_node=2",
-                              "trainer.per_device_train_batch_size=2", "trainer.dataloader_num_workers=1")  # fmt: skip
+    overrides = bad_overrides(
+        tmp_path / "run",
+        data,
+        6,
+        "accelerate.processes_per_node=2",
+        "trainer.per_device_train_batch_size=2",
+        "trainer.dataloader_num_workers=1",
+    )
     launch_sh(overrides)
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
     reported = [json.loads(line) for line in open(RunDir(tmp_path / "run").bad_samples_file)]

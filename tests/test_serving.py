@@ -79,8 +79,9 @@ def test_the_total_budget_rounding_difference_is_rare_and_small():
         h, n = rng.randint(60, 2000), 2 * rng.randint(2, 64)
         w = int(h * rng.uniform(0.25, 4))
         ours = smart_resize(h, w, lo, max(min(hi, total / n * FRAME_FACTOR), int(lo * 1.05)))
-        theirs = transformers_smart_resize(h, w, factor=28, min_pixels=lo,
-                                           max_pixels=max(min(hi, served_total * 2 // n), int(lo * 1.05)))  # fmt: skip
+        theirs = transformers_smart_resize(
+            h, w, factor=28, min_pixels=lo, max_pixels=max(min(hi, served_total * 2 // n), int(lo * 1.05))
+        )
         differ += ours != tuple(theirs)
     print(f"total budget {total} served as {served_total}: {differ} of {cases} frame sizes differ")
     assert served_total != total and differ / cases < 0.02

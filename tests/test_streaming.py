@@ -48,7 +48,12 @@ def test_streaming_equals_indexed_on_a_set_that_fits_one_buffer(tmp_path, packin
 
 def test_streaming_resume_continues_from_the_right_record(tmp_path):
     train_file = mini_dataset(tmp_path / "mini.json", per_task=4)
-    stream = ["data.streaming=true", "trainer.dataloader_num_workers=2", "trainer.save_steps=3", "trainer.save_total_limit=2"]
+    stream = [
+        "data.streaming=true",
+        "trainer.dataloader_num_workers=2",
+        "trainer.save_steps=3",
+        "trainer.save_total_limit=2",
+    ]
     whole = _train(tmp_path / "whole", train_file, 6, *stream)
     shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     resumed = _train(tmp_path / "resumed", train_file, 6, *stream, "trainer.resume_from_checkpoint=latest")
@@ -91,9 +96,19 @@ def test_ranks_stream_disjoint_records_that_together_are_every_sample(tmp_path, 
     rule = PositionRule("qwen", 2, 2)
     seen, bad = {}, []
     for rank in (0, 1):
-        stream = StreamingBatches([DatasetSource(path, 1.0, DEMO)], encoder, RowCollator(encoder, None, rule),
-                                  budget=256, packing=False, rows_per_batch=1, seed=0, rank=rank, world_size=2,
-                                  buffer_size=3, over_length="error")  # fmt: skip
+        stream = StreamingBatches(
+            [DatasetSource(path, 1.0, DEMO)],
+            encoder,
+            RowCollator(encoder, None, rule),
+            budget=256,
+            packing=False,
+            rows_per_batch=1,
+            seed=0,
+            rank=rank,
+            world_size=2,
+            buffer_size=3,
+            over_length="error",
+        )
         batches = iter(stream)
         ids = []
         for _ in range(4):  # one pass: rank 0 reads r0 r2 r4 r6 and the bad one, rank 1 reads r1 r3 r5 r7

@@ -48,8 +48,13 @@ def test_round_trip_with_auto_classes(tiny_paths, family):
         "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n"
         "<|im_start|>assistant\nA<|im_end|>\n"
     )
-    batch = processor(text=[rendered], images=[torch.zeros(3, 56, 56, dtype=torch.uint8)], videos=[torch.zeros(4, 3, 56, 56, dtype=torch.uint8)],
-                      return_tensors="pt", videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False})
+    batch = processor(
+        text=[rendered],
+        images=[torch.zeros(3, 56, 56, dtype=torch.uint8)],
+        videos=[torch.zeros(4, 3, 56, 56, dtype=torch.uint8)],
+        return_tensors="pt",
+        videos_kwargs={"do_sample_frames": False, "cap_pixels_per_frame": False},
+    )
     assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
 
 

@@ -31,10 +31,15 @@ def base_model_loss(family, train_file):
     model = AutoModelForImageTextToText.from_pretrained(path)
     # Plain transformers given the qwen rule's position ids explicitly (it would compute its own otherwise).
     rule = PositionRule.for_model(model.config, "qwen")
-    batch = inference_batch([encoder.encode(s) for s in load_samples(train_file, DEMO)], encoder.tokenizer.pad_token_id,
-                            rule, padding_side="right")  # fmt: skip
+    batch = inference_batch(
+        [encoder.encode(s) for s in load_samples(train_file, DEMO)],
+        encoder.tokenizer.pad_token_id,
+        rule,
+        padding_side="right",
+    )
     with torch.no_grad():
         return model(**batch).loss.item()
+
 
 PINNED_LOSSES = {  # model.rope_rule=qwen (the default)
     "qwen2_vl": [7.217561, 6.551856, 6.003342],

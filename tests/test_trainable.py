@@ -18,8 +18,11 @@ def _train(tmp_path, extra, steps=2):
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
-    overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=steps) + [
-        "trainer.lr_scheduler_type=constant", "trainer.save_steps=1000"] + extra  # fmt: skip
+    overrides = (
+        tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=steps)
+        + ["trainer.lr_scheduler_type=constant", "trainer.save_steps=1000"]
+        + extra
+    )
     trainer, *_ = build_trainer(load_config(overrides), overrides)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
@@ -37,22 +40,28 @@ CASES = {
     "default: LoRA on the LLM only": ([], lambda names: _lora(names, "llm")),
     "merger trained fully beside LLM LoRA": (
         ["parts.merger=full"],
-        lambda names: _lora(names, "llm") | {n for n in names if ".merger.modules_to_save." in n}),
+        lambda names: _lora(names, "llm") | {n for n in names if ".merger.modules_to_save." in n},
+    ),
     "ViT LoRA beside LLM LoRA": (
         ["parts.vision_tower=lora"],
-        lambda names: _lora(names, "llm") | _lora(names, "vision_tower")),
+        lambda names: _lora(names, "llm") | _lora(names, "vision_tower"),
+    ),
     "ViT LoRA only, merger trained": (
         ["parts.vision_tower=lora", "parts.llm=frozen", "parts.merger=full"],
-        lambda names: _lora(names, "vision_tower") | {n for n in names if ".merger.modules_to_save." in n}),
+        lambda names: _lora(names, "vision_tower") | {n for n in names if ".merger.modules_to_save." in n},
+    ),
     "full fine-tuning of the LLM": (
         ["parts.llm=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n) == "llm"}),
+        lambda names: {n for n in names if model_part(n) == "llm"},
+    ),
     "full fine-tuning of vision tower and merger, LLM frozen": (
         ["parts.llm=frozen", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n) != "llm"}),
+        lambda names: {n for n in names if model_part(n) != "llm"},
+    ),
     "everything trains": (
         ["parts.llm=full", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
-        lambda names: set(names)),
+        lambda names: set(names),
+    ),
     "DoRA": (["peft.use_dora=true"], lambda names: _lora(names, "llm")),
 }
 
@@ -61,8 +70,10 @@ CASES = {
 def test_exactly_the_chosen_parameters_change(tmp_path, case):
     overrides, expected = CASES[case]
     changed, before, _, _ = _train(tmp_path, overrides)
-    assert changed == expected(list(before)), (sorted(changed - expected(list(before)))[:5],
-                                               sorted(expected(list(before)) - changed)[:5])  # fmt: skip
+    assert changed == expected(list(before)), (
+        sorted(changed - expected(list(before)))[:5],
+        sorted(expected(list(before)) - changed)[:5],
+    )
     assert changed  # something trained
     # The Conv3d patch embed never takes LoRA, and no frozen original of a fully trained copy moves.
     assert not any("patch_embed" in n and "lora_" in n for n in before)
@@ -74,9 +85,17 @@ def test_exactly_the_chosen_parameters_change(tmp_path, case):
 def test_each_part_moves_at_its_own_learning_rate(tmp_path):
     """One AdamW step moves each element by lr * |g| / (|g| + eps): the largest move in a part is its rate."""
     rates = {"llm": 1e-3, "vision_tower": 2e-3, "merger": 4e-3}
-    changed, before, after, _ = _train(tmp_path, [
-        "parts.vision_tower=lora", "parts.merger=full", f"trainer.learning_rate={rates['llm']}",
-        f"parts.vision_tower_lr={rates['vision_tower']}", f"parts.merger_lr={rates['merger']}"], steps=1)  # fmt: skip
+    changed, before, after, _ = _train(
+        tmp_path,
+        [
+            "parts.vision_tower=lora",
+            "parts.merger=full",
+            f"trainer.learning_rate={rates['llm']}",
+            f"parts.vision_tower_lr={rates['vision_tower']}",
+            f"parts.merger_lr={rates['merger']}",
+        ],
+        steps=1,
+    )
     for part, lr in rates.items():
         moves = [(after[n].detach() - before[n]).abs().max().item() for n in changed if model_part(n) == part]
         assert moves and max(moves) == pytest.approx(lr, rel=1e-3), (part, max(moves))
@@ -91,15 +110,17 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [(["parts.merger=lora"], "parts.merger=full"),
-     (["parts.llm=full", "parts.vision_tower=lora"], "whole LLM inside a LoRA adapter"),
-     (["parts.llm=sometimes"], "choose one of frozen, lora, full"),
-     (["parts.llm=frozen"], "Nothing would be trained"),
-     (["parts.llm=full"], "Set export.after_training=false"),
-     (["parts.vision_tower_lr=1e-5"], "parts.vision_tower=frozen"),
-     (["parts.merger_lr=1e-5"], "parts.merger=frozen"),
-     (["parts.merger=full", "parts.merger_lr=-1"], "must be positive"),
-     (["trainer.gradient_checkpointing_vision_tower=true", "trainer.gradient_checkpointing=true"], "frozen one")],
+    [
+        (["parts.merger=lora"], "parts.merger=full"),
+        (["parts.llm=full", "parts.vision_tower=lora"], "whole LLM inside a LoRA adapter"),
+        (["parts.llm=sometimes"], "choose one of frozen, lora, full"),
+        (["parts.llm=frozen"], "Nothing would be trained"),
+        (["parts.llm=full"], "Set export.after_training=false"),
+        (["parts.vision_tower_lr=1e-5"], "parts.vision_tower=frozen"),
+        (["parts.merger_lr=1e-5"], "parts.merger=frozen"),
+        (["parts.merger=full", "parts.merger_lr=-1"], "must be positive"),
+        (["trainer.gradient_checkpointing_vision_tower=true", "trainer.gradient_checkpointing=true"], "frozen one"),
+    ],
 )
 def test_inconsistent_trainable_parts_are_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -108,15 +129,17 @@ def test_inconsistent_trainable_parts_are_refused_with_the_fix(overrides, messag
 
 @pytest.mark.parametrize(
     "overrides,new_spelling",
-    [(["model.freeze_merger=false"], "parts.merger=full"),
-     (["model.freeze_vision_tower=false"], "parts.vision_tower=full"),
-     (["model.freeze_llm=true"], "parts.llm=frozen"),
-     (["peft.lora_vision_tower=true"], "parts.vision_tower=lora"),
-     (["peft.lora_llm=false"], "parts.llm=frozen"),
-     (["peft=none"], "parts.llm=full export.after_training=false"),
-     (["peft.method=none"], "parts.llm=full export.after_training=false"),
-     (["trainer.vision_tower_lr=2e-5"], "parts.vision_tower_lr=2e-5"),
-     (["trainer.merger_lr=1e-5"], "parts.merger_lr=1e-5")],
+    [
+        (["model.freeze_merger=false"], "parts.merger=full"),
+        (["model.freeze_vision_tower=false"], "parts.vision_tower=full"),
+        (["model.freeze_llm=true"], "parts.llm=frozen"),
+        (["peft.lora_vision_tower=true"], "parts.vision_tower=lora"),
+        (["peft.lora_llm=false"], "parts.llm=frozen"),
+        (["peft=none"], "parts.llm=full export.after_training=false"),
+        (["peft.method=none"], "parts.llm=full export.after_training=false"),
+        (["trainer.vision_tower_lr=2e-5"], "parts.vision_tower_lr=2e-5"),
+        (["trainer.merger_lr=1e-5"], "parts.merger_lr=1e-5"),
+    ],
 )
 def test_replaced_keys_fail_with_the_new_spelling(overrides, new_spelling):
     with pytest.raises(ConfigError, match=re.escape(new_spelling)):
@@ -128,8 +151,7 @@ def test_a_recipe_file_with_a_replaced_key_names_the_new_spelling(tmp_path, monk
 
     recipes = tmp_path / "recipes"
     shutil.copytree(config_module.RECIPES_DIR, recipes)
-    (recipes / "experiment" / "old.yaml").write_text(
-        "# @package _global_\nname: old\nmodel:\n  freeze_merger: false\n")
+    (recipes / "experiment" / "old.yaml").write_text("# @package _global_\nname: old\nmodel:\n  freeze_merger: false\n")
     monkeypatch.setattr(config_module, "RECIPES_DIR", recipes)
     with pytest.raises(ConfigError, match=re.escape("model.freeze_merger=false is now `parts.merger=full`")):
         load_config(["experiment=old"])
@@ -180,8 +202,19 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
             torch.nn.init.normal_(param, std=0.1)
     encoder = ConversationEncoder(processors[family], vision_settings(config))
     image, video = [encoder.encode(s) for s in load_samples(mini_dataset(tmp_path / "d.json", per_task=1), DEMO)]
-    text = encoder.encode(record_to_sample({"messages": [{"role": "user", "content": "What is two plus two?"},
-                                                         {"role": "assistant", "content": "Four."}]}, 0, "text", DEMO))  # fmt: skip
+    text = encoder.encode(
+        record_to_sample(
+            {
+                "messages": [
+                    {"role": "user", "content": "What is two plus two?"},
+                    {"role": "assistant", "content": "Four."},
+                ]
+            },
+            0,
+            "text",
+            DEMO,
+        )
+    )
     calls = []
     vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
 
@@ -206,7 +239,8 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
         assert all(g.abs().max() == 0 for n, g in grads.items() if n not in plain_grads)
         # every trainable vision weight takes part in backward on every rank, media or not
         assert {n for n in grads if model_part(n) != "llm"} == {
-            n for n, p in model.named_parameters() if p.requires_grad and model_part(n) != "llm"}
+            n for n, p in model.named_parameters() if p.requires_grad and model_part(n) != "llm"
+        }
 
 
 @pytest.mark.parametrize("vision_too", [False, True])
@@ -216,11 +250,16 @@ def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_t
     extra = ["parts.vision_tower=lora", "parts.merger=full"] if vision_too else []
     runs = {}
     for checkpointing in (False, True):
-        options = [f"trainer.gradient_checkpointing={checkpointing}",
-                   f"trainer.gradient_checkpointing_vision_tower={checkpointing and vision_too}"]  # fmt: skip
+        options = [
+            f"trainer.gradient_checkpointing={checkpointing}",
+            f"trainer.gradient_checkpointing_vision_tower={checkpointing and vision_too}",
+        ]
         changed, _, after, trainer = _train(tmp_path / str(checkpointing), extra + options)
-        blocks = {name: m.gradient_checkpointing for name, m in trainer.model.named_modules()
-                  if name.endswith((".layers.0", ".layers.1", ".blocks.0", ".blocks.1"))}  # fmt: skip
+        blocks = {
+            name: m.gradient_checkpointing
+            for name, m in trainer.model.named_modules()
+            if name.endswith((".layers.0", ".layers.1", ".blocks.0", ".blocks.1"))
+        }
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         runs[checkpointing] = changed, {n: after[n].detach().clone() for n in changed}, blocks, losses
     (changed_off, weights_off, _, losses_off), (changed_on, weights_on, blocks_on, losses_on) = runs[False], runs[True]

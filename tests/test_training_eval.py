@@ -24,7 +24,10 @@ def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=5) + [
-        "evaluation.steps=2", "logger=tensorboard", "evaluation.batch_size=3"]  # fmt: skip
+        "evaluation.steps=2",
+        "logger=tensorboard",
+        "evaluation.batch_size=3",
+    ]
     result = run_module("finetune.train", overrides)
     assert "evaluating on 8 held-out samples every 2 steps and at the end" in result.stderr
 
@@ -36,8 +39,9 @@ def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path
     assert entry["eval_chance"] == pytest.approx((4 / 2 + 4 / 3) / 8)  # colour: 2 distinct answers, direction: 3
 
     events = [EventAccumulator(str(f)).Reload() for f in run_dir.rglob("events.out.tfevents.*")]
-    steps = sorted(e.step for acc in events if "eval/exact_match" in acc.Tags()["scalars"]
-                   for e in acc.Scalars("eval/exact_match"))  # fmt: skip
+    steps = sorted(
+        e.step for acc in events if "eval/exact_match" in acc.Tags()["scalars"] for e in acc.Scalars("eval/exact_match")
+    )
     assert steps == [2, 4, 5]
 
     for step in (2, 4, 5):

@@ -12,7 +12,12 @@ from tests.helpers import DEMO, REPO
 from tests.helpers.media_factory import write_dataset, write_image, write_video
 from tests.helpers.recipe_runs import run_module
 
-GOOD = {"messages": [{"role": "user", "content": "<image>What color is the shape?"}, {"role": "assistant", "content": "red"}]}
+GOOD = {
+    "messages": [
+        {"role": "user", "content": "<image>What color is the shape?"},
+        {"role": "assistant", "content": "red"},
+    ]
+}
 
 
 def _zero_frame_video(path):
@@ -51,13 +56,22 @@ def bad_dataset(tmp_path_factory):
 
 
 def _validate(overrides):
-    return subprocess.run([sys.executable, "-m", "finetune.validate", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.validate", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_validate_reports_every_problem_class(bad_dataset):
-    result = _validate([f"data.train={bad_dataset}", "data.eval=null", "evaluation.after_training=false",
-                        "data.max_length=128", "--split", "train"])  # fmt: skip
+    result = _validate(
+        [
+            f"data.train={bad_dataset}",
+            "data.eval=null",
+            "evaluation.after_training=false",
+            "data.max_length=128",
+            "--split",
+            "train",
+        ]
+    )
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
     assert "12 records, 2 usable samples, 10 with problems" in out
@@ -98,10 +112,19 @@ def test_validate_passes_the_demo():
 
 
 def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp_path, bad_dataset):
-    base = ["logger=none", f"data.train={bad_dataset}", "data.eval=null", "evaluation.after_training=false",
-            "data.max_length=128", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1",
-            "trainer.per_device_train_batch_size=2"]  # fmt: skip
-    refused = subprocess.run([sys.executable, "-m", "finetune.train", *base], cwd=REPO, capture_output=True, text=True, timeout=300)
+    base = [
+        "logger=none",
+        f"data.train={bad_dataset}",
+        "data.eval=null",
+        "evaluation.after_training=false",
+        "data.max_length=128",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.max_steps=1",
+        "trainer.per_device_train_batch_size=2",
+    ]
+    refused = subprocess.run(
+        [sys.executable, "-m", "finetune.train", *base], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode == 2
     assert "10 of 12 training samples cannot be trained on" in refused.stderr and "finetune.validate" in refused.stderr
     assert not (tmp_path / "run" / "adapter").exists()
@@ -112,5 +135,7 @@ def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp
 
 def test_demo_validates_with_full_decoding():
     result = _validate(["--decode", "--split", "eval"])
-    assert result.returncode == 0 and "eval: 200 records, 200 usable samples" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "eval: 200 records, 200 usable samples" in result.stdout, (
+        result.stdout + result.stderr
+    )
     assert DEMO.exists()

@@ -36,10 +36,18 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 PLACEHOLDER = re.compile(r"<(image|video)>")
-KNOWN_KEYS = {"id", "messages", "conversations", "images", "image", "videos", "video", "system",
-              *IMAGE_KEYS, *VIDEO_KEYS}  # fmt: skip
-
-
+KNOWN_KEYS = {
+    "id",
+    "messages",
+    "conversations",
+    "images",
+    "image",
+    "videos",
+    "video",
+    "system",
+    *IMAGE_KEYS,
+    *VIDEO_KEYS,
+}
 
 
 @dataclass
@@ -61,7 +69,9 @@ def resolve_media(path, media_root: Path, where: str):
     if not isinstance(path, str) or not path:
         raise DataError(f"{where}: media path must be a non-empty string, got {path!r}.")
     if re.match(r"^[a-z][a-z0-9+.-]*://", path) and not path.startswith("file://"):
-        raise DataError(f"{where}: remote media {path!r} is not supported; download it under the media root.", "missing_media")
+        raise DataError(
+            f"{where}: remote media {path!r} is not supported; download it under the media root.", "missing_media"
+        )
     path = path.removeprefix("file://")
     root = _real_folder(str(media_root))
     resolved = _real_path(os.path.join(root, path))
@@ -177,7 +187,9 @@ def _block_messages(record: dict, turns: list, where: str, media_root: Path) -> 
             if kind == "text":
                 text = block.get("text", "")
                 if not isinstance(text, str):
-                    raise DataError(f"{where}: turn {i} has a text block whose text is {type(text).__name__}, not a string.")
+                    raise DataError(
+                        f"{where}: turn {i} has a text block whose text is {type(text).__name__}, not a string."
+                    )
                 blocks.append({"type": "text", "text": text})
             elif kind in ("image", "video"):
                 options = {k: v for k, v in block.items() if k in (IMAGE_KEYS if kind == "image" else VIDEO_KEYS)}
@@ -210,7 +222,9 @@ def record_to_sample(record: dict, index: int, where: str, media_root: Path, req
         media = [b["type"] for b in message["content"] if b["type"] in ("image", "video")]
         if media and message["role"] != "user":
             # The target would become <|vision_start|><|vision_end|>: the model would learn to emit vision tokens.
-            raise DataError(f"{where}: turn {i} ({message['role']}) holds an {media[0]}; images and videos belong in "
-                            "user turns. Move the placeholder or media block into the user's question.",
-                            "placeholders")  # fmt: skip
+            raise DataError(
+                f"{where}: turn {i} ({message['role']}) holds an {media[0]}; images and videos belong in "
+                "user turns. Move the placeholder or media block into the user's question.",
+                "placeholders",
+            )
     return Sample(sample_id, messages, where, {k: v for k, v in record.items() if k not in KNOWN_KEYS})

@@ -69,8 +69,13 @@ class ImagePlan:
 
 
 class ConversationEncoder:
-    def __init__(self, processor, vision: VisionSettings, label_mode: LabelMode = LabelMode.ASSISTANT,
-                 max_length: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        processor,
+        vision: VisionSettings,
+        label_mode: LabelMode = LabelMode.ASSISTANT,
+        max_length: int | None = None,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.vision = vision
@@ -118,9 +123,11 @@ class ConversationEncoder:
         try:
             return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja and template errors: a turn layout the template does not accept
-            raise DataError(f"{sample.source}: the chat template cannot render this conversation ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}). Check the order of its turns.",
-                            "structure") from err  # fmt: skip
+            raise DataError(
+                f"{sample.source}: the chat template cannot render this conversation ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Check the order of its turns.",
+                "structure",
+            ) from err
 
     def segments(self, sample: Sample, generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, trained) pieces: each assistant reply with its end-of-turn token is
@@ -130,9 +137,11 @@ class ConversationEncoder:
         messages = sample.messages
         first = next((m["role"] for m in messages if m["role"] != "system"), None)
         if first is not None and first != "user":
-            raise DataError(f"{sample.source}: the conversation starts with an {first} turn; after an optional system "
-                            "turn the first turn must be the user's. Add the user's question before it.",
-                            "structure")  # fmt: skip
+            raise DataError(
+                f"{sample.source}: the conversation starts with an {first} turn; after an optional system "
+                "turn the first turn must be the user's. Add the user's question before it.",
+                "structure",
+            )
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         trained_turns = set(assistant_turns[-1:] if self.label_mode is LabelMode.LAST_ASSISTANT else assistant_turns)
         self._template_keeps_replies()  # probed once
@@ -152,8 +161,10 @@ class ConversationEncoder:
     def _end_of_turn(self) -> str | None:
         """What the template writes after an assistant reply (`<|im_end|>\\n` for Qwen), or None if it cannot tell."""
         if not hasattr(self, "_end_of_turn_text"):
-            probe = [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-                     {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(0)}]}]  # fmt: skip
+            probe = [
+                {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(0)}]},
+            ]
             try:
                 text = self.processor.apply_chat_template(probe, tokenize=False)
                 self._end_of_turn_text = text.split(_REPLY_MARK.format(0), 1)[1]
@@ -167,21 +178,34 @@ class ConversationEncoder:
         reasoning blocks in earlier turns, markup and template syntax, non-ASCII; otherwise every conversation's
         marker layout is checked against its plain render."""
         if not hasattr(self, "_keeps_replies"):
-            replies = ["  spaced reply  ", "line one\nline two\n\n", "<think>\nreasoning\n</think>\n\nanswer",
-                       "quotes \" ' & < > {{ x }} {% if %}", "é 日本 🙂", "last"]  # fmt: skip
+            replies = [
+                "  spaced reply  ",
+                "line one\nline two\n\n",
+                "<think>\nreasoning\n</think>\n\nanswer",
+                "quotes \" ' & < > {{ x }} {% if %}",
+                "é 日本 🙂",
+                "last",
+            ]
             turns = [{"role": "system", "content": [{"type": "text", "text": "S"}]}]
             for k, reply in enumerate(replies):
-                turns += [{"role": "user", "content": [{"type": "text", "text": f"question {k}"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": reply}]}]  # fmt: skip
+                turns += [
+                    {"role": "user", "content": [{"type": "text", "text": f"question {k}"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+                ]
             answers = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
             self._keeps_replies = False  # while probing, every layout is checked against the plain render
             try:
                 checks = [
-                    self._segments_by_markers(Sample("probe", turns[:cut], "the chat template probe"),
-                                              [i for i in answers if i < cut], set(), generation_prompt) is not None
+                    self._segments_by_markers(
+                        Sample("probe", turns[:cut], "the chat template probe"),
+                        [i for i in answers if i < cut],
+                        set(),
+                        generation_prompt,
+                    )
+                    is not None
                     for cut in (len(turns), len(turns) - 1)  # ending with a reply, and with a question
                     for generation_prompt in (False, True)
-                ]  # fmt: skip
+                ]
                 self._keeps_replies = all(checks)
             except Exception:  # a template that cannot render the probe: check every conversation
                 self._keeps_replies = False
@@ -225,7 +249,10 @@ class ConversationEncoder:
                     "rewrite earlier turns).",
                     "structure",
                 )
-            pieces += [(prefix[len(done) :], False), *self._reply_piece(sample, i, full[len(prefix) :], i in trained_turns)]
+            pieces += [
+                (prefix[len(done) :], False),
+                *self._reply_piece(sample, i, full[len(prefix) :], i in trained_turns),
+            ]
             done = full
         tail = self._render(messages, generation_prompt, sample)
         pieces.append((tail[len(done) :], False))
@@ -238,7 +265,9 @@ class ConversationEncoder:
         tokenized = self._tokenize([text for text, _ in pieces])
         for (_, trained), piece in zip(pieces, tokenized):
             ids += piece
-            labels += [t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece]
+            labels += [
+                t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
+            ]
         return ids, labels
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -353,7 +382,9 @@ def _check_grids(sample: Sample, vision: dict, image_plans: list[ImagePlan], vid
     """The processor's grids must be the ones our plan counted tokens for (an internal consistency check)."""
     planned = [(1, p.height // PATCH, p.width // PATCH) for p in image_plans]
     got = [tuple(g) for g in vision.get("image_grid_thw", torch.empty(0, 3)).tolist()]
-    planned_v = [(-(-len(plan.indices) // FRAME_FACTOR), plan.height // PATCH, plan.width // PATCH) for _, plan in video_plans]
+    planned_v = [
+        (-(-len(plan.indices) // FRAME_FACTOR), plan.height // PATCH, plan.width // PATCH) for _, plan in video_plans
+    ]
     got_v = [tuple(g) for g in vision.get("video_grid_thw", torch.empty(0, 3)).tolist()]
     if planned != got or planned_v != got_v:
         raise RuntimeError(f"{sample.source}: processor grids {got}/{got_v} differ from the plan {planned}/{planned_v}")

@@ -105,11 +105,19 @@ def probe_video(video, frames_fps: float | None = None) -> VideoInfo:
         if not files:
             raise ValueError(f"no frame images in {video}")
         if not frames_fps or frames_fps <= 0:
-            raise ValueError("a folder or list of frames needs the rate it was extracted at: set `frames_fps` on the "
-                             "video (or the sample), or data.frames_fps")  # fmt: skip
+            raise ValueError(
+                "a folder or list of frames needs the rate it was extracted at: set `frames_fps` on the "
+                "video (or the sample), or data.frames_fps"
+            )
         width, height = probe_image(files[0])
-        return VideoInfo(str(video if isinstance(video, str) else Path(files[0]).parent), len(files),
-                         float(frames_fps), width, height, files)  # fmt: skip
+        return VideoInfo(
+            str(video if isinstance(video, str) else Path(files[0]).parent),
+            len(files),
+            float(frames_fps),
+            width,
+            height,
+            files,
+        )
     raise FileNotFoundError(f"no such video file or frame folder: {video}")
 
 

@@ -16,19 +16,19 @@ from finetune.data.errors import DataError
 
 FIXES = {
     "missing_media": "Check the path (media paths are relative to the dataset file's folder or data.media_root) or "
-                     "remove the sample.",
+    "remove the sample.",
     "unreadable_media": "Make the file readable by the user running training.",
     "bad_image": "The file is truncated or not an image: re-save it (e.g. `convert in.jpg out.jpg`) or remove the "
-                 "sample.",
+    "sample.",
     "image_too_large": "Downscale it (e.g. `convert in.png -resize '8000x8000>' out.png`): Pillow refuses images "
-                       "this large as a possible decompression bomb.",
+    "this large as a possible decompression bomb.",
     "bad_video": "The file is truncated or corrupt: re-encode it (e.g. `ffmpeg -i in.mp4 -c:v libx264 out.mp4`) or "
-                 "remove the sample. `python -m finetune.validate --decode` lists every such file.",
+    "remove the sample. `python -m finetune.validate --decode` lists every such file.",
     "too_few_frames": "A video needs at least 2 frames (Qwen encodes frames in pairs); if it is a still image, list it "
-                      "as an image.",
+    "as an image.",
     "aspect_ratio": "Crop or pad it: Qwen-VL refuses images and frames more than 200 times wider than tall (or the "
-                    "reverse).",
-}  # fmt: skip
+    "reverse).",
+}
 
 
 def _reason(err: Exception) -> str:

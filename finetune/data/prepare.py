@@ -112,9 +112,13 @@ def prepare_split(value, settings: SplitSettings, encoder: ConversationEncoder, 
         stores.append(stored)
         read += len(stored)
         if not len(stored):
-            problems["empty_dataset"].append(DataError(f"{source.path}: no records at all (an empty list or file). "
-                                                       "Point data.train/data.eval at the right file.",
-                                                       "empty_dataset"))  # fmt: skip
+            problems["empty_dataset"].append(
+                DataError(
+                    f"{source.path}: no records at all (an empty list or file). "
+                    "Point data.train/data.eval at the right file.",
+                    "empty_dataset",
+                )
+            )
         totals = stored.text + stored.image + stored.video
         cuts = {}  # row -> (messages kept, their count)
         for row in np.flatnonzero(np.array([k is not None for k in stored.error_kind], dtype=bool)).tolist():
@@ -128,9 +132,13 @@ def prepare_split(value, settings: SplitSettings, encoder: ConversationEncoder, 
                 cuts[row] = fitted
                 shortened += 1
                 continue
-            problems["too_long"].append(DataError(
-                f"{sample.source}: {totals[row]} tokens (text {stored.text[row]}, image {stored.image[row]}, video "
-                f"{stored.video[row]}), {totals[row] - limit} over data.max_length={limit}", "too_long"))  # fmt: skip
+            problems["too_long"].append(
+                DataError(
+                    f"{sample.source}: {totals[row]} tokens (text {stored.text[row]}, image {stored.image[row]}, video "
+                    f"{stored.video[row]}), {totals[row] - limit} over data.max_length={limit}",
+                    "too_long",
+                )
+            )
         rows = np.flatnonzero(usable & ~over)
         rows = np.union1d(rows, np.array(sorted(cuts), dtype=np.int64))  # sorted: the shortened ones join in place
         part_tokens = {name: getattr(stored, name)[rows].astype(np.int64) for name in ("text", "image", "video")}
@@ -155,8 +163,16 @@ def prepare_split(value, settings: SplitSettings, encoder: ConversationEncoder, 
     cuts_by_sample = {int(i): int(keep_all[i]) for i in np.flatnonzero(keep_all >= 0)}
     samples = SampleTable([s.records_file for s in stores], pairs, cuts_by_sample, [s.records for s in stores])
     per_file = {str(source.path): len(rows) for source, (rows, _, _) in zip(sources, kept)}
-    return PreparedSplit(samples, tokens, dict(problems), read, [str(s.records_file) for s in stores], shortened,
-                         per_file, sum(s.counted for s in stores))  # fmt: skip
+    return PreparedSplit(
+        samples,
+        tokens,
+        dict(problems),
+        read,
+        [str(s.records_file) for s in stores],
+        shortened,
+        per_file,
+        sum(s.counted for s in stores),
+    )
 
 
 def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str:
@@ -172,14 +188,18 @@ def format_problems(problems: dict[str, list[DataError]], first: int = 3) -> str
 def require_clean(split: PreparedSplit, name: str, skip_invalid: bool, logger) -> None:
     """Stop on problems (the default) or report the skipped samples (data.skip_invalid=true)."""
     if split.shortened:
-        logger.warning("%d %s samples lost trailing turns to fit data.max_length (data.over_length="
-                       "drop_trailing_turns)", split.shortened, name)  # fmt: skip
+        logger.warning(
+            "%d %s samples lost trailing turns to fit data.max_length (data.over_length=drop_trailing_turns)",
+            split.shortened,
+            name,
+        )
     if not split.num_problems:
         return
     report = format_problems(split.problems)
     if skip_invalid:
-        logger.warning("skipping %d of %d %s samples (data.skip_invalid=true):\n%s", split.num_problems, split.read,
-                       name, report)  # fmt: skip
+        logger.warning(
+            "skipping %d of %d %s samples (data.skip_invalid=true):\n%s", split.num_problems, split.read, name, report
+        )
         return
     raise DataError(
         f"{split.num_problems} of {split.read} {name} samples cannot be trained on:\n{report}\n"

@@ -69,8 +69,13 @@ def iter_records(path: Path):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    yield where, DataError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                           f"{err.start + 1}). Re-save the file as UTF-8.")  # fmt: skip
+                    yield (
+                        where,
+                        DataError(
+                            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                            f"{err.start + 1}). Re-save the file as UTF-8."
+                        ),
+                    )
                     continue
                 if line.strip():
                     try:
@@ -81,12 +86,16 @@ def iter_records(path: Path):
         try:
             records = json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text (byte offset {err.start}). Re-save the file as UTF-8, or as "
-                            "JSONL so that one bad line costs only that line.") from None  # fmt: skip
+            raise DataError(
+                f"{path}: not UTF-8 text (byte offset {err.start}). Re-save the file as UTF-8, or as "
+                "JSONL so that one bad line costs only that line."
+            ) from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
         if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(records).__name__}.")
+            raise DataError(
+                f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(records).__name__}."
+            )
         for i, record in enumerate(records):
             yield f"{path}[{i}]", record
     else:
@@ -102,14 +111,17 @@ def to_sample(record, index: int, where: str, root: Path) -> Sample:
     except DataError:
         raise
     except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
-        raise DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, for the "
-                        "formats read.", "format") from None  # fmt: skip
+        raise DataError(
+            f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, for the formats read.",
+            "format",
+        ) from None
 
 
 def duplicate_id(where: str, sample_id: str, first: str) -> DataError:
     """Reports, skips and predictions name samples by id: it must be unique."""
-    return DataError(f"{where}: id {sample_id!r} is used again (first at {first}). Give every sample its own id.",
-                     "duplicate_id")  # fmt: skip
+    return DataError(
+        f"{where}: id {sample_id!r} is used again (first at {first}). Give every sample its own id.", "duplicate_id"
+    )
 
 
 def read_source(source: DatasetSource) -> tuple[list[Sample], list[DataError]]:

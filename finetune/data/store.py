@@ -38,15 +38,29 @@ STORE_VERSION = 1  # of the records file layout and of reading (finetune/data/co
 COUNT_VERSION = 3  # of counting: 2 = MKV/WebM frame rates from the timestamp span (finetune/data/media.py)
 _BATCH = 8192  # records per Arrow record batch
 
-RECORD_SCHEMA = pa.schema([
-    ("id", pa.string()), ("where", pa.string()), ("messages", pa.large_string()), ("extra", pa.string()),
-    ("key", pa.string()), ("media", pa.list_(pa.string())), ("n_images", pa.int32()), ("n_videos", pa.int32()),
-    ("error_kind", pa.string()), ("error", pa.string()),
-])  # fmt: skip
-COUNT_SCHEMA = pa.schema([
-    ("text", pa.int32()), ("image", pa.int32()), ("video", pa.int32()), ("error_kind", pa.string()),
-    ("error", pa.string()),
-])  # fmt: skip
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("where", pa.string()),
+        ("messages", pa.large_string()),
+        ("extra", pa.string()),
+        ("key", pa.string()),
+        ("media", pa.list_(pa.string())),
+        ("n_images", pa.int32()),
+        ("n_videos", pa.int32()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+COUNT_SCHEMA = pa.schema(
+    [
+        ("text", pa.int32()),
+        ("image", pa.int32()),
+        ("video", pa.int32()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 MEDIA_SCHEMA = pa.schema([("path", pa.string()), ("stamp", pa.string())])
 
 
@@ -63,7 +77,9 @@ def store_dir(source: DatasetSource) -> Path:
 
 
 def _file_stamp(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    )
     stamps = []
     for file in files:
         st = file.stat()
@@ -119,9 +135,18 @@ def _add(batch: dict, sample_id, where, messages=None, extra=None, error: DataEr
                 n_images += kind == "image"
                 n_videos += kind == "video"
     text = json.dumps(messages, ensure_ascii=False, separators=(",", ":")) if messages else None
-    values = (sample_id, where, text, json.dumps(extra or {}, ensure_ascii=False),
-              hashlib.sha1(text.encode()).hexdigest()[:16] if text else None, media, n_images, n_videos,
-              error.kind if error else None, str(error) if error else None)  # fmt: skip
+    values = (
+        sample_id,
+        where,
+        text,
+        json.dumps(extra or {}, ensure_ascii=False),
+        hashlib.sha1(text.encode()).hexdigest()[:16] if text else None,
+        media,
+        n_images,
+        n_videos,
+        error.kind if error else None,
+        str(error) if error else None,
+    )
     for name, value in zip(RECORD_SCHEMA.names, values):
         batch[name].append(value)
     batch["location"].append(None)  # set for samples (duplicate ids are named by it)
@@ -174,7 +199,9 @@ def read_records(source: DatasetSource, num_proc: int = 1):
         pool = multiprocessing.get_context("fork").Pool(num_proc, _set_worker_root, (source.root,))
     with pool if pool is not None else nullcontext():
         chunks = _chunks(source, _BATCH)
-        batches = pool.imap(_convert_in_worker, chunks) if pool is not None else (_convert(c, source.root) for c in chunks)
+        batches = (
+            pool.imap(_convert_in_worker, chunks) if pool is not None else (_convert(c, source.root) for c in chunks)
+        )
         for batch in batches:
             locations = batch.pop("location")
             for row, sample_id in enumerate(batch["id"]):
@@ -295,12 +322,18 @@ class StoredSource:
         return self.records.num_rows
 
 
-def _aligned_counts(records: pa.Table, old_counts: pa.Table | None, old_records: pa.Table | None,
-                    changed_media: set[str]) -> tuple[dict, list[int]]:  # fmt: skip
+def _aligned_counts(
+    records: pa.Table, old_counts: pa.Table | None, old_records: pa.Table | None, changed_media: set[str]
+) -> tuple[dict, list[int]]:
     """Counts reused from the previous store by record key (unless a media file changed), and the rows to count."""
     n = records.num_rows
-    counts = {"text": np.zeros(n, np.int32), "image": np.zeros(n, np.int32), "video": np.zeros(n, np.int32),
-              "error_kind": [None] * n, "error": [None] * n}  # fmt: skip
+    counts = {
+        "text": np.zeros(n, np.int32),
+        "image": np.zeros(n, np.int32),
+        "video": np.zeros(n, np.int32),
+        "error_kind": [None] * n,
+        "error": [None] * n,
+    }
     keys = records.column("key").to_pylist()
     read_errors = records.column("error_kind").to_pylist()
     known: dict[str, int] = {}
@@ -355,8 +388,10 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
     changed, stamps, stored = _changed_media(media_file, records)
     if old_records_name == records_file.name and not changed:
         counts = {name: old_counts.column(name) for name in COUNT_SCHEMA.names}
-        counts = {k: (v.to_numpy(zero_copy_only=False).astype(np.int32) if k in ("text", "image", "video")
-                      else v.to_pylist()) for k, v in counts.items()}  # fmt: skip
+        counts = {
+            k: (v.to_numpy(zero_copy_only=False).astype(np.int32) if k in ("text", "image", "video") else v.to_pylist())
+            for k, v in counts.items()
+        }
         to_count = []
     else:
         old_records = None
@@ -365,17 +400,26 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
         counts, to_count = _aligned_counts(records, old_counts, old_records, changed if stored else set())
         share = np.array_split(np.array(to_count, dtype=np.int64), world)[rank].tolist()
         procs = num_proc or default_num_proc()
-        mine = count_rows(records_file, share, encoder, procs,
-                          f"token pre-pass {source.path.name}" + (f" (rank {rank}: {len(share)} of {len(to_count)})"
-                                                                  if world > 1 else ""))  # fmt: skip
+        mine = count_rows(
+            records_file,
+            share,
+            encoder,
+            procs,
+            f"token pre-pass {source.path.name}"
+            + (f" (rank {rank}: {len(share)} of {len(to_count)})" if world > 1 else ""),
+        )
         for part_rows, part in _all_gather((share, mine)):
             for name in COUNT_SCHEMA.names:
                 values = part[name]
                 for row, value in zip(part_rows, values):
                     counts[name][row] = value
         if writes:
-            write_table(counts_file, [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in counts.items()}],
-                        COUNT_SCHEMA, {"records": records_file.name})  # fmt: skip
+            write_table(
+                counts_file,
+                [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in counts.items()}],
+                COUNT_SCHEMA,
+                {"records": records_file.name},
+            )
             write_table(media_file, [{"path": list(stamps), "stamp": list(stamps.values())}], MEDIA_SCHEMA)
             _remove_stale(folder, keep={records_file.name, counts_file.name, media_file.name})
     read_kind = records.column("error_kind").to_pylist()
@@ -388,8 +432,17 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
             kind = counts["error_kind"][row]
             errors[row] = DataError(counts["error"][row], kind)
         error_kind.append(kind)
-    return StoredSource(source, records, np.asarray(counts["text"], np.int32), np.asarray(counts["image"], np.int32),
-                        np.asarray(counts["video"], np.int32), error_kind, errors, records_file, len(to_count))  # fmt: skip
+    return StoredSource(
+        source,
+        records,
+        np.asarray(counts["text"], np.int32),
+        np.asarray(counts["image"], np.int32),
+        np.asarray(counts["video"], np.int32),
+        error_kind,
+        errors,
+        records_file,
+        len(to_count),
+    )
 
 
 def _remove_stale(folder: Path, keep: set[str]) -> None:
@@ -432,8 +485,9 @@ class SampleTable:
         part, row = self._order[i]
         chunks, starts = self._columns[part]
         at = bisect.bisect_right(starts, row) - 1  # the record batch holding the row, found once per sample
-        sample_id, where, messages, extra = (chunks[name][at][row - starts[at]].as_py()
-                                             for name in ("id", "where", "messages", "extra"))  # fmt: skip
+        sample_id, where, messages, extra = (
+            chunks[name][at][row - starts[at]].as_py() for name in ("id", "where", "messages", "extra")
+        )
         messages = json.loads(messages)
         if i in self._cuts:
             messages = messages[: self._cuts[i]]

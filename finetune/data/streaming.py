@@ -55,10 +55,22 @@ def shard_records(sources: list[DatasetSource], shard: int, shards: int):
 class StreamingBatches(torch.utils.data.IterableDataset):
     """Infinite training batches of one rank, built as the module docstring says."""
 
-    def __init__(self, sources: list[DatasetSource], encoder, collator, *, budget: int, packing: bool,
-                 rows_per_batch: int, seed: int, rank: int, world_size: int, buffer_size: int,
-                 over_length: OverLength,
-                 skip_batches: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        sources: list[DatasetSource],
+        encoder,
+        collator,
+        *,
+        budget: int,
+        packing: bool,
+        rows_per_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        buffer_size: int,
+        over_length: OverLength,
+        skip_batches: int = 0,
+    ):
         super().__init__()
         self.sources, self.encoder, self.collator = sources, encoder, collator  # a RowCollator
         self.budget, self.packing, self.rows_per_batch, self.seed = budget, packing, rows_per_batch, seed
@@ -73,15 +85,24 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 sample = to_sample(record, number, where, source.root)
                 count = self.encoder.count_tokens(sample)
                 if count.total > self.budget:
-                    fitted = drop_trailing_turns(sample, self.encoder, self.budget) if self.drop_trailing_turns else None
+                    fitted = (
+                        drop_trailing_turns(sample, self.encoder, self.budget) if self.drop_trailing_turns else None
+                    )
                     if fitted is None:
-                        raise DataError(f"{sample.source}: {count.total} tokens, over the {self.budget}-token limit.",
-                                        "too_long")  # fmt: skip
+                        raise DataError(
+                            f"{sample.source}: {count.total} tokens, over the {self.budget}-token limit.", "too_long"
+                        )
                     sample = Sample(sample.id, sample.messages[: fitted[0]], sample.source, sample.extra)
                     count = fitted[1]
             except DataError as err:
-                problems.append({"id": str(record.get("id", number)) if isinstance(record, dict) else str(number),
-                                 "source": where, "kind": err.kind, "error": str(err)})  # fmt: skip
+                problems.append(
+                    {
+                        "id": str(record.get("id", number)) if isinstance(record, dict) else str(number),
+                        "source": where,
+                        "kind": err.kind,
+                        "error": str(err),
+                    }
+                )
                 continue
             yield sample, count.total
 
@@ -110,9 +131,11 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                     buffer, buffer_number = [], buffer_number + 1
                 yield from self._full_batches(pending)
             if not seen:
-                raise DataError(f"streaming: rank {self.rank} of {self.world_size} found no usable sample in its share "
-                                "of the records (every world_size-th record). Check the data with python -m "
-                                "finetune.validate, or use data.streaming=false.")  # fmt: skip
+                raise DataError(
+                    f"streaming: rank {self.rank} of {self.world_size} found no usable sample in its share "
+                    "of the records (every world_size-th record). Check the data with python -m "
+                    "finetune.validate, or use data.streaming=false."
+                )
             if buffer:
                 pending += self._rows(buffer, pass_number, buffer_number)
             yield from self._full_batches(pending)

@@ -21,8 +21,18 @@ PATCH, MERGE, FRAME_FACTOR = 14, 2, 2
 FACTOR = PATCH * MERGE
 MAX_RATIO = 200
 IMAGE_KEYS = ("min_pixels", "max_pixels")
-VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
-              "video_start", "video_end", "frames_fps")  # fmt: skip
+VIDEO_KEYS = (
+    "fps",
+    "nframes",
+    "min_frames",
+    "max_frames",
+    "min_pixels",
+    "max_pixels",
+    "total_pixels",
+    "video_start",
+    "video_end",
+    "frames_fps",
+)
 
 
 def _round_by(n: float, f: int) -> int:
@@ -37,7 +47,9 @@ def _floor_by(n: float, f: int) -> int:
     return math.floor(n / f) * f
 
 
-def smart_resize(height: int, width: int, min_pixels: float, max_pixels: float, factor: int = FACTOR) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, min_pixels: float, max_pixels: float, factor: int = FACTOR
+) -> tuple[int, int]:
     """(height, width) as multiples of `factor` with min_pixels <= h*w <= max_pixels, aspect ratio kept."""
     if min(height, width) <= 0:
         raise ValueError(f"image size {width}x{height} is empty")
@@ -122,8 +134,9 @@ class VideoSpec:
         if self.video_end is not None:
             end = min(math.floor(max(0.0, min(self.video_end, duration)) * fps), total - 1)
         if start >= end:
-            raise ValueError(f"video_start={self.video_start}/video_end={self.video_end} leave no frames "
-                             f"in a {duration:.2f} s video")  # fmt: skip
+            raise ValueError(
+                f"video_start={self.video_start}/video_end={self.video_end} leave no frames in a {duration:.2f} s video"
+            )
         return start, end
 
     def nframes_for(self, total: int, fps: float) -> int:

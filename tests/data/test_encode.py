@@ -21,9 +21,16 @@ from tests.helpers.random_data import build_media_pool, random_record
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 N_SAMPLES = 500
 # video_max_pixels is qwen-vl-utils' fixed VIDEO_MAX_TOKEN_NUM (768 tokens): the reference has no knob for it.
-SETTINGS = VisionSettings(min_pixels=4 * 784, max_pixels=256 * 784, video_fps=2.0, video_min_frames=4,
-                          video_max_frames=64, video_min_pixels=16 * 784, video_max_pixels=768 * 784,
-                          video_total_pixels=4096 * 784)  # fmt: skip
+SETTINGS = VisionSettings(
+    min_pixels=4 * 784,
+    max_pixels=256 * 784,
+    video_fps=2.0,
+    video_min_frames=4,
+    video_max_frames=64,
+    video_min_pixels=16 * 784,
+    video_max_pixels=768 * 784,
+    video_total_pixels=4096 * 784,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +56,26 @@ def _reference(processor, sample):
                 content.append({"image": block["image"], "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels})
             elif block["type"] == "video":
                 spec = SETTINGS.video_spec(block)
-                item = {"video": block["video"], "min_pixels": spec.min_pixels, "total_pixels": spec.total_pixels,
-                        "min_frames": spec.min_frames, "max_frames": spec.max_frames}  # fmt: skip
+                item = {
+                    "video": block["video"],
+                    "min_pixels": spec.min_pixels,
+                    "total_pixels": spec.total_pixels,
+                    "min_frames": spec.min_frames,
+                    "max_frames": spec.max_frames,
+                }
                 item.update({"nframes": spec.nframes} if spec.nframes is not None else {"fps": spec.fps})
                 item.update({k: block[k] for k in ("max_pixels", "video_start", "video_end") if k in block})
                 content.append(item)
-    images, videos, _ = process_vision_info([{"role": "user", "content": content}], return_video_kwargs=True,
-                                            return_video_metadata=True)  # fmt: skip
+    images, videos, _ = process_vision_info(
+        [{"role": "user", "content": content}], return_video_kwargs=True, return_video_metadata=True
+    )
     kwargs = {"images": images, "images_kwargs": {"do_resize": False}}
     if videos:
-        kwargs.update(videos=[v for v, _ in videos], video_metadata=[VideoMetadata(**m) for _, m in videos],
-                      videos_kwargs={"do_resize": False, "do_sample_frames": False})  # fmt: skip
+        kwargs.update(
+            videos=[v for v, _ in videos],
+            video_metadata=[VideoMetadata(**m) for _, m in videos],
+            videos_kwargs={"do_resize": False, "do_sample_frames": False},
+        )
     text = processor.apply_chat_template(sample.messages, tokenize=False)
     return processor(text=[text], return_tensors="pt", **kwargs)
 
@@ -78,8 +94,10 @@ def _torchcodec_works(path) -> bool:
 def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, media_pool, random_samples, family):
     root, _, videos = media_pool
     if not _torchcodec_works(str(root / videos[0])):
-        pytest.fail("qwen-vl-utils reads videos with torchcodec, which needs the system FFmpeg libraries "
-                    "(./launch.sh installs them with apt-get; or install ffmpeg by hand)")  # fmt: skip
+        pytest.fail(
+            "qwen-vl-utils reads videos with torchcodec, which needs the system FFmpeg libraries "
+            "(./launch.sh installs them with apt-get; or install ffmpeg by hand)"
+        )
     processor = processors[family]
     encoder = ConversationEncoder(processor, SETTINGS)
     compared = refused = videos_seen = 0
@@ -105,7 +123,9 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
                 assert getattr(ours, key) is None, (sample.id, key)
         if family == "qwen2_5_vl" and "second_per_grid_ts" in ref:
             # The processor stores it as float32; the collator does too.
-            assert torch.equal(torch.tensor(ours.second_per_grid_ts, dtype=torch.float32), ref["second_per_grid_ts"]), sample.id
+            assert torch.equal(torch.tensor(ours.second_per_grid_ts, dtype=torch.float32), ref["second_per_grid_ts"]), (
+                sample.id
+            )
             videos_seen += len(ours.second_per_grid_ts)
         assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
         compared += 1
@@ -116,15 +136,21 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_cover_exactly_the_assistant_replies(processors, random_samples, family):
     processor, decode = processors[family], processors[family].tokenizer.decode
-    sample = Sample("m", [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Look"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Seen."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Again?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Yes, 0 times."}]},
-    ], "x.json[0]")  # fmt: skip
-    for mode, expected in [("assistant", ["Seen.<|im_end|>", "Yes, 0 times.<|im_end|>"]),
-                           ("last_assistant", ["Yes, 0 times.<|im_end|>"])]:  # fmt: skip
+    sample = Sample(
+        "m",
+        [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Look"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Seen."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Again?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes, 0 times."}]},
+        ],
+        "x.json[0]",
+    )
+    for mode, expected in [
+        ("assistant", ["Seen.<|im_end|>", "Yes, 0 times.<|im_end|>"]),
+        ("last_assistant", ["Yes, 0 times.<|im_end|>"]),
+    ]:
         encoded = ConversationEncoder(processor, SETTINGS, label_mode=mode).encode(sample)
         spans, current = [], []
         for token, label in zip(encoded.input_ids, encoded.labels):
@@ -150,8 +176,14 @@ def test_too_long_sample_is_refused_not_truncated(processors, random_samples):
 
 
 def test_empty_assistant_turn_is_refused(processors):
-    sample = Sample("e", [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": ""}]}], "x.json[0]")  # fmt: skip
+    sample = Sample(
+        "e",
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+        ],
+        "x.json[0]",
+    )
     with pytest.raises(DataError, match="assistant turn 1 is empty") as info:
         ConversationEncoder(processors["qwen2_vl"], SETTINGS).encode(sample)
     assert info.value.kind == "empty_turn"
@@ -203,8 +235,14 @@ def test_a_template_that_rewrites_replies_falls_back_to_turn_by_turn(processors)
     processor = copy.deepcopy(processors["qwen2_vl"])
     processor.chat_template = processor.chat_template.replace("{{ content['text'] }}", "{{ content['text'] | trim }}")
     encoder = ConversationEncoder(processor, SETTINGS)
-    sample = Sample("t", [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "  padded reply  "}]}], "x[0]")  # fmt: skip
+    sample = Sample(
+        "t",
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "  padded reply  "}]},
+        ],
+        "x[0]",
+    )
     assert not encoder._template_keeps_replies()  # so every conversation's layout is checked
     assert encoder._segments_by_markers(sample, [1], {1}, False) is None
     assert ("padded reply<|im_end|>", True) in encoder.segments(sample)

@@ -20,7 +20,9 @@ def _shape(sample, root):
     for m in sample.messages:
         blocks = []
         for b in m["content"]:
-            value = b["text"] if b["type"] == "text" else str(__import__("pathlib").Path(b[b["type"]]).relative_to(root))
+            value = (
+                b["text"] if b["type"] == "text" else str(__import__("pathlib").Path(b[b["type"]]).relative_to(root))
+            )
             blocks.append((b["type"], value))
         out.append((m["role"], blocks))
     return out
@@ -35,24 +37,60 @@ def media(tmp_path):
 
 
 RECORDS = {
-    "sharegpt_messages": {"messages": [{"role": "user", "content": "<image>What is this?"},
-                                       {"role": "assistant", "content": "A gradient."}], "images": ["a.png"]},
-    "sharegpt_from_value": {"conversations": [{"from": "human", "value": "<image>What is this?"},
-                                              {"from": "gpt", "value": "A gradient."}], "images": ["a.png"]},
-    "llava_string": {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>What is this?"},
-                                                                   {"from": "gpt", "value": "A gradient."}]},
-    "qwen_images": {"images": ["a.png"], "conversations": [{"from": "user", "value": "<image>What is this?"},
-                                                           {"from": "assistant", "value": "A gradient."}]},
-    "hf_blocks": {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
-                                                            {"type": "text", "text": "What is this?"}]},
-                               {"role": "assistant", "content": [{"type": "text", "text": "A gradient."}]}]},
-    "openai_image_url": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file://a.png"}},
-                                                                   {"type": "text", "text": "What is this?"}]},
-                                      {"role": "assistant", "content": "A gradient."}]},
-    "hf_path_key": {"messages": [{"role": "user", "content": [{"type": "image", "path": "a.png"},
-                                                              {"type": "text", "text": "What is this?"}]},
-                                 {"role": "assistant", "content": [{"type": "text", "text": "A gradient."}]}]},
-}  # fmt: skip
+    "sharegpt_messages": {
+        "messages": [
+            {"role": "user", "content": "<image>What is this?"},
+            {"role": "assistant", "content": "A gradient."},
+        ],
+        "images": ["a.png"],
+    },
+    "sharegpt_from_value": {
+        "conversations": [{"from": "human", "value": "<image>What is this?"}, {"from": "gpt", "value": "A gradient."}],
+        "images": ["a.png"],
+    },
+    "llava_string": {
+        "id": "1",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>What is this?"}, {"from": "gpt", "value": "A gradient."}],
+    },
+    "qwen_images": {
+        "images": ["a.png"],
+        "conversations": [
+            {"from": "user", "value": "<image>What is this?"},
+            {"from": "assistant", "value": "A gradient."},
+        ],
+    },
+    "hf_blocks": {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What is this?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A gradient."}]},
+        ]
+    },
+    "openai_image_url": {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "file://a.png"}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            },
+            {"role": "assistant", "content": "A gradient."},
+        ]
+    },
+    "hf_path_key": {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "What is this?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "A gradient."}]},
+        ]
+    },
+}
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
@@ -85,12 +123,21 @@ def test_file_types(media, kind):
 
 
 def test_multi_turn_system_mixed_media_and_options(media):
-    record = {"id": "s1", "task": "demo", "system": "Be brief.", "fps": 1.0, "max_pixels": 3136,
-              "messages": [{"role": "user", "content": "<image>Compare with <video>"},
-                           {"role": "assistant", "content": "Alike."},
-                           {"role": "user", "content": "And <image>?"},
-                           {"role": "assistant", "content": "Noise."}],
-              "images": ["a.png", "b.png"], "videos": ["v.mp4"]}  # fmt: skip
+    record = {
+        "id": "s1",
+        "task": "demo",
+        "system": "Be brief.",
+        "fps": 1.0,
+        "max_pixels": 3136,
+        "messages": [
+            {"role": "user", "content": "<image>Compare with <video>"},
+            {"role": "assistant", "content": "Alike."},
+            {"role": "user", "content": "And <image>?"},
+            {"role": "assistant", "content": "Noise."},
+        ],
+        "images": ["a.png", "b.png"],
+        "videos": ["v.mp4"],
+    }
     (sample,) = load_samples(write_dataset(media / "d.json", [record]))
     assert sample.id == "s1" and sample.extra == {"task": "demo"}
     assert [m["role"] for m in sample.messages] == ["system", "user", "assistant", "user", "assistant"]
@@ -103,10 +150,19 @@ def test_block_options_beat_sample_options_and_frame_lists_resolve(media):
     (media / "frames").mkdir()
     for i in range(4):
         write_image(media / "frames" / f"{i:05d}.png", 16, 16, seed=i)
-    record = {"fps": 2, "messages": [
-        {"role": "user", "content": [{"type": "video", "video": [f"frames/{i:05d}.png" for i in range(4)], "fps": 4, "frames_fps": 8},
-                                     {"type": "text", "text": "Q"}]},
-        {"role": "assistant", "content": "A"}]}  # fmt: skip
+    record = {
+        "fps": 2,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": [f"frames/{i:05d}.png" for i in range(4)], "fps": 4, "frames_fps": 8},
+                    {"type": "text", "text": "Q"},
+                ],
+            },
+            {"role": "assistant", "content": "A"},
+        ],
+    }
     (sample,) = load_samples(write_dataset(media / "d.jsonl", [record]))
     video = sample.media("video")[0]
     assert video["fps"] == 4 and video["frames_fps"] == 8 and len(video["video"]) == 4
@@ -117,7 +173,9 @@ def test_mixing_repeats_and_subsamples_by_weight(media):
     base = RECORDS["sharegpt_messages"]
     a = write_dataset(media / "a.json", [{**base, "id": f"a{i}"} for i in range(10)])
     b = write_dataset(media / "b.jsonl", [{**base, "id": f"b{i}"} for i in range(10)])
-    sources = parse_sources([{"path": str(a), "weight": 2}, {"path": str(b), "weight": 0.5}], None, lambda p: __import__("pathlib").Path(p))
+    sources = parse_sources(
+        [{"path": str(a), "weight": 2}, {"path": str(b), "weight": 0.5}], None, lambda p: __import__("pathlib").Path(p)
+    )
     per_source = [read_source(s)[0] for s in sources]
     mixed = mix(per_source, [s.weight for s in sources], seed=0)
     assert sum(s.id.startswith("a") for s in mixed) == 20 and sum(s.id.startswith("b") for s in mixed) == 5
@@ -129,16 +187,44 @@ def test_mixing_repeats_and_subsamples_by_weight(media):
 @pytest.mark.parametrize(
     "record,kind,message",
     [
-        ({"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["a.png", "b.png"]},
-         "placeholders", r"1 <image> placeholder\(s\) in the text but 2 image file\(s\)"),
-        ({"messages": [{"role": "narrator", "content": "Q"}, {"role": "assistant", "content": "A"}]}, "unknown_role", "unknown role 'narrator'"),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+                "images": ["a.png", "b.png"],
+            },
+            "placeholders",
+            r"1 <image> placeholder\(s\) in the text but 2 image file\(s\)",
+        ),
+        (
+            {"messages": [{"role": "narrator", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+            "unknown_role",
+            "unknown role 'narrator'",
+        ),
         ({"messages": [{"role": "user", "content": "Q"}]}, "empty_turn", "no assistant turn"),
-        ({"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["../x.png"]},
-         "outside_root", "outside the media root"),
-        ({"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["/etc/passwd"]},
-         "outside_root", "outside the media root"),
-        ({"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["https://x.org/a.png"]},
-         "missing_media", "remote media"),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+                "images": ["../x.png"],
+            },
+            "outside_root",
+            "outside the media root",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+                "images": ["/etc/passwd"],
+            },
+            "outside_root",
+            "outside the media root",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+                "images": ["https://x.org/a.png"],
+            },
+            "missing_media",
+            "remote media",
+        ),
         ({"conversations": "hello"}, "format", "no 'messages' or 'conversations' list"),
     ],
 )
@@ -153,7 +239,10 @@ def test_bad_records_name_the_file_index_and_problem(media, record, kind, messag
 def test_symlink_escaping_the_root_is_refused(media, tmp_path_factory):
     outside = write_image(tmp_path_factory.mktemp("elsewhere") / "secret.png", 8, 8)
     (media / "link.png").symlink_to(outside)
-    record = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["link.png"]}
+    record = {
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        "images": ["link.png"],
+    }
     with pytest.raises(DataError, match="outside the media root"):
         load_samples(write_dataset(media / "d.json", [record]))
 

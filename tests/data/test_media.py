@@ -108,7 +108,9 @@ def test_bad_videos_are_reported(tmp_path):
         probe_video(str(tmp_path / "nothing"), 30)
 
 
-@pytest.mark.parametrize("mode,suffix", [("RGBA", "png"), ("LA", "png"), ("P", "png"), ("L", "png"), ("CMYK", "jpg"), ("RGB", "webp")])
+@pytest.mark.parametrize(
+    "mode,suffix", [("RGBA", "png"), ("LA", "png"), ("P", "png"), ("L", "png"), ("CMYK", "jpg"), ("RGB", "webp")]
+)
 def test_images_become_rgb(tmp_path, mode, suffix):
     path = write_image(tmp_path / f"i.{suffix}", 40, 30, mode=mode)
     image = load_image(str(path))

@@ -13,11 +13,20 @@ SETTINGS = VisionSettings(4 * 784, 16 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 102
 def test_trailing_turns_are_dropped_only_when_allowed(tmp_path, processors):
     write_image(tmp_path / "a.png", 100, 80)
     write_image(tmp_path / "b.png", 100, 80, seed=1)
-    long_tail = {"id": "multi", "images": ["a.png", "b.png"], "messages": [
-        {"role": "user", "content": "<image>Short question?"}, {"role": "assistant", "content": "Short answer."},
-        {"role": "user", "content": "<image>" + "word " * 200}, {"role": "assistant", "content": "Long answer."}]}
-    too_long_anyway = {"id": "single", "messages": [{"role": "user", "content": "word " * 300},
-                                                    {"role": "assistant", "content": "A."}]}  # fmt: skip
+    long_tail = {
+        "id": "multi",
+        "images": ["a.png", "b.png"],
+        "messages": [
+            {"role": "user", "content": "<image>Short question?"},
+            {"role": "assistant", "content": "Short answer."},
+            {"role": "user", "content": "<image>" + "word " * 200},
+            {"role": "assistant", "content": "Long answer."},
+        ],
+    }
+    too_long_anyway = {
+        "id": "single",
+        "messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "A."}],
+    }
     path = write_dataset(tmp_path / "d.json", [long_tail, too_long_anyway])
     encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS, max_length=100)
 
@@ -31,4 +40,6 @@ def test_trailing_turns_are_dropped_only_when_allowed(tmp_path, processors):
     assert [m["role"] for m in sample.messages] == ["user", "assistant"] and len(sample.media("image")) == 1
     encoded = encoder.encode(sample)
     assert len(encoded.input_ids) == split.counts[0].total <= 100
-    assert processors["qwen2_5_vl"].tokenizer.decode([t for t in encoded.labels if t != -100]) == "Short answer.<|im_end|>"
+    assert (
+        processors["qwen2_5_vl"].tokenizer.decode([t for t in encoded.labels if t != -100]) == "Short answer.<|im_end|>"
+    )

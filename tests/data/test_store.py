@@ -25,8 +25,10 @@ SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 204
 
 
 def _qa(media: str, kind: str = "image", answer: str = "A") -> dict:
-    return {"messages": [{"role": "user", "content": f"<{kind}>Q"}, {"role": "assistant", "content": answer}],
-            f"{kind}s": [media]}  # fmt: skip
+    return {
+        "messages": [{"role": "user", "content": f"<{kind}>Q"}, {"role": "assistant", "content": answer}],
+        f"{kind}s": [media],
+    }
 
 
 def _jsonl(path, records):
@@ -79,7 +81,9 @@ def test_store_is_read_once_and_recounts_only_what_changed(tmp_path, processors)
     write_image(tmp_path / "gone.png", 64, 64)  # the missing file appears
     assert load_source(source, encoder).counted == 1
 
-    other = ConversationEncoder(processors["qwen2_5_vl"], VisionSettings(4 * 784, 16 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784))
+    other = ConversationEncoder(
+        processors["qwen2_5_vl"], VisionSettings(4 * 784, 16 * 784, 2.0, 4, 64, 16 * 784, 64 * 784, 2048 * 784)
+    )
     assert load_source(source, other).counted == 6  # other budgets: counted afresh, in a file of their own
     assert load_source(source, encoder).counted == 0  # ... and switching back costs nothing
 
@@ -93,8 +97,14 @@ def test_counts_on_two_processes_equal_one_process_and_the_encoder(tmp_path, pro
         shutil.rmtree(store_dir(DatasetSource(path)), ignore_errors=True)  # count afresh
         stored = load_source(DatasetSource(path, 1.0, root), encoder, num_proc=num_proc)
         assert stored.counted == len(records)
-        results.append((stored.text.tolist(), stored.image.tolist(), stored.video.tolist(),
-                        {r: str(e) for r, e in stored.errors.items()}))  # fmt: skip
+        results.append(
+            (
+                stored.text.tolist(),
+                stored.image.tolist(),
+                stored.video.tolist(),
+                {r: str(e) for r, e in stored.errors.items()},
+            )
+        )
     assert results[0] == results[1]
     samples, errors = read_source(DatasetSource(path, 1.0, root))
     assert not errors
@@ -112,11 +122,14 @@ def test_split_equals_reading_the_files_and_mixing_them(tmp_path, processors, po
     root, records = pool
     first = write_dataset(root / "mix" / "a.json", records[:70])
     second = _jsonl(root / "mix" / "b.jsonl", [{**r, "id": f"b{i}"} for i, r in enumerate(records[70:])])
-    value = [{"path": str(first), "weight": 2.0, "media_root": str(root)},
-             {"path": str(second), "weight": 0.5, "media_root": str(root)}]  # fmt: skip
+    value = [
+        {"path": str(first), "weight": 2.0, "media_root": str(root)},
+        {"path": str(second), "weight": 0.5, "media_root": str(root)},
+    ]
     settings = SplitSettings(max_length=100000, num_proc=2, seed=7)
     encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
     split = prepare_split(value, settings, encoder, lambda p: Path(p))
+
     def counts(sample):
         try:
             return encoder.count_tokens(sample)

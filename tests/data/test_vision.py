@@ -84,10 +84,16 @@ def test_video_frame_size_follows_the_total_pixel_budget():
         h, w = rng.randint(28, 2160), rng.randint(28, 3840)
         if max(h, w) / min(h, w) > 200:
             continue
-        ele = {"min_pixels": rng.choice([32, 64, 128]) * 784, "total_pixels": rng.choice([2048, 24576, 128000 * 0.9]) * 784}
+        ele = {
+            "min_pixels": rng.choice([32, 64, 128]) * 784,
+            "total_pixels": rng.choice([2048, 24576, 128000 * 0.9]) * 784,
+        }
         if rng.random() < 0.3:
             ele["max_pixels"] = rng.choice([64, 256, 768]) * 784
-        frame_max = max(min(ref.VIDEO_MAX_TOKEN_NUM * 784, ele["total_pixels"] / n * ref.FRAME_FACTOR), int(ele["min_pixels"] * 1.05))
+        frame_max = max(
+            min(ref.VIDEO_MAX_TOKEN_NUM * 784, ele["total_pixels"] / n * ref.FRAME_FACTOR),
+            int(ele["min_pixels"] * 1.05),
+        )
         frame_max = min(ele.get("max_pixels", frame_max), frame_max)
         settings = VisionSettings(3136, 3136, 2.0, 4, 768, 128 * 784, 768 * 784, 128000 * 784 * 0.9)
         spec = settings.video_spec({**ele, "nframes": n})

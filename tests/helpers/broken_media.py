@@ -49,8 +49,9 @@ def bomb_png(path: Path, side: int = 30000) -> Path:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -64,18 +65,36 @@ def dataset_with_bad_media(root):
         for key in ("images", "videos"):
             record[key] = [str(DEMO / p) for p in record.get(key, [])]
     question = {"video": "<video>Which direction does the dot move?", "image": "<image>What color is the shape?"}
-    for sid, kind, path in [("bad-cut-video", "video", cut_faststart_mp4(root / "cut.mp4")),
-                            ("bad-ctts-video", "video", garbage_ctts_mp4(root / "ctts.mp4")),
-                            ("bad-cut-jpeg", "image", cut_jpeg(root / "cut.jpg"))]:  # fmt: skip
-        records.append({"id": sid, "messages": [{"role": "user", "content": question[kind]},
-                                                {"role": "assistant", "content": "left"}], kind + "s": [str(path)]})  # fmt: skip
+    for sid, kind, path in [
+        ("bad-cut-video", "video", cut_faststart_mp4(root / "cut.mp4")),
+        ("bad-ctts-video", "video", garbage_ctts_mp4(root / "ctts.mp4")),
+        ("bad-cut-jpeg", "image", cut_jpeg(root / "cut.jpg")),
+    ]:
+        records.append(
+            {
+                "id": sid,
+                "messages": [{"role": "user", "content": question[kind]}, {"role": "assistant", "content": "left"}],
+                kind + "s": [str(path)],
+            }
+        )
     path = root / "with_bad.json"
     path.write_text(json.dumps(records))
     return path
 
 
 def bad_overrides(run_dir, data, steps=6, *extra):
-    return ["experiment=demo", "logger=none", f"trainer.output_dir={run_dir}", f"trainer.max_steps={steps}",
-            "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4", "trainer.warmup_steps=0",
-            f"data.train={data}", "data.media_root=/", "data.eval=null", "evaluation.after_training=false",
-            "export.after_training=false", *extra]  # fmt: skip
+    return [
+        "experiment=demo",
+        "logger=none",
+        f"trainer.output_dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        "trainer.logging_steps=1",
+        "trainer.per_device_train_batch_size=4",
+        "trainer.warmup_steps=0",
+        f"data.train={data}",
+        "data.media_root=/",
+        "data.eval=null",
+        "evaluation.after_training=false",
+        "export.after_training=false",
+        *extra,
+    ]

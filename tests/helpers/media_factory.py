@@ -36,8 +36,18 @@ def video_frames(frames: int, width: int, height: int, seed: int = 0):
         yield frame
 
 
-def write_video(path: Path, frames: int, fps, width: int, height: int, seed: int = 0, codec: str | None = None,
-                gop: int = 12, bframes: int = 0, faststart: bool = False) -> Path:
+def write_video(
+    path: Path,
+    frames: int,
+    fps,
+    width: int,
+    height: int,
+    seed: int = 0,
+    codec: str | None = None,
+    gop: int = 12,
+    bframes: int = 0,
+    faststart: bool = False,
+) -> Path:
     """A clip whose container and codec follow the suffix (mp4/mkv/mov: H.264, avi: MPEG-4, webm: VP9). `bframes`
     > 0 gives an MP4 a composition-offset (ctts) table; `faststart` puts its index (moov) before the frames."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,23 @@ def reference_wheel() -> Path:
     wheel = cache / WHEEL
     if not wheel.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "transformers==4.49.0", "-d", str(cache)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "transformers==4.49.0",
+            "-d",
+            str(cache),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(f"could not fetch the reference wheel {WHEEL} from the package index:\n{result.stderr[-2000:]}")
+            raise RuntimeError(
+                f"could not fetch the reference wheel {WHEEL} from the package index:\n{result.stderr[-2000:]}"
+            )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it to fetch it again")
@@ -63,7 +75,8 @@ def reference_self(model_config) -> SimpleNamespace:
         image_token_id=model_config.image_token_id,
         video_token_id=model_config.video_token_id,
         vision_start_token_id=model_config.vision_start_token_id,
-        vision_config=SimpleNamespace(spatial_merge_size=vision.spatial_merge_size,
-                                      tokens_per_second=getattr(vision, "tokens_per_second", None)),
-    )  # fmt: skip
+        vision_config=SimpleNamespace(
+            spatial_merge_size=vision.spatial_merge_size, tokens_per_second=getattr(vision, "tokens_per_second", None)
+        ),
+    )
     return SimpleNamespace(config=config)

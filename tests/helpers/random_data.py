@@ -11,14 +11,21 @@ def build_media_pool(root):
     rng = random.Random(0)
     images = []
     for i in range(16):
-        w, h = rng.choice([rng.randint(8, 64), rng.randint(60, 600)]), rng.choice([rng.randint(8, 64), rng.randint(60, 600)])
-        mode, suffix = rng.choice([("RGB", "png"), ("RGB", "jpg"), ("RGBA", "png"), ("L", "png"), ("P", "png"), ("RGB", "webp")])
+        w, h = (
+            rng.choice([rng.randint(8, 64), rng.randint(60, 600)]),
+            rng.choice([rng.randint(8, 64), rng.randint(60, 600)]),
+        )
+        mode, suffix = rng.choice(
+            [("RGB", "png"), ("RGB", "jpg"), ("RGBA", "png"), ("L", "png"), ("P", "png"), ("RGB", "webp")]
+        )
         images.append(write_image(root / f"i{i}.{suffix}", w, h, seed=i, mode=mode).name)
     videos = []
     for i, suffix in enumerate([".mp4", ".mp4", ".mp4", ".avi", ".mkv", ".webm", ".mp4", ".mov", ".mp4", ".avi"]):
         fps = rng.choice([4, 10, 12.5, 24, 25, 30000 / 1001, 30])
         w, h = 2 * rng.randint(16, 100 if suffix == ".webm" else 160), 2 * rng.randint(16, 90)
-        videos.append(write_video(root / f"v{i}{suffix}", frames=rng.randint(6, 120), fps=fps, width=w, height=h, seed=i).name)
+        videos.append(
+            write_video(root / f"v{i}{suffix}", frames=rng.randint(6, 120), fps=fps, width=w, height=h, seed=i).name
+        )
     return root, images, videos
 
 
@@ -33,7 +40,9 @@ def random_record(rng, images, videos, index):
             record[kind + "s"].append(rng.choice(images if kind == "image" else videos))
             parts.insert(rng.randint(0, len(parts)), f"<{kind}>")
         record["messages"].append({"role": "user", "content": " ".join(parts) + "?"})
-        record["messages"].append({"role": "assistant", "content": " ".join(rng.sample(WORDS, rng.randint(1, 5))) + "."})
+        record["messages"].append(
+            {"role": "assistant", "content": " ".join(rng.sample(WORDS, rng.randint(1, 5))) + "."}
+        )
     # Per-sample options, with qwen-vl-utils' key names.
     if rng.random() < 0.3:
         record["max_pixels"] = rng.choice([16, 64, 512]) * 784
@@ -43,8 +52,13 @@ def random_record(rng, images, videos, index):
         record["nframes"] = rng.choice([2, 4, 6, 8, 16])
     elif rng.random() < 0.4:
         record["fps"] = rng.choice([0.5, 1, 2, 4, 8])
-    for key, choices in [("min_frames", [2, 4, 8]), ("max_frames", [4, 8, 16, 128]), ("total_pixels", [1024 * 784, 20480 * 784]),
-                         ("video_start", [0.2, 0.5, 1.0]), ("video_end", [0.8, 1.5, 3.0])]:
+    for key, choices in [
+        ("min_frames", [2, 4, 8]),
+        ("max_frames", [4, 8, 16, 128]),
+        ("total_pixels", [1024 * 784, 20480 * 784]),
+        ("video_start", [0.2, 0.5, 1.0]),
+        ("video_end", [0.8, 1.5, 3.0]),
+    ]:
         if rng.random() < 0.2:
             record[key] = rng.choice(choices)
     return record

@@ -22,12 +22,14 @@ def mini_dataset(path: Path, per_task: int = 4) -> Path:
     return path
 
 
-def run_module(module: str, overrides: list[str], timeout: int = 600, expect_failure: bool | None = False
-               ) -> subprocess.CompletedProcess:  # fmt: skip
+def run_module(
+    module: str, overrides: list[str], timeout: int = 600, expect_failure: bool | None = False
+) -> subprocess.CompletedProcess:
     """Run `python -m module overrides` from the repository root; fail unless it exits as expected (None: any)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if expect_failure is not None and (result.returncode != 0) != expect_failure:
         raise AssertionError(f"{module} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

@@ -10,25 +10,45 @@ from finetune.data.conversation import Sample
 from finetune.data.vision import FRAME_FACTOR, PATCH
 from tests.helpers.media_factory import write_image, write_video
 
-IMAGES = [(640, 360, "jpg"), (1920, 1080, "png"), (300, 800, "webp"), (50, 50, "png"), (1234, 567, "jpg"),
-          (4000, 3000, "jpg")]  # fmt: skip
+IMAGES = [
+    (640, 360, "jpg"),
+    (1920, 1080, "png"),
+    (300, 800, "webp"),
+    (50, 50, "png"),
+    (1234, 567, "jpg"),
+    (4000, 3000, "jpg"),
+]
 VIDEOS = [  # (suffix, seconds, fps, width, height)
-    (".mp4", 1, 30, 320, 240), (".avi", 5, 25, 640, 360), (".mkv", 12, 24, 200, 400), (".webm", 3, 10, 256, 144),
-    (".mp4", 60, 15, 160, 90), (".mov", 8, 30000 / 1001, 480, 270), (".mp4", 20, 4, 56, 56),
-]  # fmt: skip
+    (".mp4", 1, 30, 320, 240),
+    (".avi", 5, 25, 640, 360),
+    (".mkv", 12, 24, 200, 400),
+    (".webm", 3, 10, 256, 144),
+    (".mp4", 60, 15, 160, 90),
+    (".mov", 8, 30000 / 1001, 480, 270),
+    (".mp4", 20, 4, 56, 56),
+]
 
 
 # A recipe with other budgets than the demo's: larger images, 1 fps, up to 32 frames, and a total pixel budget that
 # lowers the per-frame cap (882000 = 250 x 3528 pixels: expressible exactly by transformers' max_video_tokens).
-OTHER_BUDGETS = ["model.min_pixels=12544", "model.max_pixels=200704", "model.video_fps=1.0", "model.video_min_frames=3",
-                 "model.video_max_frames=32", "model.video_min_pixels=12544", "model.video_max_pixels=100352",
-                 "model.video_total_pixels=882000"]  # fmt: skip
+OTHER_BUDGETS = [
+    "model.min_pixels=12544",
+    "model.max_pixels=200704",
+    "model.video_fps=1.0",
+    "model.video_min_frames=3",
+    "model.video_max_frames=32",
+    "model.video_min_pixels=12544",
+    "model.video_max_pixels=100352",
+    "model.video_total_pixels=882000",
+]
 
 
 def write_media(root):
     images = [write_image(root / f"i{i}.{suffix}", w, h, seed=i) for i, (w, h, suffix) in enumerate(IMAGES)]
-    videos = [write_video(root / f"v{i}{suffix}", frames=round(seconds * fps), fps=fps, width=w, height=h, seed=i)
-              for i, (suffix, seconds, fps, w, h) in enumerate(VIDEOS)]  # fmt: skip
+    videos = [
+        write_video(root / f"v{i}{suffix}", frames=round(seconds * fps), fps=fps, width=w, height=h, seed=i)
+        for i, (suffix, seconds, fps, w, h) in enumerate(VIDEOS)
+    ]
     return images, videos
 
 
@@ -37,8 +57,10 @@ def trained_grids(encoder, images, videos):
     blocks = [{"type": "image", "image": str(p)} for p in images] + [{"type": "video", "video": str(p)} for p in videos]
     sample = Sample("s", [{"role": "user", "content": blocks}], "test")
     image_grids = [[1, p.height // PATCH, p.width // PATCH] for p in encoder.image_plans(sample)]
-    video_grids = [[-(-len(p.indices) // FRAME_FACTOR), p.height // PATCH, p.width // PATCH, p.sampled_fps]
-                   for _, p in encoder.video_plans(sample)]  # fmt: skip
+    video_grids = [
+        [-(-len(p.indices) // FRAME_FACTOR), p.height // PATCH, p.width // PATCH, p.sampled_fps]
+        for _, p in encoder.video_plans(sample)
+    ]
     return image_grids, video_grids
 
 
