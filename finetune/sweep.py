@@ -18,6 +18,7 @@ import re
 import time
 from pathlib import Path
 
+from finetune import legacy_keys
 from finetune.config import ConfigError
 
 LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
@@ -64,10 +65,18 @@ def _scalar(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+def _override_text(value) -> str:
+    """A swept value as an override writes it (`true`, not Python's `True`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
 def expand(overrides: list[str]) -> list[list[str]]:
     """Every job's overrides, in the order of Hydra's basic sweeper (the last swept key varies fastest), from
     Hydra's own override parser: choices `a=1,2`, `choice(...)`, `range(...)`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Transformer
 
     try:
         choices = []
@@ -76,7 +85,8 @@ def expand(overrides: list[str]) -> list[list[str]]:
             if not override.is_sweep_override():
                 choices.append([f"{key}={override.get_value_element_as_str()}"])
             elif override.is_discrete_sweep():
-                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+                values = override.sweep_iterator(transformer=Transformer.encode)  # strings quoted back as typed
+                choices.append([f"{key}={_override_text(value)}" for value in values])
             else:
                 raise ValueError(f"{key}: an interval sweep needs an optimizing sweeper; list the values instead")
     except Exception as err:  # Hydra's parser errors: keep the first line
@@ -185,6 +195,9 @@ def run_sweep(overrides: list[str], dry_run: bool = False) -> int:
 
     job_overrides, launcher, options, sweep_dir = split_sweep_options(overrides)
     jobs = expand(job_overrides)
+    replaced = legacy_keys.check_overrides(jobs[0])  # a replaced key would fail every job: refuse the sweep
+    if replaced:
+        raise ConfigError(replaced)
     names = swept(jobs)
     try:
         name = load_config(jobs[0]).name

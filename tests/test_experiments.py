@@ -58,6 +58,16 @@ def test_refusals_read_cleanly(capsys):
     assert main(["--bogus"]) == 2 and "unknown option --bogus" in capsys.readouterr().err
     assert main(["--cfg", "job", "trainer.learning_rate=-1"]) == 2
     assert "trainer.learning_rate must be positive" in capsys.readouterr().err
+    assert main(["-m", "--dry-run", "model.freeze_merger=true,false"]) == 2  # every job would fail: none starts
+    assert "model.freeze_merger=true is now `parts.merger=frozen`" in capsys.readouterr().err
+
+
+def test_swept_values_are_written_as_overrides():
+    from finetune.sweep import expand
+
+    jobs = expand(["trainer.packing=true,false", "data.train=a.json,'b c.json'", "peft.r=range(2,4)", "name=x"])
+    assert jobs[0] == ["trainer.packing=true", "data.train=a.json", "peft.r=2", "name=x"]
+    assert jobs[-1] == ["trainer.packing=false", "data.train='b c.json'", "peft.r=3", "name=x"] and len(jobs) == 8
 
 
 def test_dry_run_prints_the_launch_and_starts_nothing(tmp_path, capsys):
