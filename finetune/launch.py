@@ -220,6 +220,11 @@ def parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
             if value != "job":
                 raise ConfigError(f"--cfg {value}: only `--cfg job` (the composed recipe) is available.")
             flags["cfg"] = True
+        elif item == "--completion":
+            shell = items.pop(0) if items else ""
+            if shell != "bash":
+                raise ConfigError(f"--completion {shell}: only `--completion bash` is available.")
+            flags["completion"] = True
         elif item.startswith("-"):
             raise ConfigError(f"unknown option {item}; see ./launch.sh --help.")
         else:
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         return rerun(argv[1:])
     try:
         flags, overrides = parse_flags(argv)
+        if flags.get("completion"):
+            from finetune.completion import bash_script
+
+            print(bash_script(sys.executable), end="")
+            return 0
         if flags.get("help"):
             from finetune.recipe_help import help_text
 

@@ -23,6 +23,7 @@ Commands:
                                           subprocesses on this machine)
   ./launch.sh rerun runs/<run> [key=value ...]   run a finished run again from its config.yaml
   ./launch.sh test [pytest args]          the test suite            ./launch.sh setup   only set up
+  eval "$(./launch.sh --completion bash)"  tab completion of groups, options, keys and flags in bash
   .venv/bin/python -m finetune.validate [overrides] [--decode]     check a dataset
   .venv/bin/python -m finetune.evaluate | finetune.export [overrides]
   .venv/bin/python -m finetune.predict --model runs/<run> --image a.jpg --question "..."

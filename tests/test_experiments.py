@@ -4,6 +4,8 @@ executor too), and rerun reproducing a finished run's losses exactly."""
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -176,3 +178,39 @@ def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
     assert (
         refused.returncode == 2 and "the data changed since the run" in refused.stderr and str(train) in refused.stderr
     )
+
+
+def test_tab_completion_in_bash_offers_what_is_on_disk(tmp_path):
+    """The script `./launch.sh --completion bash` prints, sourced into bash and asked as bash asks it (the word
+    under the cursor split at `=`): group options from recipes/, schema keys, part modes, flags, subcommands."""
+    from finetune.recipe_help import group_options
+
+    script = tmp_path / "complete.sh"
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.launch", "--completion", "bash"], capture_output=True, text=True
+    )
+    script.write_text(result.stdout)
+    lines = [
+        "./launch.sh model=tiny",
+        "./launch.sh trainer.pack",
+        "./launch.sh re",
+        "./launch.sh data.train=x re",
+        "./launch.sh parts.vision_tower=",
+        "./launch.sh --dry",
+        "./launch.sh experiment=",
+    ]
+    probe = (
+        f'source {script}\nt() {{ COMP_LINE="$1"; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=(./launch.sh); COMP_CWORD=1; '
+    )
+    probe += '_finetune_launch_complete; echo "${COMPREPLY[*]}"; }\n' + "\n".join(f"t '{line}'" for line in lines)
+    replies = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    experiments = " ".join(option for option, _ in group_options()["experiment"])
+    assert replies == [
+        "tiny_qwen2_5_vl tiny_qwen2_vl",
+        "trainer.packing=",
+        "rerun",
+        "",
+        "frozen lora full",
+        "--dry-run",
+        experiments,
+    ]
