@@ -8,15 +8,15 @@ import re
 
 logger = logging.getLogger(__name__)
 
-_BOOL = {"true": True, "false": False, True: True, False: False}
 
+def _mode(part: str, when_true: str, when_false: str):
+    """The translation of a boolean key; a value that is not a boolean (e.g. null) gets the choices."""
 
-def _freeze(part: str):
-    return lambda value: [f"parts.{part}={'frozen' if _BOOL.get(value, value) else 'full'}"]
+    def translate(value) -> list[str]:
+        flag = {"true": True, "false": False}.get(str(value).lower())
+        return [f"parts.{part}={'frozen|lora|full' if flag is None else when_true if flag else when_false}"]
 
-
-def _lora(part: str):
-    return lambda value: [f"parts.{part}={'lora' if _BOOL.get(value, value) else 'frozen'}"]
+    return translate
 
 
 def _method(value) -> list[str]:
@@ -25,11 +25,11 @@ def _method(value) -> list[str]:
 
 # old key -> the new overrides for one of its values
 REPLACED = {
-    "model.freeze_llm": _freeze("llm"),
-    "model.freeze_vision_tower": _freeze("vision_tower"),
-    "model.freeze_merger": _freeze("merger"),
-    "peft.lora_llm": _lora("llm"),
-    "peft.lora_vision_tower": _lora("vision_tower"),
+    "model.freeze_llm": _mode("llm", "frozen", "full"),
+    "model.freeze_vision_tower": _mode("vision_tower", "frozen", "full"),
+    "model.freeze_merger": _mode("merger", "frozen", "full"),
+    "peft.lora_llm": _mode("llm", "lora", "frozen"),
+    "peft.lora_vision_tower": _mode("vision_tower", "lora", "frozen"),
     "peft.method": _method,
     "trainer.vision_tower_lr": lambda value: [f"parts.vision_tower_lr={value}"],
     "trainer.merger_lr": lambda value: [f"parts.merger_lr={value}"],
