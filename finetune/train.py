@@ -452,7 +452,19 @@ def train(config: Config, overrides: list[str]) -> Path:
         processor.save_pretrained(str(adapter_dir))
         RunDir(run_dir).history_file.write_text(json.dumps(trainer.state.log_history, indent=1))
         logger.info("saved %s to %s", "adapter" if config.parts.uses_lora else "model", adapter_dir)
+    leave_process_group()
     return adapter_dir
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together, and the process group is torn down while the interpreter is still alive. Left to
+    interpreter shutdown, Gloo's worker threads can abort a rank that finished its work with SIGABRT ("terminate
+    called without an active exception"; pytorch/pytorch#179291), which fails a run that trained and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
