@@ -97,6 +97,7 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
             f"data.eval={train}",
             "data.eval_max_samples=4",
             "trainer.max_steps=2",
+            "evaluation.steps=2",  # evaluated inside the training processes: no evaluation process per job
             "trainer.learning_rate=1e-3,3e-3",
             "trainer.seed=1,2",
             f"hydra.sweep.dir={sweep_dir}",

@@ -109,11 +109,11 @@ def single_process(tmp_path_factory, data):
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3", "zero3_vision_training"])
 def test_two_processes_match_the_single_process_losses(tmp_path, data, single_process, backend):
-    """Same global batch (2 rows), split over 2 ranks: the same losses. ZeRO-3 runs with LoRA and activation
-    checkpointing (reentrant there, see finetune/trainable.py): on the LLM only with a frozen vision tower, or
-    also on the ViT with ViT LoRA and a fully trained merger at their own learning rates."""
+    """Same global batch (2 rows), split over 2 ranks: the same losses. Every run checkpoints activations (DDP
+    non-reentrant, ZeRO-3 with LoRA reentrant, see finetune/trainable.py), so DDP and ZeRO-3 on the LLM share one
+    single-process reference; the vision variant adds ViT LoRA and a fully trained merger at their own rates."""
     extra = {
-        "ddp": (),
+        "ddp": ("trainer.gradient_checkpointing=true",),
         "zero3": ("trainer.gradient_checkpointing=true",),
         "zero3_vision_training": ("trainer.gradient_checkpointing=true", *VISION_TRAINING),
     }[backend]
