@@ -66,10 +66,9 @@ def check_overrides(overrides: list[str]) -> str | None:
 
 
 def hint_for_error(message: str) -> str | None:
-    """A Hydra composition error caused by a replaced key in a recipe file: that key's new spelling."""
-    keys = set(re.findall(r"full_key: (\S+)", message))
-    keys |= {f"{group}.{key}" for key, group in re.findall(r"Key '(\w+)' not in '(\w+)Config'", message)}
-    keys = sorted({k.lower() for k in keys} & set(REPLACED))
+    """A Hydra composition error caused by a replaced key in a recipe file (OmegaConf names it as `full_key:`):
+    that key's new spelling."""
+    keys = sorted(set(re.findall(r"full_key: (\S+)", message)) & set(REPLACED))
     if not keys:
         return None
     return "A recipe file uses a replaced key: " + "; ".join(_both_values(k) for k in keys) + ". " + _GUIDE

@@ -88,9 +88,8 @@ def load_trained_model(config, model_dir: str | None = None, device_map="recipe"
         logger.info("inference in %s on this machine (the recipe trained in %s)", precision, config.trainer.precision)
     device_map = inference_device_map(config) if device_map == "recipe" else device_map
     if model_dir:
-        return load_model(config.model, precision, path=model_dir, device_map=device_map), load_processor(
-            config.model, path=model_dir
-        )
+        model = load_model(config.model, precision, path=model_dir, device_map=device_map)
+        return model, load_processor(config.model, path=model_dir)
     adapter_dir = RunDir(config.trainer.output_dir).adapter
     if not adapter_dir.is_dir():
         raise ConfigError(f"No trained adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
