@@ -11,6 +11,7 @@ from finetune.config import ConfigError, load_config
 from finetune.data_settings import vision_settings
 from finetune.trainable import model_part
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+from tests.helpers.tolerance import assert_close_to_scale
 
 
 def _train(tmp_path, extra, steps=2):
@@ -235,7 +236,8 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
         assert (plain_calls, hooked_calls) == (real_calls, 1)
         assert loss == pytest.approx(plain_loss, rel=1e-6)
         assert grads.keys() >= plain_grads.keys()
-        assert all(torch.allclose(grads[n], plain_grads[n], rtol=1e-4, atol=1e-7) for n in plain_grads)
+        for n in plain_grads:  # fp32 re-association noise: relative to each gradient's scale (tests/helpers/tolerance.py)
+            assert_close_to_scale(grads[n], plain_grads[n], rel=1e-5, name=n)
         assert all(g.abs().max() == 0 for n, g in grads.items() if n not in plain_grads)
         # every trainable vision weight takes part in backward on every rank, media or not
         assert {n for n in grads if model_part(n) != "llm"} == {
@@ -264,6 +266,7 @@ def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_t
         runs[checkpointing] = changed, {n: after[n].detach().clone() for n in changed}, blocks, losses
     (changed_off, weights_off, _, losses_off), (changed_on, weights_on, blocks_on, losses_on) = runs[False], runs[True]
     assert changed_on == changed_off and losses_on == pytest.approx(losses_off, abs=1e-6)
-    assert all(torch.allclose(weights_on[n], weights_off[n], atol=1e-6) for n in changed_on)
+    for n in changed_on:
+        assert_close_to_scale(weights_on[n], weights_off[n], rel=1e-5, name=n)
     assert len(blocks_on) == 4
     assert all(on == (model_part(name) == "llm" or vision_too) for name, on in blocks_on.items()), blocks_on
