@@ -10,6 +10,9 @@ Training batches are made of rows. A row holds one sample (`trainer.packing=fals
   - labels keep each sample's own targets; a sample's first token is never a target (in a packed row it
     would be predicted from the previous sample).
   - `num_real_tokens`: the tokens that are not padding (the trainer logs tokens/s from it).
+  - with `boundaries=True` (varlen attention, finetune/attention.py): `cu_seq_lens_q/k`, the cumulative sample
+    lengths over the flattened rows (each row's padding one more sequence), and `max_length_q/k`, the longest, as
+    a Python int: computed here on the CPU, so no layer recomputes them or waits for the GPU to count them.
 Inference batches (INFERENCE_KEYS: evaluation, export checks, prediction) are padded with an attention mask,
 left-padded for generation, and carry the same rule's (3, B, L) position ids.
 
@@ -23,6 +26,7 @@ from dataclasses import replace
 
 import torch
 
+from finetune.attention import BOUNDARY_KEYS
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.data.errors import DataError
 from finetune.rope import PositionRule, batch_position_ids
@@ -30,14 +34,18 @@ from finetune.rope import PositionRule, batch_position_ids
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # `sample_ids` (per row) and `bad_samples` are bookkeeping the trainer pops before the forward.
 TRAINING_KEYS = (
-    "input_ids",
-    "labels",
-    "mm_token_type_ids",
-    "position_ids",
-    "num_real_tokens",
-    "sample_ids",
-    "bad_samples",
-) + VISION_KEYS
+    (
+        "input_ids",
+        "labels",
+        "mm_token_type_ids",
+        "position_ids",
+        "num_real_tokens",
+        "sample_ids",
+        "bad_samples",
+    )
+    + VISION_KEYS
+    + BOUNDARY_KEYS
+)
 INFERENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids") + VISION_KEYS
 
 
@@ -64,7 +72,9 @@ def sample_positions(sample: EncodedSample, rule: PositionRule) -> torch.Tensor:
     )
 
 
-def training_batch(rows: list[list[EncodedSample]], pad_token_id: int, rule: PositionRule) -> dict:
+def training_batch(
+    rows: list[list[EncodedSample]], pad_token_id: int, rule: PositionRule, boundaries: bool = False
+) -> dict:
     """One training batch of rows (lists of encoded samples), laid out as the module docstring says."""
     longest = max(sum(len(s.input_ids) for s in row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
@@ -91,7 +101,26 @@ def training_batch(rows: list[list[EncodedSample]], pad_token_id: int, rule: Pos
         "position_ids": position_ids,
         "num_real_tokens": torch.tensor(real),
     }
+    if boundaries:
+        batch.update(sequence_boundaries(rows, longest))
     return {**batch, **vision_inputs([s for row in rows for s in row])}
+
+
+def sequence_boundaries(rows: list[list[EncodedSample]], longest: int) -> dict:
+    """`cu_seq_lens_q/k` and `max_length_q/k` of the rows flattened into one sequence of len(rows) x longest."""
+    lengths = []
+    for row in rows:
+        lengths += [len(s.input_ids) for s in row]
+        padding = longest - sum(len(s.input_ids) for s in row)
+        if padding:
+            lengths.append(padding)
+    cumulative = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {
+        "cu_seq_lens_q": cumulative,
+        "cu_seq_lens_k": cumulative,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
 
 
 def inference_batch(
@@ -134,8 +163,8 @@ class RowCollator:
     it and stops past `data.max_bad_samples`. A batch that loses every sample is replaced by a stand-in (a sample
     that encoded, with no trained tokens), so every rank still takes every step."""
 
-    def __init__(self, encoder, samples, rule: PositionRule):
-        self.encoder, self.samples, self.rule = encoder, samples, rule
+    def __init__(self, encoder, samples, rule: PositionRule, boundaries: bool = False):
+        self.encoder, self.samples, self.rule, self.boundaries = encoder, samples, rule, boundaries
         self.pad_token_id = encoder.tokenizer.pad_token_id
         self._stand_in: EncodedSample | None = None
 
@@ -162,7 +191,7 @@ class RowCollator:
                 kept.append(pairs)
         if not kept:
             kept = [[(self._find_stand_in(bad), None)]]
-        batch = training_batch([[e for e, _ in row] for row in kept], self.pad_token_id, self.rule)
+        batch = training_batch([[e for e, _ in row] for row in kept], self.pad_token_id, self.rule, self.boundaries)
         batch["sample_ids"] = [[sid for _, sid in row if sid is not None] for row in kept]
         batch["bad_samples"] = bad
         return batch

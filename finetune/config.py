@@ -19,6 +19,7 @@ from finetune import legacy_keys
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
 GROUPS = ("model", "data", "peft", "trainer", "deepspeed", "accelerate", "logger", "experiment")
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "varlen")  # finetune/attention.py
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,9 @@ class ModelConfig:
 
     name_or_path: str = MISSING  # hub id, local directory, or tiny://qwen2_vl | tiny://qwen2_5_vl
     family: str = MISSING  # qwen2_vl | qwen2_5_vl; checked against the checkpoint's model_type
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # auto (GPU: varlen when its kernel passes a start-up check against sdpa, else sdpa; CPU: sdpa) | sdpa | eager |
+    # flash_attention_2 | varlen (finetune/attention.py)
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False  # only when a recipe really needs the checkpoint's own code
     # Weights are read from safetensors only. true also reads pickled `.bin` weights (torch.load with
     # weights_only): only for checkpoints you trust; converting them to safetensors is better.
@@ -59,7 +62,7 @@ class ModelConfig:
 
     def check(self) -> None:
         _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
-        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        _choice("model.attn_implementation", self.attn_implementation, ATTENTION_CHOICES)
         _choice("model.rope_rule", self.rope_rule, ("qwen", "transformers"))
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError(

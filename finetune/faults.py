@@ -91,3 +91,57 @@ class StepGuard:
 
 def out_of_disk(err: BaseException) -> bool:
     return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err)
+
+
+def batch_summary(inputs: dict) -> dict:
+    """What a training batch asks of memory, taken before its forward: rows x tokens, and vision patches."""
+    rows, tokens = inputs["input_ids"].shape
+    summary = {"rows": rows, "tokens_per_row": tokens}
+    for kind, pixels, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        if inputs.get(pixels) is not None:
+            summary[f"{kind}_patches"] = int(inputs[pixels].shape[0])
+            summary[f"{kind}s"] = int(inputs[grid].shape[0])
+    return summary
+
+
+def out_of_memory_message(config, step: int, summary: dict | None, err: BaseException) -> str:
+    """One message for a GPU out-of-memory error: where it happened, and the recipe values that lower memory."""
+    m, t = config.model, config.trainer
+    budget = t.max_tokens_per_row or config.data.max_length
+    at = f"step {step + 1}"
+    if summary:
+        at += f", a batch of {summary['rows']} row(s) x {summary['tokens_per_row']} tokens"
+        media = [
+            f"{summary[k + '_patches']:,} {k} patches ({summary[k + 's']} {k}{'s' if summary[k + 's'] != 1 else ''})"
+            for k in ("image", "video")
+            if k + "s" in summary
+        ]
+        at += f" with {', '.join(media)}" if media else " (text only)"
+    used = ""
+    if torch.cuda.is_available():
+        used = f" Peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB."
+    from finetune.trainable import zero_stage
+
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (
+        f"out of GPU memory at {at}.{used} ({first_line})\n"
+        "Lower memory with the recipe, then rerun (trainer.resume_from_checkpoint=latest keeps the steps done):\n"
+        f"  trainer.max_tokens_per_row={budget} -> smaller rows (packing), or trainer.per_device_train_batch_size="
+        f"{t.per_device_train_batch_size} -> fewer rows per step (raise trainer.gradient_accumulation_steps to keep the batch)\n"
+        f"  model.video_max_pixels={m.video_max_pixels}, model.video_total_pixels={m.video_total_pixels}, "
+        f"model.video_max_frames={m.video_max_frames}, model.max_pixels={m.max_pixels} -> fewer vision tokens per sample\n"
+        f"  trainer.gradient_checkpointing={str(t.gradient_checkpointing).lower()} -> true recomputes the LLM's "
+        "activations in backward"
+        + (
+            " (and trainer.gradient_checkpointing_vision_tower=true the ViT's)"
+            if config.parts.vision_tower != "frozen"
+            else ""
+        )
+        + "\n"
+        f"  deepspeed: ZeRO stage {zero_stage(config)} -> deepspeed=zero2 / zero3 on several GPUs shards optimizer state"
+        " (and weights), deepspeed=zero3_offload also moves them to CPU memory\n"
+        "  model.attn_implementation=auto (varlen on GPUs) avoids sdpa's dense (rows, 1, L, L) mask on packed rows"
+    )

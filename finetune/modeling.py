@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from finetune.attention import loading_implementation
 from finetune.config import ConfigError, ModelConfig
 from finetune.rope import PositionRule, install_position_rule
 from finetune.tiny import resolve_model_path
@@ -53,7 +54,8 @@ def load_processor(model_cfg: ModelConfig, path: str | None = None):
 
 def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None):
     """The base model in the training dtype; its model_type must match the recipe's family. Weights are read
-    from safetensors only (never unpickled). Wherever the model computes positions itself (`generate`, a
+    from safetensors only (never unpickled). Attention: the recipe's transformers implementation, or sdpa for
+    `auto`/`varlen` (training switches to those afterwards: finetune/attention.py). Wherever the model computes positions itself (`generate`, a
     forward without position ids) it uses the recipe's `model.rope_rule` (finetune/rope.py)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -68,7 +70,7 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[precision],
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=loading_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=not model_cfg.allow_pickled_weights,
         device_map=device_map,

@@ -18,13 +18,15 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from trl import SFTTrainer
 
+from finetune import attention
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config, repo_path
 from finetune.data.errors import DataError
 from finetune.data_settings import conversation_encoder, split_settings
-from finetune.modeling import recipe_precision, uses_gpu
+from finetune.modeling import DTYPES, recipe_precision, uses_gpu
 from finetune.paths import resolve_data_file
 from finetune.rundir import RunDir
 
@@ -114,6 +116,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = True
         self._train_loader = train_loader  # a callable of the world size building the training DataLoader
         self.one_vision_call = None
+        self.last_batch: dict | None = None
         from finetune.faults import StepGuard, bad_sample_limit
 
         limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
@@ -161,6 +164,9 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             self.one_vision_call = OneVisionCall(base_model(self.model).model)
 
         step = self.state.global_step
+        from finetune.faults import batch_summary
+
+        self.last_batch = batch_summary(inputs)  # named in an out-of-memory message
         self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
         real = int(inputs.pop("num_real_tokens"))
         self._tokens["real"] += real
@@ -221,7 +227,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
+def loader_factory(config: Config, encoder, samples, lengths: list[int], rule, boundaries: bool):
     """A function of the world size returning the training DataLoader: packed rows, or one sample per row."""
     from finetune.batching import RowCollator, training_loader
     from finetune.packing import training_rows
@@ -236,7 +242,7 @@ def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
             budget,
             100 * sum(lengths) / (len(rows) * budget),
         )
-    collator = RowCollator(encoder, samples, rule)
+    collator = RowCollator(encoder, samples, rule, boundaries)
 
     def build(world_size: int):
         return training_loader(
@@ -251,7 +257,7 @@ def loader_factory(config: Config, encoder, samples, lengths: list[int], rule):
     return build, collator
 
 
-def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
+def streaming_loader(config: Config, encoder, rule, boundaries: bool, checkpoint: str | None):
     """The training DataLoader of data.streaming=true (finetune/data/streaming.py)."""
     from torch.utils.data import DataLoader
 
@@ -277,7 +283,7 @@ def streaming_loader(config: Config, encoder, rule, checkpoint: str | None):
         stream = StreamingBatches(
             sources,
             encoder,
-            RowCollator(encoder, None, rule),
+            RowCollator(encoder, None, rule, boundaries),
             budget=t.max_tokens_per_row or config.data.max_length,
             packing=t.packing,
             rows_per_batch=t.per_device_train_batch_size,
@@ -367,12 +373,18 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()),
     )
 
+    implementation, note = attention.choose(
+        config.model.attn_implementation, uses_gpu(config), PartialState().device, DTYPES[precision]
+    )
+    attention.set_implementation(model, implementation)
+    boundaries = attention.uses_boundaries(implementation)
+    logger.info("attention: %s", note)
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
     if config.data.streaming:
-        build_loader, collator = streaming_loader(config, encoder, rule, checkpoint), None
+        build_loader, collator = streaming_loader(config, encoder, rule, boundaries, checkpoint), None
     else:
-        build_loader, collator = loader_factory(config, encoder, samples, split.totals.tolist(), rule)
+        build_loader, collator = loader_factory(config, encoder, samples, split.totals.tolist(), rule, boundaries)
     eval_samples, eval_encoder = None, None
     if config.evaluation.steps:
         from finetune.evaluate import eval_samples as read_eval_samples
@@ -434,7 +446,12 @@ def train(config: Config, overrides: list[str]) -> Path:
         )
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError: one message, not a CUDA traceback
+        from finetune.faults import RunStopped, out_of_memory_message
+
+        raise RunStopped(out_of_memory_message(config, trainer.state.global_step, trainer.last_batch, err)) from None
     if config.evaluation.steps:
         step = trainer.state.global_step
         if not any(h.get("step") == step and "eval_exact_match" in h for h in trainer.state.log_history):

@@ -10,6 +10,7 @@ into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -109,6 +110,7 @@ def apply_lora(model, config: Config):
 def make_trainable(model, config: Config):
     """Freeze per the recipe, then add LoRA if a part asks for it; returns the model to train."""
     apply_freezing(model, config)
+    run_frozen_parts_without_autograd(model, config)
     if config.parts.uses_lora:
         model = apply_lora(model, config)
     return model
@@ -169,30 +171,86 @@ def offloads_optimizer(config: Config) -> bool:
     return offload.get("device", "none") not in (None, "none")
 
 
-def enable_activation_checkpointing(model, config: Config) -> bool:
+def enable_activation_checkpointing(model, config: Config, reentrant: bool | None = None) -> bool:
     """Recompute activations in backward: the LLM's decoder layers, and the ViT blocks if asked.
 
-    Returns whether reentrant checkpointing was chosen. Non-reentrant is PyTorch's recommendation, but with
+    Returns whether reentrant checkpointing was chosen (`reentrant`: None decides as follows). Non-reentrant is PyTorch's recommendation, but with
     PEFT under ZeRO-3 it fails in backward ("Recomputed values ... have different metadata": frozen
     parameters are partitioned again by the time they are recomputed), see huggingface/trl#6356,
     huggingface/transformers#47254 and deepspeedai/DeepSpeed#4332; reentrant is the workaround there.
-    A frozen vision tower is left alone by default: with no parameter and no input needing a gradient it
-    builds no autograd graph, so checkpointing it only costs a second forward (2U1/Qwen2-VL-Finetune #56).
+    A frozen vision tower is left alone: it runs without autograd (`run_frozen_parts_without_autograd`), so it
+    keeps no activations for backward and checkpointing it would only cost a second forward.
     """
-    reentrant = config.parts.uses_lora and zero_stage(config) == 3
+    if reentrant is None:
+        reentrant = config.parts.uses_lora and zero_stage(config) == 3
     inner = base_model(model)
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-    visual = vision_tower(inner)
+    # transformers 5 also hooks the input embeddings of every nested model (the vision patch embed included) to
+    # require a gradient: a frozen ViT would then build a graph and keep every activation of every frame
+    # (ms-swift #10214). Those hooks go; `require_input_grads` puts back only what a trainable part needs.
+    inner.disable_input_require_grads()
     if not config.trainer.gradient_checkpointing_vision_tower:
-        for module in visual.modules():
+        for module in vision_tower(inner).modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
-    elif reentrant:
-        # Reentrant checkpointing only back-propagates into a block whose input requires a gradient; with
-        # LoRA on a frozen ViT nothing upstream does, so the LoRA weights would silently get no gradient
-        # (LLaMA-Factory #6754). Mark the patch-embed output as requiring one.
-        visual.patch_embed.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
     inner.config.use_cache = False
-    if hasattr(model, "enable_input_require_grads"):  # PEFT: frozen embeddings would cut the graph at the input
-        model.enable_input_require_grads()
+    require_input_grads(model, config, reentrant)
     return reentrant
+
+
+def require_input_grads(model, config: Config, reentrant: bool) -> list[str]:
+    """Make the inputs of checkpointed blocks require a gradient where reentrant checkpointing needs it, and nowhere
+    else. Reentrant checkpointing back-propagates into a block only when one of its inputs requires a gradient:
+    - the LLM's: its embeddings are frozen under LoRA, so the token embeddings are marked;
+    - the ViT's, when it has LoRA and its blocks are checkpointed: nothing upstream (frozen Conv3d patch embed)
+      requires a gradient, so its LoRA weights would silently get none (LLaMA-Factory #6754); the patch-embed
+      output is marked.
+    Non-reentrant checkpointing needs neither. Returns the names of the marked modules."""
+    if not reentrant:
+        return []
+    inner = base_model(model)
+    marked = []
+    embeddings = inner.get_input_embeddings()
+    if not embeddings.weight.requires_grad:
+        embeddings.register_forward_hook(_output_requires_grad)
+        marked.append("llm input embeddings")
+    if config.parts.vision_tower == "lora" and config.trainer.gradient_checkpointing_vision_tower:
+        vision_tower(inner).patch_embed.register_forward_hook(_output_requires_grad)
+        marked.append("vision patch embed")
+    return marked
+
+
+def _output_requires_grad(module, args, output):
+    output.requires_grad_(True)
+
+
+def run_frozen_parts_without_autograd(model, config: Config) -> list[str]:
+    """A frozen vision tower (and a frozen merger behind it) runs under `torch.no_grad()`: with nothing to train it
+    needs no graph, and any input hook that asks for a gradient would otherwise make autograd keep every ViT
+    activation and run backward through every block for nothing. A frozen merger behind a trainable tower keeps
+    autograd (the tower's gradients flow through it). Returns the names of the modules that run without it."""
+    if config.parts.vision_tower != "frozen":
+        return []
+    visual = vision_tower(model)
+    if config.parts.merger == "frozen":
+        _forward_without_autograd(visual)
+        return ["visual"]
+    names = []
+    for name, child in visual.named_children():
+        if name == "merger":
+            continue
+        for index, module in enumerate(child if isinstance(child, torch.nn.ModuleList) else [child]):
+            _forward_without_autograd(module)
+            names.append(f"{name}.{index}" if isinstance(child, torch.nn.ModuleList) else name)
+    return names
+
+
+def _forward_without_autograd(module: torch.nn.Module) -> None:
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def without_autograd(*args, **kwargs):
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    module.forward = without_autograd

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from finetune import attention
 from finetune.evaluate import predict_samples, write_results
 from finetune.rundir import RunDir
 
@@ -38,15 +39,16 @@ def evaluate_in_training(trainer, samples: list, encoder, batch_size: int, max_n
     if sync is not None:
         sync.in_evaluation = True
     try:
-        records = predict_samples(
-            model,
-            encoder,
-            [samples[i] for i in indices],
-            batch_size,
-            max_new_tokens,
-            synced_gpus=world > 1,
-            progress=trainer.is_world_process_zero(),
-        )
+        with attention.for_generation(model):  # generation pads its batches: sdpa, not varlen
+            records = predict_samples(
+                model,
+                encoder,
+                [samples[i] for i in indices],
+                batch_size,
+                max_new_tokens,
+                synced_gpus=world > 1,
+                progress=trainer.is_world_process_zero(),
+            )
     finally:
         if sync is not None:
             sync.in_evaluation = False

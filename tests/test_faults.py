@@ -214,3 +214,31 @@ def test_evaluation_answers_the_rest_when_a_sample_fails_to_decode(tmp_path):
     failed = [r for r in records if r["prediction"] is None]
     assert {r["id"] for r in failed} == BAD_IDS and all("re-" in r["error"] for r in failed)
     assert "cannot ask bad-cut-jpeg" in result.stderr
+
+
+def test_out_of_gpu_memory_ends_with_the_recipe_values_that_lower_memory(tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory error in a training step (raised here on the CPU where the GPU would raise it) ends the
+    run with exit status 2 and one message naming the step, the batch and the recipe values, no traceback."""
+    import torch
+
+    from finetune import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(train.VisionLanguageSFTTrainer, "compute_loss", out_of_memory)
+    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
+    overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=2)
+    assert train.main(overrides + ["trainer.per_device_train_batch_size=2", "trainer.packing=false"]) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error: out of GPU memory") :]
+    assert "at step 1, a batch of 2 row(s) x " in message and "Tried to allocate 20.00 GiB" in message
+    assert "patches" in message
+    for key in (
+        "trainer.max_tokens_per_row=",
+        "model.video_max_pixels=",
+        "trainer.gradient_checkpointing=",
+        "deepspeed",
+    ):
+        assert key in message, key
+    assert "Traceback" not in err

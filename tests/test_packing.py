@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
+from finetune import attention
 from finetune.batching import inference_batch, training_batch
-from finetune.data.encode import ConversationEncoder
+from finetune.data.encode import ConversationEncoder, EncodedSample
 from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
@@ -142,13 +143,21 @@ def _packed_loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family]).train()
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
+def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family, attn):
+    """Every attention implementation that runs on the CPU (varlen: one sdpa call per sample, with the collator's
+    boundaries): a packed row's loss and gradients equal the per-sample ones (each sample alone with a mask)."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn_loaded(attn))
+    model.train()
+    implementation, _ = attention.choose(attn, False, torch.device("cpu"), torch.float32)
     encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
     rows = [encoded[0:4], encoded[4:7], encoded[7:12]]
     rule = _rule(model)
-    packed_loss, packed_grads = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule))
+    attention.set_implementation(model, implementation)
+    packed = training_batch(rows, pad_id, rule, boundaries=attention.uses_boundaries(implementation))
+    packed_loss, packed_grads = _packed_loss_and_grads(model, packed)
     model.zero_grad()
+    attention.set_implementation(model, attn_loaded(attn))  # the references are padded: a mask, not boundaries
     total_tokens = sum(sum(label != -100 for label in s.labels[1:]) for row in rows for s in row)
     reference = 0.0
     for s in (s for row in rows for s in row):  # each sample alone, with an attention mask and the same rule's ids
@@ -160,6 +169,76 @@ def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(proces
     for name, grad in packed_grads.items():
         other = dict(model.named_parameters())[name].grad
         assert_close_to_scale(grad, other, rel=1e-5, name=name)
+
+
+def attn_loaded(attn: str) -> str:
+    return attention.loading_implementation(attn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_varlen_attention_equals_sdpa_with_the_block_mask_in_one_call_per_layer(processors, tiny_paths, pool, family):
+    """The varlen path (collator boundaries, transformers' AttentionInterface) gives sdpa's logits on packed rows of
+    several samples and padding, with one attention call per layer in the LLM and in the ViT (no window loop)."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family]).eval()
+    tower_calls = []
+    model.model.visual.register_forward_hook(lambda *args: tower_calls.append(1))
+    encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
+    rows = [encoded[12:15], encoded[15:17]]  # different lengths: the second row ends in padding
+    rule = _rule(model)
+    with torch.no_grad():
+        sdpa = model(**_forward_inputs(training_batch(rows, pad_id, rule)), use_cache=False).logits
+        calls = []
+        kernel = attention.KERNELS["per_sample"]
+        attention.KERNELS["per_sample"] = lambda *args: calls.append(args[3].numel() - 1) or kernel(*args)
+        try:
+            attention.set_implementation(model, attention.REGISTERED["per_sample"])
+            batch = training_batch(rows, pad_id, rule, boundaries=True)
+            tower_calls.clear()
+            varlen = model(**_forward_inputs(batch), use_cache=False).logits
+        finally:
+            attention.KERNELS["per_sample"] = kernel
+    assert_close_to_scale(varlen, sdpa, rel=1e-5)
+    text_layers, vision_blocks = model.config.text_config.num_hidden_layers, model.config.vision_config.depth
+    samples = sum(len(row) for row in rows) + 1  # one padding block
+    assert calls.count(samples) == text_layers  # the collator's boundaries reached every decoder layer
+    # and each ViT block made one call for all its windows and frames (transformers calls the tower per modality)
+    assert tower_calls and len(calls) == text_layers + vision_blocks * len(tower_calls)
+
+
+def _forward_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("num_real_tokens", "labels")}
+
+
+def test_the_collator_boundaries_are_the_samples_and_each_row_padding():
+    sample = lambda n: EncodedSample(  # noqa: E731
+        input_ids=[1] * n, labels=[-100] * n, mm_token_type_ids=[0] * n
+    )
+    rule = PositionRule("qwen", 2, 2.0)
+    batch = training_batch([[sample(3), sample(4)], [sample(5)]], 0, rule, boundaries=True)
+    assert batch["input_ids"].shape == (2, 7)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 12, 14] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
+    derived, longest = attention.boundaries_from_positions(batch["position_ids"][0], 2, 7, "cpu")
+    assert derived.tolist() == batch["cu_seq_lens_q"].tolist() and longest == 5
+    assert "cu_seq_lens_q" not in training_batch([[sample(3)]], 0, rule)
+
+
+def test_a_varlen_kernel_that_disagrees_with_sdpa_falls_back_to_sdpa(monkeypatch, caplog):
+    """The start-up check a GPU kernel must pass, run here with a broken kernel standing in for a GPU one."""
+    per_sample = attention.KERNELS["per_sample"]
+    assert attention.disagreement_with_sdpa("per_sample", torch.device("cpu"), torch.float32) is None
+    monkeypatch.setattr(attention, "gpu_kernel", lambda: "per_sample")
+    assert attention.choose("auto", True, torch.device("cpu"), torch.float32)[0] == attention.REGISTERED["per_sample"]
+    broken = lambda q, k, v, cu_q, cu_k, max_q, max_k, scale, causal: per_sample(  # noqa: E731
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, False
+    )
+    monkeypatch.setitem(attention.KERNELS, "per_sample", broken)
+    with caplog.at_level("WARNING"):
+        chosen, note = attention.choose("auto", True, torch.device("cpu"), torch.float32)
+    assert chosen == "sdpa" and "failed its check" in note and "causal output differs" in caplog.text
+    monkeypatch.setitem(attention.KERNELS, "per_sample", lambda *args: 1 / 0)
+    assert attention.choose("varlen", True, torch.device("cpu"), torch.float32)[0] == "sdpa"
+    assert attention.choose("auto", False, torch.device("cpu"), torch.float32)[0] == "sdpa"  # the CPU path
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -236,7 +236,8 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
         assert (plain_calls, hooked_calls) == (real_calls, 1)
         assert loss == pytest.approx(plain_loss, rel=1e-6)
         assert grads.keys() >= plain_grads.keys()
-        for n in plain_grads:  # fp32 re-association noise: relative to each gradient's scale (tests/helpers/tolerance.py)
+        # fp32 re-association noise: relative to each gradient's scale (tests/helpers/tolerance.py)
+        for n in plain_grads:
             assert_close_to_scale(grads[n], plain_grads[n], rel=1e-5, name=n)
         assert all(g.abs().max() == 0 for n, g in grads.items() if n not in plain_grads)
         # every trainable vision weight takes part in backward on every rank, media or not
@@ -270,3 +271,81 @@ def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_t
         assert_close_to_scale(weights_on[n], weights_off[n], rel=1e-5, name=n)
     assert len(blocks_on) == 4
     assert all(on == (model_part(name) == "llm" or vision_too) for name, on in blocks_on.items()), blocks_on
+
+
+def _step_with_checkpointing(vision_tower_mode: str, reentrant: bool, checkpoint_vision: bool):
+    """One forward + backward of the demo model on 2 image + 2 video rows, as training builds it; returns the
+    model and, per vision-tower module, whether its output required a gradient."""
+    from benchmarks.saved_activations import mixed_batch
+    from finetune.batching import training_batch
+    from finetune.modeling import load_model
+    from finetune.rope import model_position_rule
+    from finetune.trainable import enable_activation_checkpointing, make_trainable, vision_tower
+
+    config = load_config(
+        [
+            f"parts.vision_tower={vision_tower_mode}",
+            "trainer.gradient_checkpointing=true",
+            f"trainer.gradient_checkpointing_vision_tower={checkpoint_vision}",
+        ]
+    )
+    torch.manual_seed(0)
+    model = make_trainable(load_model(config.model, "fp32"), config).train()
+    enable_activation_checkpointing(model, config, reentrant=reentrant)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: A would get no gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    outputs_need_grad = {}
+
+    def record(name):
+        def hook(module, args, output):
+            values = output.values() if isinstance(output, dict) else output  # ModelOutput, tuple or tensor
+            tensors = [output] if torch.is_tensor(output) else [t for t in values if torch.is_tensor(t)]
+            outputs_need_grad[name] = outputs_need_grad.get(name, False) or any(t.requires_grad for t in tensors)
+
+        return hook
+
+    for name, module in vision_tower(model).named_modules():
+        module.register_forward_hook(record(name or "visual"))
+    encoded, pad_id = mixed_batch(config)
+    batch = training_batch([[e] for e in encoded], pad_id, model_position_rule(model))
+    batch.pop("num_real_tokens")
+    model(**batch, use_cache=False).loss.backward()
+    return model, outputs_need_grad
+
+
+def _lora_grads(model, part):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and model_part(n) == part}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_frozen_vision_tower_builds_no_graph(reentrant):
+    """No ViT or merger activation requires a gradient in a training step (transformers 5 hooks the vision patch
+    embed to require one, ms-swift #10214), and the LLM's LoRA weights still get gradients."""
+    model, outputs_need_grad = _step_with_checkpointing("frozen", reentrant, checkpoint_vision=False)
+    assert len(outputs_need_grad) > 5 and not any(outputs_need_grad.values()), outputs_need_grad
+    llm = _lora_grads(model, "llm")
+    assert llm and all(g is not None and g.abs().max() > 0 for g in llm.values())
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("checkpoint_vision", [False, True], ids=["vit-plain", "vit-checkpointed"])
+def test_vision_tower_lora_gets_gradients(reentrant, checkpoint_vision):
+    model, outputs_need_grad = _step_with_checkpointing("lora", reentrant, checkpoint_vision)
+    assert outputs_need_grad["blocks.0"]
+    for part in ("vision_tower", "llm"):
+        grads = _lora_grads(model, part)
+        assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values()), part
+
+
+def test_the_frozen_vision_tower_saves_nothing_for_backward(capsys):
+    """Bytes autograd saves in one training step of a fixed mixed image/video batch, before (transformers' input
+    hooks on every nested model) and after: the frozen ViT and merger contribute 0."""
+    from benchmarks.saved_activations import measure
+
+    results = measure("qwen2_5_vl", reentrant=False)
+    with capsys.disabled():
+        print("\nbytes saved for backward, frozen vision tower:", results)
+    before, after = results["before"], results["after"]
+    assert before["vision_tower"] > 0 and after["vision_tower"] == 0 and after["merger"] == 0
+    assert after["llm"] > 0 and after["llm"] <= before["llm"]
