@@ -276,6 +276,22 @@ class DeepSpeedConfig:
         if self.config_file is not None and not repo_path(self.config_file).is_file():
             raise ConfigError(f"deepspeed.config_file={self.config_file!r} does not exist.")
 
+    def _zero(self) -> dict:
+        if not self.config_file:
+            return {}
+        import json
+
+        return json.loads(repo_path(self.config_file).read_text()).get("zero_optimization", {})
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of the DeepSpeed config (0 without DeepSpeed)."""
+        return int(self._zero().get("stage", 0))
+
+    def offloads(self, what: str = "optimizer") -> bool:
+        """Whether the config offloads the `optimizer` (or `param`) state to CPU or NVMe."""
+        return self._zero().get(f"offload_{what}", {}).get("device", "none") not in (None, "none")
+
 
 @dataclass
 class AccelerateConfig:

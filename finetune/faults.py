@@ -123,8 +123,6 @@ def out_of_memory_message(config, step: int, summary: dict | None, err: BaseExce
     used = ""
     if torch.cuda.is_available():
         used = f" Peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB."
-    from finetune.trainable import zero_stage
-
     first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
     return (
         f"out of GPU memory at {at}.{used} ({first_line})\n"
@@ -141,7 +139,7 @@ def out_of_memory_message(config, step: int, summary: dict | None, err: BaseExce
             else ""
         )
         + "\n"
-        f"  deepspeed: ZeRO stage {zero_stage(config)} -> deepspeed=zero2 / zero3 on several GPUs shards optimizer state"
+        f"  deepspeed: ZeRO stage {config.deepspeed.zero_stage} -> deepspeed=zero2 / zero3 on several GPUs shards optimizer state"
         " (and weights), deepspeed=zero3_offload also moves them to CPU memory\n"
         "  model.attn_implementation=auto (varlen on GPUs) avoids sdpa's dense (rows, 1, L, L) mask on packed rows"
     )

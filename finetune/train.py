@@ -134,12 +134,12 @@ class VisionLanguageSFTTrainer(SFTTrainer):
     def create_optimizer(self, model=None):
         """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
         DeepSpeed's CPU Adam when the DeepSpeed config offloads the optimizer."""
-        from finetune.trainable import offloads_optimizer, parameter_groups
+        from finetune.trainable import parameter_groups
 
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = parameter_groups(opt_model, self._recipe, set(self.get_decay_parameter_names(opt_model)))
-            if offloads_optimizer(self._recipe):
+            if self._recipe.deepspeed.offloads("optimizer"):
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
                 self.optimizer = DeepSpeedCPUAdam(
@@ -350,6 +350,13 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    stage = config.deepspeed.zero_stage
+    if stage in (2, 3) and PartialState().num_processes == 1 and not config.deepspeed.offloads("param"):
+        logger.warning(
+            "DeepSpeed ZeRO-%d in a single process shards nothing and costs time and memory; use deepspeed=none "
+            "(./launch.sh refuses this combination)",
+            stage,
+        )
     if is_deepspeed_zero3_enabled():
         logger.info("ZeRO-3: loading the weights partitioned across the ranks (deepspeed.zero.Init)")
     set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers

@@ -11,9 +11,7 @@ into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload
 from __future__ import annotations
 
 import functools
-import json
 import re
-from pathlib import Path
 
 import torch
 
@@ -153,24 +151,6 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
-def _deepspeed_json(config: Config) -> dict:
-    if not config.deepspeed.config_file:
-        return {}
-    from finetune.config import repo_path
-
-    return json.loads(Path(repo_path(config.deepspeed.config_file)).read_text())
-
-
-def zero_stage(config: Config) -> int:
-    """The ZeRO stage of the recipe's DeepSpeed config (0 without DeepSpeed)."""
-    return int(_deepspeed_json(config).get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(config: Config) -> bool:
-    offload = _deepspeed_json(config).get("zero_optimization", {}).get("offload_optimizer", {})
-    return offload.get("device", "none") not in (None, "none")
-
-
 def enable_activation_checkpointing(model, config: Config, reentrant: bool | None = None) -> bool:
     """Recompute activations in backward: the LLM's decoder layers, and the ViT blocks if asked.
 
@@ -182,7 +162,7 @@ def enable_activation_checkpointing(model, config: Config, reentrant: bool | Non
     keeps no activations for backward and checkpointing it would only cost a second forward.
     """
     if reentrant is None:
-        reentrant = config.parts.uses_lora and zero_stage(config) == 3
+        reentrant = config.parts.uses_lora and config.deepspeed.zero_stage == 3
     inner = base_model(model)
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     # transformers 5 also hooks the input embeddings of every nested model (the vision patch embed included) to

@@ -92,3 +92,15 @@ def test_deepspeed_files_are_valid_json_with_auto_values(name):
     assert config["zero_optimization"]["stage"] in (2, 3)
     assert config["train_micro_batch_size_per_gpu"] == "auto"
     assert load_config([f"deepspeed={name}"]).deepspeed.config_file.endswith(f"{name}.json")
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_each_recipe_states_its_hardware_and_a_fitting_deepspeed_stage(experiment):
+    """Every experiment says what hardware it needs, with a measured figure or the word "estimate"; ZeRO-3 where the
+    weights are too big for one GPU (32B, 72B), no ZeRO-3 for models that fit (its sharding then costs speed)."""
+    header = (RECIPES_DIR / "experiment" / f"{experiment}.yaml").read_text().split("defaults:")[0]
+    hardware = header[header.index("# Hardware:") :]
+    assert "Measured" in hardware or "estimate" in hardware, hardware
+    config = load_config([f"experiment={experiment}"])
+    big = any(size in config.model.name_or_path for size in ("32B", "72B"))
+    assert (config.deepspeed.zero_stage == 3) == big, (experiment, config.deepspeed.config_file)

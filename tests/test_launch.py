@@ -95,3 +95,25 @@ def test_precision_follows_the_hardware_the_recipe_uses():
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_precision("bf16", has_gpu=False)
     assert not uses_gpu(load_config([]))  # the demo's accelerate=cpu stays on the CPU even where GPUs exist
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_on_a_single_gpu_is_refused_with_the_fix(stage):
+    """Measured on one H200: ZeRO-3 with one process took 131 GiB at 0.75x the speed of no DeepSpeed."""
+    for overrides, gpus in (
+        ([f"deepspeed={stage}", "accelerate=single_gpu"], 8),
+        ([f"deepspeed={stage}", "accelerate=multi_gpu"], 1),
+    ):
+        with pytest.raises(ConfigError, match="shards nothing.*deepspeed=none.*zero3_offload"):
+            _args(overrides, env={}, gpus=gpus, precision="bf16")
+    assert (
+        _opt(
+            _args(["deepspeed=zero3_offload", "accelerate=single_gpu"], env={}, gpus=1, precision="bf16"),
+            "--num_processes",
+        )
+        == "1"
+    )
+    assert (
+        _opt(_args([f"deepspeed={stage}", "accelerate=multi_gpu"], env={}, gpus=8, precision="bf16"), "--num_processes")
+        == "8"
+    )

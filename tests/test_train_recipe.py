@@ -91,3 +91,47 @@ def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, p
     assert keys and all(".language_model." in k and "lora_" in k for k in keys), keys[:5]
     assert not any(".visual." in k for k in keys)
     assert (adapter / "processor_config.json").exists() and (adapter / "chat_template.jinja").exists()
+
+
+def _largest_vocab_tensor(run, vocab: int) -> int:
+    """The most elements of any tensor with a last dimension of `vocab` that an op took while `run()` ran (forward
+    and backward), from the profiler's recorded input shapes."""
+    import math
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    shapes = [
+        s for event in prof.events() for s in event.input_shapes if s and isinstance(s, list) and s[-1:] == [vocab]
+    ]
+    return max((math.prod(s) for s in shapes), default=0)
+
+
+def test_no_training_step_materialises_the_full_logits(tmp_path):
+    """TRL's fused chunked LM head never builds the (rows, length, vocab) logits in a training step (forward and
+    backward): on a GPU it projects only the labelled positions, on the CPU every position in tiles of 4,096 tokens.
+    Checked on two packed rows of 4,096 tokens, against a plain forward of the same batch, which does build them."""
+    import torch
+
+    from finetune.config import load_config
+    from finetune.train import build_trainer
+
+    train_file = mini_dataset(tmp_path / "train.json", per_task=100)
+    overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=1) + [
+        "trainer.packing=true",
+        "data.max_length=4096",
+        "trainer.per_device_train_batch_size=2",
+    ]
+    trainer, *_ = build_trainer(load_config(overrides), overrides)
+    vocab = trainer.model.config.get_text_config().vocab_size
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows, length = batch["input_ids"].shape
+    assert rows == 2 and length > 4000
+    step = _largest_vocab_tensor(trainer.train, vocab)
+    assert 0 < step <= 4096 * vocab < rows * length * vocab
+
+    inputs = {k: v for k, v in batch.items() if k not in ("num_real_tokens", "sample_ids", "bad_samples", "labels")}
+    with torch.no_grad():
+        plain = _largest_vocab_tensor(lambda: trainer.model(**inputs, use_cache=False), vocab)
+    assert plain >= rows * length * vocab  # the detector does see full logits where they exist
