@@ -124,12 +124,22 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         self._tokens = {"real": 0, "trained": 0, "seen": 0}  # this rank's real and trained tokens; all ranks' real
         self._seen_before: int | None = None  # tokens_seen of the run this one resumes
         self._last_log = (time.perf_counter(), 0, 0)
+        self._waited = 0.0  # seconds spent waiting for the next batches since the last log
 
     def get_train_dataloader(self):
         loader = self._train_loader(self.accelerator.num_processes)
         if self._recipe.data.streaming:  # already this rank's own batches: accelerate must not shard them again
             return loader
         return self.accelerator.prepare(loader)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's fetch of a step's batches, timed: `data_wait_fraction` in the logs is the share of the time
+        spent here (collation and media decoding the DataLoader workers did not have ready)."""
+        start = time.perf_counter()
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            self._waited += time.perf_counter() - start
 
     def create_optimizer(self, model=None):
         """AdamW over one parameter group per (part, weight decay), each at its part's learning rate;
@@ -218,7 +228,11 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             elapsed = max(now - last_time, 1e-9)
             logs["tokens_per_second_per_device"] = round((real - last_real) / elapsed, 1)
             logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
-            self._last_log = (now, real, trained)
+            logs["data_wait_fraction"] = round(min(self._waited / elapsed, 1.0), 4)
+            if torch.cuda.is_available():  # this rank's peaks since the start (README, Performance)
+                logs["peak_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                logs["peak_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            self._last_log, self._waited = (now, real, trained), 0.0
             if self._seen_before is None:
                 self._seen_before = next(
                     (h["tokens_seen"] for h in reversed(self.state.log_history) if "tokens_seen" in h), 0

@@ -1,0 +1,485 @@
+"""GPU training benchmark: the project's own training, per mode, on a random-init checkpoint with a published
+model's exact shapes and a fixed mixed image/video/text dataset. Speed and memory do not depend on the weights.
+
+    python benchmarks/gpu_train.py --model qwen2_5_vl_7b                      # one GPU: packed and unpacked
+    python benchmarks/gpu_train.py --model qwen2_5_vl_72b --layers 8          # a big model, fewer layers
+    python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes packed,zero2,zero3   # several GPUs
+    python benchmarks/gpu_train.py --model tiny_qwen2_5_vl --cpu --samples 12 --steps 4   # the suite's CPU run
+
+Steps: (1) the GPU's bf16 matmul peak (fp32 on the CPU) and the varlen-attention kernels' start-up check against
+sdpa; (2) the checkpoint: the project's tiny tokenizer and processors with the model's real text and vision
+shapes (SHAPES, the published configs), random weights in bf16; (3) the dataset from a fixed seed: by default
+400 samples, 40 % video (640x360 MP4 at 30 fps, 6-20 s), 40 % image (800x600 ... 1280x720 JPEG), 20 % text;
+(4) per mode one training run through `accelerate launch -m finetune.train` with the model's recipe
+(`model=<name>`, packed rows of `data.max_length` 8192 tokens, LoRA on the LLM, frozen ViT, checkpointing,
+`model.video_max_frames=64` as in experiment qwen2_5_vl_7b_video_lora), `trainer.max_steps` steps, one
+logged per step. Prints and writes (`--out`, JSON + markdown), per mode: real tokens/s per GPU (median of the
+steps after `--warmup`), MFU, peak GPU memory allocated and reserved (torch.cuda, rank 0), and the share of step
+time spent waiting for the DataLoader.
+
+MFU = real tokens/s x 4 x N_llm / peak matmul FLOP/s, with N_llm the LLM's matmul parameters (decoder layers and
+lm_head): a LoRA step does the forward (2N) and the activation gradients (2N) of the frozen LLM; the
+recomputation under checkpointing, attention scores, the ViT and the LoRA weight gradients are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from multiprocessing import Pool
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# The published configs (config.json of Qwen/<name>-Instruct): text decoder and vision tower shapes.
+SHAPES = {
+    "qwen2_vl_2b": dict(
+        family="qwen2_vl",
+        text=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    ),
+    "qwen2_vl_7b": dict(
+        family="qwen2_vl",
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+    ),
+    "qwen2_5_vl_3b": dict(
+        family="qwen2_5_vl",
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+    ),
+    "qwen2_5_vl_7b": dict(
+        family="qwen2_5_vl",
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+    ),
+    "qwen2_5_vl_32b": dict(
+        family="qwen2_5_vl",
+        text=dict(
+            hidden_size=5120,
+            intermediate_size=27648,
+            num_hidden_layers=64,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=5120,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+    ),
+    "qwen2_5_vl_72b": dict(
+        family="qwen2_5_vl",
+        text=dict(
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=8192,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+    ),
+    # The shapes of the tests' tiny model, built the same way: the suite's CPU run of this benchmark.
+    "tiny_qwen2_5_vl": dict(
+        family="qwen2_5_vl",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=None,
+            tie_word_embeddings=False,
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+    ),
+}
+MODES = {  # extra overrides per mode
+    "packed": ["trainer.packing=true"],
+    "unpacked": ["trainer.packing=false"],
+    "zero2": ["trainer.packing=true", "deepspeed=zero2"],
+    "zero3": ["trainer.packing=true", "deepspeed=zero3"],
+}
+WORDS = "the a dot moves left right up down red green blue small large frame scene person walks runs car".split()
+
+
+def llm_matmul_parameters(text: dict) -> int:
+    """Decoder-layer projections (q, k, v, o, gate, up, down) and the lm_head."""
+    hidden, heads, kv_heads = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    mlp = 3 * hidden * text["intermediate_size"]
+    return text["num_hidden_layers"] * (attention + mlp) + hidden * text["vocab_size"]
+
+
+def model_config(name: str, layers: int | None):
+    """The tiny checkpoint's config (its token ids match the tiny tokenizer) with the model's real shapes."""
+    from transformers import AutoConfig
+
+    from finetune.tiny import tiny_checkpoint
+
+    shape = SHAPES[name]
+    config = AutoConfig.from_pretrained(tiny_checkpoint(shape["family"]))
+    text = {k: v for k, v in shape["text"].items() if v is not None}
+    if layers:
+        text["num_hidden_layers"] = layers
+    for key, value in text.items():
+        setattr(config.text_config, key, value)
+    # layer_types was sized for the tiny model's layer count (Qwen-VL text layers are all full attention).
+    config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings
+    for key, value in shape["vision"].items():
+        setattr(config.vision_config, key, value)
+    return config
+
+
+def build_checkpoint(name: str, layers: int | None, out: Path, device: str) -> tuple[Path, dict]:
+    """A loadable checkpoint directory: the model's shapes, random bf16 (CPU: fp32) weights, the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.tiny import tiny_checkpoint
+
+    shape = SHAPES[name]
+    folder = out / f"checkpoint-{name}{f'-{layers}layers' if layers else ''}"
+    config = model_config(name, layers)
+    if not (folder / "config.json").exists():
+        start = time.perf_counter()
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(
+                config, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+            )
+        model.save_pretrained(folder)
+        del model
+        for item in Path(tiny_checkpoint(shape["family"])).iterdir():
+            if item.suffix != ".safetensors" and item.name != "config.json":
+                shutil.copy(item, folder / item.name)
+        print(f"checkpoint {folder} written in {time.perf_counter() - start:.0f} s", flush=True)
+    text = config.text_config.to_dict()
+    return folder, {"parameters_llm_matmul": llm_matmul_parameters(text), "layers": text["num_hidden_layers"]}
+
+
+def _write_video(args) -> None:
+    import av
+    import numpy as np
+
+    path, seconds, fps, width, height, seed = args
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 256, 3)
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "28"}
+        for i in range(int(seconds * fps)):
+            shade = ((x + y + i / (fps * 4)) % 1.0)[..., None] * colour
+            frame = shade.astype(np.uint8)
+            cx, cy = int((i * 7) % width), int(height / 2 + height / 3 * math.sin(i / fps))
+            frame[max(0, cy - 8) : cy + 8, max(0, cx - 8) : cx + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def build_dataset(out: Path, samples: int, seed: int, small: bool) -> Path:
+    """The benchmark's data from a fixed seed: 40 % video, 40 % image, 20 % text (small: tiny media for the CPU)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = out / f"data-{samples}-{seed}{'-small' if small else ''}"
+    dataset = folder / "train.json"
+    if dataset.exists():
+        return dataset
+    (folder / "media").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records, videos = [], []
+    for i in range(samples):
+        kind = "video" if i % 5 < 2 else "image" if i % 5 < 4 else "text"
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24))) + "?"
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40))) + "."
+        record = {
+            "id": f"s{i}",
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        }
+        if kind == "video":
+            path = folder / "media" / f"v{i}.mp4"
+            seconds = 2 if small else rng.uniform(6, 20)
+            videos.append((path, seconds, 8 if small else 30, 64 if small else 640, 48 if small else 360, seed + i))
+            record["videos"], record["messages"][0]["content"] = [path.name], "<video>" + question
+        elif kind == "image":
+            width, height = (96, 64) if small else rng.choice([(800, 600), (1024, 768), (1280, 720)])
+            pixels = np.random.default_rng(seed + i).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).resize((width, height)).save(folder / "media" / f"i{i}.jpg", quality=90)
+            record["images"], record["messages"][0]["content"] = [f"i{i}.jpg"], "<image>" + question
+        records.append(record)
+    start = time.perf_counter()
+    with Pool(max(1, min(len(videos), os.cpu_count() or 1))) as pool:
+        pool.map(_write_video, videos)
+    dataset.write_text(json.dumps(records))
+    print(f"{samples} samples ({len(videos)} videos) written to {folder} in {time.perf_counter() - start:.0f} s")
+    return dataset
+
+
+def matmul_peak(device: str) -> tuple[float, str]:
+    """Measured matmul throughput (FLOP/s): bf16 8192^3 on a GPU, fp32 1024^3 on the CPU."""
+    import torch
+
+    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    iterations = 50 if device == "cuda" else 5
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    flops = 2 * size**3 * iterations / (time.perf_counter() - start)
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return flops, f"{str(dtype).removeprefix('torch.')} {size}^3 matmul"
+
+
+def kernel_checks(device: str) -> dict:
+    """Each varlen-attention kernel's start-up check against sdpa with the block mask (finetune/attention.py)."""
+    import torch
+
+    from finetune.attention import disagreement_with_sdpa
+
+    kernels = ["per_sample"] + (["torch", "flash_attn"] if device == "cuda" else [])
+    dtypes = [torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
+    return {
+        f"{kernel}/{str(dtype).removeprefix('torch.')}": disagreement_with_sdpa(kernel, torch.device(device), dtype)
+        or "agrees with sdpa"
+        for kernel in kernels
+        for dtype in dtypes
+    }
+
+
+def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out: Path) -> dict:
+    """One training run of the mode; the figures from its log_history.json."""
+    import torch
+
+    from finetune.config import load_config
+    from finetune.launch import accelerate_args
+    from finetune.modeling import recipe_precision
+
+    run_dir = out / f"run-{name}-{mode}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [
+        f"model={name}",
+        f"model.name_or_path={checkpoint}",
+        "model.video_max_frames=64",
+        "data=custom",
+        f"data.train={dataset}",
+        f"data.media_root={dataset.parent / 'media'}",
+        "data.max_length=8192",
+        "data.eval=null",
+        "evaluation.after_training=false",
+        "export.after_training=false",
+        "trainer=default",
+        f"trainer.max_steps={args.steps}",
+        "trainer.gradient_accumulation_steps=1",
+        "trainer.logging_steps=1",
+        "trainer.save_steps=100000",
+        f"trainer.dataloader_num_workers={args.workers}",
+        f"trainer.output_dir={run_dir}",
+        "logger=none",
+        "accelerate=cpu"
+        if args.cpu
+        else ("accelerate=multi_gpu" if torch.cuda.device_count() > 1 else "accelerate=single_gpu"),
+        *MODES[mode],
+        *args.override,
+    ]
+    config = load_config(overrides)
+    launch = accelerate_args(
+        config, dict(os.environ), 0 if args.cpu else torch.cuda.device_count(), recipe_precision(config)
+    )
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "finetune.train", *overrides]
+    start = time.perf_counter()
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
+    (out / f"run-{name}-{mode}.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        return {"mode": mode, "error": f"exit {result.returncode}: {tail}"}
+    history = [h for h in json.loads((run_dir / "log_history.json").read_text()) if "tokens_per_second_per_device" in h]
+    measured = [h for h in history if h["step"] > args.warmup] or history
+    attention = next(
+        (line.split("attention: ", 1)[1] for line in result.stderr.splitlines() if "attention: " in line), "?"
+    )
+    return {
+        "mode": mode,
+        "steps_measured": len(measured),
+        "tokens_per_second_per_gpu": statistics.median(h["tokens_per_second_per_device"] for h in measured),
+        "data_wait_fraction": statistics.median(h.get("data_wait_fraction", 0.0) for h in measured),
+        "peak_memory_allocated_gib": max((h.get("peak_memory_allocated_gib", 0.0) for h in history), default=0.0),
+        "peak_memory_reserved_gib": max((h.get("peak_memory_reserved_gib", 0.0) for h in history), default=0.0),
+        "attention": attention,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['model']} ({report['layers']} LLM layers), {report['device']}, {report['date']}; peak "
+        f"{report['peak_flops'] / 1e12:.1f} TFLOP/s ({report['peak_measured_with']}); MFU = tokens/s x 4 x "
+        f"{report['parameters_llm_matmul'] / 1e9:.3g} B / peak",
+        "",
+        "| mode | real tokens/s per GPU | MFU | peak allocated GiB | peak reserved GiB | data wait | attention |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["modes"]:
+        if "error" in row:
+            lines.append(f"| {row['mode']} | failed: {row['error'].splitlines()[-1][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['mode']} | {row['tokens_per_second_per_gpu']:,.0f} | {row['mfu']:.1%} | "
+            f"{row['peak_memory_allocated_gib']:.1f} | {row['peak_memory_reserved_gib']:.1f} | "
+            f"{row['data_wait_fraction']:.1%} | {row['attention']} |"
+        )
+    lines += ["", "varlen kernel checks: " + "; ".join(f"{k}: {v}" for k, v in report["kernel_checks"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="LLM layer count override (the big models)")
+    parser.add_argument("--modes", default="packed,unpacked", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--workers", type=int, default=4, help="trainer.dataloader_num_workers")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (small media; the suite's check)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_bench")
+    parser.add_argument("--override", action="append", default=[], help="another recipe override for every mode")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: no GPU visible; use --cpu for the small CPU run", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    peak, measured_with = matmul_peak(device)
+    checks = kernel_checks(device)
+    print(f"peak {peak / 1e12:.2f} TFLOP/s ({measured_with}); kernel checks: {checks}", flush=True)
+    checkpoint, sizes = build_checkpoint(args.model, args.layers, args.out, device)
+    dataset = build_dataset(args.out, args.samples, args.seed, small=args.cpu)
+    report = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+        "gpus": torch.cuda.device_count() if device == "cuda" else 0,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "peak_flops": peak,
+        "peak_measured_with": measured_with,
+        "kernel_checks": checks,
+        **sizes,
+        "mfu_formula": "real tokens/s x 4 x parameters_llm_matmul / peak_flops",
+        "modes": [],
+    }
+    for mode in args.modes.split(","):
+        row = train_mode(args.model, mode, checkpoint, dataset, args, args.out)
+        if "error" not in row:
+            row["mfu"] = row["tokens_per_second_per_gpu"] * 4 * sizes["parameters_llm_matmul"] / peak
+        report["modes"].append(row)
+        print(json.dumps(row), flush=True)
+    (args.out / "gpu_train.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (args.out / "gpu_train.md").write_text(table + "\n")
+    print("\n" + table)
+    return 1 if any("error" in row for row in report["modes"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

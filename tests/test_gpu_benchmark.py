@@ -1,0 +1,57 @@
+"""benchmarks/gpu_train.py: its table of published shapes, and a small-shape run of the whole benchmark on the CPU
+(checkpoint built from the table, dataset from a seed, one training run per mode through accelerate, figures
+read back from the run's own logs)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_train  # noqa: E402
+
+# Parameter counts of the published checkpoints (billions) and the issue's LLM matmul count for the 7B.
+PUBLISHED = {
+    "qwen2_vl_2b": 2.21,
+    "qwen2_vl_7b": 8.29,
+    "qwen2_5_vl_3b": 3.75,
+    "qwen2_5_vl_7b": 8.29,
+    "qwen2_5_vl_32b": 33.45,
+    "qwen2_5_vl_72b": 73.41,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_shape_table_gives_the_published_parameter_counts(name):
+    from transformers import AutoModelForImageTextToText
+
+    config = gpu_train.model_config(name, None)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    count = sum(p.numel() for p in model.parameters()) / 1e9
+    assert count == pytest.approx(PUBLISHED[name], rel=5e-3), count
+    if name == "qwen2_5_vl_7b":
+        assert gpu_train.llm_matmul_parameters(config.text_config.to_dict()) / 1e9 == pytest.approx(7.07, rel=1e-3)
+    assert gpu_train.model_config(name, 4).text_config.num_hidden_layers == 4
+
+
+def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    command = [sys.executable, "benchmarks/gpu_train.py", "--model", "tiny_qwen2_5_vl", "--cpu", "--samples", "10"]
+    command += ["--steps", "3", "--warmup", "1", "--workers", "0", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert [row["mode"] for row in report["modes"]] == ["packed", "unpacked"]
+    for row in report["modes"]:
+        assert row["tokens_per_second_per_gpu"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["data_wait_fraction"] <= 1
+        assert row["steps_measured"] == 2 and "sdpa" in row["attention"]
+    assert report["kernel_checks"] == {"per_sample/float32": "agrees with sdpa"}
+    table = (tmp_path / "gpu_train.md").read_text()
+    assert "| packed |" in table and "| unpacked |" in table and "MFU = tokens/s x 4 x" in table
+    records = json.loads(next(tmp_path.glob("data-*/train.json")).read_text())
+    kinds = [("videos" in r) + 2 * ("images" in r) for r in records]
+    assert (kinds.count(1), kinds.count(2), kinds.count(0)) == (4, 4, 2)  # 40 % video, 40 % image, 20 % text
