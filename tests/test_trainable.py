@@ -349,3 +349,16 @@ def test_the_frozen_vision_tower_saves_nothing_for_backward(capsys):
     before, after = results["before"], results["after"]
     assert before["vision_tower"] > 0 and after["vision_tower"] == 0 and after["merger"] == 0
     assert after["llm"] > 0 and after["llm"] <= before["llm"]
+
+
+def test_varlen_training_steps_use_the_collator_boundaries(tmp_path, monkeypatch):
+    """model.attn_implementation=varlen through the real trainer (TRL's fused head, packed rows): every layer takes
+    the collator's cu_seq_lens; recomputing them from the positions (a device sync per layer on a GPU) never runs."""
+    from finetune import attention
+
+    def recompute(*args):
+        raise AssertionError("the boundaries were recomputed in a layer")
+
+    monkeypatch.setattr(attention, "boundaries_from_positions", recompute)
+    changed, *_ = _train(tmp_path, ["model.attn_implementation=varlen", "trainer.packing=true"], steps=2)
+    assert _lora(changed, "llm")
