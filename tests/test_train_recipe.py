@@ -111,25 +111,41 @@ def _largest_vocab_tensor(run, vocab: int) -> int:
 def test_no_training_step_materialises_the_full_logits(tmp_path):
     """TRL's fused chunked LM head never builds the (rows, length, vocab) logits in a training step (forward and
     backward): on a GPU it projects only the labelled positions, on the CPU every position in tiles of 4,096 tokens.
-    Checked on two packed rows of 4,096 tokens, against a plain forward of the same batch, which does build them."""
+    Checked on a packed row of more than 4,096 tokens, against a plain forward of the same batch, which does build
+    them."""
     import torch
 
     from finetune.config import load_config
     from finetune.train import build_trainer
 
-    train_file = mini_dataset(tmp_path / "train.json", per_task=100)
+    words = "the dot moves left right up down red green blue circle square".split()
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(60)) + "?"},
+                {"role": "assistant", "content": " ".join(words[(i * 3 + k) % len(words)] for k in range(20))},
+            ]
+        }
+        for i in range(60)
+    ]
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(records))
     overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=1) + [
         "trainer.packing=true",
-        "data.max_length=4096",
-        "trainer.per_device_train_batch_size=2",
+        "data.max_length=8192",
+        "trainer.per_device_train_batch_size=1",
+        "model.attn_implementation=varlen",  # per-sample attention: the test is about the head, not a 5k x 5k mask
     ]
     trainer, *_ = build_trainer(load_config(overrides), overrides)
     vocab = trainer.model.config.get_text_config().vocab_size
-    batch = next(iter(trainer.get_train_dataloader()))
+    batches = []
+    step = trainer.training_step
+    trainer.training_step = lambda model, inputs, *args: batches.append(dict(inputs)) or step(model, inputs, *args)
+    largest_in_step = _largest_vocab_tensor(trainer.train, vocab)
+    (batch,) = batches
     rows, length = batch["input_ids"].shape
-    assert rows == 2 and length > 4000
-    step = _largest_vocab_tensor(trainer.train, vocab)
-    assert 0 < step <= 4096 * vocab < rows * length * vocab
+    assert rows == 1 and length > 4096
+    assert 0 < largest_in_step <= 4096 * vocab < rows * length * vocab
 
     inputs = {k: v for k, v in batch.items() if k not in ("num_real_tokens", "sample_ids", "bad_samples", "labels")}
     with torch.no_grad():
