@@ -42,139 +42,45 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The published configs (config.json of Qwen/<name>-Instruct): text decoder and vision tower shapes.
+TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+QWEN2_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)  # + hidden_size (the LLM's)
+QWEN2_5_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)  # + out_hidden_size (the LLM's)
 SHAPES = {
-    "qwen2_vl_2b": dict(
-        family="qwen2_vl",
-        text=dict(
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        ),
-        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+    "qwen2_vl_2b": ("qwen2_vl", (1536, 8960, 28, 12, 2, 151936, True), dict(QWEN2_VISION, hidden_size=1536)),
+    "qwen2_vl_7b": ("qwen2_vl", (3584, 18944, 28, 28, 4, 152064, False), dict(QWEN2_VISION, hidden_size=3584)),
+    "qwen2_5_vl_3b": ("qwen2_5_vl", (2048, 11008, 36, 16, 2, 151936, True), dict(QWEN2_5_VISION, out_hidden_size=2048)),
+    "qwen2_5_vl_7b": (
+        "qwen2_5_vl",
+        (3584, 18944, 28, 28, 4, 152064, False),
+        dict(QWEN2_5_VISION, out_hidden_size=3584),
     ),
-    "qwen2_vl_7b": dict(
-        family="qwen2_vl",
-        text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+    "qwen2_5_vl_32b": (
+        "qwen2_5_vl",
+        (5120, 27648, 64, 40, 8, 152064, False),
+        dict(QWEN2_5_VISION, out_hidden_size=5120),
     ),
-    "qwen2_5_vl_3b": dict(
-        family="qwen2_5_vl",
-        text=dict(
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=2048,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
+    "qwen2_5_vl_72b": (
+        "qwen2_5_vl",
+        (8192, 29568, 80, 64, 8, 152064, False),
+        dict(QWEN2_5_VISION, out_hidden_size=8192),
     ),
-    "qwen2_5_vl_7b": dict(
-        family="qwen2_5_vl",
-        text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
-    ),
-    "qwen2_5_vl_32b": dict(
-        family="qwen2_5_vl",
-        text=dict(
-            hidden_size=5120,
-            intermediate_size=27648,
-            num_hidden_layers=64,
-            num_attention_heads=40,
-            num_key_value_heads=8,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=5120,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
-    ),
-    "qwen2_5_vl_72b": dict(
-        family="qwen2_5_vl",
-        text=dict(
-            hidden_size=8192,
-            intermediate_size=29568,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=8192,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
-    ),
-    # The shapes of the tests' tiny model, built the same way: the suite's CPU run of this benchmark.
-    "tiny_qwen2_5_vl": dict(
-        family="qwen2_5_vl",
-        text=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=None,
-            tie_word_embeddings=False,
-        ),
-        vision=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            window_size=112,
-            fullatt_block_indexes=[1],
-        ),
-    ),
+    # The tests' tiny model as it is (finetune/tiny.py), built the same way: the suite's CPU run of this benchmark.
+    "tiny_qwen2_5_vl": ("qwen2_5_vl", None, {}),
 }
 MODES = {  # extra overrides per mode
     "packed": ["trainer.packing=true"],
@@ -200,17 +106,16 @@ def model_config(name: str, layers: int | None):
 
     from finetune.tiny import tiny_checkpoint
 
-    shape = SHAPES[name]
-    config = AutoConfig.from_pretrained(tiny_checkpoint(shape["family"]))
-    text = {k: v for k, v in shape["text"].items() if v is not None}
-    if layers:
-        text["num_hidden_layers"] = layers
-    for key, value in text.items():
+    family, text, vision = SHAPES[name]
+    config = AutoConfig.from_pretrained(tiny_checkpoint(family))
+    for key, value in zip(TEXT_FIELDS, text or ()):
         setattr(config.text_config, key, value)
+    if layers:
+        config.text_config.num_hidden_layers = layers
     # layer_types was sized for the tiny model's layer count (Qwen-VL text layers are all full attention).
     config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
-    config.tie_word_embeddings = config.text_config.tie_word_embeddings
-    for key, value in shape["vision"].items():
+    config.tie_word_embeddings = getattr(config.text_config, "tie_word_embeddings", config.tie_word_embeddings)
+    for key, value in vision.items():
         setattr(config.vision_config, key, value)
     return config
 
@@ -222,7 +127,7 @@ def build_checkpoint(name: str, layers: int | None, out: Path, device: str) -> t
 
     from finetune.tiny import tiny_checkpoint
 
-    shape = SHAPES[name]
+    family = SHAPES[name][0]
     folder = out / f"checkpoint-{name}{f'-{layers}layers' if layers else ''}"
     config = model_config(name, layers)
     if not (folder / "config.json").exists():
@@ -233,7 +138,7 @@ def build_checkpoint(name: str, layers: int | None, out: Path, device: str) -> t
             )
         model.save_pretrained(folder)
         del model
-        for item in Path(tiny_checkpoint(shape["family"])).iterdir():
+        for item in Path(tiny_checkpoint(family)).iterdir():
             if item.suffix != ".safetensors" and item.name != "config.json":
                 shutil.copy(item, folder / item.name)
         print(f"checkpoint {folder} written in {time.perf_counter() - start:.0f} s", flush=True)
