@@ -175,8 +175,16 @@ def evaluate(config: Config, model_dir: str | None = None) -> dict:
     encoder = conversation_encoder(processor, config, for_training=False)
     samples = eval_samples(config, encoder)
     records = predict_samples(model, encoder, samples, config.evaluation.batch_size, config.evaluation.max_new_tokens)
-    metrics = write_results(RunDir(config.trainer.output_dir).eval_dir, records)
+    eval_dir = RunDir(config.trainer.output_dir).eval_dir
+    metrics = write_results(eval_dir, records)
     print(format_metrics(metrics))
+    if metrics["unanswered"]:  # scored without them: say so under the table, not only in a warning further up
+        ids = metrics["unanswered"]
+        print(
+            f"{len(ids)} of {len(records)} evaluation samples could not be asked (their media failed to decode) and "
+            f"are not scored: {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}; their errors are in "
+            f"{eval_dir / 'predictions.jsonl'}"
+        )
     return metrics
 
 

@@ -14,8 +14,11 @@ process that imports only torch and transformers reloads the folder and
     they must match the adapter model's (1e-4 in fp32; with half precision on either side 5 % of the logit scale;
     `export.atol` overrides);
   - runs the folder's own processor on real images and videos of the data: the grids it gives must be the
-    ones training used (a mismatch is reported and stops the export).
-Both results go to `export_report.json`. `export.push_to_hub=user/name` uploads the folder afterwards.
+    ones training used (a mismatch is reported and stops the export). Where transformers cannot decode a video
+    file here (it needs torchcodec, which needs the system FFmpeg), the processor is given the frames and metadata
+    it would have read from the file, decoded by our loader (finetune/export_videos.py).
+Both results go to `export_report.json`, with how the videos were checked (`served_grids.video_input`: file or
+frames). `export.push_to_hub=user/name` uploads the folder afterwards.
 """
 
 from __future__ import annotations
@@ -55,14 +58,20 @@ import json, sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.image_utils import load_image
-model_dir, batch_file, media_file, out_file, grids_file, dtype, device_map = sys.argv[1:8]
+model_dir, batch_file, media_file, frames_file, out_file, grids_file, dtype, device_map = sys.argv[1:9]
 processor = AutoProcessor.from_pretrained(model_dir)
 grids = {"image": [], "video": []}
 media = json.load(open(media_file))
 for path in media["image"]:
     grids["image"].append(processor.image_processor(images=[load_image(path)])["image_grid_thw"][0].tolist())
-for path in media["video"]:
-    out = processor.video_processor(videos=[path], return_metadata=True)
+frames = load_file(frames_file) if media["frames"] else {}
+for video in media["video"]:
+    if video["frames"] is None:  # the file itself, decoded by transformers
+        out = processor.video_processor(videos=[video["path"]], return_metadata=True)
+    else:  # transformers cannot decode files here: the frames its sample_frames picks, with the file's metadata
+        out = processor.video_processor(
+            videos=[frames[video["frames"]]], video_metadata=[video["metadata"]], do_sample_frames=False,
+            return_metadata=True)
     grids["video"].append([*out["video_grid_thw"][0].tolist(), float(out["video_metadata"][0].sampled_fps)])
 json.dump(grids, open(grids_file, "w"))
 model = AutoModelForImageTextToText.from_pretrained(
@@ -176,17 +185,33 @@ def check_adapter_base(adapter_dir: Path, base_path: str) -> None:
 
 
 def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.dtype, device_map: str | None):
-    """(logits, served grids) computed by plain transformers on the export, in a separate interpreter."""
+    """(logits, served grids, how the videos were checked) computed by plain transformers on the export, in a
+    separate interpreter. Where transformers cannot decode a video file here, it is given the frames and metadata
+    it would have read (finetune/export_videos.py)."""
     from safetensors.torch import load_file, save_file
 
+    from finetune.export_videos import (
+        frames_for_transformers,
+        how_videos_were_checked,
+        transformers_decodes_video_files,
+    )
+
+    videos = list(expected_grids["video"])
+    from_files = not videos or transformers_decodes_video_files()
     with tempfile.TemporaryDirectory() as tmp:
-        names = ("batch.safetensors", "media.json", "logits.safetensors", "grids.json")
+        names = ("batch.safetensors", "media.json", "frames.safetensors", "logits.safetensors", "grids.json")
         files = {name: Path(tmp) / name for name in names}
         save_file(
             {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()},
             str(files["batch.safetensors"]),
         )
-        files["media.json"].write_text(json.dumps({kind: list(expected_grids[kind]) for kind in ("image", "video")}))
+        if from_files:
+            entries = [{"path": path, "frames": None} for path in videos]
+        else:
+            frames, entries = frames_for_transformers(out_dir, videos)
+            save_file(frames, str(files["frames.safetensors"]))
+        media = {"image": list(expected_grids["image"]), "video": entries, "frames": not from_files}
+        files["media.json"].write_text(json.dumps(media))
         cmd = [
             sys.executable,
             "-c",
@@ -199,7 +224,11 @@ def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"plain transformers could not load {out_dir}:\n{result.stderr[-3000:]}")
-        return load_file(str(files["logits.safetensors"]))["logits"], json.loads(files["grids.json"].read_text())
+        logits, served = (
+            load_file(str(files["logits.safetensors"]))["logits"],
+            json.loads(files["grids.json"].read_text()),
+        )
+    return logits, served, (how_videos_were_checked(from_files) if videos else None, from_files)
 
 
 def tolerances(config: Config, precision: str, export_dtype: str, logits: torch.Tensor) -> tuple[float, float]:
@@ -284,7 +313,9 @@ def export(config: Config) -> Path:
     (out_dir / "README.md").write_text("(written after the reload check)\n")
 
     device_map = inference_device_map(config)
-    merged_logits, served = reload_check(out_dir, batch, expected_grids, DTYPES[export_dtype], device_map)
+    merged_logits, served, (videos_checked, from_files) = reload_check(
+        out_dir, batch, expected_grids, DTYPES[export_dtype], device_map
+    )
     mask = batch["attention_mask"].bool()
     max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
     mismatches = grid_mismatches(expected_grids, served)
@@ -302,7 +333,12 @@ def export(config: Config) -> Path:
             "images": int(len(batch.get("image_grid_thw", []))),
             "videos": int(len(batch.get("video_grid_thw", []))),
         },
-        "served_grids": {"checked": sum(len(v) for v in expected_grids.values()), "mismatches": mismatches},
+        "served_grids": {
+            "checked": sum(len(v) for v in expected_grids.values()),
+            "mismatches": mismatches,
+            "videos": videos_checked,  # how: transformers decoded the files, or was given frames we decoded
+            "video_input": None if videos_checked is None else ("file" if from_files else "frames"),
+        },
         "passed": max_diff <= reload_atol and not mismatches,
     }
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
@@ -320,7 +356,8 @@ def export(config: Config) -> Path:
         raise RuntimeError("the exported processor does not reproduce the training grids:\n" + "\n".join(mismatches))
     print(
         f"exported {out_dir} ({export_dtype}) | reloaded with plain transformers | max |logit diff| {max_diff:.2e} "
-        f"<= {reload_atol:.1e} | served grids = training grids on {report['served_grids']['checked']} media files"
+        f"<= {reload_atol:.1e} | served grids = training grids on {report['served_grids']['checked']} media files "
+        + (f"(videos: {videos_checked})" if videos_checked else "(no videos)")
     )
     if config.export.push_to_hub:
         push_to_hub(out_dir, config.export.push_to_hub, config.export.hub_private)

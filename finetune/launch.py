@@ -12,7 +12,6 @@ The exact command is printed before it runs. Evaluation and export run once, on 
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -20,6 +19,7 @@ import sys
 from pathlib import Path
 
 from finetune.config import Config, ConfigError, load_config, repo_path, to_yaml
+from finetune.run_summary import file_size, summary
 from finetune.rundir import RunDir
 
 
@@ -103,37 +103,34 @@ def refuse_zero_on_one_process(config: Config, processes: int) -> None:
         )
 
 
-def _run(cmd: list[str], filter_launcher_tracebacks: bool = False) -> int:
+def _run(cmd: list[str], env: dict | None = None, filter_launcher_tracebacks: bool = False) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     if filter_launcher_tracebacks:
         from finetune.launcher_output import run_quietly
 
-        return run_quietly(cmd)
-    return subprocess.call(cmd)
+        return run_quietly(cmd, env)
+    return subprocess.call(cmd, env=env)
 
 
-def summary(config: Config) -> str:
-    run = RunDir(config.trainer.output_dir)
-    run_dir = run.path
-    lines = [
-        f"Run directory: {run_dir.resolve()}",
-        f"  config:      {run.config_file}  (versions, git SHA, command: {run.run_info_file.name})",
-        f"  adapter:     {run.adapter}",
-    ]
-    m = run.metrics()
-    if m is not None:
-        lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
-    report_file = Path(config.export.output_dir) / "export_report.json"
-    if report_file.exists():
-        r = json.loads(report_file.read_text())
-        lines.append(f"  merged:      {r['merged_dir']}  (reloaded; max |logit diff| {r['max_abs_logit_diff']:.1e})")
-    if config.logger.report_to == "wandb":
-        lines.append(
-            f"  wandb:       {run_dir / 'wandb'}  (offline runs: `wandb sync {run_dir / 'wandb'}/offline-run-*`)"
+def video_decoder_env(env: dict) -> tuple[str, dict]:
+    """The start-up line naming the video decoder, and the environment for the processes the launch starts. Decided
+    here once: when torchcodec cannot load, every rank, DataLoader worker, evaluation and export is told to use PyAV
+    (FINETUNE_VIDEO_BACKEND=pyav) instead of each finding out, and warning, again. A forced choice that cannot work is
+    refused before anything starts."""
+    from finetune.data import media
+
+    forced = env.get(media.BACKEND_VARIABLE) or None
+    if forced not in (None, *media.VIDEO_BACKENDS):
+        raise ConfigError(
+            f"{media.BACKEND_VARIABLE}={forced}: use one of {', '.join(media.VIDEO_BACKENDS)}, or unset it (torchcodec "
+            "when it can load, else PyAV)."
         )
-    elif config.logger.report_to == "tensorboard":
-        lines.append(f"  tensorboard: tensorboard --logdir {run_dir}")
-    return "\n".join(lines)
+    name, why = media.video_decoder(forced)
+    if forced == "torchcodec" and media.torchcodec_problem():
+        raise ConfigError(
+            f"video decoder: {why}. Unset {media.BACKEND_VARIABLE} to decode with PyAV, or {media.INSTALL_FFMPEG}."
+        )
+    return f"video decoder: {why}", {**env, media.BACKEND_VARIABLE: "pyav"} if name == "pyav" else dict(env)
 
 
 def replace_own_export(config: Config) -> list[str]:
@@ -192,15 +189,25 @@ def execute(config: Config, args: list[str], overrides: list[str]) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns that it fell back to CPU
+    try:
+        decoder_line, env = video_decoder_env(dict(os.environ))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(decoder_line, flush=True)
     train, *after = commands(config, args, overrides)
-    rc = _run(train, filter_launcher_tracebacks=True)
+    # Only the samples this launch skips: a fresh start in an old run directory leaves that run's lines in place.
+    skipped_from = (
+        0 if config.trainer.resume_from_checkpoint else file_size(RunDir(config.trainer.output_dir).bad_samples_file)
+    )
+    rc = _run(train, env, filter_launcher_tracebacks=True)
     if rc != 0 or _int_env(dict(os.environ), "NODE_RANK", 0) != 0:
         return rc
     for command in after:
-        rc = _run(command)
+        rc = _run(command, env)
         if rc:
             return rc
-    print("\n" + summary(config))
+    print("\n" + summary(config, skipped_from))
     return 0
 
 
@@ -213,6 +220,11 @@ def run_recipe(overrides: list[str], dry_run: bool = False) -> int:
     if dry_run:
         print(to_yaml(config))
         print("process layout: " + layout(config, args))
+        try:
+            print(video_decoder_env(dict(os.environ))[0])
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print("commands (not started: --dry-run):")
         for command in commands(config, args, overrides):
             print("  " + shlex.join(command))

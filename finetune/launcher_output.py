@@ -92,9 +92,10 @@ def summary(failure: dict[str, str], returncode: int) -> str:
     return f"{where} stopped with exit status {code} (the reason is above)."
 
 
-def run_quietly(cmd: list[str]) -> int:
-    """Run `cmd` with its stderr filtered as above; print the summary line on failure."""
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+def run_quietly(cmd: list[str], env: dict | None = None) -> int:
+    """Run `cmd` (in `env`, default this process's) with its stderr filtered as above; print the summary line on
+    failure."""
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
     out = sys.stderr.buffer
 
     def write(data: bytes) -> None:

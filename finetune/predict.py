@@ -42,6 +42,7 @@ OPTIONS = {
     "frames_fps": float,
 }
 IMAGE_OPTIONS = ("min_pixels", "max_pixels")
+EMPTY_ANSWER = "(empty answer: the model generated no text)"
 
 
 def find_model(path: str) -> tuple[Config, str | None]:
@@ -128,13 +129,14 @@ def predict(args: argparse.Namespace) -> list[str]:
                 record |= {"error": str(answer)} if failed else {}
                 f.write(json.dumps(record | ({"reference": reference} if reference is not None else {})) + "\n")
         unanswered = sum(isinstance(a, DataError) for a in answers)
+        empty = sum(not isinstance(a, DataError) and not a.strip() for a in answers)
+        notes = []
+        if unanswered:
+            notes.append(f"{unanswered} could not be asked: their media failed to decode; see their `error`")
+        if empty:
+            notes.append(f"{empty} empty answer{'s' if empty != 1 else ''}: the model generated no text")
         print(
-            f"wrote {len(answers)} predictions to {args.output}"
-            + (
-                f" ({unanswered} could not be asked: their media failed to decode; see their `error`)"
-                if unanswered
-                else ""
-            ),
+            f"wrote {len(answers)} predictions to {args.output}" + (f" ({'; '.join(notes)})" if notes else ""),
             file=sys.stderr,
         )
         return [None if isinstance(a, DataError) else a.strip() for a in answers]
@@ -144,6 +146,8 @@ def predict(args: argparse.Namespace) -> list[str]:
     answer = generate_answers(model, encoder, [prompt], 1, args.max_new_tokens, streamer=streamer, progress=False)[0]
     if isinstance(answer, DataError):
         raise answer
+    if not answer.strip():  # the streamer printed nothing: say so (on stderr: stdout stays the answer itself)
+        print(EMPTY_ANSWER, file=sys.stderr)
     return [answer.strip()]
 
 

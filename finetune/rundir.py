@@ -81,6 +81,27 @@ class RunDir:
     def metrics(self) -> dict | None:
         return json.loads(self.metrics_file.read_text()) if self.metrics_file.exists() else None
 
+    def skipped_samples(self, start: int = 0) -> list[dict]:
+        """The training samples skipped because their media failed to decode (bad_samples.jsonl from byte `start`),
+        once per id (every rank that meets a sample lists it) in the order they were met."""
+        if not self.bad_samples_file.exists():
+            return []
+        with open(self.bad_samples_file, "rb") as f:
+            f.seek(start)
+            entries = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        first: dict[str, dict] = {}
+        for entry in entries:
+            first.setdefault(str(entry.get("id")), entry)
+        return list(first.values())
+
+    def unanswered(self) -> list[dict]:
+        """The evaluation records whose question could not be asked (their media failed to decode)."""
+        predictions = self.eval_dir / "predictions.jsonl"
+        if not predictions.exists():
+            return []
+        records = (json.loads(line) for line in predictions.read_text().splitlines() if line.strip())
+        return [r for r in records if r.get("error") is not None]
+
     def is_trained(self) -> bool:
         """A finished run: its recipe and its adapter are there."""
         return self.config_file.is_file() and self.adapter.is_dir()

@@ -105,7 +105,8 @@ def model_card(config, info: dict) -> str:
     served = info.get("served_grids") or {}
     grid_line = (
         f"Checked at export: plain transformers on this folder gave the training grids for "
-        f"{served.get('checked', 0)} media files ({len(served.get('mismatches', []))} mismatches)."
+        f"{served.get('checked', 0)} media files ({len(served.get('mismatches', []))} mismatches)"
+        + (f"; videos: {served['videos']}." if served.get("videos") else ".")
         if served
         else ""
     )

@@ -145,3 +145,44 @@ def test_model_folders_are_recognised_and_others_refused(trained, tmp_path, tiny
         find_model(str(tmp_path))
     result = run_module("finetune.predict", ["--model", str(run_dir), "--input", "x.jsonl"], expect_failure=True)
     assert result.returncode == 2 and "--input needs --output" in result.stderr
+
+
+def test_an_empty_answer_is_shown_as_such(tiny_paths, tmp_path, monkeypatch, capsys):
+    """A model that ends its reply at once: stdout stays the (empty) answer, and the console says it is empty, for one
+    question and for a file of them."""
+    import finetune.modeling as modeling
+    from finetune.predict import main
+
+    load = modeling.load_trained_model
+
+    def ends_at_once(*args, **kwargs):  # the real model, made to generate only its end-of-text token
+        model, processor = load(*args, **kwargs)
+        generate, eos = model.generate, processor.tokenizer.eos_token_id
+        model.generate = lambda **kw: generate(**{**kw, "max_new_tokens": 1, "forced_eos_token_id": eos})
+        return model, processor
+
+    monkeypatch.setattr(modeling, "load_trained_model", ends_at_once)
+    image = next(r for r in json.loads((DEMO / "test.json").read_text()) if r.get("images"))["images"][0]
+    model = str(tiny_paths["qwen2_5_vl"])
+    capsys.readouterr()
+    assert main(["--model", model, "--image", str(DEMO / image), "--question", "What colour?"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "" and "(empty answer: the model generated no text)" in out.err
+
+    questions = tmp_path / "q.jsonl"
+    record = {"messages": [{"role": "user", "content": "<image>What colour?"}], "images": [image]}
+    questions.write_text("".join(json.dumps({**record, "id": f"q{i}"}) + "\n" for i in range(2)))
+    argv = [
+        "--model",
+        model,
+        "--input",
+        str(questions),
+        "--output",
+        str(tmp_path / "p.jsonl"),
+        "--media-root",
+        str(DEMO),
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "wrote 2 predictions" in err and "2 empty answers" in err, err
+    assert [json.loads(line)["prediction"] for line in open(tmp_path / "p.jsonl")] == ["", ""]

@@ -18,6 +18,7 @@ from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder
 from finetune.data.vision import FRAME_FACTOR, smart_resize
 from finetune.data_settings import vision_settings
+from finetune.export_videos import frames_for_transformers, transformers_decodes_video_files
 from finetune.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
 from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 
@@ -86,3 +87,41 @@ def test_the_total_budget_rounding_difference_is_rare_and_small():
     print(f"total budget {total} served as {served_total}: {differ} of {cases} frame sizes differ")
     assert served_total != total and differ / cases < 0.02
     assert math.isclose(served_total, total, rel_tol=1e-3)
+
+
+@pytest.mark.skipif(
+    not transformers_decodes_video_files(),
+    reason="needs transformers to decode video files itself (torchcodec with FFmpeg) to compare with",
+)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_frames_we_decode_stand_in_for_the_file_where_transformers_cannot_decode(
+    tmp_path, tiny_paths, media, recipe, monkeypatch
+):
+    """What the export's reload check gives the exported processor where torchcodec cannot load (our probe's metadata,
+    the frames its own sample_frames picks, decoded by PyAV) gives what it gives the file: same grids, sampled fps,
+    frame indices and pixels, for every container."""
+    import finetune.data.media as our_media
+
+    _, videos = media
+    exported = AutoProcessor.from_pretrained(tiny_paths["qwen2_5_vl"])
+    apply_budgets(exported, load_config(RECIPES[recipe]).model)
+    save_processor(exported, tmp_path)
+    served = AutoProcessor.from_pretrained(tmp_path).video_processor
+    monkeypatch.setattr(our_media, "_backend", "pyav")  # decoded by PyAV, as where torchcodec cannot load
+    frames, entries = frames_for_transformers(tmp_path, [str(v) for v in videos])
+    for entry in entries:
+        from_file = served(videos=[entry["path"]], return_metadata=True, return_tensors="pt")
+        from_frames = served(  # the reload script's call (finetune/export.py)
+            videos=[frames[entry["frames"]]],
+            video_metadata=[entry["metadata"]],
+            do_sample_frames=False,
+            return_metadata=True,
+            return_tensors="pt",
+        )
+        file_metadata, frames_metadata = from_file["video_metadata"][0], from_frames["video_metadata"][0]
+        assert from_frames["video_grid_thw"].tolist() == from_file["video_grid_thw"].tolist(), entry["path"]
+        assert list(frames_metadata.frames_indices) == list(file_metadata.frames_indices), entry["path"]
+        assert frames_metadata.sampled_fps == pytest.approx(file_metadata.sampled_fps, rel=1e-9), entry["path"]
+        assert frames_metadata.total_num_frames == file_metadata.total_num_frames, entry["path"]
+        difference = (from_frames["pixel_values_videos"] - from_file["pixel_values_videos"]).abs().max().item()
+        assert difference <= 1e-5, (entry["path"], difference)  # PyAV's frames are torchcodec's

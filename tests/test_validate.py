@@ -139,3 +139,25 @@ def test_demo_validates_with_full_decoding():
         result.stdout + result.stderr
     )
     assert DEMO.exists()
+
+
+def test_an_empty_dataset_is_one_named_problem_everywhere(tmp_path, capsys):
+    """validate with and without --decode, and training with and without data.skip_invalid, each on a store already
+    written for the empty file (the second read of an empty dataset once ended in pyarrow's `memory_map` traceback)."""
+    from finetune.validate import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = [f"data.train={empty}", "data.eval=null", "evaluation.after_training=false"]
+    for decode in ([], ["--decode"], ["--decode"]):  # in this process: main() returns the command's exit status
+        capsys.readouterr()
+        rc = main(base + ["--split", "train", *decode])
+        out = capsys.readouterr().out
+        assert rc == 1 and f"{empty}: no records at all" in out and "FAILED: 1 problems" in out, out
+    train = base + ["logger=none", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1"]
+    for skip in ("false", "true"):
+        result = run_module("finetune.train", train + [f"data.skip_invalid={skip}"], expect_failure=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "error: the training data holds no records at all:" in result.stderr, result.stderr
+        assert f"{empty}: no records at all" in result.stderr and "1 of 0" not in result.stderr
+        assert not (tmp_path / "run" / "adapter").exists()

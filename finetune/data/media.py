@@ -5,7 +5,9 @@
 - Videos come as a file (mp4/avi/mkv/webm/...), a folder of extracted frames (`ffmpeg -i v.mp4 out/%05d.jpg`)
   or a list of frame files; folders and lists need the rate they were extracted at (`frames_fps`).
 - Decoding reads only the sampled frames: torchcodec seeks to each one; PyAV (the fallback when torchcodec
-  cannot load the system FFmpeg, announced once) seeks to the keyframe before each and decodes forward.
+  cannot load the system FFmpeg) seeks to the keyframe before each and decodes forward. `video_decoder` says which
+  one and why: the launcher decides once and hands its choice to every process it starts (FINETUNE_VIDEO_BACKEND),
+  so no rank or DataLoader worker has to find out again and warn.
 - Images: EXIF orientation applied; converted to RGB like qwen-vl-utils (RGBA on white, 16-bit scaled, not
   clipped); a huge JPEG is decoded at a reduced scale (`draft`) when the target size allows it.
 """
@@ -162,7 +164,46 @@ def _count_packets(container, stream) -> tuple[int, float]:
     return count, span
 
 
-_backend: str | None = os.environ.get("FINETUNE_VIDEO_BACKEND")  # force "pyav" or "torchcodec"
+BACKEND_VARIABLE = "FINETUNE_VIDEO_BACKEND"  # "pyav" or "torchcodec": set by the launcher for its processes
+VIDEO_BACKENDS = ("torchcodec", "pyav")
+_backend: str | None = os.environ.get(BACKEND_VARIABLE) or None
+INSTALL_FFMPEG = "install the system FFmpeg libraries (e.g. `apt-get install ffmpeg`) to use torchcodec"
+
+
+def torchcodec_problem() -> str | None:
+    """Why torchcodec cannot decode videos in this environment, or None when it can. torchcodec >= 0.16 imports
+    without FFmpeg and says so with `ffmpeg_major_version = None`; older ones, or a build that does not match torch,
+    fail to import."""
+    try:
+        import torchcodec
+        from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads its core library)
+    except Exception as err:  # ImportError, OSError, or RuntimeError from a core library that does not load
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    if getattr(torchcodec, "ffmpeg_major_version", 0) is None:
+        return "torchcodec loaded but found no FFmpeg libraries"
+    return None
+
+
+def video_decoder(forced: str | None) -> tuple[str, str]:
+    """The decoder for video files ("torchcodec" or "pyav") and why, in words: `forced` (FINETUNE_VIDEO_BACKEND's
+    value) when set, else torchcodec when it can load, else PyAV (which brings its own FFmpeg)."""
+    if forced == "pyav":
+        return "pyav", f"PyAV ({BACKEND_VARIABLE}=pyav)"
+    problem = torchcodec_problem()
+    if forced == "torchcodec":
+        return "torchcodec", f"torchcodec ({BACKEND_VARIABLE}=torchcodec)" + (
+            f", but it cannot load here ({problem})" if problem else ""
+        )
+    if problem is None:
+        import torchcodec
+
+        return "torchcodec", f"torchcodec (FFmpeg {torchcodec.ffmpeg_major_version})"
+    return "pyav", f"PyAV, because torchcodec cannot load here ({problem}); {INSTALL_FFMPEG}"
+
+
+def current_video_decoder() -> tuple[str, str]:
+    """`video_decoder` for this process, as it decodes now (after a fallback to PyAV, PyAV)."""
+    return video_decoder(_backend)
 
 
 def _torchcodec_unavailable(err: Exception) -> bool:
@@ -174,9 +215,9 @@ def _fall_back_to_pyav(err: Exception) -> None:
     global _backend
     _backend = "pyav"
     logger.warning(
-        "torchcodec cannot load FFmpeg (%s); decoding videos with PyAV instead. Install the system FFmpeg "
-        "libraries (e.g. `apt-get install ffmpeg`) to use torchcodec.",
+        "torchcodec cannot load FFmpeg (%s); decoding videos with PyAV instead (%s).",
         str(err).splitlines()[0][:160],
+        INSTALL_FFMPEG,
     )
 
 

@@ -195,6 +195,8 @@ def require_clean(split: PreparedSplit, name: str, skip_invalid: bool, logger) -
         )
     if not split.num_problems:
         return
+    if not split.read:  # every file is empty: no sample to skip, and data.skip_invalid cannot help
+        raise DataError(f"the {name} data holds no records at all:\n{format_problems(split.problems)}")
     report = format_problems(split.problems)
     if skip_invalid:
         logger.warning(

@@ -47,10 +47,7 @@ def parse_sources(value, media_root: str | None, resolve) -> list[DatasetSource]
 def iter_records(path: Path):
     """(location, record) pairs; the location names the line (JSONL) or index (JSON, parquet, HF dir)."""
     if path.is_dir():
-        import datasets
-
-        for i, record in enumerate(datasets.load_from_disk(str(path))):
-            yield f"{path}[{i}]", record
+        yield from _saved_dataset_records(path)
         return
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -100,6 +97,29 @@ def iter_records(path: Path):
             yield f"{path}[{i}]", record
     else:
         raise DataError(f"{path}: unsupported dataset file; use .json, .jsonl, .parquet or a `save_to_disk` folder.")
+
+
+def _saved_dataset_records(path: Path):
+    """The records of a `Dataset.save_to_disk` folder. A zero-row dataset is saved with no data file at all, which
+    `load_from_disk` (datasets 5.2) cannot open (IndexError): it is read as the empty dataset it is."""
+    import datasets
+
+    state = path / "state.json"
+    try:
+        if json.loads(state.read_text()).get("_data_files") == []:
+            return
+    except (OSError, ValueError):
+        pass  # not a plain `save_to_disk` folder: load_from_disk says what it is
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as err:  # a folder of something else, a cut shard: name the folder
+        raise DataError(
+            f"{path}: cannot be read as a `Dataset.save_to_disk` folder ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Point data.train/data.eval at a dataset file or at the "
+            "folder of one split."
+        ) from None
+    for i, record in enumerate(dataset):
+        yield f"{path}[{i}]", record
 
 
 def to_sample(record, index: int, where: str, root: Path) -> Sample:

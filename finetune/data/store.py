@@ -384,7 +384,10 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
     settings = settings_name(encoder)
     counts_file, media_file = folder / f"counts-{settings}.arrow", folder / f"media-{settings}.arrow"
     old_counts = open_table(counts_file) if counts_file.exists() else None
-    old_records_name = (old_counts.schema.metadata or {}).get(b"records", b"").decode() if old_counts else ""
+    # `is not None`, never truthiness: a pyarrow table of zero rows (an empty dataset's counts) is falsy.
+    old_records_name = (
+        (old_counts.schema.metadata or {}).get(b"records", b"").decode() if old_counts is not None else ""
+    )
     changed, stamps, stored = _changed_media(media_file, records)
     if old_records_name == records_file.name and not changed:
         counts = {name: old_counts.column(name) for name in COUNT_SCHEMA.names}
@@ -395,7 +398,8 @@ def load_source(source: DatasetSource, encoder, num_proc: int | None = None) -> 
         to_count = []
     else:
         old_records = None
-        if old_counts is not None and (folder / old_records_name).exists():
+        # An empty name would be the store folder itself: only a records file named by the counts is reused.
+        if old_counts is not None and old_records_name and (folder / old_records_name).is_file():
             old_records = open_table(folder / old_records_name)
         counts, to_count = _aligned_counts(records, old_counts, old_records, changed if stored else set())
         share = np.array_split(np.array(to_count, dtype=np.int64), world)[rank].tolist()

@@ -178,3 +178,45 @@ def test_store_problems_equal_reading_the_file(tmp_path, processors, num_proc, m
     _, errors = read_source(DatasetSource(path))
     assert [str(e) for _, e in sorted(stored.errors.items())] == [str(e) for e in errors]
     assert sum(e.kind == "duplicate_id" for e in errors) == 13 and len(errors) == 15
+
+
+def _empty_sources(root: Path) -> list[Path]:
+    """Every way a dataset can hold no records: an empty or blank JSONL, an empty JSON list, a zero-row parquet and a
+    zero-row `save_to_disk` folder."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "empty.jsonl").write_text("")
+    (root / "blank.jsonl").write_text("\n  \n")
+    (root / "empty.json").write_text("[]")
+    pq.write_table(pa.table({"messages": pa.array([], pa.string())}), root / "empty.parquet")
+    datasets.Dataset.from_dict({"messages": []}).save_to_disk(str(root / "empty_hf"))
+    return [root / name for name in ("empty.jsonl", "blank.jsonl", "empty.json", "empty.parquet", "empty_hf")]
+
+
+def test_empty_datasets_are_a_named_problem_on_every_read_not_a_store_error(tmp_path, processors):
+    """A store written for zero records is reused as such (a zero-row counts table is falsy in pyarrow: the second
+    read once took the store folder itself for the records file and failed in `memory_map`)."""
+    encoder = ConversationEncoder(processors["qwen2_vl"], SETTINGS)
+    settings = SplitSettings(max_length=4096)
+    for path in _empty_sources(tmp_path):
+        for attempt in ("first read", "from the store"):
+            split = prepare_split(str(path), settings, encoder, Path)
+            assert len(split.samples) == 0 and split.read == 0, (path, attempt)
+            (problem,) = split.problems["empty_dataset"]
+            assert f"{path}: no records at all" in str(problem), (path, attempt)
+
+    path = tmp_path / "empty.jsonl"  # records added to a dataset that was empty: read and counted
+    write_image(tmp_path / "a.png", 64, 64)
+    _jsonl(path, [_qa("a.png")])
+    filled = load_source(DatasetSource(path), encoder)
+    assert len(filled) == 1 and filled.counted == 1 and not filled.errors
+    path.write_text("")  # and emptied again
+    assert len(load_source(DatasetSource(path), encoder)) == 0
+    assert len(load_source(DatasetSource(path), encoder)) == 0
+
+    (tmp_path / "not_a_dataset").mkdir()  # a folder that is not a saved dataset: named, not a datasets traceback
+    (tmp_path / "not_a_dataset" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="not_a_dataset: cannot be read as a `Dataset.save_to_disk` folder"):
+        load_source(DatasetSource(tmp_path / "not_a_dataset"), encoder)

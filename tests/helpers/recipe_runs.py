@@ -23,10 +23,15 @@ def mini_dataset(path: Path, per_task: int = 4) -> Path:
 
 
 def run_module(
-    module: str, overrides: list[str], timeout: int = 600, expect_failure: bool | None = False
+    module: str,
+    overrides: list[str],
+    timeout: int = 600,
+    expect_failure: bool | None = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m module overrides` from the repository root; fail unless it exits as expected (None: any)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    """Run `python -m module overrides` from the repository root, with `env` added to this environment; fail unless
+    it exits as expected (None: any)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", module, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
