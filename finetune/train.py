@@ -24,6 +24,7 @@ from trl import SFTTrainer
 from finetune import attention
 from finetune.cli import run
 from finetune.config import Config, ConfigError, load_config, repo_path
+from finetune.data import media
 from finetune.data.errors import DataError
 from finetune.data_settings import conversation_encoder, split_settings
 from finetune.modeling import DTYPES, recipe_precision, uses_gpu
@@ -331,6 +332,12 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
 
     run_dir = Path(config.trainer.output_dir)
     precision = recipe_precision(config)
+    # Once, before any DataLoader worker exists: ./launch.sh has decided already and said so; a direct start says
+    # it here when it must fall back to PyAV, and its workers then start with PyAV instead of each warning.
+    announced = media.BACKEND_VARIABLE in os.environ
+    decoder, why = media.settle_video_decoder()
+    if decoder == "pyav" and not announced and os.environ.get("RANK", "0") == "0":
+        logger.warning("video decoder: %s", why)
     processor = load_processor(config.model)
     encoder = conversation_encoder(processor, config)
     # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)

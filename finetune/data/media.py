@@ -206,6 +206,17 @@ def current_video_decoder() -> tuple[str, str]:
     return video_decoder(_backend)
 
 
+def settle_video_decoder() -> tuple[str, str]:
+    """Decide this process's decoder now, and hand it to the processes it starts (DataLoader workers): after a
+    fallback to PyAV they decode with it from the start instead of each finding out and warning again."""
+    global _backend
+    name, why = current_video_decoder()
+    if name == "pyav":
+        _backend = "pyav"
+        os.environ[BACKEND_VARIABLE] = "pyav"
+    return name, why
+
+
 def _torchcodec_unavailable(err: Exception) -> bool:
     """torchcodec imports fine without FFmpeg and fails only when its core library loads on first use."""
     return isinstance(err, (ImportError, OSError)) or "libtorchcodec" in str(err)
