@@ -28,8 +28,7 @@ def test_export_round_trip(tmp_path, family):
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
     overrides = tiny_run_overrides(family, run_dir, train_file, steps=5)
-    run_module("finetune.train", overrides)
-    run_module("finetune.export", overrides)
+    run_in_process(overrides)
 
     merged = run_dir / "merged"
     report = json.loads((merged / "export_report.json").read_text())
@@ -74,6 +73,16 @@ def test_export_round_trip(tmp_path, family):
     assert torch.equal(merged_answer, adapter_answer)
 
 
+def run_in_process(overrides, train=True, export=True):
+    """The train and export commands in this process (their command-line exit path is tested once, below)."""
+    from finetune import export as export_command
+    from finetune import train as train_command
+
+    for command, wanted in ((train_command, train), (export_command, export)):
+        if wanted:
+            assert command.main(overrides) == 0
+
+
 def report_base_path(run_dir):
     from finetune.tiny import resolve_model_path
 
@@ -94,8 +103,7 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
         "parts.merger=full",
         "parts.merger_lr=1e-2",
     ]
-    run_module("finetune.train", overrides)
-    run_module("finetune.export", overrides)
+    run_in_process(overrides)
     report = json.loads((run_dir / "merged" / "export_report.json").read_text())
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
 
@@ -156,7 +164,7 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     # Through the command line once: the refusal is one clean line and exit status 2.
     result = run_module("finetune.export", overrides, expect_failure=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "error: No LoRA adapter" in result.stderr
-    run_module("finetune.train", overrides)
+    run_in_process(overrides, export=False)
     refused([f"model.name_or_path={_other_base_model(tmp_path / 'other')}"], "a different model from the recipe's")
     refused(["model.name_or_path=someone/another-model"], "was trained on .*, but the recipe's base model is")
     (tmp_path / "occupied").mkdir()
@@ -165,7 +173,7 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     refused([f"export.output_dir={tmp_path / 'occupied'}", "export.overwrite=true"], "not an earlier export")
     assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine"
 
-    run_module("finetune.export", overrides)
+    run_in_process(overrides, train=False)
     refused([], "Set export.overwrite=true")
     # An fp32 run exported in bf16, in shards: reloads and passes the dtype-aware check.
     export(load_config(overrides + ["export.overwrite=true", "export.dtype=bf16", "export.max_shard_size=300KB"]))
