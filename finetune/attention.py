@@ -128,6 +128,8 @@ def varlen_attention(
     if cu_seq_lens_q is None:
         cu_seq_lens_q, max_length_q = boundaries_from_positions(position_ids, batch, length, query.device)
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    elif max_length_q is None:  # boundaries without their longest length: counted once, here
+        max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
     out = KERNELS[kernel](

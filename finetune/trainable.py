@@ -154,8 +154,8 @@ def count_parameters(model) -> tuple[int, int]:
 def enable_activation_checkpointing(model, config: Config, reentrant: bool | None = None) -> bool:
     """Recompute activations in backward: the LLM's decoder layers, and the ViT blocks if asked.
 
-    Returns whether reentrant checkpointing was chosen (`reentrant`: None decides as follows). Non-reentrant is PyTorch's recommendation, but with
-    PEFT under ZeRO-3 it fails in backward ("Recomputed values ... have different metadata": frozen
+    Returns whether reentrant checkpointing was chosen (`reentrant`: None decides as follows). Non-reentrant is
+    PyTorch's recommendation, but with PEFT under ZeRO-3 it fails in backward ("Recomputed values ... have different metadata": frozen
     parameters are partitioned again by the time they are recomputed), see huggingface/trl#6356,
     huggingface/transformers#47254 and deepspeedai/DeepSpeed#4332; reentrant is the workaround there.
     A frozen vision tower is left alone: it runs without autograd (`run_frozen_parts_without_autograd`), so it
@@ -178,51 +178,43 @@ def enable_activation_checkpointing(model, config: Config, reentrant: bool | Non
     return reentrant
 
 
-def require_input_grads(model, config: Config, reentrant: bool) -> list[str]:
+def require_input_grads(model, config: Config, reentrant: bool) -> None:
     """Make the inputs of checkpointed blocks require a gradient where reentrant checkpointing needs it, and nowhere
     else. Reentrant checkpointing back-propagates into a block only when one of its inputs requires a gradient:
     - the LLM's: its embeddings are frozen under LoRA, so the token embeddings are marked;
     - the ViT's, when it has LoRA and its blocks are checkpointed: nothing upstream (frozen Conv3d patch embed)
       requires a gradient, so its LoRA weights would silently get none (LLaMA-Factory #6754); the patch-embed
       output is marked.
-    Non-reentrant checkpointing needs neither. Returns the names of the marked modules."""
+    Non-reentrant checkpointing needs neither."""
     if not reentrant:
-        return []
+        return
     inner = base_model(model)
-    marked = []
     embeddings = inner.get_input_embeddings()
     if not embeddings.weight.requires_grad:
         embeddings.register_forward_hook(_output_requires_grad)
-        marked.append("llm input embeddings")
     if config.parts.vision_tower == "lora" and config.trainer.gradient_checkpointing_vision_tower:
         vision_tower(inner).patch_embed.register_forward_hook(_output_requires_grad)
-        marked.append("vision patch embed")
-    return marked
 
 
 def _output_requires_grad(module, args, output):
     output.requires_grad_(True)
 
 
-def run_frozen_parts_without_autograd(model, config: Config) -> list[str]:
-    """A frozen vision tower (and a frozen merger behind it) runs under `torch.no_grad()`: with nothing to train it
-    needs no graph, and any input hook that asks for a gradient would otherwise make autograd keep every ViT
-    activation and run backward through every block for nothing. A frozen merger behind a trainable tower keeps
-    autograd (the tower's gradients flow through it). Returns the names of the modules that run without it."""
+def run_frozen_parts_without_autograd(model, config: Config) -> None:
+    """A frozen vision tower runs under `torch.no_grad()` (with a frozen merger behind it, the whole `visual`): with
+    nothing to train it needs no graph, and any input hook that asks for a gradient would otherwise make autograd
+    keep every ViT activation and run backward through every block for nothing. A merger that trains still builds
+    its own graph on the tower's output."""
     if config.parts.vision_tower != "frozen":
-        return []
+        return
     visual = vision_tower(model)
     if config.parts.merger == "frozen":
         _forward_without_autograd(visual)
-        return ["visual"]
-    names = []
+        return
     for name, child in visual.named_children():
-        if name == "merger":
-            continue
-        for index, module in enumerate(child if isinstance(child, torch.nn.ModuleList) else [child]):
-            _forward_without_autograd(module)
-            names.append(f"{name}.{index}" if isinstance(child, torch.nn.ModuleList) else name)
-    return names
+        if name != "merger":
+            for module in child if isinstance(child, torch.nn.ModuleList) else [child]:
+                _forward_without_autograd(module)
 
 
 def _forward_without_autograd(module: torch.nn.Module) -> None:
