@@ -22,6 +22,7 @@ import torch
 
 from finetune.data.errors import DataError
 from finetune.rundir import RunDir
+from finetune.vision_sync import MEDIA
 
 logger = logging.getLogger("finetune.faults")
 
@@ -97,10 +98,7 @@ def batch_summary(inputs: dict) -> dict:
     """What a training batch asks of memory, taken before its forward: rows x tokens, and vision patches."""
     rows, tokens = inputs["input_ids"].shape
     summary = {"rows": rows, "tokens_per_row": tokens}
-    for kind, pixels, grid in (
-        ("image", "pixel_values", "image_grid_thw"),
-        ("video", "pixel_values_videos", "video_grid_thw"),
-    ):
+    for kind, pixels, grid in MEDIA:  # the batch keys of each modality (finetune/vision_sync.py)
         if inputs.get(pixels) is not None:
             summary[f"{kind}_patches"] = int(inputs[pixels].shape[0])
             summary[f"{kind}s"] = int(inputs[grid].shape[0])
