@@ -95,5 +95,5 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
     setup
-    exec "$VENV/bin/python" -m finetune.launch "$@" ;;
+    exec "$VENV/bin/python" -m finetune "$@" ;;
 esac

@@ -90,7 +90,7 @@ def prepass_benchmark(root: Path, videos: list[str], n_images: int) -> None:
 
     from finetune.data.conversation import Sample
     from finetune.data.encode import ConversationEncoder
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     rng = np.random.default_rng(0)
     samples = []

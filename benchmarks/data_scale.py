@@ -154,14 +154,14 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None)
     args = parser.parse_args()
 
-    from finetune.config import load_config
+    from finetune.base.paths import cache_root
+    from finetune.data.packing import pack_rows
     from finetune.data.prepare import prepare_split
     from finetune.data.sources import DatasetSource, read_source
     from finetune.data.store import default_num_proc, load_source
-    from finetune.data_settings import conversation_encoder, split_settings
-    from finetune.modeling import load_processor
-    from finetune.packing import pack_rows
-    from finetune.paths import cache_root
+    from finetune.model.load import load_processor
+    from finetune.recipe.data_settings import conversation_encoder, split_settings
+    from finetune.recipe.schema import load_config
 
     root = args.root or cache_root() / "bench" / f"data_scale-{args.samples}"
     data = generate(root, args.samples, args.images, args.videos)

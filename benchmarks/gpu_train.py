@@ -79,7 +79,7 @@ SHAPES = {
         (8192, 29568, 80, 64, 8, 152064, False),
         dict(QWEN2_5_VISION, out_hidden_size=8192),
     ),
-    # The tests' tiny model as it is (finetune/tiny.py), built the same way: the suite's CPU run of this benchmark.
+    # The tests' tiny model as it is (finetune/model/tiny.py), built the same way: the suite's CPU run of this benchmark.
     "tiny_qwen2_5_vl": ("qwen2_5_vl", None, {}),
 }
 MODES = {  # extra overrides per mode
@@ -104,7 +104,7 @@ def model_config(name: str, layers: int | None):
     """The tiny checkpoint's config (its token ids match the tiny tokenizer) with the model's real shapes."""
     from transformers import AutoConfig
 
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     family, text, vision = SHAPES[name]
     config = AutoConfig.from_pretrained(tiny_checkpoint(family))
@@ -125,7 +125,7 @@ def build_checkpoint(name: str, layers: int | None, out: Path, device: str) -> t
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     family = SHAPES[name][0]
     folder = out / f"checkpoint-{name}{f'-{layers}layers' if layers else ''}"
@@ -232,10 +232,10 @@ def matmul_peak(device: str) -> tuple[float, str]:
 
 
 def kernel_checks(device: str) -> dict:
-    """Each varlen-attention kernel's start-up check against sdpa with the block mask (finetune/attention.py)."""
+    """Each varlen-attention kernel's start-up check against sdpa with the block mask (finetune/model/attention.py)."""
     import torch
 
-    from finetune.attention import disagreement_with_sdpa
+    from finetune.model.attention import disagreement_with_sdpa
 
     kernels = ["per_sample"] + (["torch", "flash_attn"] if device == "cuda" else [])
     dtypes = [torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
@@ -251,9 +251,9 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     """One training run of the mode; the figures from its log_history.json."""
     import torch
 
-    from finetune.config import load_config
-    from finetune.launch import accelerate_args
-    from finetune.modeling import recipe_precision
+    from finetune.model.load import recipe_precision
+    from finetune.recipe.schema import load_config
+    from finetune.runs.launch import accelerate_args
 
     run_dir = out / f"run-{name}-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)

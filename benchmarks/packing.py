@@ -1,6 +1,6 @@
 """Packing vs padded batching on a mixed image/video/text dataset with a realistic length spread, side by
 side in one run, on the same samples (already encoded, so only training compute is timed). Both modes are
-what training builds (finetune/batching.py): padded = one sample per row padded to the longest of its batch,
+what training builds (finetune/model/batching.py): padded = one sample per row padded to the longest of its batch,
 packed = rows of whole samples.
 
     .venv/bin/python benchmarks/packing.py [--samples 256] [--family qwen2_5_vl] [--batch 8] [--row-tokens 4096]
@@ -24,12 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.batching import training_batch  # noqa: E402
 from finetune.data.conversation import Sample  # noqa: E402
 from finetune.data.encode import ConversationEncoder  # noqa: E402
+from finetune.data.packing import pack_rows  # noqa: E402
 from finetune.data.vision import VisionSettings  # noqa: E402
-from finetune.packing import pack_rows  # noqa: E402
-from finetune.rope import PositionRule  # noqa: E402
+from finetune.model.batching import training_batch  # noqa: E402
+from finetune.model.rope import PositionRule  # noqa: E402
 
 WORDS = "the a dot moves left right up down red green blue small large frame scene person walks runs".split()
 SETTINGS = VisionSettings(4 * 784, 256 * 784, 2.0, 4, 16, 32 * 784, 64 * 784, 1024 * 784)
@@ -116,7 +116,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     path = tiny_checkpoint(args.family)
     processor = AutoProcessor.from_pretrained(path)

@@ -22,14 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.batching import training_batch  # noqa: E402
-from finetune.config import load_config  # noqa: E402
 from finetune.data.encode import ConversationEncoder  # noqa: E402
 from finetune.data.sources import load_samples  # noqa: E402
-from finetune.data_settings import vision_settings  # noqa: E402
-from finetune.modeling import load_model, load_processor  # noqa: E402
-from finetune.rope import model_position_rule  # noqa: E402
-from finetune.trainable import (  # noqa: E402
+from finetune.model.batching import training_batch  # noqa: E402
+from finetune.model.load import load_model, load_processor  # noqa: E402
+from finetune.model.rope import model_position_rule  # noqa: E402
+from finetune.model.trainable import (  # noqa: E402
     PARTS,
     apply_freezing,
     apply_lora,
@@ -39,6 +37,8 @@ from finetune.trainable import (  # noqa: E402
     model_part,
     vision_tower,
 )
+from finetune.recipe.data_settings import vision_settings  # noqa: E402
+from finetune.recipe.schema import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo"}

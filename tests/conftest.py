@@ -3,7 +3,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_paths():
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     return {family: tiny_checkpoint(family) for family in ("qwen2_vl", "qwen2_5_vl")}
 
@@ -17,6 +17,6 @@ def processors(tiny_paths):
 
 @pytest.fixture(scope="session")
 def demo_config():
-    from finetune.config import load_config
+    from finetune.recipe.schema import load_config
 
     return load_config([])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from finetune.batching import INFERENCE_KEYS, TRAINING_KEYS, RowCollator, inference_batch, training_batch
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
-from finetune.data_settings import vision_settings
-from finetune.rope import PositionRule
+from finetune.model.batching import INFERENCE_KEYS, TRAINING_KEYS, RowCollator, inference_batch, training_batch
+from finetune.model.rope import PositionRule
+from finetune.recipe.data_settings import vision_settings
 
 
 def _encoder(processors, family, demo_config):

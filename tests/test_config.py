@@ -5,7 +5,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import GROUPS, RECIPES_DIR, ConfigError, load_config
+from finetune.base.errors import ConfigError
+from finetune.recipe.schema import GROUPS, RECIPES_DIR, load_config
 
 
 def _options(group):

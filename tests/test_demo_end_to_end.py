@@ -1,4 +1,4 @@
-"""The demo as a user runs it (`./launch.sh` execs `python -m finetune.launch`): train -> evaluate -> export,
+"""The demo as a user runs it (`./launch.sh` execs `python -m finetune`): train -> evaluate -> export,
 for both model families; the held-out accuracy must clear 80 % where chance is 25 %, and the merged model,
 loaded by plain transformers with the trained position rule installed (README, Positions), must answer
 held-out video questions exactly as our evaluation did.
@@ -25,7 +25,7 @@ def ask_about_videos(model_dir, records):
     """transformers' own processor (with the budgets the export carries) and generate; the only project code is the
     README's one line that makes generate use the trained M-RoPE rule (transformers >= 5.3 has another one; vLLM
     and SGLang need nothing)."""
-    from finetune.rope import PositionRule, install_position_rule
+    from finetune.model.rope import PositionRule, install_position_rule
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
@@ -56,7 +56,7 @@ def test_demo_end_to_end(tmp_path, experiment, logger, torchcodec):
         env = hidden_torchcodec_env(tmp_path / "hide")
         env["FINETUNE_VIDEO_BACKEND"] = ""  # decided by the launcher, whatever the test runner's environment says
         overrides.append("trainer.dataloader_num_workers=2")  # the decoder is named once, not once per worker
-    result = run_module("finetune.launch", overrides, timeout=900, env=env)
+    result = run_module("finetune", overrides, timeout=900, env=env)
     assert "accelerate.commands.launch --num_processes 1 --num_machines 1" in result.stdout and "--cpu" in result.stdout
     assert "Run directory:" in result.stdout
     output = result.stdout + result.stderr

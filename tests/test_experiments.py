@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from finetune.config import load_config, to_yaml
-from finetune.launch import main
+from finetune.cli.main import main
+from finetune.recipe.schema import load_config, to_yaml
 from tests.helpers import DEMO, REPO
 from tests.helpers.recipe_runs import mini_dataset, run_module
 
@@ -65,7 +65,7 @@ def test_refusals_read_cleanly(capsys):
 
 
 def test_swept_values_are_written_as_overrides():
-    from finetune.sweep import expand
+    from finetune.runs.sweep import expand
 
     jobs = expand(["trainer.packing=true,false", "data.train=a.json,'b c.json'", "peft.r=range(2,4)", "name=x"])
     assert jobs[0] == ["trainer.packing=true", "data.train=a.json", "peft.r=2", "name=x"]
@@ -89,7 +89,7 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     sweep_dir = tmp_path / "sweep"
     result = run_module(
-        "finetune.launch",
+        "finetune",
         [
             "-m",
             *FAST,
@@ -130,7 +130,7 @@ def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=2)
     sweep_dir = tmp_path / "sweep"
     result = run_module(
-        "finetune.launch",
+        "finetune",
         [
             "-m",
             *FAST,
@@ -157,7 +157,7 @@ def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     first = tmp_path / "first"
     run_module(
-        "finetune.launch",
+        "finetune",
         [
             *FAST,
             f"data.train={train}",
@@ -168,14 +168,14 @@ def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
         ],
     )
     again = tmp_path / "again"
-    run_module("finetune.launch", ["rerun", str(first), f"trainer.output_dir={again}"])
+    run_module("finetune", ["rerun", str(first), f"trainer.output_dir={again}"])
 
     def losses(run):
         return [h["loss"] for h in json.loads((run / "log_history.json").read_text()) if "loss" in h]
 
     assert len(losses(first)) == 5 and losses(again) == losses(first)
     train.write_text(train.read_text().replace("colour", "color"))
-    refused = run_module("finetune.launch", ["rerun", str(first)], expect_failure=True)
+    refused = run_module("finetune", ["rerun", str(first)], expect_failure=True)
     assert (
         refused.returncode == 2 and "the data changed since the run" in refused.stderr and str(train) in refused.stderr
     )
@@ -184,12 +184,10 @@ def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
 def test_tab_completion_in_bash_offers_what_is_on_disk(tmp_path):
     """The script `./launch.sh --completion bash` prints, sourced into bash and asked as bash asks it (the word
     under the cursor split at `=`): group options from recipes/, schema keys, part modes, flags, subcommands."""
-    from finetune.recipe_help import group_options
+    from finetune.cli.recipe_help import group_options
 
     script = tmp_path / "complete.sh"
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune.launch", "--completion", "bash"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "finetune", "--completion", "bash"], capture_output=True, text=True)
     script.write_text(result.stdout)
     lines = [
         "./launch.sh model=tiny",

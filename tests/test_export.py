@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from finetune.data_settings import vision_settings
-from finetune.export_videos import transformers_decodes_video_files
+from finetune.exporting.videos import transformers_decodes_video_files
+from finetune.recipe.data_settings import vision_settings
 from tests.helpers import DEMO
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
@@ -75,16 +75,15 @@ def test_export_round_trip(tmp_path, family):
 
 def run_in_process(overrides, train=True, export=True):
     """The train and export commands in this process (their command-line exit path is tested once, below)."""
-    from finetune import export as export_command
-    from finetune import train as train_command
+    from finetune.cli.main import run_command
 
-    for command, wanted in ((train_command, train), (export_command, export)):
+    for command, wanted in (("train", train), ("export", export)):
         if wanted:
-            assert command.main(overrides) == 0
+            assert run_command(command, overrides) == 0
 
 
 def report_base_path(run_dir):
-    from finetune.tiny import resolve_model_path
+    from finetune.model.tiny import resolve_model_path
 
     config = (run_dir / "config.yaml").read_text()
     name = next(line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("name_or_path:"))
@@ -110,7 +109,7 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
     merged = load_file(str(run_dir / "merged" / "model.safetensors"))
     base = load_file(f"{report_base_path(run_dir)}/model.safetensors")
     assert merged.keys() == base.keys()
-    from finetune.trainable import model_part
+    from finetune.model.trainable import model_part
 
     moved = {k for k in base if not torch.equal(merged[k], base[k])}
     merger = {k for k in base if model_part(k) == "merger"}
@@ -121,8 +120,8 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
 
 def assert_served_grids_are_trained_grids(merged, overrides, media_root):
     """Plain transformers on the merged folder sizes images and videos of many shapes as training did."""
-    from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
+    from finetune.recipe.schema import load_config
     from tests.helpers.serving_media import assert_same_grids, served_grids, trained_grids, write_media
 
     images, videos = write_media(media_root)
@@ -135,7 +134,7 @@ def _other_base_model(path):
     """A Qwen2.5-VL checkpoint of another shape (1 LLM layer): an adapter of the tiny model does not belong to it."""
     from transformers import AutoConfig
 
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     source = tiny_checkpoint("qwen2_5_vl")
     config = AutoConfig.from_pretrained(source)
@@ -149,8 +148,9 @@ def _other_base_model(path):
 def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     from safetensors import safe_open
 
-    from finetune.config import ConfigError, load_config
-    from finetune.export import export
+    from finetune.base.errors import ConfigError
+    from finetune.exporting.export import export
+    from finetune.recipe.schema import load_config
     from tests.helpers.serving_media import OTHER_BUDGETS
 
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from finetune.rundir import RunDir, is_complete
+from finetune.records.rundir import RunDir, is_complete
 from tests.helpers import REPO
 from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
@@ -88,7 +88,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_a_kill_while_a_checkpoint_is_written_never_leaves_one_that_resume_loads(tmp_path, uninterrupted):
-    from finetune.rundir import resolve_checkpoint
+    from finetune.records.rundir import resolve_checkpoint
 
     data, expected = uninterrupted
     run_dir = tmp_path / "run"
@@ -102,7 +102,7 @@ def test_a_kill_while_a_checkpoint_is_written_never_leaves_one_that_resume_loads
 
 
 def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, uninterrupted):
-    from finetune.rundir import resolve_checkpoint
+    from finetune.records.rundir import resolve_checkpoint
 
     data, _ = uninterrupted
     run_dir = tmp_path / "run"
@@ -139,7 +139,7 @@ def test_a_refused_start_through_the_launcher_reads_as_a_refusal(tmp_path):
     data = tmp_path / "missing.json"
     data.write_text(json.dumps([record]))
     result = run_module(
-        "finetune.launch",
+        "finetune",
         [
             "experiment=demo",
             "logger=none",
@@ -188,8 +188,9 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path, tiny_paths):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from finetune.config import ConfigError, load_config
-    from finetune.modeling import load_model
+    from finetune.base.errors import ConfigError
+    from finetune.model.load import load_model
+    from finetune.recipe.schema import load_config
 
     folder = tmp_path / "pickled"  # what older tools wrote: pytorch_model.bin (a pickle), no safetensors
     AutoModelForImageTextToText.from_pretrained(tiny_paths["qwen2_5_vl"]).save_pretrained(folder)
@@ -221,7 +222,8 @@ def test_out_of_gpu_memory_ends_with_the_recipe_values_that_lower_memory(tmp_pat
     run with exit status 2 and one message naming the step, the batch and the recipe values, no traceback."""
     import torch
 
-    from finetune import train
+    from finetune.cli.main import run_command
+    from finetune.training import workflow as train
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
@@ -229,7 +231,7 @@ def test_out_of_gpu_memory_ends_with_the_recipe_values_that_lower_memory(tmp_pat
     monkeypatch.setattr(train.VisionLanguageSFTTrainer, "compute_loss", out_of_memory)
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
     overrides = tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=2)
-    assert train.main(overrides + ["trainer.per_device_train_batch_size=2", "trainer.packing=false"]) == 2
+    assert run_command("train", overrides + ["trainer.per_device_train_batch_size=2", "trainer.packing=false"]) == 2
     err = capsys.readouterr().err
     message = err[err.index("error: out of GPU memory") :]
     assert "at step 1, a batch of 2 row(s) x " in message and "Tried to allocate 20.00 GiB" in message

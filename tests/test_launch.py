@@ -2,8 +2,9 @@
 
 import pytest
 
-from finetune.config import ConfigError, load_config
-from finetune.launch import accelerate_args
+from finetune.base.errors import ConfigError
+from finetune.recipe.schema import load_config
+from finetune.runs.launch import accelerate_args
 
 
 def _args(overrides, env=None, gpus=0, precision="fp32"):
@@ -89,7 +90,7 @@ def test_multi_node_mistakes(env, message):
 
 
 def test_precision_follows_the_hardware_the_recipe_uses():
-    from finetune.modeling import resolve_precision, uses_gpu
+    from finetune.model.load import resolve_precision, uses_gpu
 
     assert resolve_precision("auto", has_gpu=False) == "fp32"
     with pytest.raises(ConfigError, match="needs a GPU"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.metrics import choice_letter, format_metrics, is_choice_reference, normalise, score, token_f1
+from finetune.evaluation.metrics import choice_letter, format_metrics, is_choice_reference, normalise, score, token_f1
 
 
 def _items(task, pairs):

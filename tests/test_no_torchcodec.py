@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import finetune.data.media as media
-from finetune.config import ConfigError
-from finetune.launch import video_decoder_env
+from finetune.base.errors import ConfigError
+from finetune.runs.launch import video_decoder_env
 
 
 def test_the_launcher_decides_the_video_decoder_once_for_its_processes(monkeypatch):

@@ -9,15 +9,15 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
-from finetune import attention
-from finetune.batching import inference_batch, training_batch
+from finetune.base.errors import DataError
 from finetune.data.encode import ConversationEncoder, EncodedSample
-from finetune.data.errors import DataError
+from finetune.data.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
-from finetune.data_settings import vision_settings
-from finetune.packing import RowBatchSampler, pack_rows, training_rows
-from finetune.rope import PositionRule
+from finetune.model import attention
+from finetune.model.batching import inference_batch, training_batch
+from finetune.model.rope import PositionRule
+from finetune.recipe.data_settings import vision_settings
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
 from tests.helpers.random_data import build_media_pool, random_record
@@ -268,7 +268,7 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""
     import json
 
-    from finetune.train import main as train
+    from finetune.cli.main import run_command
     from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
     train_file = mini_dataset(tmp_path / "train.json")
@@ -287,15 +287,15 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
             f"trainer.gradient_accumulation_steps={accumulation}",
         ]
         with caplog.at_level("INFO", logger="finetune.train"):
-            assert train(overrides) == 0  # in this process: the CLI's exit path is covered elsewhere
+            assert run_command("train", overrides) == 0  # in this process: the CLI's exit path is covered elsewhere
         assert "packing 8 samples into 2 rows" in caplog.text
         history = json.loads((run_dir / "log_history.json").read_text())
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
     from transformers import AutoProcessor
 
-    from finetune.config import load_config
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.schema import load_config
     from tests.helpers import DEMO
 
     encoder = ConversationEncoder(

@@ -14,13 +14,13 @@ import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from finetune.config import load_config
 from finetune.data.sources import load_samples
-from finetune.data_settings import conversation_encoder
-from finetune.evaluate import generate_answers, split_prompt
-from finetune.modeling import load_trained_model
-from finetune.rope import PositionRule
-from finetune.train import build_trainer
+from finetune.evaluation.evaluate import generate_answers, split_prompt
+from finetune.model.load import load_trained_model
+from finetune.model.rope import PositionRule
+from finetune.recipe.data_settings import conversation_encoder
+from finetune.recipe.schema import load_config
+from finetune.training.workflow import build_trainer
 from tests.helpers.media_factory import write_image, write_video
 from tests.helpers.recipe_runs import EXPERIMENT
 

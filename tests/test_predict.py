@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from finetune.config import ConfigError
-from finetune.predict import find_model, question_sample
+from finetune.base.errors import ConfigError
+from finetune.evaluation.predict import find_model, question_sample
 from tests.helpers import DEMO
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
@@ -19,17 +19,20 @@ def trained(tmp_path_factory):
     train_file = mini_dataset(root / "train.json")
     run_dir = root / "run"
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=8)
-    from finetune import evaluate, export, train
+    from finetune.cli.main import run_command
 
-    for command in (train, evaluate, export):  # in this process: the command lines are tested elsewhere
-        assert command.main(overrides) == 0
+    for command in ("train", "evaluate", "export"):  # in this process: the command lines are tested elsewhere
+        assert run_command(command, overrides) == 0
     predictions = [json.loads(line) for line in open(run_dir / "eval" / "predictions.jsonl")]
     return run_dir, train_file, predictions
 
 
 def _ask(model, record, capsys):
     """The CLI in this process (the streamed answer is what it prints on stdout)."""
-    from finetune.predict import main
+    from finetune.cli.main import run_command
+
+    def main(args):
+        return run_command("predict", args)
 
     kind = "image" if record.get("images") else "video"
     question = record["messages"][0]["content"].replace(f"<{kind}>", "")
@@ -152,8 +155,11 @@ def test_model_folders_are_recognised_and_others_refused(trained, tmp_path, tiny
 def test_an_empty_answer_is_shown_as_such(tiny_paths, tmp_path, monkeypatch, capsys):
     """A model that ends its reply at once: stdout stays the (empty) answer, and the console says it is empty, for one
     question and for a file of them."""
-    import finetune.modeling as modeling
-    from finetune.predict import main
+    import finetune.model.load as modeling
+    from finetune.cli.main import run_command
+
+    def main(args):
+        return run_command("predict", args)
 
     load = modeling.load_trained_model
 

@@ -3,13 +3,14 @@
 
 import pytest
 
-from finetune.config import ConfigError, load_config
-from finetune.rundir import check_checkpoint_fits, resolve_checkpoint
+from finetune.base.errors import ConfigError
+from finetune.recipe.schema import load_config
+from finetune.records.rundir import check_checkpoint_fits, resolve_checkpoint
 
 
 def _checkpoint(run_dir, step, complete=True):
     """A checkpoint folder as the trainer leaves it; `complete` adds the marker written after every rank saved."""
-    from finetune.rundir import mark_complete
+    from finetune.records.rundir import mark_complete
 
     path = run_dir / f"checkpoint-{step}"
     path.mkdir(parents=True)
@@ -58,7 +59,7 @@ def test_a_zero_checkpoint_resumes_only_with_deepspeed_and_as_many_ranks(tmp_pat
 
 
 def test_the_launcher_refuses_an_impossible_resume_before_starting_processes(tmp_path, capsys):
-    from finetune.launch import main
+    from finetune.cli.main import main
 
     checkpoint = _checkpoint(tmp_path, 4)
     (checkpoint / "global_step4").mkdir()

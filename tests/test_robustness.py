@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import finetune.data.media as media
+from finetune.base.errors import DataError
 from finetune.data.encode import ConversationEncoder
-from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, read_source
 from finetune.data.vision import VisionSettings
 from tests.helpers.broken_media import bomb_png, cut_faststart_mp4, cut_jpeg, garbage_ctts_mp4
@@ -162,7 +162,10 @@ def test_transparency_becomes_white(tmp_path, mode):
 
 # ---------------------------------------------------------------- validate: same table, documented exit codes
 def test_validate_lists_every_class_and_exits_by_the_documented_codes(tmp_path, capsys):
-    from finetune.validate import main
+    from finetune.cli.main import run_command
+
+    def main(args):
+        return run_command("validate", args)
 
     def _validate(args):  # in this process: main() returns the exit status the command exits with
         capsys.readouterr()

@@ -1,4 +1,4 @@
-"""M-RoPE positions (finetune/rope.py) against independent references.
+"""M-RoPE positions (finetune/model/rope.py) against independent references.
 
 - rope_rule=qwen equals `get_rope_index` of transformers 4.49.0 (Qwen's own contribution; run from its wheel,
   tests/qwen_reference.py) on 1,000+ random sequences per family, with long videos and fractional seconds
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from finetune.rope import PositionRule, batch_position_ids, install_position_rule
+from finetune.model.rope import PositionRule, batch_position_ids, install_position_rule
 from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

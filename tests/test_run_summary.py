@@ -4,9 +4,9 @@ could not be asked; only this launch's skips, not an earlier run's in the same d
 
 import json
 
-from finetune.config import load_config
-from finetune.run_summary import file_size, summary
-from finetune.rundir import RunDir
+from finetune.recipe.schema import load_config
+from finetune.records.rundir import RunDir
+from finetune.runs.run_summary import file_size, summary
 
 
 def _bad(sample_id, step, rank=0):

@@ -45,8 +45,8 @@ def launch_sh(overrides, env_extra=None, timeout=420):
 
 def harness(overrides, env_extra, timeout=420, expect_ok=True):
     """tests/helpers/distributed_harness.py under the same `accelerate launch` options ./launch.sh would use."""
-    from finetune.config import load_config
-    from finetune.launch import accelerate_args
+    from finetune.recipe.schema import load_config
+    from finetune.runs.launch import accelerate_args
 
     args = accelerate_args(load_config(overrides), {}, 0, "fp32")
     cmd = [
@@ -110,7 +110,7 @@ def single_process(tmp_path_factory, data):
 @pytest.mark.parametrize("backend", ["ddp", "zero3", "zero3_vision_training"])
 def test_two_processes_match_the_single_process_losses(tmp_path, data, single_process, backend):
     """Same global batch (2 rows), split over 2 ranks: the same losses. Every run checkpoints activations (DDP
-    non-reentrant, ZeRO-3 with LoRA reentrant, see finetune/trainable.py), so DDP and ZeRO-3 on the LLM share one
+    non-reentrant, ZeRO-3 with LoRA reentrant, see finetune/model/trainable.py), so DDP and ZeRO-3 on the LLM share one
     single-process reference; the vision variant adds ViT LoRA and a fully trained merger at their own rates."""
     extra = {
         "ddp": ("trainer.gradient_checkpointing=true",),
@@ -140,7 +140,7 @@ def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.tiny import tiny_checkpoint
 
     overrides = recipe(tmp_path, data, 1, "deepspeed=zero3", "trainer.max_steps=2", "export.after_training=true")
     env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -276,7 +276,7 @@ def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, da
     other rank instead of letting it wait in a collective), and our launcher summarises it in one line."""
     import time
 
-    from finetune.launcher_output import LauncherTracebackFilter, summary
+    from finetune.runs.launcher_output import LauncherTracebackFilter, summary
 
     start = time.monotonic()
     rc, _, err = harness(recipe(tmp_path, data, 2), {"HARNESS_KILL_RANK": "1:3"}, timeout=300, expect_ok=False)
@@ -295,7 +295,7 @@ def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, da
 def test_bad_samples_are_skipped_alike_on_every_rank_and_worker(tmp_path):
     """2-rank DDP, one data-loader worker per rank, 3 samples whose media fail to decode: every step is taken on both
     ranks (losses logged for all of them), and the three are reported once each."""
-    from finetune.rundir import RunDir
+    from finetune.records.rundir import RunDir
     from tests.helpers.broken_media import BAD_IDS, bad_overrides, dataset_with_bad_media
 
     data = dataset_with_bad_media(tmp_path)

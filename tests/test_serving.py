@@ -14,12 +14,12 @@ import pytest
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as transformers_smart_resize
 
-from finetune.config import load_config
 from finetune.data.encode import ConversationEncoder
 from finetune.data.vision import FRAME_FACTOR, smart_resize
-from finetune.data_settings import vision_settings
-from finetune.export_videos import frames_for_transformers, transformers_decodes_video_files
-from finetune.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
+from finetune.exporting.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
+from finetune.exporting.videos import frames_for_transformers, transformers_decodes_video_files
+from finetune.recipe.data_settings import vision_settings
+from finetune.recipe.schema import load_config
 from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 
 RECIPES = {"demo": ["experiment=demo"], "budgets": ["experiment=demo", *OTHER_BUDGETS]}
@@ -72,7 +72,7 @@ def test_legacy_processor_files_hold_the_budgets(tmp_path, tiny_paths):
 def test_the_total_budget_rounding_difference_is_rare_and_small():
     """transformers expresses the total video budget as int(max_video_tokens * 705.6) pixels and divides with //;
     qwen-vl-utils uses the float budget. For a budget not of that form (1024 * 784 here), count how often the
-    per-frame size differs over many frame sizes and counts (documented in finetune/serving.py)."""
+    per-frame size differs over many frame sizes and counts (documented in finetune/exporting/serving.py)."""
     total, lo, hi = 1024 * 784, 16 * 784, 128 * 784
     served_total = int(max_video_tokens(total) * 28 * 28 * 0.9)
     rng, differ, cases = random.Random(0), 0, 4000
@@ -111,7 +111,7 @@ def test_frames_we_decode_stand_in_for_the_file_where_transformers_cannot_decode
     frames, entries = frames_for_transformers(tmp_path, [str(v) for v in videos])
     for entry in entries:
         from_file = served(videos=[entry["path"]], return_metadata=True, return_tensors="pt")
-        from_frames = served(  # the reload script's call (finetune/export.py)
+        from_frames = served(  # the reload script's call (finetune/exporting/export.py)
             videos=[frames[entry["frames"]]],
             video_metadata=[entry["metadata"]],
             do_sample_frames=False,

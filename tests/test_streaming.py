@@ -10,7 +10,7 @@ import pytest
 
 from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records
-from finetune.data_settings import conversation_encoder
+from finetune.recipe.data_settings import conversation_encoder
 from tests.helpers import DEMO
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
@@ -84,9 +84,9 @@ def test_shards_split_the_records_between_ranks(tmp_path):
 def test_ranks_stream_disjoint_records_that_together_are_every_sample(tmp_path, processors, demo_config):
     """Two ranks (and, within a rank, any number of workers) split the records: every usable record is trained by
     exactly one rank in a pass; the bad record is reported once, by the rank that read it."""
-    from finetune.batching import RowCollator
     from finetune.data.streaming import StreamingBatches
-    from finetune.rope import PositionRule
+    from finetune.model.batching import RowCollator
+    from finetune.model.rope import PositionRule
 
     records = json.loads(mini_dataset(tmp_path / "mini.json", per_task=4).read_text())
     records = [dict(r, id=f"r{i}") for i, r in enumerate(records)] + [dict(records[0], id="bad", images=["no.png"])]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from finetune.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, resolve_model_path
+from finetune.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, resolve_model_path
 
 EXPECTED = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from finetune.data_settings import vision_settings
+from finetune.recipe.data_settings import vision_settings
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
@@ -17,12 +17,12 @@ def base_model_loss(family, train_file):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from finetune.batching import inference_batch
-    from finetune.config import load_config
     from finetune.data.encode import ConversationEncoder
     from finetune.data.sources import load_samples
-    from finetune.rope import PositionRule
-    from finetune.tiny import tiny_checkpoint
+    from finetune.model.batching import inference_batch
+    from finetune.model.rope import PositionRule
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.schema import load_config
     from tests.helpers import DEMO
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
@@ -115,8 +115,8 @@ def test_no_training_step_materialises_the_full_logits(tmp_path):
     them."""
     import torch
 
-    from finetune.config import load_config
-    from finetune.train import build_trainer
+    from finetune.recipe.schema import load_config
+    from finetune.training.workflow import build_trainer
 
     words = "the dot moves left right up down red green blue circle square".split()
     records = [

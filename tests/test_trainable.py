@@ -7,15 +7,16 @@ import shutil
 import pytest
 import torch
 
-from finetune.config import ConfigError, load_config
-from finetune.data_settings import vision_settings
-from finetune.trainable import model_part
+from finetune.base.errors import ConfigError
+from finetune.model.trainable import model_part
+from finetune.recipe.data_settings import vision_settings
+from finetune.recipe.schema import load_config
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 from tests.helpers.tolerance import assert_close_to_scale
 
 
 def _train(tmp_path, extra, steps=2):
-    from finetune.train import build_trainer
+    from finetune.training.workflow import build_trainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
@@ -148,7 +149,7 @@ def test_replaced_keys_fail_with_the_new_spelling(overrides, new_spelling):
 
 
 def test_a_recipe_file_with_a_replaced_key_names_the_new_spelling(tmp_path, monkeypatch):
-    import finetune.config as config_module
+    import finetune.recipe.schema as config_module
 
     recipes = tmp_path / "recipes"
     shutil.copytree(config_module.RECIPES_DIR, recipes)
@@ -162,7 +163,7 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
     """A run directory written before `parts` existed (evaluate, export, rerun read its config.yaml)."""
     from omegaconf import OmegaConf
 
-    from finetune.config import load_saved_config, to_yaml
+    from finetune.recipe.schema import load_saved_config, to_yaml
 
     saved = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config([]))))
     del saved["parts"]
@@ -184,14 +185,14 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
 def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, family):
     """With the multi-process hook, every forward calls the vision tower exactly once (text-only, image-only,
     video-only or both), and the loss and gradients equal the plain forward's (two calls, or none)."""
-    from finetune.batching import training_batch
     from finetune.data.conversation import record_to_sample
     from finetune.data.encode import ConversationEncoder
     from finetune.data.sources import load_samples
-    from finetune.modeling import load_model
-    from finetune.rope import model_position_rule
-    from finetune.trainable import make_trainable, vision_tower
-    from finetune.vision_sync import OneVisionCall
+    from finetune.model.batching import training_batch
+    from finetune.model.load import load_model
+    from finetune.model.rope import model_position_rule
+    from finetune.model.trainable import make_trainable, vision_tower
+    from finetune.training.vision_sync import OneVisionCall
     from tests.helpers import DEMO
 
     experiment = "experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"
@@ -277,10 +278,10 @@ def _step_with_checkpointing(vision_tower_mode: str, reentrant: bool, checkpoint
     """One forward + backward of the demo model on 2 image + 2 video rows, as training builds it; returns the
     model and, per vision-tower module, whether its output required a gradient."""
     from benchmarks.saved_activations import mixed_batch
-    from finetune.batching import training_batch
-    from finetune.modeling import load_model
-    from finetune.rope import model_position_rule
-    from finetune.trainable import enable_activation_checkpointing, make_trainable, vision_tower
+    from finetune.model.batching import training_batch
+    from finetune.model.load import load_model
+    from finetune.model.rope import model_position_rule
+    from finetune.model.trainable import enable_activation_checkpointing, make_trainable, vision_tower
 
     config = load_config(
         [
@@ -354,7 +355,7 @@ def test_the_frozen_vision_tower_saves_nothing_for_backward(capsys):
 def test_varlen_training_steps_use_the_collator_boundaries(tmp_path, monkeypatch):
     """model.attn_implementation=varlen through the real trainer (TRL's fused head, packed rows): every layer takes
     the collator's cu_seq_lens; recomputing them from the positions (a device sync per layer on a GPU) never runs."""
-    from finetune import attention
+    from finetune.model import attention
 
     def recompute(*args):
         raise AssertionError("the boundaries were recomputed in a layer")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune.training_eval import shard
+from finetune.training.periodic_eval import shard
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 

@@ -7,7 +7,7 @@ from fractions import Fraction
 import av
 import pytest
 
-from finetune.data_settings import conversation_encoder, split_settings
+from finetune.recipe.data_settings import conversation_encoder, split_settings
 from tests.helpers import DEMO, REPO
 from tests.helpers.media_factory import write_dataset, write_image, write_video
 from tests.helpers.recipe_runs import run_module
@@ -98,11 +98,11 @@ def test_validate_passes_the_demo():
     assert "train: 1200 records, 1200 usable samples, 0 with problems" in result.stdout
     assert "OK: every sample can be trained on." in result.stdout
     # The estimate is the trainer's own packing of the same counts: the row count training logs.
-    from finetune.config import load_config
+    from finetune.base.paths import resolve_data_file
+    from finetune.data.packing import pack_rows
     from finetune.data.prepare import prepare_split
-    from finetune.modeling import load_processor
-    from finetune.packing import pack_rows
-    from finetune.paths import resolve_data_file
+    from finetune.model.load import load_processor
+    from finetune.recipe.schema import load_config
 
     config = load_config([])
     encoder = conversation_encoder(load_processor(config.model), config)
@@ -144,22 +144,21 @@ def test_demo_validates_with_full_decoding():
 def test_an_empty_dataset_is_one_named_problem_everywhere(tmp_path, capsys):
     """validate with and without --decode, and training with and without data.skip_invalid, each on a store already
     written for the empty file (the second read of an empty dataset once ended in pyarrow's `memory_map` traceback)."""
-    from finetune.validate import main
+    from finetune.cli.main import run_command
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     base = [f"data.train={empty}", "data.eval=null", "evaluation.after_training=false"]
     for decode in ([], ["--decode"], ["--decode"]):  # in this process: main() returns the command's exit status
         capsys.readouterr()
-        rc = main(base + ["--split", "train", *decode])
+        rc = run_command("validate", base + ["--split", "train", *decode])
         out = capsys.readouterr().out
         assert rc == 1 and f"{empty}: no records at all" in out and "FAILED: 1 problems" in out, out
-    from finetune.train import main as train  # in this process too: an exception would fail the test
 
     overrides = base + ["logger=none", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=1"]
     for skip in ("false", "true"):
         capsys.readouterr()
-        assert train(overrides + [f"data.skip_invalid={skip}"]) == 2
+        assert run_command("train", overrides + [f"data.skip_invalid={skip}"]) == 2
         err = capsys.readouterr().err
         assert "error: the training data holds no records at all:" in err, err
         assert f"{empty}: no records at all" in err and "1 of 0" not in err

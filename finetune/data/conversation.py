@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.data.errors import DataError
+from finetune.base.errors import DataError
 from finetune.data.vision import IMAGE_KEYS, VIDEO_KEYS
 
 ROLE_ALIASES = {

@@ -16,8 +16,8 @@ from enum import Enum
 import torch
 from PIL import Image
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
-from finetune.data.errors import DataError
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
 from finetune.data.media_errors import media_error
 from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for

@@ -12,7 +12,7 @@ import re
 
 from PIL import Image
 
-from finetune.data.errors import DataError
+from finetune.base.errors import DataError
 
 FIXES = {
     "missing_media": "Check the path (media paths are relative to the dataset file's folder or data.media_root) or "

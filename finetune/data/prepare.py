@@ -10,9 +10,9 @@ from enum import Enum
 
 import numpy as np
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
 from finetune.data.encode import ConversationEncoder, TokenCount
-from finetune.data.errors import DataError
 from finetune.data.sources import mix_order, parse_sources
 from finetune.data.store import SampleTable, load_source
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample, record_to_sample
-from finetune.data.errors import DataError
 
 
 @dataclass(frozen=True)

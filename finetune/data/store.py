@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
-from finetune.data.errors import DataError
 from finetune.data.sources import DatasetSource, duplicate_id, iter_records, to_sample
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def store_dir(source: DatasetSource) -> Path:
     beside = path.parent / ".finetune-store" / path.name
     if os.access(path.parent, os.W_OK):
         return beside
-    from finetune.paths import cache_root
+    from finetune.base.paths import cache_root
 
     return cache_root() / "store" / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
-from finetune.data.errors import DataError
 from finetune.data.prepare import OverLength, drop_trailing_turns
 from finetune.data.sources import DatasetSource, iter_records, to_sample
 
@@ -107,7 +107,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             yield sample, count.total
 
     def _rows(self, buffer: list[tuple[Sample, int]], pass_number: int, buffer_number: int):
-        from finetune.packing import pack_rows
+        from finetune.data.packing import pack_rows
 
         lengths = [n for _, n in buffer]
         # The indexed mode's seeds: pack_rows(seed) and the row order of RowBatchSampler (seed + 1 + epoch).

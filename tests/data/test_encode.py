@@ -9,12 +9,12 @@ import torch
 from qwen_vl_utils import process_vision_info
 from transformers.video_utils import VideoMetadata
 
+from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
-from finetune.data.errors import DataError
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
-from finetune.data_settings import vision_settings
+from finetune.recipe.data_settings import vision_settings
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.random_data import build_media_pool, random_record
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune.data.errors import DataError
+from finetune.base.errors import DataError
 from finetune.data.sources import DatasetSource, load_samples, mix, parse_sources, read_source
 from tests.helpers.media_factory import write_dataset, write_image, write_video
 

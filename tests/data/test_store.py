@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from finetune.base.errors import DataError
 from finetune.data.encode import ConversationEncoder
-from finetune.data.errors import DataError
+from finetune.data.packing import pack_rows
 from finetune.data.prepare import SplitSettings, prepare_split
 from finetune.data.sources import DatasetSource, mix, parse_sources, read_source
 from finetune.data.store import load_source, store_dir
 from finetune.data.vision import VisionSettings
-from finetune.packing import pack_rows
 from tests.helpers.media_factory import write_dataset, write_image, write_video
 from tests.helpers.random_data import build_media_pool, random_record
 

@@ -8,7 +8,7 @@
     HARNESS_KILL_RANK=R:N          rank R SIGKILLs itself at the start of step N (a rank that dies mid-run)
     HARNESS_SPLIT_MODALITIES=1     batches of one-sample rows go to ranks by modality: rank 0 gets only text-only rows,
                                    rank 1 only rows of video samples (the case that hangs ZeRO-3 without
-                                   finetune/vision_sync.py)
+                                   finetune/training/vision_sync.py)
 """
 
 import errno
@@ -17,14 +17,15 @@ import os
 import signal
 import sys
 
-import finetune.packing
-import finetune.train
+import finetune.data.packing
+import finetune.training.workflow
+from finetune.cli.main import run_command
 
 ENV = os.environ.get
 
 
 def faulty_trainer() -> None:
-    class Faulty(finetune.train.VisionLanguageSFTTrainer):
+    class Faulty(finetune.training.workflow.VisionLanguageSFTTrainer):
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             if ENV("HARNESS_KILL_AT_STEP") and self.state.global_step == int(ENV("HARNESS_KILL_AT_STEP")):
@@ -56,7 +57,7 @@ def faulty_trainer() -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
             return super().training_step(model, inputs, num_items_in_batch)
 
-    finetune.train.VisionLanguageSFTTrainer = Faulty
+    finetune.training.workflow.VisionLanguageSFTTrainer = Faulty
 
 
 def split_modalities(overrides: list[str]) -> None:
@@ -71,7 +72,7 @@ def split_modalities(overrides: list[str]) -> None:
             yield [(text[k % len(text)],)]
             yield [(video[k % len(video)],)]
 
-    finetune.packing.RowBatchSampler.__iter__ = by_modality
+    finetune.data.packing.RowBatchSampler.__iter__ = by_modality
 
 
 if __name__ == "__main__":
@@ -79,4 +80,4 @@ if __name__ == "__main__":
     faulty_trainer()
     if ENV("HARNESS_SPLIT_MODALITIES"):
         split_modalities(overrides)
-    sys.exit(finetune.train.main(overrides))
+    sys.exit(run_command("train", overrides))

@@ -1,0 +1,136 @@
+"""The one table of commands: `finetune <command> [arguments]`, `python -m finetune <command>` and `./launch.sh`.
+
+A first argument that names a command runs it; anything else (flags, Hydra overrides, nothing) is `run`, the
+whole recipe. Each command is imported only when it runs, so `--help` and tab completion stay fast. The documented
+`python -m finetune.<command>` forms are the modules `finetune/{train,evaluate,export,predict,validate}.py`, which
+call `run_command` here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+from finetune.base.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"; the function takes the remaining arguments and returns an exit status or None
+    usage: str  # the arguments, as `--help` shows them
+    summary: str
+    guarded: bool = True  # refusals (ConfigError, DataError, RunStopped) become one `error:` line and exit 2
+
+
+COMMANDS = {
+    "run": Command(
+        "finetune.cli.main:run_recipe_command",
+        "[--cfg job] [--dry-run] [-m] [overrides]",
+        "train -> evaluate -> export the recipe under `accelerate launch` (the default command)",
+        guarded=False,
+    ),
+    "train": Command("finetune.training.workflow:main", "[overrides]", "train in this process (one rank of `run`)"),
+    "evaluate": Command(
+        "finetune.evaluation.evaluate:main", "[--model DIR] [overrides]", "generation-based evaluation of a run"
+    ),
+    "export": Command("finetune.exporting.export:main", "[overrides]", "merge, check and write the served model"),
+    "predict": Command(
+        "finetune.evaluation.predict:main",
+        "--model runs/<run> (--image F | --video F) --question Q",
+        "answer questions about images and videos",
+    ),
+    "validate": Command(
+        "finetune.training.validate:main", "[--decode] [--split S] [overrides]", "check a dataset, list every problem"
+    ),
+    "rerun": Command(
+        "finetune.runs.rerun:rerun", "runs/<run> [overrides]", "run a finished run again from its config.yaml", False
+    ),
+    "completion": Command(
+        "finetune.cli.completion:main", "[--first] -- WORD", "the completions of a word (used by tab completion)", False
+    ),
+    "tiny": Command("finetune.model.tiny:main", "", "build the tiny offline checkpoints and print where they are"),
+}
+DEFAULT_COMMAND = "run"
+
+FLAGS = {"-m": "multirun", "--multirun": "multirun", "--dry-run": "dry_run", "--help": "help", "-h": "help"}
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run one command of the table with its arguments; its exit status."""
+    command = COMMANDS[name]
+    module, function = command.target.split(":")
+    entry = getattr(importlib.import_module(module), function)
+    if not command.guarded:
+        return entry(argv) or 0
+    from finetune.cli.guard import run
+
+    return run(lambda: entry(argv))
+
+
+def parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """Our flags (Hydra's spelling where Hydra has one) and the overrides; an unknown flag is an error."""
+    flags, overrides, items = {}, [], list(argv)
+    while items:
+        item = items.pop(0)
+        if item in FLAGS:
+            flags[FLAGS[item]] = True
+        elif item in ("--cfg", "-c") or item.startswith("--cfg="):
+            value = item.split("=", 1)[1] if "=" in item else (items.pop(0) if items else "")
+            if value != "job":
+                raise ConfigError(f"--cfg {value}: only `--cfg job` (the composed recipe) is available.")
+            flags["cfg"] = True
+        elif item == "--completion":
+            shell = items.pop(0) if items else ""
+            if shell != "bash":
+                raise ConfigError(f"--completion {shell}: only `--completion bash` is available.")
+            flags["completion"] = True
+        elif item.startswith("-"):
+            raise ConfigError(f"unknown option {item}; see ./launch.sh --help.")
+        else:
+            overrides.append(item)
+    return flags, overrides
+
+
+def run_recipe_command(argv: list[str]) -> int:
+    """`run`: the flags that show things (--help, --cfg job, --completion), a sweep (-m), or the recipe's run."""
+    try:
+        flags, overrides = parse_flags(argv)
+        if flags.get("completion"):
+            from finetune.cli.completion import bash_script
+
+            print(bash_script(sys.executable), end="")
+            return 0
+        if flags.get("help"):
+            from finetune.cli.recipe_help import help_text
+
+            print(help_text())
+            return 0
+        if flags.get("cfg"):
+            if flags.get("multirun"):
+                raise ConfigError("--cfg job shows one recipe; drop -m (or give single values).")
+            from finetune.recipe.schema import load_config, to_yaml
+
+            print(to_yaml(load_config(overrides)), end="")
+            return 0
+        if flags.get("multirun"):
+            from finetune.runs.sweep import run_sweep
+
+            return run_sweep(overrides, flags.get("dry_run", False))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from finetune.runs.launch import run_recipe
+
+    return run_recipe(overrides, flags.get("dry_run", False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:])
+    return run_command(DEFAULT_COMMAND, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

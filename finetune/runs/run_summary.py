@@ -1,0 +1,82 @@
+"""The summary `./launch.sh` prints when a run ends: where everything went (run directory, recipe, adapter,
+evaluation, export, logs) and what the run could not use: training samples skipped because their media failed to
+decode (bad_samples.jsonl) and evaluation questions that could not be asked, each with the count, the file that
+lists them all and the first few ids and reasons, so that a user who looked away still sees them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.recipe.schema import Config
+from finetune.records.rundir import RunDir
+
+SHOWN_SKIPS = 3  # samples named in the summary per list; the files hold them all
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def skip_lines(label: str, entries: list[dict], what: str, where: Path) -> list[str]:
+    """`label` N <what>: <file>, then the first few ids with their reasons."""
+    if not entries:
+        return []
+    lines = [f"  {label:<12} {len(entries)} {what}: {where}"]
+    for entry in entries[:SHOWN_SKIPS]:
+        reason = str(entry.get("error", "")).splitlines()[0] if entry.get("error") else entry.get("kind", "?")
+        lines.append(f"    {entry.get('id')}: {reason[:240]}")
+    if len(entries) > SHOWN_SKIPS:
+        lines.append(f"    ... and {len(entries) - SHOWN_SKIPS} more")
+    return lines
+
+
+def summary(config: Config, skipped_from: int = 0) -> str:
+    """The end-of-run summary; the skipped training samples are those bad_samples.jsonl lists from byte
+    `skipped_from` (what this launch appended)."""
+    run = RunDir(config.trainer.output_dir)
+    run_dir = run.path
+    lines = [
+        f"Run directory: {run_dir.resolve()}",
+        f"  config:      {run.config_file}  (versions, git SHA, command: {run.run_info_file.name})",
+        f"  adapter:     {run.adapter}",
+    ]
+    skipped = run.skipped_samples(skipped_from)
+    plural = len(skipped) != 1
+    lines += skip_lines(
+        "skipped:",
+        skipped,
+        f"training sample{'s' if plural else ''} failed to decode and {'were' if plural else 'was'} left out",
+        run.bad_samples_file,
+    )
+    m = run.metrics()
+    if m is not None:
+        lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
+        unanswered = run.unanswered()
+        plural = len(unanswered) != 1
+        lines += skip_lines(
+            "unanswered:",
+            unanswered,
+            f"evaluation sample{'s' if plural else ''} could not be asked ({'their' if plural else 'its'} media "
+            "failed to decode)",
+            run.eval_dir / "predictions.jsonl",
+        )
+    report_file = Path(config.export.output_dir) / "export_report.json"
+    if report_file.exists():
+        r = json.loads(report_file.read_text())
+        frames = r.get("served_grids", {}).get("video_input") == "frames"
+        lines.append(
+            f"  merged:      {r['merged_dir']}  (reloaded; max |logit diff| {r['max_abs_logit_diff']:.1e}"
+            + (
+                "; video grids checked on frames we decoded: transformers cannot decode video files here)"
+                if frames
+                else ")"
+            )
+        )
+    if config.logger.report_to == "wandb":
+        lines.append(
+            f"  wandb:       {run_dir / 'wandb'}  (offline runs: `wandb sync {run_dir / 'wandb'}/offline-run-*`)"
+        )
+    elif config.logger.report_to == "tensorboard":
+        lines.append(f"  tensorboard: tensorboard --logdir {run_dir}")
+    return "\n".join(lines)

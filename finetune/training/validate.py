@@ -1,0 +1,145 @@
+"""Check a whole dataset before a long run.
+
+    python -m finetune.validate [hydra overrides] [--split train|eval|all] [--decode] [--row-tokens N]
+
+Reads every record of the recipe's datasets, counts each sample's tokens from media metadata (the cached
+pre-pass training uses), and reports per problem class the count and the first sample ids: missing or
+unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media count mismatches, unknown
+roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
+`--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
+Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
+when packed into rows of `--row-tokens` (default: the row budget training uses) by the trainer's own packing.
+
+Exit status: 0 every sample can be trained on; 1 a problem in the data (samples, or a dataset file that is
+missing, unreadable, empty or not JSON); 2 the command or recipe itself is wrong (an unknown override, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from collections import defaultdict
+
+from finetune.base.errors import DataError
+from finetune.base.paths import resolve_data_file
+from finetune.data.encode import ConversationEncoder
+from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
+from finetune.recipe.data_settings import conversation_encoder, split_settings
+from finetune.recipe.schema import Config, load_config
+
+logger = logging.getLogger("finetune.validate")
+
+
+def decode_check(split: PreparedSplit, encoder: ConversationEncoder) -> None:
+    """Encode every kept sample for real; move the failures into the problem lists."""
+    from tqdm import tqdm
+
+    kept = []
+    for i, sample in enumerate(tqdm(split.samples, total=len(split.samples), desc="decode check", unit="sample")):
+        try:
+            encoder.encode(sample)
+        except DataError as err:
+            split.problems.setdefault(err.kind, []).append(err)
+            continue
+        kept.append(i)
+    split.keep(kept)
+
+
+def packed_rows(lengths: list[int], row_tokens: int, seed: int) -> int:
+    """The rows of `row_tokens` the samples fill, packed exactly as training packs them."""
+    from finetune.data.packing import pack_rows
+
+    return len(pack_rows(lengths, row_tokens, seed))
+
+
+def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
+    if not values:
+        return ["    (no samples)"]
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = defaultdict(int)
+    for v in values:
+        counts[(v - low) // step] += 1
+    top = max(counts.values())
+    return [
+        f"    {low + b * step:>7}-{low + (b + 1) * step - 1:<7} {counts[b]:>7} {'#' * max(1, round(width * counts[b] / top)) if counts[b] else ''}"
+        for b in range(bins)
+        if low + b * step <= high
+    ]
+
+
+def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> str:
+    lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
+    if split.shortened:
+        lines.append(
+            f"{split.shortened} samples lose trailing turns to fit data.max_length (data.over_length="
+            "drop_trailing_turns)"
+        )
+    if split.num_problems:
+        lines += ["problems:", format_problems(split.problems)]
+    totals = split.totals.tolist()
+    if totals:
+        lines.append("tokens per sample        min   median      p95      max      total")
+        for part in ("text", "image", "video", "total"):
+            values = sorted((split.totals if part == "total" else split.tokens[part]).tolist())
+            p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+            lines.append(
+                f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
+                f"{sum(values):>10,}"
+            )
+        lines.append("total tokens per sample (histogram):")
+        lines += histogram(totals)
+        fits = [t for t in totals if t <= row_tokens]
+        rows = packed_rows(fits, row_tokens, seed)
+        lines.append(
+            f"packed into rows of {row_tokens} tokens as training packs them: {rows} rows, "
+            f"{sum(fits) / max(1, rows * row_tokens):.1%} filled (one sample per row would use {len(fits)} rows)"
+            + (f"; {len(totals) - len(fits)} samples are longer than a row" if len(fits) < len(totals) else "")
+        )
+    return "\n".join(lines)
+
+
+def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
+    from finetune.model.load import load_processor
+
+    processor = load_processor(config.model)
+    encoder = conversation_encoder(processor, config)
+    problems = 0
+    for name in split_names:
+        value = getattr(config.data, name)
+        if value is None:
+            continue
+        try:
+            split = prepare_split(value, split_settings(config), encoder, resolve_data_file)
+        except DataError as err:  # the file itself: missing, not JSON, not UTF-8
+            print(f"{name}: {err}", flush=True)
+            problems += 1
+            continue
+        if decode:
+            decode_check(split, encoder)
+        print(
+            report(
+                name,
+                split,
+                row_tokens or config.trainer.max_tokens_per_row or config.data.max_length,
+                config.trainer.seed,
+            ),
+            flush=True,
+        )
+        problems += split.num_problems
+    verdict = (
+        "OK: every sample can be trained on." if not problems else f"FAILED: {problems} problems would stop training."
+    )
+    print(verdict)
+    return 1 if problems else 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=("train", "eval", "all"), default="all")
+    parser.add_argument("--decode", action="store_true", help="decode every image and video too")
+    parser.add_argument("--row-tokens", type=int, default=None, help="row budget for the packing estimate")
+    args, overrides = parser.parse_known_args(argv)
+    splits = ["train", "eval"] if args.split == "all" else [args.split]
+    return validate(load_config(overrides), splits, args.decode, args.row_tokens)
