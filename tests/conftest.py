@@ -1,4 +1,16 @@
+from pathlib import Path
+
 import pytest
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(items):
+    """The slow marker goes by directory: everything under tests/integration/ trains or launches processes
+    (`-m "not slow"` runs the unit tests, a few minutes); CI runs both."""
+    for item in items:
+        if INTEGRATION in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@
   `video_preprocessor_config.json` (with `min_pixels`/`max_pixels` keys) go next to `processor_config.json`
   for tools that read those.
 - `SERVING_DIFFERENCES`: what transformers' video processor cannot express of qwen-vl-utils' rules (measured
-  by tests/test_serving.py), repeated in the model card.
+  by tests/unit/exporting/test_serving.py), repeated in the model card.
 - `model_card`: README.md of the export: base model, recipe, data, evaluation, how to load, how to serve
   (vLLM `mm_processor_kwargs` / `limit_mm_per_prompt` with the same budgets).
 """
@@ -34,7 +34,7 @@ SERVING_DIFFERENCES = """\
 - The total video pixel budget is expressed as `max_video_tokens` (transformers computes
   `int(max_video_tokens * 28 * 28 * 0.9)` pixels). Qwen's default (128000 tokens) and any multiple of 3528
   pixels are exact; another budget is rounded to the nearest expressible one, which changed the frame size of
-  5 in 4,000 random (frame size, frame count) cases for a budget of 1024 * 28 * 28 (tests/test_serving.py).
+  5 in 4,000 random (frame size, frame count) cases for a budget of 1024 * 28 * 28 (tests/unit/exporting/test_serving.py).
 - Resizing: the same sizes; pixel values can differ in the last bit (both resize bicubic with antialiasing,
   transformers on float frames, training on uint8 frames as qwen-vl-utils does)."""
 

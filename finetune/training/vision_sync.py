@@ -16,7 +16,7 @@ vision tower, language model.
 One call also matters for training the ViT under ZeRO-3 with reentrant checkpointing: each checkpointed
 block's gradient is then delivered by a separate inner backward, and ZeRO-3 keeps only the last delivery of
 a parameter used twice in one step, so the image call's ViT gradients would be silently overwritten by the
-video call's (tests/test_scale_out.py trains ViT LoRA on a rank with video only beside a text-only rank).
+video call's (tests/integration/test_scale_out.py trains ViT LoRA on a rank with video only beside a text-only rank).
 """
 
 from __future__ import annotations

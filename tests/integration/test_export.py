@@ -35,7 +35,7 @@ def test_export_round_trip(tmp_path, family):
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["merge_max_abs_logit_diff"] <= 1e-4
     assert report["batch"]["images"] > 0 and report["batch"]["videos"] > 0
     assert report["served_grids"]["checked"] >= 4 and report["served_grids"]["mismatches"] == []
-    # Which way the video grids were checked (the other way: tests/test_no_torchcodec.py).
+    # Which way the video grids were checked (the other way: tests/unit/data/test_no_torchcodec.py).
     assert report["served_grids"]["video_input"] == ("file" if transformers_decodes_video_files() else "frames")
     for name in (
         "config.json",

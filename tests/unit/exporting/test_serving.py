@@ -3,7 +3,7 @@
 Media of several sizes, lengths (1-60 s), frame rates and containers (mp4, avi, mkv, webm, mov) go through our
 training encoder and through `AutoProcessor.from_pretrained(<folder>)` of transformers alone, for the demo
 recipe and for a recipe with other budgets (a binding total pixel budget included). The folder is written by
-the export's own functions; tests/test_export.py does the same on a real merged export.
+the export's own functions; tests/integration/test_export.py does the same on a real merged export.
 """
 
 import json

@@ -18,7 +18,6 @@ import pytest
 from tests.helpers import REPO
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
-pytestmark = pytest.mark.slow
 KILL_AT, STEPS = 4, 6
 
 

@@ -44,7 +44,6 @@ def ask_about_videos(model_dir, records):
     return answers
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment,logger,torchcodec", [("demo", "wandb", True), ("demo_qwen2_vl", "tensorboard", False)]
 )

@@ -1,6 +1,6 @@
 """Where torchcodec cannot load (no system FFmpeg, no root: the usual GPU cluster), the launcher names the video
 decoder once, for every process it starts. The whole pipeline without torchcodec (train -> evaluate -> export ->
-predict, with DataLoader workers) runs in tests/test_demo_end_to_end.py: the Qwen2-VL demo runs that way."""
+predict, with DataLoader workers) runs in tests/integration/test_demo_end_to_end.py: the Qwen2-VL demo runs that way."""
 
 import sys
 

@@ -12,6 +12,8 @@ from safetensors import safe_open
 from finetune.recipe.data_settings import vision_settings
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
 
 def base_model_loss(family, train_file):
     import torch
@@ -151,3 +153,51 @@ def test_no_training_step_materialises_the_full_logits(tmp_path):
     with torch.no_grad():
         plain = _largest_vocab_tensor(lambda: trainer.model(**inputs, use_cache=False), vocab)
     assert plain >= rows * length * vocab  # the detector does see full logits where they exist
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family, caplog):
+    """Two packed rows in one step, or one row per micro-step with 2 accumulation steps: the same update.
+    Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""
+    import json
+
+    from finetune.cli.main import run_command
+    from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+
+    train_file = mini_dataset(tmp_path / "train.json")
+    records = json.loads(train_file.read_text())
+    for i, record in enumerate(records):  # answers of different lengths: rows carry different trained counts
+        record["messages"][-1]["content"] += " indeed" * (3 * i)
+    train_file.write_text(json.dumps(records))
+    losses = {}
+    for name, rows, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
+        run_dir = tmp_path / name
+        overrides = tiny_run_overrides(family, run_dir, train_file, steps=2) + [
+            "trainer.packing=true",
+            "trainer.max_tokens_per_row=400",
+            "data.max_length=400",
+            f"trainer.per_device_train_batch_size={rows}",
+            f"trainer.gradient_accumulation_steps={accumulation}",
+        ]
+        with caplog.at_level("INFO", logger="finetune.train"):
+            assert run_command("train", overrides) == 0  # in this process: the CLI's exit path is covered elsewhere
+        assert "packing 8 samples into 2 rows" in caplog.text
+        history = json.loads((run_dir / "log_history.json").read_text())
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+    assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
+    from transformers import AutoProcessor
+
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.packing import pack_rows
+    from finetune.data.sources import load_samples
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.schema import load_config
+    from tests.helpers import DEMO
+
+    encoder = ConversationEncoder(
+        AutoProcessor.from_pretrained(tiny_checkpoint(family)), vision_settings(load_config([]))
+    )
+    encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
+    rows = pack_rows([len(e.input_ids) for e in encoded], 400, seed=42)
+    trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
+    assert len(rows) == 2 and trained[0] != trained[1], trained

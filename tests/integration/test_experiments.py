@@ -7,8 +7,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from finetune.cli.main import main
 from finetune.recipe.schema import load_config, to_yaml
 from tests.helpers import DEMO, REPO
@@ -84,7 +82,6 @@ def _rows(sweep_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
 def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     sweep_dir = tmp_path / "sweep"
@@ -123,7 +120,6 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
     assert (sweep_dir / "sweep_results.md").read_text().count("| ok |") == 4 and "Sweep results" in result.stdout
 
 
-@pytest.mark.slow
 def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
     """One sweep for two behaviours: submitit's local executor runs the jobs, and the job with a bad value fails
     and is reported while the other finishes."""
@@ -152,7 +148,6 @@ def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
     assert len(list((sweep_dir / ".submitit").glob("*_log.out"))) == 2  # both ran as submitit jobs
 
 
-@pytest.mark.slow
 def test_rerun_reproduces_the_losses_and_refuses_changed_data(tmp_path):
     train = mini_dataset(tmp_path / "mini.json", per_task=4)
     first = tmp_path / "first"
