@@ -109,7 +109,7 @@ def run_recipe_command(argv: list[str]) -> int:
         if flags.get("cfg"):
             if flags.get("multirun"):
                 raise ConfigError("--cfg job shows one recipe; drop -m (or give single values).")
-            from finetune.recipe.schema import load_config, to_yaml
+            from finetune.recipe.load import load_config, to_yaml
 
             print(to_yaml(load_config(overrides)), end="")
             return 0

@@ -9,7 +9,8 @@ import re
 import textwrap
 import typing
 
-from finetune.recipe.schema import RECIPES_DIR, Config
+from finetune.recipe.load import RECIPES_DIR
+from finetune.recipe.schema import Config
 
 COMMANDS = """\
 Commands:

@@ -26,7 +26,8 @@ from finetune.data import media
 from finetune.model import attention
 from finetune.model.load import DTYPES, recipe_precision, uses_gpu
 from finetune.recipe.data_settings import conversation_encoder, split_settings
-from finetune.recipe.schema import Config, load_config, repo_path
+from finetune.recipe.load import load_config
+from finetune.recipe.schema import Config, repo_path
 from finetune.records.rundir import RunDir
 
 logger = logging.getLogger("finetune.train")
