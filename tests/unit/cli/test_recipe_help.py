@@ -3,7 +3,16 @@ of commands."""
 
 from finetune.cli.completion import candidates
 from finetune.cli.main import COMMANDS
-from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS, MOST_USED, help_text, key_docs
+from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS, MOST_USED, help_text, key_docs, keys_markdown, readme_section
+from tests.helpers import REPO
+
+
+def test_the_readme_key_reference_is_what_the_schema_generates():
+    current = readme_section((REPO / "README.md").read_text())
+    assert current == keys_markdown(), (
+        "README.md's Recipe keys differ from the schema; regenerate them with "
+        ".venv/bin/python -m finetune.cli.recipe_help --readme"
+    )
 
 
 def test_help_lists_every_command_and_the_choices_of_the_keys_it_shows():
