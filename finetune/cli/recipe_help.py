@@ -105,7 +105,7 @@ def key_docs() -> dict[str, KeyDoc]:
 
 
 def group_descriptions() -> dict[str, str]:
-    """{group: the first paragraph of its schema class's docstring, on one line}."""
+    """{group: its schema class's docstring, on one line}."""
     groups = Config().groups()
     return {name: " ".join((type(group).__doc__ or "").split()) for name, group in groups.items()}
 
