@@ -2,6 +2,7 @@
 # One entry point. Sets up whatever is missing (idempotent; a no-op when nothing changed), then:
 #   ./launch.sh [hydra overrides]     train -> evaluate -> export the recipe (default: the CPU demo)
 #   ./launch.sh --help | --cfg job | --dry-run | -m a=1,2 ... | rerun runs/<run>   (see README, Experiments)
+#   ./launch.sh <command> [args]      validate, evaluate, export, predict, ... (the table: finetune/cli/commands.py)
 #   ./launch.sh test [pytest args]    run the test suite
 #   ./launch.sh setup                 only set up
 # Environment: FINETUNE_VENV (default ./.venv), PYTHON (default python3), FINETUNE_CACHE_DIR (tiny models,

@@ -161,7 +161,7 @@ def main() -> None:
     from finetune.data.store import default_num_proc, load_source
     from finetune.model.load import load_processor
     from finetune.recipe.data_settings import conversation_encoder, split_settings
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
 
     root = args.root or cache_root() / "bench" / f"data_scale-{args.samples}"
     data = generate(root, args.samples, args.images, args.videos)

@@ -252,7 +252,7 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     import torch
 
     from finetune.model.load import recipe_precision
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from finetune.runs.launch import accelerate_args
 
     run_dir = out / f"run-{name}-{mode}"

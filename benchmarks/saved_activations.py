@@ -38,7 +38,7 @@ from finetune.model.trainable import (  # noqa: E402
     vision_tower,
 )
 from finetune.recipe.data_settings import vision_settings  # noqa: E402
-from finetune.recipe.schema import load_config  # noqa: E402
+from finetune.recipe.load import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo"}

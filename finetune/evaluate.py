@@ -1,4 +1,4 @@
-"""`python -m finetune.evaluate [arguments]`: the same as `finetune evaluate` (the table of commands: finetune/cli/main.py)."""
+"""`python -m finetune.evaluate [arguments]`: the same as `finetune evaluate` (the table of commands: finetune/cli/commands.py)."""
 
 import sys
 

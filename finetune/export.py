@@ -1,4 +1,4 @@
-"""`python -m finetune.export [arguments]`: the same as `finetune export` (the table of commands: finetune/cli/main.py)."""
+"""`python -m finetune.export [arguments]`: the same as `finetune export` (the table of commands: finetune/cli/commands.py)."""
 
 import sys
 

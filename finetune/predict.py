@@ -1,4 +1,4 @@
-"""`python -m finetune.predict [arguments]`: the same as `finetune predict` (the table of commands: finetune/cli/main.py)."""
+"""`python -m finetune.predict [arguments]`: the same as `finetune predict` (the table of commands: finetune/cli/commands.py)."""
 
 import sys
 

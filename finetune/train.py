@@ -1,4 +1,4 @@
-"""`python -m finetune.train [arguments]`: the same as `finetune train` (the table of commands: finetune/cli/main.py)."""
+"""`python -m finetune.train [arguments]`: the same as `finetune train` (the table of commands: finetune/cli/commands.py)."""
 
 import sys
 

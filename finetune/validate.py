@@ -1,4 +1,4 @@
-"""`python -m finetune.validate [arguments]`: the same as `finetune validate` (the table of commands: finetune/cli/main.py)."""
+"""`python -m finetune.validate [arguments]`: the same as `finetune validate` (the table of commands: finetune/cli/commands.py)."""
 
 import sys
 

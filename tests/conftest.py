@@ -29,6 +29,6 @@ def processors(tiny_paths):
 
 @pytest.fixture(scope="session")
 def demo_config():
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
 
     return load_config([])

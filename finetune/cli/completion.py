@@ -1,5 +1,6 @@
 """Tab completion for `./launch.sh` in bash: groups and their options as they exist on disk (`model=<TAB>`), every
-schema key (`trainer.<TAB>`), the modes of `parts`, true/false for switches, and the flags.
+schema key (`trainer.<TAB>`), a key's choices from the schema (`parts.llm=<TAB>`, `model.rope_rule=<TAB>`),
+true/false for switches, the flags, and the commands as the first word.
 
     eval "$(./launch.sh --completion bash)"      # e.g. in ~/.bashrc, with the repository's path
 
@@ -11,26 +12,19 @@ from __future__ import annotations
 
 import shlex
 import sys
-import typing
 
-from finetune.cli.recipe_help import group_options, key_docs
-from finetune.recipe.schema import PART_MODES, Config
+from finetune.cli.commands import COMMANDS
+from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS, group_options, key_docs
 
 FLAG_WORDS = ("--help", "--cfg", "--dry-run", "-m", "--multirun", "--completion")
-SUBCOMMANDS = ("rerun", "test", "setup")
 
 
-def _value_choices(key: str) -> list[str]:
-    """Values worth offering for a key: the modes of a part, true/false for a switch."""
-    group, _, name = key.partition(".")
-    if group == "parts" and name in ("llm", "vision_tower", "merger"):
-        return list(PART_MODES)
-    hints = typing.get_type_hints(Config)
-    section = hints.get(group)
-    if section is None or not hasattr(section, "__dataclass_fields__"):
+def _value_choices(key: str, keys: dict) -> list[str]:
+    """Values worth offering for a key: its choices in the schema, true/false for a switch."""
+    doc = keys.get(key)
+    if doc is None:
         return []
-    kind = typing.get_type_hints(section).get(name)
-    return ["true", "false"] if kind is bool else []
+    return list(doc.choices) if doc.choices else ["true", "false"] if doc.kind is bool else []
 
 
 def candidates(word: str, first: bool = False) -> list[str]:
@@ -48,12 +42,15 @@ def candidates(word: str, first: bool = False) -> list[str]:
         elif key == "hydra/launcher":
             values = list(LAUNCHERS)
         else:
-            values = _value_choices(key.lstrip("+~"))
+            values = _value_choices(key.lstrip("+~"), keys)
         return [f"{key}={v}" for v in values if v.startswith(value)]
     words = [f"{g}=" for g in groups] + ["hydra/launcher="]
-    words += sorted({f"{k.split('.')[0]}." for k in keys}) if "." not in word else [f"{k}=" for k in keys]
+    if "." in word:
+        words += [f"{k}=" for k in keys if "." in k]
+    else:  # a group's prefix, or a top-level key such as `name`
+        words += sorted({f"{k.split('.')[0]}." if "." in k else f"{k}=" for k in keys})
     if first:
-        words += list(SUBCOMMANDS)
+        words += [*COMMANDS, *LAUNCH_SH_COMMANDS]
     return sorted(w for w in words if w.startswith(word))
 
 

@@ -11,7 +11,6 @@ sampled with the real source fps, and the processor only normalises and patchifi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from PIL import Image
@@ -20,18 +19,11 @@ from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
 from finetune.data.media_errors import media_error
+from finetune.data.modes import LabelMode
 from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
 _REPLY_MARK = "\x00reply {} here\x00"  # stands in for a reply to find where the template puts it
-
-
-class LabelMode(str, Enum):
-    """Which tokens carry loss: every assistant reply, only the last one, or every token but the vision pads."""
-
-    ASSISTANT = "assistant"
-    LAST_ASSISTANT = "last_assistant"
-    ALL = "all"
 
 
 @dataclass

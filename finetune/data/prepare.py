@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
 from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
 from finetune.data.encode import ConversationEncoder, TokenCount
+from finetune.data.modes import OverLength
 from finetune.data.sources import mix_order, parse_sources
 from finetune.data.store import SampleTable, load_source
 
@@ -33,13 +33,6 @@ PROBLEM_CLASSES = {
     "aspect_ratio": "image or frame over the 200:1 aspect ratio",
     "empty_dataset": "no samples at all",
 }
-
-
-class OverLength(str, Enum):
-    """What a sample over the length limit becomes: a problem (error), or itself without its trailing turns."""
-
-    ERROR = "error"
-    DROP_TRAILING_TURNS = "drop_trailing_turns"
 
 
 @dataclass(frozen=True)

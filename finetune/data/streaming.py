@@ -25,7 +25,8 @@ import torch
 
 from finetune.base.errors import DataError
 from finetune.data.conversation import Sample
-from finetune.data.prepare import OverLength, drop_trailing_turns
+from finetune.data.modes import OverLength
+from finetune.data.prepare import drop_trailing_turns
 from finetune.data.sources import DatasetSource, iter_records, to_sample
 
 

@@ -23,7 +23,8 @@ from finetune.base.paths import resolve_data_file
 from finetune.data.conversation import Sample
 from finetune.evaluation.metrics import format_metrics, score
 from finetune.recipe.data_settings import conversation_encoder, split_settings
-from finetune.recipe.schema import Config, load_config
+from finetune.recipe.load import load_config
+from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
 
 logger = logging.getLogger("finetune.evaluate")

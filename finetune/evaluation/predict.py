@@ -24,7 +24,8 @@ from pathlib import Path
 
 from finetune.base.errors import ConfigError, DataError
 from finetune.data.conversation import Sample, record_to_sample, resolve_media
-from finetune.recipe.schema import Config, ModelConfig, load_config, load_saved_config
+from finetune.recipe.load import load_config, load_saved_config
+from finetune.recipe.schema import Config, ModelConfig
 from finetune.records.rundir import RunDir
 
 logger = logging.getLogger("finetune.predict")

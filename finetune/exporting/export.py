@@ -35,7 +35,8 @@ import torch
 
 from finetune.base.errors import ConfigError
 from finetune.base.paths import resolve_data_file
-from finetune.recipe.schema import Config, load_config, to_yaml
+from finetune.recipe.load import load_config, to_yaml
+from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
 
 logger = logging.getLogger("finetune.export")

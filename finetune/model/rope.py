@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-RULES = ("qwen", "transformers")
+from finetune.recipe.keys import ROPE_RULES
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class PositionRule:
 
     @classmethod
     def for_model(cls, model_config, rule: str) -> "PositionRule":
-        if rule not in RULES:
-            raise ValueError(f"rope rule {rule!r} is not one of {RULES}")
+        if rule not in ROPE_RULES:
+            raise ValueError(f"rope rule {rule!r} is not one of {ROPE_RULES}")
         vision = model_config.vision_config
         # Qwen2-VL's vision config has no tokens_per_second: its video frames are one temporal id apart.
         tokens_per_second = (

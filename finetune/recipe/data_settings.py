@@ -4,7 +4,8 @@ reads a config object: this module is the one place that turns a recipe into a `
 
 from __future__ import annotations
 
-from finetune.data.encode import ConversationEncoder, LabelMode
+from finetune.data.encode import ConversationEncoder
+from finetune.data.modes import LabelMode
 from finetune.data.prepare import SplitSettings
 from finetune.data.vision import VisionSettings
 from finetune.recipe.schema import Config

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 
+from finetune.recipe.keys import PART_MODES
+
 logger = logging.getLogger(__name__)
 
 
@@ -14,7 +16,7 @@ def _mode(part: str, when_true: str, when_false: str):
 
     def translate(value) -> list[str]:
         flag = {"true": True, "false": False}.get(str(value).lower())
-        return [f"parts.{part}={'frozen|lora|full' if flag is None else when_true if flag else when_false}"]
+        return [f"parts.{part}={'|'.join(PART_MODES) if flag is None else when_true if flag else when_false}"]
 
     return translate
 
@@ -48,7 +50,7 @@ def _both_values(key: str) -> str:
 
 
 _GUIDE = (
-    "What trains is one mode per part: parts.llm, parts.vision_tower, parts.merger = frozen | lora | full "
+    f"What trains is one mode per part: parts.llm, parts.vision_tower, parts.merger = {' | '.join(PART_MODES)} "
     "(README, What trains)."
 )
 

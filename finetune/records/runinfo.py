@@ -11,7 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from finetune.base.paths import REPO_ROOT
-from finetune.recipe.schema import Config, to_yaml
+from finetune.recipe.load import to_yaml
+from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
 
 PACKAGES = (

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from finetune.base.errors import ConfigError
-from finetune.recipe.schema import Config, load_config, repo_path, to_yaml
+from finetune.recipe.load import load_config, to_yaml
+from finetune.recipe.schema import Config, repo_path
 from finetune.records.rundir import RunDir
 from finetune.runs.run_summary import file_size, summary
 

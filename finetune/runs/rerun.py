@@ -33,7 +33,7 @@ def _differences(info: dict) -> list[str]:
 
 def rerun_overrides(run_dir: Path, extra: list[str]) -> list[str]:
     """The overrides that re-run `run_dir` (checked: the recipe exists, the data files are unchanged)."""
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from finetune.records.runinfo import data_digests
 
     run = RunDir(run_dir)

@@ -191,7 +191,7 @@ def _submitit_executor(launcher: str, options: dict, folder: Path):
 
 
 def run_sweep(overrides: list[str], dry_run: bool = False) -> int:
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
 
     job_overrides, launcher, options, sweep_dir = split_sweep_options(overrides)
     jobs = expand(job_overrides)

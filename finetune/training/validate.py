@@ -26,7 +26,8 @@ from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.recipe.data_settings import conversation_encoder, split_settings
-from finetune.recipe.schema import Config, load_config
+from finetune.recipe.load import load_config
+from finetune.recipe.schema import Config
 
 logger = logging.getLogger("finetune.validate")
 

@@ -39,7 +39,8 @@ from finetune.model.trainable import (
     trained_parts,
 )
 from finetune.recipe.data_settings import conversation_encoder, split_settings
-from finetune.recipe.schema import Config, load_config
+from finetune.recipe.load import load_config
+from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, check_checkpoint_fits, resolve_checkpoint
 from finetune.records.runinfo import write_run_info
 from finetune.training.faults import out_of_memory_message

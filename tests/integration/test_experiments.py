@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from finetune.cli.main import main
-from finetune.recipe.schema import load_config, to_yaml
+from finetune.recipe.load import load_config, to_yaml
 from tests.helpers import DEMO, REPO
 from tests.helpers.recipe_runs import mini_dataset, run_module
 

@@ -121,7 +121,7 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
 def assert_served_grids_are_trained_grids(merged, overrides, media_root):
     """Plain transformers on the merged folder sizes images and videos of many shapes as training did."""
     from finetune.data.encode import ConversationEncoder
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from tests.helpers.serving_media import assert_same_grids, served_grids, trained_grids, write_media
 
     images, videos = write_media(media_root)
@@ -150,7 +150,7 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
 
     from finetune.base.errors import ConfigError
     from finetune.exporting.export import export
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from tests.helpers.serving_media import OTHER_BUDGETS
 
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)

@@ -190,7 +190,7 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path, tiny_paths):
 
     from finetune.base.errors import ConfigError
     from finetune.model.load import load_model
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
 
     folder = tmp_path / "pickled"  # what older tools wrote: pytorch_model.bin (a pickle), no safetensors
     AutoModelForImageTextToText.from_pretrained(tiny_paths["qwen2_5_vl"]).save_pretrained(folder)

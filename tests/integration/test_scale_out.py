@@ -44,7 +44,7 @@ def launch_sh(overrides, env_extra=None, timeout=420):
 
 def harness(overrides, env_extra, timeout=420, expect_ok=True):
     """tests/helpers/distributed_harness.py under the same `accelerate launch` options ./launch.sh would use."""
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from finetune.runs.launch import accelerate_args
 
     args = accelerate_args(load_config(overrides), {}, 0, "fp32")

@@ -24,7 +24,7 @@ def base_model_loss(family, train_file):
     from finetune.model.batching import inference_batch
     from finetune.model.rope import PositionRule
     from finetune.model.tiny import tiny_checkpoint
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from tests.helpers import DEMO
 
     config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
@@ -117,7 +117,7 @@ def test_no_training_step_materialises_the_full_logits(tmp_path):
     them."""
     import torch
 
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from finetune.training.workflow import build_trainer
 
     words = "the dot moves left right up down red green blue circle square".split()
@@ -191,7 +191,7 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     from finetune.data.packing import pack_rows
     from finetune.data.sources import load_samples
     from finetune.model.tiny import tiny_checkpoint
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
     from tests.helpers import DEMO
 
     encoder = ConversationEncoder(

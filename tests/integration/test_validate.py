@@ -102,7 +102,7 @@ def test_validate_passes_the_demo():
     from finetune.data.packing import pack_rows
     from finetune.data.prepare import prepare_split
     from finetune.model.load import load_processor
-    from finetune.recipe.schema import load_config
+    from finetune.recipe.load import load_config
 
     config = load_config([])
     encoder = conversation_encoder(load_processor(config.model), config)

@@ -8,14 +8,15 @@ import sys
 import pytest
 
 from finetune.cli import main as cli
+from finetune.cli.commands import COMMANDS
 from tests.helpers import REPO
 
 
-@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_leads_to_a_function(name):
-    module, function = cli.COMMANDS[name].target.split(":")
+    module, function = COMMANDS[name].target.split(":")
     assert callable(getattr(importlib.import_module(module), function))
-    assert cli.COMMANDS[name].summary
+    assert COMMANDS[name].summary
 
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "export", "predict", "validate"])

@@ -19,7 +19,7 @@ from finetune.data.vision import FRAME_FACTOR, smart_resize
 from finetune.exporting.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
 from finetune.exporting.videos import frames_for_transformers, transformers_decodes_video_files
 from finetune.recipe.data_settings import vision_settings
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from tests.helpers.serving_media import OTHER_BUDGETS, assert_same_grids, served_grids, trained_grids, write_media
 
 RECIPES = {"demo": ["experiment=demo"], "budgets": ["experiment=demo", *OTHER_BUDGETS]}

@@ -19,7 +19,7 @@ from finetune.evaluation.evaluate import generate_answers, split_prompt
 from finetune.model.load import load_trained_model
 from finetune.model.rope import PositionRule
 from finetune.recipe.data_settings import conversation_encoder
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from finetune.training.workflow import build_trainer
 from tests.helpers.media_factory import write_image, write_video
 from tests.helpers.recipe_runs import EXPERIMENT

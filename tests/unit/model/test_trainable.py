@@ -10,7 +10,7 @@ import torch
 from finetune.base.errors import ConfigError
 from finetune.model.trainable import model_part
 from finetune.recipe.data_settings import vision_settings
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 from tests.helpers.tolerance import assert_close_to_scale
 
@@ -149,7 +149,7 @@ def test_replaced_keys_fail_with_the_new_spelling(overrides, new_spelling):
 
 
 def test_a_recipe_file_with_a_replaced_key_names_the_new_spelling(tmp_path, monkeypatch):
-    import finetune.recipe.schema as config_module
+    import finetune.recipe.load as config_module
 
     recipes = tmp_path / "recipes"
     shutil.copytree(config_module.RECIPES_DIR, recipes)
@@ -163,7 +163,7 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
     """A run directory written before `parts` existed (evaluate, export, rerun read its config.yaml)."""
     from omegaconf import OmegaConf
 
-    from finetune.recipe.schema import load_saved_config, to_yaml
+    from finetune.recipe.load import load_saved_config, to_yaml
 
     saved = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config([]))))
     del saved["parts"]

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.base.errors import ConfigError
-from finetune.recipe.schema import GROUPS, RECIPES_DIR, load_config
+from finetune.recipe.load import GROUPS, RECIPES_DIR, load_config
 
 
 def _options(group):

@@ -3,7 +3,7 @@
 import pytest
 
 from finetune.base.errors import ConfigError
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from finetune.runs.launch import accelerate_args
 
 

@@ -4,7 +4,7 @@
 import pytest
 
 from finetune.base.errors import ConfigError
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from finetune.records.rundir import check_checkpoint_fits, resolve_checkpoint
 
 

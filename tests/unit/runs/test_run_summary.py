@@ -4,7 +4,7 @@ could not be asked; only this launch's skips, not an earlier run's in the same d
 
 import json
 
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from finetune.records.rundir import RunDir
 from finetune.runs.run_summary import file_size, summary
 

@@ -1,0 +1,55 @@
+"""How a recipe key is declared: its default, its help text and, when its value is one of a set, its choices.
+
+The schema's fields (finetune/recipe/schema.py) carry help and choices in `dataclasses.field(metadata=...)`, the
+one place each key is documented: the checks (`check_choices`), `./launch.sh --help`, tab completion and the
+README's key reference read them from there. Each vocabulary is spelled once, here or in the layer below (the
+data layer's enums); the modules that act on a value import it from here.
+
+Values stay plain strings rather than Enums: OmegaConf would write an Enum's name into a saved config.yaml, and
+the refusal below names the choices the way the recipes spell them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from finetune.base.errors import ConfigError
+from finetune.data.modes import LabelMode, OverLength
+
+PART_MODES = ("frozen", "lora", "full")  # finetune/model/trainable.py
+ROPE_RULES = ("qwen", "transformers")  # finetune/model/rope.py
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "varlen")  # finetune/model/attention.py
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # finetune/model/load.py (recipe_precision)
+LABEL_MODES = tuple(mode.value for mode in LabelMode)
+OVER_LENGTH = tuple(policy.value for policy in OverLength)
+NONFINITE_LOSS = ("stop", "skip")  # finetune/training/faults.py
+ACCELERATE_MODES = ("cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
+REPORT_TO = ("wandb", "tensorboard", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A schema field with its help text and, for a value that is one of a set, its choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata.get("choices", ())
+
+
+def refuse_outside(name: str, value, choices) -> None:
+    """The one wording of a value outside its choices: the key, the value and what to choose instead."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, choices))}.")
+
+
+def check_choices(prefix: str, group) -> None:
+    """Refuse any field of `group` (a schema dataclass; its keys are `prefix.<field>`) outside its choices."""
+    for f in dataclasses.fields(group):
+        if choices_of(f):
+            refuse_outside(f"{prefix}.{f.name}", getattr(group, f.name), choices_of(f))

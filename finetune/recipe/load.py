@@ -1,0 +1,133 @@
+"""Hydra composition of a recipe onto the schemas (finetune/recipe/schema.py), saved recipes read back, and
+`load_config`, the one way a command gets its checked `Config`.
+
+A misspelt key or a wrong type fails while composing (with a "did you mean" hint); every group's `check()` runs
+on the result, so what a command receives is a recipe that can run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from finetune.base.errors import ConfigError
+from finetune.base.paths import REPO_ROOT
+from finetune.recipe import legacy_keys
+from finetune.recipe.schema import Config
+
+RECIPES_DIR = REPO_ROOT / "recipes"
+GROUPS = ("model", "data", "peft", "trainer", "deepspeed", "accelerate", "logger", "experiment")
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _explain_override_error(err: Exception, overrides: list[str]) -> str:
+    """Add 'did you mean' hints to Hydra's message for misspelt keys."""
+    message = str(err)
+    if err.__cause__ is not None:  # Hydra's own text hides the OmegaConf reason (e.g. a type error)
+        message += "\n" + str(err.__cause__).splitlines()[0]
+    known = {f"{f.name}" for f in fields(Config)}
+    for group_field in fields(Config):
+        sub = getattr(Config(), group_field.name, None) if group_field.name != "name" else None
+        if sub is not None and hasattr(sub, "__dataclass_fields__"):
+            known |= {f"{group_field.name}.{f.name}" for f in fields(sub)}
+    hints = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "." in key and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"'{key}' is not a recipe key" + (f"; did you mean '{close[0]}'?" if close else "."))
+        elif "." not in key and key not in known and key not in GROUPS:
+            close = difflib.get_close_matches(key, list(GROUPS) + sorted(known), n=1)
+            hints.append(f"'{key}' is not a recipe group or key" + (f"; did you mean '{close[0]}'?" if close else "."))
+    if hints:
+        message += "\n" + "\n".join(hints)
+    return message
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose `recipes/config.yaml` with Hydra overrides; returns the (unresolved) DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    replaced = legacy_keys.check_overrides(overrides)
+    if replaced:
+        raise ConfigError(replaced)
+    _register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except Exception as err:  # Hydra wraps the real cause; keep its text and add our hints
+        message = _explain_override_error(err, overrides)
+        hint = legacy_keys.hint_for_error(message)
+        raise ConfigError(message + ("\n" + hint if hint else "")) from None
+
+
+RECIPE_FILE = "recipe_file="  # `recipe_file=runs/x/config.yaml`: a saved, resolved recipe instead of composing
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose, resolve interpolations and run every schema check. Raises ConfigError with the fix.
+    With `recipe_file=PATH` among the overrides, the saved recipe is the starting point (what `rerun` uses) and
+    the other overrides (keys only, no groups) apply on top."""
+    overrides = list(overrides or [])
+    saved = [o[len(RECIPE_FILE) :] for o in overrides if o.startswith(RECIPE_FILE)]
+    if saved:
+        return _load_recipe_file(Path(saved[-1]), [o for o in overrides if not o.startswith(RECIPE_FILE)])
+    cfg = compose(overrides)
+    try:
+        config = OmegaConf.to_object(cfg)  # resolves interpolations; fails on MISSING values
+    except Exception as err:
+        raise ConfigError(str(err)) from None
+    config.check()
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
+    groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
+    replaced = legacy_keys.check_overrides(overrides)
+    if replaced:
+        raise ConfigError(replaced)
+    if groups:
+        raise ConfigError(
+            f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
+            "groups; compose a new recipe instead."
+        )
+    try:
+        saved = _read_saved(path)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(overrides))
+        config = OmegaConf.to_object(cfg)
+    except Exception as err:
+        raise ConfigError(f"{path} with {overrides}: {str(err).splitlines()[0]}") from None
+    config.check()
+    return config
+
+
+def _read_saved(path: Path):
+    """A saved recipe as a DictConfig; one written before `parts` existed is translated (with a warning)."""
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    return OmegaConf.create(legacy_keys.migrate_saved(values, str(path)))
+
+
+def load_saved_config(path: Path) -> Config:
+    """A resolved recipe saved by a run (`config.yaml`) or an export (`finetune_config.yaml`), checked again."""
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _read_saved(path)))
+    except Exception as err:
+        raise ConfigError(f"{path} is not a recipe this version can read: {str(err).splitlines()[0]}") from None
+    config.check()
+    return config
