@@ -1,7 +1,7 @@
-"""The one table of commands: `finetune <command> [arguments]`, `python -m finetune <command>` and `./launch.sh`.
+"""Commands as they run: `finetune <command> [arguments]`, `python -m finetune <command>` and `./launch.sh`.
 
 A first argument that names a command runs it; anything else (flags, Hydra overrides, nothing) is `run`, the
-whole recipe. Each command is imported only when it runs, so `--help` and tab completion stay fast. The documented
+whole recipe (the table: finetune/cli/commands.py). The documented
 `python -m finetune.<command>` forms are the modules `finetune/{train,evaluate,export,predict,validate}.py`, which
 call `run_command` here.
 """
