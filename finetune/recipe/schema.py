@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe import legacy_keys
 
@@ -58,7 +59,7 @@ class ModelConfig:
     video_total_pixels: int = int(128000 * 28 * 28 * 0.9)
 
     def check(self) -> None:
-        _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
+        _choice("model.family", self.family, tuple(FAMILIES))
         _choice("model.attn_implementation", self.attn_implementation, ATTENTION_CHOICES)
         _choice("model.rope_rule", self.rope_rule, ("qwen", "transformers"))
         if not 0 < self.min_pixels <= self.max_pixels:
