@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from finetune.base.families import FAMILIES  # noqa: E402
 from finetune.data.conversation import Sample  # noqa: E402
 from finetune.data.encode import ConversationEncoder  # noqa: E402
 from finetune.data.packing import pack_rows  # noqa: E402
@@ -100,7 +101,7 @@ def train_pass(model, batches: list[dict]) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_vl", "qwen2_5_vl"))
+    parser.add_argument("--family", default="qwen2_5_vl", choices=sorted(FAMILIES))
     parser.add_argument("--batch", type=int, default=8, help="samples per padded batch")
     parser.add_argument("--row-tokens", type=int, default=2048)
     parser.add_argument(
@@ -117,6 +118,7 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from finetune.model.tiny import tiny_checkpoint
+    from finetune.model.trainable import default_lora_patterns
 
     path = tiny_checkpoint(args.family)
     processor = AutoProcessor.from_pretrained(path)
@@ -141,12 +143,10 @@ def main() -> None:
     )
     head_dim = args.hidden // heads
     config.text_config.rope_parameters["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    vision = config.vision_config
-    setattr(vision, "out_hidden_size" if args.family == "qwen2_5_vl" else "hidden_size", args.hidden)
+    setattr(config.vision_config, FAMILIES[args.family].merger_width, args.hidden)  # the merger feeds the LLM
     model = AutoModelForImageTextToText.from_config(config)
-    model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj$")
-    )
+    targets = default_lora_patterns(FAMILIES[args.family])["llm"]  # the LLM's, as training picks them
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     rule = PositionRule.for_model(model.config, "qwen")
 
     order = list(range(len(encoded)))

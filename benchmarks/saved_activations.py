@@ -34,6 +34,7 @@ from finetune.model.trainable import (  # noqa: E402
     base_model,
     enable_activation_checkpointing,
     make_trainable,
+    model_family,
     model_part,
     vision_tower,
 )
@@ -85,13 +86,13 @@ def training_model(config, mode: str, reentrant: bool):
 
 def saved_bytes_by_part(model, batch: dict) -> dict[str, int]:
     """One forward + backward; bytes of the tensors autograd saved for backward, per part (storages counted once)."""
-    names = {module: name for name, module in model.named_modules()}
+    names, family = {module: name for name, module in model.named_modules()}, model_family(model)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     stack: list[str] = []
     saved: dict[int, tuple[str, int]] = {}
 
     def enter(module, args):
-        stack.append(model_part(names.get(module, "")))
+        stack.append(model_part(names.get(module, ""), family))
 
     def leave(module, args, output):
         stack.pop()

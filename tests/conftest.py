@@ -15,9 +15,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_paths():
+    from finetune.base.families import FAMILIES
     from finetune.model.tiny import tiny_checkpoint
 
-    return {family: tiny_checkpoint(family) for family in ("qwen2_vl", "qwen2_5_vl")}
+    return {family: tiny_checkpoint(family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from finetune.base.errors import ConfigError, DataError
+from finetune.base.families import FAMILIES
 from finetune.data.conversation import Sample, record_to_sample, resolve_media
 from finetune.recipe.load import load_config, load_saved_config
 from finetune.recipe.schema import Config, ModelConfig
@@ -59,8 +60,9 @@ def find_model(path: str) -> tuple[Config, str | None]:
         return config, None
     if (folder / "config.json").is_file():
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ConfigError(f"--model {path} is a {model_type!r} model; predict asks Qwen2-VL and Qwen2.5-VL models.")
+        if model_type not in FAMILIES:
+            titles = " and ".join(f.title for f in FAMILIES.values())
+            raise ConfigError(f"--model {path} is a {model_type!r} model; predict asks {titles} models.")
         logger.warning("%s has no saved recipe: asking it with Qwen's default budgets and the qwen position rule", path)
         config = load_config(["evaluation.after_training=false", "export.after_training=false"])
         config.model = ModelConfig(name_or_path=str(folder), family=model_type)

@@ -9,9 +9,11 @@ import logging
 import torch
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.model.attention import loading_implementation
 from finetune.model.rope import PositionRule, install_position_rule
 from finetune.model.tiny import resolve_model_path
+from finetune.model.trainable import check_layout
 from finetune.recipe.schema import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ def load_processor(model_cfg: ModelConfig, path: str | None = None):
 
 
 def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None):
-    """The base model in the training dtype; its model_type must match the recipe's family. Weights are read
+    """The base model in the training dtype; its model_type must match the recipe's family, and its modules the
+    family's entry (finetune/base/families.py). Weights are read
     from safetensors only (never unpickled). Attention: the recipe's transformers implementation, or sdpa for
     `auto`/`varlen` (training switches to those afterwards: finetune/model/attention.py). Wherever the model computes positions itself (`generate`, a
     forward without position ids) it uses the recipe's `model.rope_rule` (finetune/model/rope.py)."""
@@ -63,7 +66,8 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     path = path or resolve_model_path(model_cfg.name_or_path)
     check_weight_files(path, model_cfg.allow_pickled_weights)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    if config.model_type != model_cfg.family:
+    entry = FAMILIES.get(model_cfg.family)
+    if entry is None or config.model_type != entry.model_type:
         raise ConfigError(
             f"{model_cfg.name_or_path} is a {config.model_type!r} checkpoint but the recipe says "
             f"model.family={model_cfg.family}; set model.family={config.model_type} (or pick the matching model recipe)."
@@ -76,6 +80,7 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
         use_safetensors=not model_cfg.allow_pickled_weights,
         device_map=device_map,
     )
+    check_layout(model)
     install_position_rule(model, position_rule(model, model_cfg))
     return model
 

@@ -3,7 +3,8 @@
 A sample's (3, L) ids: a text run advances all three rows by one per token; a vision block of grid (t, h, w)
 lays out t x h/m x w/m tokens (m = spatial merge size) at temporal ids `floor(i * interval) + start` and
 spatial ids `start + row` / `start + column`. `interval` is `second_per_grid * tokens_per_second` (in
-float32) for Qwen2.5-VL videos, 1 for Qwen2-VL videos, and images have one temporal index (0).
+float32) for the videos of a family whose entry names a seconds scale (`video_seconds_scale`, finetune/base/
+families.py: Qwen2.5-VL's `tokens_per_second`), 1 for the others' (Qwen2-VL), and images have one temporal index (0).
 
 Where the text after a vision block resumes is the rule (`model.rope_rule`):
   qwen          (largest position so far) + 1. What Qwen contributed to transformers (4.45 ... 5.2), what
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.base.families import FAMILIES, family_of
 from finetune.recipe.keys import ROPE_RULES
 
 
@@ -39,11 +41,9 @@ class PositionRule:
     def for_model(cls, model_config, rule: str) -> "PositionRule":
         if rule not in ROPE_RULES:
             raise ValueError(f"rope rule {rule!r} is not one of {ROPE_RULES}")
-        vision = model_config.vision_config
-        # Qwen2-VL's vision config has no tokens_per_second: its video frames are one temporal id apart.
-        tokens_per_second = (
-            getattr(vision, "tokens_per_second", None) if model_config.model_type == "qwen2_5_vl" else None
-        )
+        vision, scale = model_config.vision_config, family_of(model_config.model_type).video_seconds_scale
+        # A family without a seconds scale (Qwen2-VL) spaces a video's frames one temporal id apart.
+        tokens_per_second = getattr(vision, scale) if scale else None
         return cls(rule, vision.spatial_merge_size, tokens_per_second)
 
     def sample(self, mm_token_type_ids, image_grids, video_grids, second_per_grid=None) -> torch.Tensor:
@@ -199,9 +199,12 @@ def model_position_rule(model) -> PositionRule:
 
 
 def _inner_model(model):
-    """The Qwen-VL model that owns `get_rope_index` (`<ForConditionalGeneration>.model`), under PEFT or not."""
+    """The Qwen-VL model that owns `get_rope_index` (its family's `inner_model`, `<ForConditionalGeneration>.model`),
+    under PEFT or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
+    family = FAMILIES.get(getattr(getattr(base, "config", None), "model_type", None))
+    inner = getattr(base, family.inner_model, base) if family else None
     if not hasattr(inner, "get_rope_index"):
-        raise TypeError(f"{type(base).__name__} has no get_rope_index: not a Qwen2-VL / Qwen2.5-VL model")
+        titles = " / ".join(f.title for f in FAMILIES.values())
+        raise TypeError(f"{type(base).__name__} has no get_rope_index: not a {titles} model")
     return inner

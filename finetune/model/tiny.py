@@ -5,8 +5,9 @@ tiny dimensions, a byte-level BPE tokenizer trained offline with Qwen's special 
 template, and the real image/video processors. The result is a standard Hugging Face directory that
 `AutoProcessor` and `AutoModelForImageTextToText` load, so every code path is the one a real model takes.
 
-Recipes name them `tiny://qwen2_5_vl` or `tiny://qwen2_vl`; `resolve_model_path` builds them on first use
-into a cache directory shared by the tests and the demo.
+Recipes name them `tiny://<family>` (`tiny://qwen2_5_vl`, one per entry of finetune/base/families.py, which holds
+each family's part of the build); `resolve_model_path` builds them on first use into a cache directory shared by
+the tests and the demo.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from finetune.base.families import FAMILIES
+
 TINY_SCHEME = "tiny://"
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# Bump when anything below changes what gets built: the cache key includes it.
+# Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
 BUILD_VERSION = 2
 
 QWEN_SPECIAL_TOKENS = [
@@ -124,8 +126,11 @@ def build_tokenizer():
 
 
 def _model_config(family: str, tokenizer):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    """The family's config (AutoConfig by model_type) with the tiny dimensions: TEXT_DIMS and its `tiny_vision`,
+    the merger projecting into the LLM's width."""
+    from transformers import AutoConfig
 
+    entry = FAMILIES[family]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(
         TEXT_DIMS,
@@ -134,41 +139,23 @@ def _model_config(family: str, tokenizer):
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    common = dict(
+    vision = dict(entry.tiny_vision, **{entry.merger_width: TEXT_DIMS["hidden_size"]})
+    return AutoConfig.for_model(
+        entry.model_type,
+        vision_config=vision,
         text_config=text,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, initializer_range=0.1)
-        return Qwen2VLConfig(vision_config=vision, **common)
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        window_size=112,
-        fullatt_block_indexes=[1],
-        tokens_per_second=2,  # as in Qwen2.5-VL-3B/7B/72B-Instruct
-        initializer_range=0.1,
-    )
-    return Qwen2_5_VLConfig(vision_config=vision, **common)
 
 
 def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a complete tiny checkpoint (weights, tokenizer, processors, chat template) to `out_dir`."""
     import torch
-    from transformers import (
-        AutoModelForImageTextToText,
-        GenerationConfig,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import transformers
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}.")
@@ -184,11 +171,11 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
         do_sample=False,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    processor_cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
-    processor = processor_cls(
-        image_processor=Qwen2VLImageProcessor(),
+    entry = FAMILIES[family]  # the processor classes by name: transformers is imported here only
+    processor = getattr(transformers, entry.processor)(
+        image_processor=getattr(transformers, entry.image_processor)(),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=getattr(transformers, entry.video_processor)(),
         chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
@@ -198,7 +185,12 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
 def _spec_hash(family: str, seed: int) -> str:
     import transformers
 
-    spec = dict(family=family, seed=seed, build=BUILD_VERSION, dims=TEXT_DIMS, tf=transformers.__version__)
+    entry = FAMILIES[family]
+    # The family's part of the build lives in its registry entry, so an edit there rebuilds too.
+    built_from = [entry.merger_width, entry.tiny_vision, entry.processor, entry.image_processor, entry.video_processor]
+    spec = dict(
+        family=family, seed=seed, build=BUILD_VERSION, dims=TEXT_DIMS, entry=built_from, tf=transformers.__version__
+    )
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1,9 +1,10 @@
 """What trains, and how fast: `parts` modes, LoRA targets, per-part learning rates, activation checkpointing.
 
-A Qwen-VL model has three parts, told apart by parameter name, each `frozen`, `lora` or `full` in the recipe:
-  vision_tower  `model.visual.*` except the merger (Conv3d patch embed + ViT blocks)
+A Qwen-VL model has three parts, told apart by parameter name (the module paths of its family's entry in
+finetune/base/families.py), each `frozen`, `lora` or `full` in the recipe:
+  vision_tower  `model.visual.*` except the mergers (Conv3d patch embed + ViT blocks)
   merger        `model.visual.merger.*` (the MLP projecting vision features into the LLM)
-  llm           everything else (embeddings, decoder layers, norm, lm_head)
+  llm           everything else: `model.language_model.*` (embeddings, decoder layers, norm) and `lm_head`
 Under LoRA, PEFT freezes every base weight; a part that trains fully (a `full` merger or vision tower) goes
 into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload` puts it back in the export.
 """
@@ -16,17 +17,21 @@ import re
 import torch
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import Family, family_of
 from finetune.recipe.schema import Config
 
 PARTS = ("llm", "vision_tower", "merger")
 
 
-def model_part(name: str) -> str:
-    """The part a parameter or module name belongs to (works on PEFT-wrapped names too)."""
+def model_part(name: str, family: Family) -> str:
+    """The part a parameter or module name of a `family` model belongs to. Told by the vision tower's own name,
+    not its full path, so that PEFT-wrapped names (`base_model.model.` in front) and the keys of saved checkpoints
+    (transformers 5 writes the original layout, `visual.*` without the `model.` in front) are told apart too."""
     padded = f".{name}."
-    if ".visual." not in padded:
+    vision = f".{family.vision_tower}."
+    if vision not in padded:
         return "llm"
-    return "merger" if ".merger." in padded else "vision_tower"
+    return "merger" if padded.split(vision, 1)[1].split(".")[0] in family.mergers else "vision_tower"
 
 
 def base_model(model):
@@ -34,37 +39,76 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def model_family(model) -> Family:
+    """The registry entry of a (PEFT-wrapped) model, by its config's model_type."""
+    return family_of(base_model(model).config.model_type)
+
+
 def vision_tower(model):
-    """`model.model.visual` in transformers 5 (the merger lives inside it as `.merger`)."""
-    inner = base_model(model)
-    return getattr(inner, "model", inner).visual
+    """The vision tower module, mergers included (`model.model.visual` in transformers 5)."""
+    family = model_family(model)
+    return base_model(model).get_submodule(f"{family.inner_model}.{family.vision_tower}")
+
+
+def check_layout(model) -> None:
+    """Every parameter lies under one module path of the family's entry: the vision tower, the language model or
+    the lm_head. `model_part` counts whatever is outside the vision tower as LLM; this makes sure that is true, so
+    a checkpoint laid out otherwise (or a wrong entry) is refused instead of trained part by wrong part."""
+    family = model_family(model)
+    prefixes = (
+        f"{family.inner_model}.{family.vision_tower}.",
+        f"{family.inner_model}.{family.language_model}.",
+        f"{family.lm_head}.",
+    )
+    stray = [name for name, _ in base_model(model).named_parameters() if not name.startswith(prefixes)]
+    if stray:
+        raise ConfigError(
+            f"{len(stray)} parameters of this {family.title} checkpoint ({', '.join(stray[:3])}) are under none of "
+            f"the module paths of its entry in finetune/base/families.py ({', '.join(p[:-1] for p in prefixes)}); "
+            "the entry does not describe this checkpoint's layout."
+        )
+
+
+def default_lora_patterns(family: Family) -> dict[str, str]:
+    """The family's LoRA targets as the patterns `lora_targets` matches full module names with: per part, the
+    listed nn.Linear names inside that part's module (the part check keeps the mergers out of the vision's)."""
+
+    def pattern(module: str, names: tuple[str, ...]) -> str:  # (anything in front: names under a wrapper too)
+        path = rf"{re.escape(family.inner_model)}\.{re.escape(module)}"
+        return rf"(.*\.)?{path}\..*\.({'|'.join(map(re.escape, names))})"
+
+    return {
+        "llm": pattern(family.language_model, family.lora_targets),
+        "vision_tower": pattern(family.vision_tower, family.vision_lora_targets),
+    }
 
 
 def apply_freezing(model, config: Config) -> None:
     """requires_grad on the weights of `full` parts only (a `lora` part's base weights stay frozen)."""
-    modes = config.parts.modes()
+    modes, family = config.parts.modes(), model_family(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(modes[model_part(name)] == "full")
+        param.requires_grad_(modes[model_part(name, family)] == "full")
 
 
 def lora_targets(model, config: Config) -> list[str]:
     """Full names of the nn.Linear modules that get LoRA: with parts.llm=lora the LLM's (peft.target_modules),
-    with parts.vision_tower=lora the ViT blocks' (peft.vision_target_modules). Only nn.Linear ever matches, so the
-    Conv3d patch embed never takes LoRA (LLaMA-Factory #5324), nor does the merger (it trains fully if at all)."""
-    peft, modes = config.peft, config.parts.modes()
-    patterns = []
-    if modes["llm"] == "lora":
-        patterns.append(("llm", re.compile(peft.target_modules)))
-    if modes["vision_tower"] == "lora":
-        patterns.append(("vision_tower", re.compile(peft.vision_target_modules)))
+    with parts.vision_tower=lora the ViT blocks' (peft.vision_target_modules). A pattern left at null is the
+    family's list (finetune/base/families.py), so a new family needs no pattern of its own. Only nn.Linear ever matches, so the Conv3d patch embed never takes LoRA
+    (LLaMA-Factory #5324), nor does the merger (it trains fully if at all)."""
+    peft, modes, family = config.peft, config.parts.modes(), model_family(model)
+    defaults = default_lora_patterns(family)
+    chosen = {"llm": peft.target_modules, "vision_tower": peft.vision_target_modules}
+    patterns = [
+        (part, re.compile(chosen[part] or defaults[part])) for part in ("llm", "vision_tower") if modes[part] == "lora"
+    ]
     names = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(
-            model_part(name) == part and pattern.fullmatch(name) for part, pattern in patterns
+            model_part(name, family) == part and pattern.fullmatch(name) for part, pattern in patterns
         ):
             names.append(name)
     for part, pattern in patterns:
-        if not any(model_part(n) == part for n in names):
+        if not any(model_part(n, family) == part for n in names):
             key = "peft.target_modules" if part == "llm" else "peft.vision_target_modules"
             raise ConfigError(f"{key}={pattern.pattern!r} matches no linear layer of the {part} of this model.")
     return names
@@ -72,14 +116,14 @@ def lora_targets(model, config: Config) -> list[str]:
 
 def fully_trained_modules(model, config: Config) -> list[str]:
     """Modules PEFT must train fully and save beside the adapter (`modules_to_save`)."""
-    visual = vision_tower(model)
+    visual, family = vision_tower(model), model_family(model)
     prefix = next(n for n, m in model.named_modules() if m is visual)
     names = []
     if config.parts.merger == "full":
-        names.append(f"{prefix}.merger")
+        names += [f"{prefix}.{merger}" for merger in family.mergers]
     if config.parts.vision_tower == "full":  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
         for child_name, child in visual.named_children():
-            if child_name == "merger" or next(child.parameters(), None) is None:
+            if child_name in family.mergers or next(child.parameters(), None) is None:
                 continue
             if isinstance(child, torch.nn.ModuleList):
                 names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
@@ -122,11 +166,11 @@ def part_learning_rates(config: Config) -> dict[str, float]:
 
 def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]:
     """Optimizer groups: one per (part, weight decay or not), each with its part's learning rate."""
-    rates = part_learning_rates(config)
+    rates, family = part_learning_rates(config), model_family(model)
     groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((model_part(name), name in decay_names), []).append(param)
+            groups.setdefault((model_part(name, family), name in decay_names), []).append(param)
     return [
         {
             "params": params,
@@ -140,10 +184,10 @@ def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]
 
 def trained_parts(model) -> dict[str, int]:
     """Trainable parameter count per part (ZeRO-3 partitioned parameters count in full)."""
-    counts = dict.fromkeys(PARTS, 0)
+    counts, family = dict.fromkeys(PARTS, 0), model_family(model)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[model_part(name)] += getattr(param, "ds_numel", param.numel())
+            counts[model_part(name, family)] += getattr(param, "ds_numel", param.numel())
     return counts
 
 
@@ -208,12 +252,12 @@ def run_frozen_parts_without_autograd(model, config: Config) -> None:
     its own graph on the tower's output."""
     if config.parts.vision_tower != "frozen":
         return
-    visual = vision_tower(model)
+    visual, mergers = vision_tower(model), model_family(model).mergers
     if config.parts.merger == "frozen":
         _forward_without_autograd(visual)
         return
     for name, child in visual.named_children():
-        if name != "merger":
+        if name not in mergers:
             for module in child if isinstance(child, torch.nn.ModuleList) else [child]:
                 _forward_without_autograd(module)
 

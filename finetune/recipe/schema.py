@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe.keys import (
     ACCELERATE_MODES,
@@ -29,7 +30,6 @@ from finetune.recipe.keys import (
     check_choices,
     option,
 )
-from finetune.recipe.keys import refuse_outside as _choice
 
 
 @dataclass
@@ -38,7 +38,9 @@ class ModelConfig:
 
     name_or_path: str = option(MISSING, help="Hub id, local directory, or tiny://qwen2_vl | tiny://qwen2_5_vl.")
     family: str = option(
-        MISSING, help="The model family, qwen2_vl or qwen2_5_vl; checked against the checkpoint's model_type."
+        MISSING,
+        help="The model family (an entry of finetune/base/families.py); checked against the checkpoint's model_type.",
+        choices=tuple(FAMILIES),
     )
     attn_implementation: str = option(
         "auto",
@@ -77,8 +79,6 @@ class ModelConfig:
     )
 
     def check(self) -> None:
-        # The families are named here, not in the field's choices, until finetune/base/families.py holds them.
-        _choice("model.family", self.family, ("qwen2_vl", "qwen2_5_vl"))
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError(
                 f"model.min_pixels ({self.min_pixels}) must be positive and <= model.max_pixels ({self.max_pixels})."
@@ -225,17 +225,19 @@ class PeftConfig:
     dropout: float = option(0.05, help="Dropout on the LoRA input, in [0, 1).")
     use_dora: bool = option(False, help="Weight-decomposed LoRA (PEFT's DoRA).")
     use_rslora: bool = option(False, help="Scale by alpha/sqrt(r) instead of alpha/r (PEFT's rsLoRA).")
-    target_modules: str = option(
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
-        help="The LLM layers that take LoRA (a regular expression on module names). Anchored on the language "
-        "model: Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare module-name list would silently put "
-        "LoRA on the vision tower too. Only nn.Linear layers ever match.",
+    target_modules: Optional[str] = option(
+        None,
+        help="The LLM layers that take LoRA, as a regular expression on full module names; null: the family's "
+        "attention and MLP projections inside the language model (finetune/base/families.py `lora_targets`). "
+        "Anchor a pattern of your own on the language model: Qwen2.5-VL's vision MLP also has gate/up/down_proj. "
+        "Only nn.Linear layers ever match.",
     )
-    vision_target_modules: str = option(
-        r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$",
-        help="With parts.vision_tower=lora, the ViT blocks' attention and MLP (Qwen2-VL: qkv/proj/fc1/fc2; "
-        "Qwen2.5-VL: qkv/proj/gate/up/down_proj). The Conv3d patch embed and the merger never take LoRA (train "
-        "the merger fully with parts.merger=full).",
+    vision_target_modules: Optional[str] = option(
+        None,
+        help="With parts.vision_tower=lora, the ViT layers that take LoRA (a regular expression); null: the "
+        "family's attention and MLP projections of the ViT blocks (`vision_lora_targets`; Qwen2-VL "
+        "qkv/proj/fc1/fc2, Qwen2.5-VL qkv/proj/gate/up/down_proj). The Conv3d patch embed and the merger never take "
+        "LoRA (train the merger fully with parts.merger=full).",
     )
 
     def check(self) -> None:
@@ -244,6 +246,8 @@ class PeftConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}.")
         for key in ("target_modules", "vision_target_modules"):
+            if getattr(self, key) is None:
+                continue
             try:
                 re.compile(getattr(self, key))
             except re.error as err:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from finetune.base.families import family_of
+
 MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
 
 
@@ -63,7 +65,9 @@ class OneVisionCall:
     model: ZeRO-3 records each step's module order from its own hooks and checks all ranks recorded the same."""
 
     def __init__(self, inner_model):
-        self.visual, self.vision_config = inner_model.visual, inner_model.config.vision_config
+        # The hook sits on the inner model (the family's `inner_model`), so the tower is found below it.
+        self.visual = inner_model.get_submodule(family_of(inner_model.config.model_type).vision_tower)
+        self.vision_config = inner_model.config.vision_config
         self.handle = inner_model.register_forward_pre_hook(self._before, with_kwargs=True)
         # Evaluation during training (sharded generate, every rank stepping in lockstep) needs the same one call.
         self.in_evaluation = False

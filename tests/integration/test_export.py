@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from finetune.base.families import FAMILIES
 from finetune.exporting.videos import transformers_decodes_video_files
 from finetune.recipe.data_settings import vision_settings
 from tests.helpers import DEMO
@@ -21,7 +22,7 @@ def held_out_video_inputs(processor):
     return processor(text=[text], videos=[str(DEMO / record["videos"][0])], return_tensors="pt")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_round_trip(tmp_path, family):
     from peft import PeftModel
 
@@ -112,9 +113,12 @@ def test_export_keeps_what_the_vision_side_learned(tmp_path):
     from finetune.model.trainable import model_part
 
     moved = {k for k in base if not torch.equal(merged[k], base[k])}
-    merger = {k for k in base if model_part(k) == "merger"}
+    family = FAMILIES["qwen2_5_vl"]
+    merger = {k for k in base if model_part(k, family) == "merger"}
     assert merger and merger <= moved  # every merger weight trained and exported
-    assert any(model_part(k) == "vision_tower" and k.endswith("qkv.weight") for k in moved)  # ViT LoRA merged in
+    assert any(
+        model_part(k, family) == "vision_tower" and k.endswith("qkv.weight") for k in moved
+    )  # ViT LoRA merged in
     assert not any("patch_embed" in k or "norm" in k or "embed_tokens" in k for k in moved - merger)
 
 

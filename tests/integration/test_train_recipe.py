@@ -9,10 +9,9 @@ import json
 import pytest
 from safetensors import safe_open
 
+from finetune.base.families import FAMILIES
 from finetune.recipe.data_settings import vision_settings
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+from tests.helpers.recipe_runs import EXPERIMENT, mini_dataset, run_module, tiny_run_overrides
 
 
 def base_model_loss(family, train_file):
@@ -27,7 +26,7 @@ def base_model_loss(family, train_file):
     from finetune.recipe.load import load_config
     from tests.helpers import DEMO
 
-    config = load_config(["experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"])
+    config = load_config([f"experiment={EXPERIMENT[family]}"])
     path = tiny_checkpoint(family)
     encoder = ConversationEncoder(AutoProcessor.from_pretrained(path), vision_settings(config))
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -55,7 +54,11 @@ PINNED_LOSSES_TRANSFORMERS_RULE = {
 }
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_every_family_has_pinned_losses():
+    assert PINNED_LOSSES.keys() == PINNED_LOSSES_TRANSFORMERS_RULE.keys() == FAMILIES.keys()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("packing, rope_rule", [(False, "qwen"), (True, "qwen"), (False, "transformers")])
 def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, packing, rope_rule):
     train_file = mini_dataset(tmp_path / "train.json")
@@ -84,7 +87,7 @@ def test_few_steps_on_images_and_videos_pin_the_first_losses(tmp_path, family, p
     # The run directory documents itself.
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["packages"]["transformers"] and info["git"]["sha"] is not None and info["precision"] == "fp32"
-    assert "name: " + ("demo_qwen2_vl" if family == "qwen2_vl" else "demo") in (run_dir / "config.yaml").read_text()
+    assert "name: " + EXPERIMENT[family] in (run_dir / "config.yaml").read_text()
 
     # LoRA only on the language model: nothing in the vision tower, merger or embeddings.
     adapter = run_dir / "adapter"
@@ -155,7 +158,7 @@ def test_no_training_step_materialises_the_full_logits(tmp_path):
     assert plain >= rows * length * vocab  # the detector does see full logits where they exist
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family, caplog):
     """Two packed rows in one step, or one row per micro-step with 2 accumulation steps: the same update.
     Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""

@@ -10,6 +10,7 @@ from qwen_vl_utils import process_vision_info
 from transformers.video_utils import VideoMetadata
 
 from finetune.base.errors import DataError
+from finetune.base.families import FAMILIES
 from finetune.data.conversation import Sample
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
@@ -18,7 +19,6 @@ from finetune.recipe.data_settings import vision_settings
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.random_data import build_media_pool, random_record
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 N_SAMPLES = 500
 # video_max_pixels is qwen-vl-utils' fixed VIDEO_MAX_TOKEN_NUM (768 tokens): the reference has no knob for it.
 SETTINGS = VisionSettings(
@@ -90,7 +90,7 @@ def _torchcodec_works(path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, media_pool, random_samples, family):
     root, _, videos = media_pool
     if not _torchcodec_works(str(root / videos[0])):
@@ -121,7 +121,7 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
                 assert torch.equal(getattr(ours, key), ref[key]), (sample.id, key)
             else:
                 assert getattr(ours, key) is None, (sample.id, key)
-        if family == "qwen2_5_vl" and "second_per_grid_ts" in ref:
+        if FAMILIES[family].video_seconds_scale and "second_per_grid_ts" in ref:
             # The processor stores it as float32; the collator does too.
             assert torch.equal(torch.tensor(ours.second_per_grid_ts, dtype=torch.float32), ref["second_per_grid_ts"]), (
                 sample.id
@@ -130,10 +130,10 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
         assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
         compared += 1
     assert compared >= N_SAMPLES * 0.8 and refused > 0
-    assert family == "qwen2_vl" or videos_seen > 100
+    assert not FAMILIES[family].video_seconds_scale or videos_seen > 100
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_labels_cover_exactly_the_assistant_replies(processors, random_samples, family):
     processor, decode = processors[family], processors[family].tokenizer.decode
     sample = Sample(
@@ -206,7 +206,7 @@ def test_demo_pre_pass_equals_encoding(processors, demo_config):
         assert encoder.count_tokens(sample).total == len(encoder.encode(sample).input_ids)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_render_segments_equal_the_turn_by_turn_renders(processors, random_samples, family):
     """The linear route (one render, replies located by markers) gives the very pieces of the quadratic one (every
     turn rendered as a continuation of the turns before it), for every label mode, with and without a prompt. Qwen's

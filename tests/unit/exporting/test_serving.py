@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize as transformers_smart_resize
 
+from finetune.base.families import FAMILIES
 from finetune.data.encode import ConversationEncoder
 from finetune.data.vision import FRAME_FACTOR, smart_resize
 from finetune.exporting.serving import TOKEN_PIXELS, apply_budgets, max_video_tokens, save_processor
@@ -31,7 +32,7 @@ def media(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_exported_processor_gives_the_training_grids(tmp_path, tiny_paths, processors, media, recipe, family):
     images, videos = media
     config = load_config(RECIPES[recipe])
@@ -47,7 +48,7 @@ def test_exported_processor_gives_the_training_grids(tmp_path, tiny_paths, proce
     text = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
     call = served(text=[text], videos=[str(videos[1])], return_tensors="pt")
     assert call["video_grid_thw"][0].tolist() == trained[1][1][:3]
-    if family == "qwen2_5_vl":
+    if FAMILIES[family].video_seconds_scale:
         assert call["second_per_grid_ts"][0].item() == pytest.approx(FRAME_FACTOR / trained[1][1][3], rel=1e-6)
 
 

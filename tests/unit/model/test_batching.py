@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from finetune.base.families import FAMILIES
 from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
 from finetune.model.batching import INFERENCE_KEYS, TRAINING_KEYS, RowCollator, inference_batch, training_batch
@@ -14,13 +15,13 @@ def _encoder(processors, family, demo_config):
     return ConversationEncoder(processors[family], vision_settings(demo_config))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, family):
     from tests.helpers import DEMO
 
     samples = load_samples(DEMO / "test.json")[:6]
     encoder = _encoder(processors, family, demo_config)
-    rule = PositionRule("qwen", 2, 2 if family == "qwen2_5_vl" else None)
+    rule = PositionRule("qwen", 2, 2 if FAMILIES[family].video_seconds_scale else None)
     batch = RowCollator(encoder, samples, rule)([(i,) for i in range(6)])
     encoded = [encoder.encode(s) for s in samples]
     lengths = [len(e.input_ids) for e in encoded]
@@ -33,7 +34,7 @@ def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, 
     n_images = sum(bool(s.media("image")) for s in samples)
     n_videos = sum(bool(s.media("video")) for s in samples)
     assert len(batch.get("image_grid_thw", [])) == n_images and len(batch.get("video_grid_thw", [])) == n_videos
-    assert len(batch.get("second_per_grid_ts", [])) == (n_videos if family == "qwen2_5_vl" else 0)
+    assert len(batch.get("second_per_grid_ts", [])) == (n_videos if FAMILIES[family].video_seconds_scale else 0)
     pad = processors[family].tokenizer.pad_token_id
     for row, e in enumerate(encoded):
         n = len(e.input_ids)

@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText
 from transformers.masking_utils import find_packed_sequence_indices
 
 from finetune.base.errors import DataError
+from finetune.base.families import FAMILIES
 from finetune.data.encode import ConversationEncoder, EncodedSample
 from finetune.data.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.data.sources import load_samples
@@ -22,7 +23,6 @@ from tests.helpers.qwen_reference import reference_get_rope_index, reference_sel
 from tests.helpers.random_data import build_media_pool, random_record
 from tests.helpers.tolerance import assert_close_to_scale
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 ROWS_PER_FAMILY = 600
 SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
 
@@ -97,7 +97,7 @@ def _reference_positions(model, sample, family, rule_name):
     """One sample alone through the reference: Qwen's 4.49 method (qwen) or the installed model's (transformers)."""
     ids = torch.tensor([sample.input_ids])
     kwargs = {"image_grid_thw": sample.image_grid_thw, "video_grid_thw": sample.video_grid_thw}
-    if family == "qwen2_5_vl" and sample.second_per_grid_ts:
+    if FAMILIES[family].video_seconds_scale and sample.second_per_grid_ts:
         kwargs["second_per_grid_ts"] = torch.tensor(sample.second_per_grid_ts, dtype=torch.float32)
     if rule_name == "qwen":
         positions, _ = reference_get_rope_index(family)(reference_self(model.config), ids, **kwargs)
@@ -106,7 +106,7 @@ def _reference_positions(model, sample, family, rule_name):
     return positions[:, 0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("rule_name", ["qwen", "transformers"])
 def test_packed_positions_equal_the_reference_per_sample(processors, models, pool, family, rule_name):
     model, encoded, pad_id = models[family], pool[family], processors[family].tokenizer.pad_token_id
@@ -141,7 +141,7 @@ def _packed_loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family, attn):
     """Every attention implementation that runs on the CPU (varlen: one sdpa call per sample, with the collator's
@@ -174,7 +174,7 @@ def attn_loaded(attn: str) -> str:
     return attention.loading_implementation(attn)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_varlen_attention_equals_sdpa_with_the_block_mask_in_one_call_per_layer(processors, tiny_paths, pool, family):
     """The varlen path (collator boundaries, transformers' AttentionInterface) gives sdpa's logits on packed rows of
     several samples and padding, with one attention call per layer in the LLM and in the ViT (no window loop)."""
@@ -240,7 +240,7 @@ def test_a_varlen_kernel_that_disagrees_with_sdpa_falls_back_to_sdpa(monkeypatch
     assert attention.choose("auto", False, torch.device("cpu"), torch.float32)[0] == "sdpa"  # the CPU path
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_changing_one_packed_sample_leaves_the_others_untouched(processors, tiny_paths, pool, family, attn):
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn).eval()

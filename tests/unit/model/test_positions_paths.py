@@ -14,6 +14,7 @@ import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
+from finetune.base.families import FAMILIES
 from finetune.data.sources import load_samples
 from finetune.evaluation.evaluate import generate_answers, split_prompt
 from finetune.model.load import load_trained_model
@@ -24,6 +25,8 @@ from finetune.training.workflow import build_trainer
 from tests.helpers.media_factory import write_image, write_video
 from tests.helpers.recipe_runs import EXPERIMENT
 
+# Per family: the transformers module and class-name prefix of its inner model and text rotary embedding.
+MODELING = {"qwen2_vl": (modeling_qwen2_vl, "Qwen2VL"), "qwen2_5_vl": (modeling_qwen2_5_vl, "Qwen2_5_VL")}
 QUESTIONS = ["Which way does it move?", "What happens first?", "Where does it end?", "What colour is it?"]
 
 
@@ -64,8 +67,7 @@ class Capture:
     rotary embedding's forward (the ids it turns into angles), for every call in this process."""
 
     def __init__(self, monkeypatch, family):
-        module = modeling_qwen2_5_vl if family == "qwen2_5_vl" else modeling_qwen2_vl
-        prefix = "Qwen2_5_VL" if family == "qwen2_5_vl" else "Qwen2VL"
+        module, prefix = MODELING[family]
         self.calls = []
         model_cls, rotary_cls = getattr(module, f"{prefix}Model"), getattr(module, f"{prefix}RotaryEmbedding")
         model_forward, rotary_forward = model_cls.forward, rotary_cls.forward
@@ -127,7 +129,11 @@ def training_positions(calls, encoded) -> dict:
     return found
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_every_family_has_its_modeling_module():
+    assert MODELING.keys() == FAMILIES.keys()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_training_and_evaluation_feed_the_same_positions(tmp_path, monkeypatch, family):
     data = long_video_dataset(tmp_path / "media")
     capture = Capture(monkeypatch, family)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from finetune.base.families import FAMILIES
 from finetune.model.rope import PositionRule, batch_position_ids, install_position_rule
-from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
+from tests.helpers.qwen_reference import MODULES, reference_get_rope_index, reference_self
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SEQUENCES = 1000
 SECONDS = [0.25, 0.5, 2 / 3, 1.5, 4.0, 1.0, 0.1, 1 / 3]
 
@@ -88,6 +88,10 @@ def left_padded(batch: list[dict], pad_id: int) -> dict:
     return out
 
 
+def test_every_family_has_a_reference():
+    assert MODULES.keys() == FAMILIES.keys()
+
+
 @pytest.fixture(scope="module")
 def configs(tiny_paths):
     return {f: AutoConfig.from_pretrained(p) for f, p in tiny_paths.items()}
@@ -98,13 +102,14 @@ def sequences(configs):
     out = {}
     for family in FAMILIES:
         rng = random.Random(11 if family == "qwen2_vl" else 12)
-        out[family] = [random_sequence(rng, configs[family], family == "qwen2_5_vl") for _ in range(SEQUENCES)]
+        with_seconds = FAMILIES[family].video_seconds_scale is not None
+        out[family] = [random_sequence(rng, configs[family], with_seconds) for _ in range(SEQUENCES)]
     return out
 
 
 def _reference(family, config, batch):
     kwargs = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "attention_mask")}
-    if family == "qwen2_5_vl":
+    if FAMILIES[family].video_seconds_scale:
         kwargs["second_per_grid_ts"] = batch["second_per_grid_ts"]
     return reference_get_rope_index(family)(reference_self(config), batch["input_ids"], **kwargs)
 
@@ -120,7 +125,7 @@ def _ours(rule, batch):
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_qwen_rule_equals_qwens_transformers_4_49_get_rope_index(configs, sequences, family):
     config, rule = configs[family], PositionRule.for_model(configs[family], "qwen")
     checked, long_videos = 0, 0
@@ -143,7 +148,7 @@ def test_qwen_rule_equals_qwens_transformers_4_49_get_rope_index(configs, sequen
         assert torch.equal(deltas - padding, expected_deltas)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_qwens(
     tiny_paths, configs, sequences, family
 ):
@@ -156,7 +161,7 @@ def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_
         if batch["image_grid_thw"] is None and batch["video_grid_thw"] is None:
             continue
         kwargs = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "attention_mask")}
-        if family == "qwen2_5_vl":
+        if FAMILIES[family].video_seconds_scale:
             kwargs["second_per_grid_ts"] = batch["second_per_grid_ts"]
         expected, expected_deltas = installed(batch["input_ids"], batch["mm_token_type_ids"], **kwargs)
         got, deltas = _ours(rules["transformers"], batch)
@@ -231,7 +236,7 @@ def test_back_to_back_blocks_and_mismatches():
 
 
 # ---------------------------------------------------------------- the model computes its own positions with ours
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_installed_rule_replaces_the_models_get_rope_index(tiny_paths, configs, sequences, family):
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family])
     rule = PositionRule.for_model(configs[family], "qwen")

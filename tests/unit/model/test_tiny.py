@@ -6,16 +6,21 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from finetune.base.families import FAMILIES
 from finetune.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, resolve_model_path
 
 EXPECTED = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def test_every_family_has_its_expected_class():
+    assert EXPECTED.keys() == FAMILIES.keys()
 
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_build_is_deterministic(tmp_path, family):
     a = build_tiny_checkpoint(family, tmp_path / "a")
     b = build_tiny_checkpoint(family, tmp_path / "b")
@@ -23,7 +28,7 @@ def test_build_is_deterministic(tmp_path, family):
         assert _digest(a / name) == _digest(b / name), name
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_round_trip_with_auto_classes(tiny_paths, family):
     path = tiny_paths[family]
     model = AutoModelForImageTextToText.from_pretrained(path)

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.model.trainable import model_part
 from finetune.recipe.data_settings import vision_settings
 from finetune.recipe.load import load_config
-from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+from tests.helpers.recipe_runs import EXPERIMENT, mini_dataset, tiny_run_overrides
 from tests.helpers.tolerance import assert_close_to_scale
+
+DEMO_FAMILY = FAMILIES["qwen2_5_vl"]  # what _train and the demo recipe train
 
 
 def _train(tmp_path, extra, steps=2):
@@ -34,7 +37,7 @@ def _train(tmp_path, extra, steps=2):
 
 
 def _lora(names, part):
-    return {n for n in names if "lora_" in n and model_part(n) == part}
+    return {n for n in names if "lora_" in n and model_part(n, DEMO_FAMILY) == part}
 
 
 CASES = {
@@ -54,11 +57,11 @@ CASES = {
     ),
     "full fine-tuning of the LLM": (
         ["parts.llm=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n) == "llm"},
+        lambda names: {n for n in names if model_part(n, DEMO_FAMILY) == "llm"},
     ),
     "full fine-tuning of vision tower and merger, LLM frozen": (
         ["parts.llm=frozen", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n) != "llm"},
+        lambda names: {n for n in names if model_part(n, DEMO_FAMILY) != "llm"},
     ),
     "everything trains": (
         ["parts.llm=full", "parts.vision_tower=full", "parts.merger=full", "export.after_training=false"],
@@ -99,7 +102,9 @@ def test_each_part_moves_at_its_own_learning_rate(tmp_path):
         steps=1,
     )
     for part, lr in rates.items():
-        moves = [(after[n].detach() - before[n]).abs().max().item() for n in changed if model_part(n) == part]
+        moves = [
+            (after[n].detach() - before[n]).abs().max().item() for n in changed if model_part(n, DEMO_FAMILY) == part
+        ]
         assert moves and max(moves) == pytest.approx(lr, rel=1e-3), (part, max(moves))
 
 
@@ -181,7 +186,7 @@ def test_a_run_saved_with_the_old_keys_still_reads_as_parts(tmp_path):
     assert (parts.llm, parts.vision_tower, parts.merger) == ("full", "frozen", "full")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, family):
     """With the multi-process hook, every forward calls the vision tower exactly once (text-only, image-only,
     video-only or both), and the loss and gradients equal the plain forward's (two calls, or none)."""
@@ -195,8 +200,7 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
     from finetune.training.vision_sync import OneVisionCall
     from tests.helpers import DEMO
 
-    experiment = "experiment=demo_qwen2_vl" if family == "qwen2_vl" else "experiment=demo"
-    config = load_config([experiment, "parts.vision_tower=lora", "parts.merger=full"])
+    config = load_config([f"experiment={EXPERIMENT[family]}", "parts.vision_tower=lora", "parts.merger=full"])
     torch.manual_seed(0)
     model = make_trainable(load_model(config.model, "fp32"), config).train()
     for name, param in model.named_parameters():  # LoRA B starts at zero: give every trainable weight a value
@@ -242,8 +246,8 @@ def test_one_vision_call_per_forward_changes_nothing(tmp_path, processors, famil
             assert_close_to_scale(grads[n], plain_grads[n], rel=1e-5, name=n)
         assert all(g.abs().max() == 0 for n, g in grads.items() if n not in plain_grads)
         # every trainable vision weight takes part in backward on every rank, media or not
-        assert {n for n in grads if model_part(n) != "llm"} == {
-            n for n, p in model.named_parameters() if p.requires_grad and model_part(n) != "llm"
+        assert {n for n in grads if model_part(n, FAMILIES[family]) != "llm"} == {
+            n for n, p in model.named_parameters() if p.requires_grad and model_part(n, FAMILIES[family]) != "llm"
         }
 
 
@@ -271,7 +275,9 @@ def test_activation_checkpointing_changes_memory_not_training(tmp_path, vision_t
     for n in changed_on:
         assert_close_to_scale(weights_on[n], weights_off[n], rel=1e-5, name=n)
     assert len(blocks_on) == 4
-    assert all(on == (model_part(name) == "llm" or vision_too) for name, on in blocks_on.items()), blocks_on
+    assert all(on == (model_part(name, DEMO_FAMILY) == "llm" or vision_too) for name, on in blocks_on.items()), (
+        blocks_on
+    )
 
 
 def _step_with_checkpointing(vision_tower_mode: str, reentrant: bool, checkpoint_vision: bool):
@@ -316,7 +322,7 @@ def _step_with_checkpointing(vision_tower_mode: str, reentrant: bool, checkpoint
 
 
 def _lora_grads(model, part):
-    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and model_part(n) == part}
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and model_part(n, DEMO_FAMILY) == part}
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.recipe.load import GROUPS, RECIPES_DIR, load_config
 
 
@@ -71,7 +72,7 @@ def test_command_line_group_beats_experiment_default():
         (["modle=tiny_qwen2_vl"], "did you mean 'model'"),
         (["model=qwen3"], "Could not find 'model/qwen3'"),
         (["trainer.learning_rate=fast"], "could not be converted to Float"),
-        (["model.family=llava"], "choose one of qwen2_vl, qwen2_5_vl"),
+        (["model.family=llava"], "choose one of " + ", ".join(FAMILIES)),
         (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),
         (["parts.llm=full"], "Set export.after_training=false"),
         (["data.eval=null"], "set data.eval=PATH or evaluation.after_training=false"),
