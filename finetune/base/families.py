@@ -48,16 +48,21 @@ class Family:
     tiny_vision: dict[str, object]
 
 
+# The module layout and LLM LoRA targets Qwen2-VL and Qwen2.5-VL share (transformers 5.23).
+QWEN_VL_LAYOUT = dict(
+    inner_model="model",
+    vision_tower="visual",
+    mergers=("merger",),
+    language_model="language_model",
+    lm_head="lm_head",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         model_type="qwen2_vl",
         title="Qwen2-VL",
-        inner_model="model",
-        vision_tower="visual",
-        mergers=("merger",),
-        language_model="language_model",
-        lm_head="lm_head",
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
         video_seconds_scale=None,
         processor="Qwen2VLProcessor",
@@ -69,12 +74,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": Family(
         model_type="qwen2_5_vl",
         title="Qwen2.5-VL",
-        inner_model="model",
-        vision_tower="visual",
-        mergers=("merger",),
-        language_model="language_model",
-        lm_head="lm_head",
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         video_seconds_scale="tokens_per_second",
         processor="Qwen2_5_VLProcessor",

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from finetune.base.families import FAMILIES, Family, family_of
 from finetune.base.paths import REPO_ROOT
-from finetune.recipe.schema import load_config
+from finetune.recipe.load import load_config
 from tests.helpers.recipe_runs import EXPERIMENT
 
 NAMES = list(FAMILIES)
