@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.base.families import FAMILIES, Family, family_of
+from finetune.base.families import FAMILIES, VIDEO_LAYOUTS, Family, family_of
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe.load import load_config
 from tests.helpers.recipe_runs import EXPERIMENT
@@ -75,6 +75,11 @@ def test_the_completeness_check_catches_each_field_left_empty(field):
     family = FAMILIES[NAMES[0]]
     blank = {str: "", tuple: (), dict: {}}[type(getattr(family, field) or "")]
     assert [p for p in entry_problems(dataclasses.replace(family, **{field: blank})) if f".{field}:" in p]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_video_layout_is_one_the_package_knows(name):
+    assert FAMILIES[name].video_layout in VIDEO_LAYOUTS
 
 
 def test_titles_tell_families_apart_and_unknown_types_are_refused():
@@ -215,6 +220,22 @@ def test_processors_positions_and_tiny_build_match_the_model(models, processors,
         assert last.out_features == hidden, merger
     for key, value in family.tiny_vision.items():
         assert getattr(vision_config, key) == value, key
+    for key, value in (family.tiny_text or {}).items():
+        assert getattr(model.config.text_config, key) == value, key
+    # The processors cut the pixels as the model's patch embed and merger expect (Qwen3-VL: the classes' defaults
+    # are not the checkpoints', so the tiny build sets the checkpoints' values), and hold those values.
+    for part in (processor.image_processor, processor.video_processor):
+        assert (part.patch_size, part.merge_size, part.temporal_patch_size) == (
+            vision_config.patch_size,
+            vision_config.spatial_merge_size,
+            vision_config.temporal_patch_size,
+        )
+    for part_name, values in (family.processor_settings or {}).items():
+        part = getattr(processor, part_name)
+        for key, value in values.items():
+            got = getattr(part, key)
+            got = {k: got[k] for k in value} if isinstance(value, dict) else got
+            assert (list(got) if isinstance(got, tuple) else got) == value, (part_name, key)
 
 
 # ---------------------------------------------------------------- each entry has its recipes
