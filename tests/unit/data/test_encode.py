@@ -1,7 +1,10 @@
 """Our encoding equals the reference flow (qwen-vl-utils' process_vision_info + the transformers processor) on
-hundreds of random samples for both model families, and the metadata-only pre-pass counts exactly its tokens.
-Labels cover exactly the assistant replies."""
+hundreds of random samples for every model family (Qwen3-VL: qwen-vl-utils at `image_patch_size=16`, its timestamps
+written by transformers' Qwen3VLProcessor), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
+rendering also equals the processor's on real media (the demo's and other containers, frame rates and lengths), fed
+the same frames and metadata. Labels cover exactly the assistant replies."""
 
+import dataclasses
 import random
 
 import pytest
@@ -21,6 +24,7 @@ from tests.helpers.random_data import build_media_pool, random_record
 
 N_SAMPLES = 500
 # video_max_pixels is qwen-vl-utils' fixed VIDEO_MAX_TOKEN_NUM (768 tokens): the reference has no knob for it.
+# (Its pixels depend on the patch size: `settings_for` gives a family's.)
 SETTINGS = VisionSettings(
     min_pixels=4 * 784,
     max_pixels=256 * 784,
@@ -31,6 +35,16 @@ SETTINGS = VisionSettings(
     video_max_pixels=768 * 784,
     video_total_pixels=4096 * 784,
 )
+
+
+def patch_of(processor) -> int:
+    return processor.image_processor.patch_size
+
+
+def settings_for(processor) -> VisionSettings:
+    """SETTINGS with qwen-vl-utils' fixed 768 tokens per frame at the processor's factor (28 or 32)."""
+    factor = patch_of(processor) * processor.image_processor.merge_size
+    return dataclasses.replace(SETTINGS, video_max_pixels=768 * factor * factor)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +61,17 @@ def random_samples(media_pool):
 
 
 def _reference(processor, sample):
-    """What Qwen's own recipe produces: process_vision_info on the same items and options, then the processor."""
+    """What Qwen's own recipe produces: process_vision_info on the same items and options (at the checkpoint's patch
+    size, as Qwen3-VL's model card calls it), then the processor."""
+    settings = settings_for(processor)
     content = []
     for message in sample.messages:
         for block in message["content"]:
             if block["type"] == "image":
-                spec = SETTINGS.image_spec(block)
+                spec = settings.image_spec(block)
                 content.append({"image": block["image"], "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels})
             elif block["type"] == "video":
-                spec = SETTINGS.video_spec(block)
+                spec = settings.video_spec(block)
                 item = {
                     "video": block["video"],
                     "min_pixels": spec.min_pixels,
@@ -67,7 +83,10 @@ def _reference(processor, sample):
                 item.update({k: block[k] for k in ("max_pixels", "video_start", "video_end") if k in block})
                 content.append(item)
     images, videos, _ = process_vision_info(
-        [{"role": "user", "content": content}], return_video_kwargs=True, return_video_metadata=True
+        [{"role": "user", "content": content}],
+        return_video_kwargs=True,
+        return_video_metadata=True,
+        image_patch_size=patch_of(processor),
     )
     kwargs = {"images": images, "images_kwargs": {"do_resize": False}}
     if videos:
@@ -99,8 +118,8 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
             "(./launch.sh installs them with apt-get; or install ffmpeg by hand)"
         )
     processor = processors[family]
-    encoder = ConversationEncoder(processor, SETTINGS)
-    compared = refused = videos_seen = 0
+    encoder = ConversationEncoder(processor, settings_for(processor))
+    compared = refused = videos_seen = videos_compared = 0
     for sample in random_samples:
         try:
             ref = _reference(processor, sample)
@@ -129,7 +148,8 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
             videos_seen += len(ours.second_per_grid_ts)
         assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
         compared += 1
-    assert compared >= N_SAMPLES * 0.8 and refused > 0
+        videos_compared += 0 if ours.video_grid_thw is None else len(ours.video_grid_thw)
+    assert compared >= N_SAMPLES * 0.8 and refused > 0 and videos_compared > 100
     assert not FAMILIES[family].video_seconds_scale or videos_seen > 100
 
 
@@ -163,8 +183,20 @@ def test_labels_cover_exactly_the_assistant_replies(processors, random_samples, 
         assert [decode(s) for s in spans] == expected, mode
     with_media = next(s for s in random_samples if s.media("image") and s.media("video"))
     everything = ConversationEncoder(processor, SETTINGS, label_mode="all").encode(with_media)
+    # Untrained: what stands inside a vision block: the pads and, where videos are timestamped frames (Qwen3-VL),
+    # each frame's timestamp and its inner <|vision_start|> ... <|vision_end|>. The template's markers are text.
+    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    depth, inside = 0, []
+    for tok in everything.input_ids:
+        depth -= tok == end
+        inside.append(depth > 0)
+        depth += tok == start
+    assert depth == 0
+    assert all((lab == IGNORE_INDEX) == within for within, lab in zip(inside, everything.labels))
     pads = {processor.image_token_id, processor.video_token_id}
-    assert all((lab == IGNORE_INDEX) == (tok in pads) for tok, lab in zip(everything.input_ids, everything.labels))
+    assert all(within for tok, within in zip(everything.input_ids, inside) if tok in pads)
+    timestamped = FAMILIES[family].video_layout == "timestamped_frames"
+    assert (sum(inside) > sum(tok in pads for tok in everything.input_ids)) == timestamped
 
 
 def test_too_long_sample_is_refused_not_truncated(processors, random_samples):
