@@ -1,24 +1,37 @@
-"""An independent M-RoPE reference: `get_rope_index` of transformers 4.49.0, as contributed by Qwen.
+"""Independent M-RoPE references, fetched at test time into $FINETUNE_CACHE_DIR/reference and checked against
+pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; nothing is ever skipped):
 
-Only that method is taken from the release's wheel (fetched once from the package index into the cache
-directory, checked against its published sha256); the old transformers is never imported. The method runs
-on a stand-in `self` carrying the config fields it reads.
+- Qwen2-VL / Qwen2.5-VL: `get_rope_index` of transformers 4.49.0, as contributed by Qwen. Only that method is
+  taken from the release's wheel (from the package index); the old transformers is never imported. The method
+  runs on a stand-in `self` carrying the config fields it reads.
+- Qwen3-VL (dense and MoE), two of them:
+  - Qwen's own fine-tuning code: `get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`
+    at a pinned commit. That file is on GitHub only (raw.githubusercontent.com); where GitHub cannot be reached,
+    put the file of that commit at the cache path the error names (it is checked by its sha256).
+  - vLLM's: `Qwen3VLForConditionalGeneration._get_mrope_input_positions` (with `_iter_mm_grid_hw`) of the vLLM
+    0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its sha256).
+    Only those two static methods are taken from the file; vLLM is never imported or built.
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
+import urllib.request
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 WHEEL = "transformers-4.49.0-py3-none-any.whl"
@@ -29,8 +42,12 @@ MODULES = {
 }
 
 
+def reference_cache() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / "reference"
+
+
 def reference_wheel() -> Path:
-    cache = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / "reference"
+    cache = reference_cache()
     wheel = cache / WHEEL
     if not wheel.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -80,3 +97,124 @@ def reference_self(model_config) -> SimpleNamespace:
         ),
     )
     return SimpleNamespace(config=config)
+
+
+# ---------------------------------------------------------------- Qwen3-VL
+
+ROPE2D_COMMIT = "d2709b2dde98ddde49de979019b2670fb11b81ad"  # QwenLM/Qwen3-VL, the last commit that changed rope2d.py
+ROPE2D_PATH = "qwen-vl-finetune/qwenvl/data/rope2d.py"
+ROPE2D_URL = f"https://raw.githubusercontent.com/QwenLM/Qwen3-VL/{ROPE2D_COMMIT}/{ROPE2D_PATH}"
+ROPE2D_SHA256 = "97c9f8f49a3a1f782f6dacea538e3032fadfe24e5b60a630d3ae62053250542c"
+# Qwen's code hard-codes the real checkpoints' token ids (the tiny ones differ: map them before calling it).
+QWEN3_IDS = {"image": 151655, "video": 151656, "vision_start": 151652}
+
+VLLM_SDIST = "vllm-0.33.0.tar.gz"
+VLLM_URL = (
+    "https://files.pythonhosted.org/packages/f7/25/aa5684e9c59d6fc75f78926b7f15e8d9adc7de2d9e6e7575b80776ad8169/"
+    + VLLM_SDIST
+)
+VLLM_SDIST_SHA256 = "f4c33c2503d52bb411146afa9618a4f48bed68912f617e6803ac8d76e4c74112"
+VLLM_MEMBER = "vllm-0.33.0/vllm/model_executor/models/qwen3_vl.py"
+VLLM_MEMBER_SHA256 = "cac3013e717c8d6299893a4e18964ea7ec3abbbf7373eed58045fab50da9028b"
+
+
+def _download(url: str, what: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=300) as response:
+            return response.read()
+    except Exception as err:  # no network, DNS, HTTP errors: say what was fetched from where
+        raise RuntimeError(f"could not fetch {what} from {url}: {type(err).__name__}: {err}") from err
+
+
+def _checked(path: Path, digest: str) -> bytes:
+    data = path.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise RuntimeError(f"{path} has sha256 {got}, expected {digest}; delete it to fetch it again")
+    return data
+
+
+def rope2d_source() -> str:
+    """Qwen's rope2d.py at ROPE2D_COMMIT, from the cache or GitHub."""
+    path = reference_cache() / f"rope2d-{ROPE2D_COMMIT[:12]}.py"
+    if not path.is_file():
+        try:
+            data = _download(ROPE2D_URL, "Qwen's rope2d.py (the Qwen3-VL M-RoPE reference)")
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{err}\nThe file is only on GitHub. Without access to it, place QwenLM/Qwen3-VL's {ROPE2D_PATH} of "
+                f"commit {ROPE2D_COMMIT} at {path} (e.g. `git show {ROPE2D_COMMIT}:{ROPE2D_PATH}` in a clone); "
+                f"it must have sha256 {ROPE2D_SHA256}."
+            ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return _checked(path, ROPE2D_SHA256).decode()
+
+
+@lru_cache(maxsize=None)
+def reference_get_rope_index_3():
+    """Qwen's `get_rope_index_3(spatial_merge_size, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+    attention_mask)`, run from its file (which imports only torch and typing)."""
+    namespace: dict = {}
+    exec(compile(rope2d_source(), f"QwenLM/Qwen3-VL@{ROPE2D_COMMIT[:12]}:{ROPE2D_PATH}", "exec"), namespace)
+    return namespace["get_rope_index_3"]
+
+
+def vllm_qwen3_vl_source() -> str:
+    """vllm/model_executor/models/qwen3_vl.py of the vLLM 0.33.0 sdist, from the cache or the package index."""
+    path = reference_cache() / "vllm-0.33.0-qwen3_vl.py"
+    if not path.is_file():
+        data = _download(VLLM_URL, f"the vLLM source distribution {VLLM_SDIST}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != VLLM_SDIST_SHA256:
+            raise RuntimeError(f"{VLLM_URL} has sha256 {digest}, expected {VLLM_SDIST_SHA256}")
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            member = tar.extractfile(VLLM_MEMBER)
+            if member is None:
+                raise RuntimeError(f"{VLLM_SDIST} has no {VLLM_MEMBER}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(member.read())
+    return _checked(path, VLLM_MEMBER_SHA256).decode()
+
+
+@lru_cache(maxsize=None)
+def reference_vllm_mrope_positions():
+    """vLLM's `_get_mrope_input_positions(input_tokens, mm_features, config) -> (positions (3, L), delta)` for
+    Qwen3-VL, with the `_iter_mm_grid_hw` it calls, on a stand-in class. `mm_features` as vLLM builds them: per image
+    or video, `.modality`, `.mm_position.offset` (where its placeholder's replacement starts) and
+    `.data["<modality>_grid_thw"].data` (the (t, h, w) tensor; one row per video)."""
+    source = vllm_qwen3_vl_source()
+    cls = next(
+        n
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.ClassDef) and n.name == "Qwen3VLForConditionalGeneration"
+    )
+    wanted = {"_iter_mm_grid_hw", "_get_mrope_input_positions"}
+    methods = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    assert {m.name for m in methods} == wanted, "vLLM's Qwen3-VL M-RoPE methods moved"
+    code = "\n\n".join(textwrap.dedent(ast.get_source_segment(source, m)) for m in methods)
+    namespace = {"np": np, "torch": torch}
+    flags = __future__.annotations.compiler_flag  # the annotations name vLLM types: never evaluated
+    exec(compile(code, f"{VLLM_SDIST}:{VLLM_MEMBER}", "exec", flags=flags, dont_inherit=True), namespace)
+    # `_get_mrope_input_positions` reaches `_iter_mm_grid_hw` through the class, as a static method.
+    namespace["Qwen3VLForConditionalGeneration"] = SimpleNamespace(_iter_mm_grid_hw=namespace["_iter_mm_grid_hw"])
+    return namespace["_get_mrope_input_positions"]
+
+
+def vllm_feature(modality: str, offset: int, grid) -> SimpleNamespace:
+    """One entry of vLLM's `mm_features` (MultiModalFeatureSpec) as `_iter_mm_grid_hw` reads it."""
+    return SimpleNamespace(
+        modality=modality,
+        mm_position=SimpleNamespace(offset=offset),
+        data={f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid))},
+    )
+
+
+def vllm_config(model_config) -> SimpleNamespace:
+    """The config fields vLLM's Qwen3-VL positions read, from a 5.23 config."""
+    return SimpleNamespace(
+        video_token_id=model_config.video_token_id,
+        vision_start_token_id=model_config.vision_start_token_id,
+        vision_end_token_id=model_config.vision_end_token_id,
+        vision_config=SimpleNamespace(spatial_merge_size=model_config.vision_config.spatial_merge_size),
+    )
