@@ -278,3 +278,134 @@ def test_a_template_that_rewrites_replies_falls_back_to_turn_by_turn(processors)
     assert not encoder._template_keeps_replies()  # so every conversation's layout is checked
     assert encoder._segments_by_markers(sample, [1], {1}, False) is None
     assert ("padded reply<|im_end|>", True) in encoder.segments(sample)
+
+
+# ---------------------------------------------------------------- Qwen3-VL: the rendering is the processor's
+TIMESTAMPED = [f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames"]
+# The Qwen3-VL recipes' video budgets (the checkpoints' own); images up to 256 tokens to keep the test fast.
+QWEN3_SETTINGS = VisionSettings(
+    min_pixels=64 * 1024,
+    max_pixels=256 * 1024,
+    video_fps=2.0,
+    video_min_frames=4,
+    video_max_frames=768,
+    video_min_pixels=4096,
+    video_max_pixels=768 * 1024,
+    video_total_pixels=12288 * 1024,
+)
+
+
+def _user(*blocks, question="What happens?"):
+    return [
+        {"role": "user", "content": [*blocks, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The dot moves."}]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def real_media_samples(tmp_path_factory):
+    """The demo's own samples (20 images, 20 videos) and generated media of other containers (mp4, avi, mkv, webm,
+    mov), frame rates (4 ... 30000/1001 fps) and lengths (1 ... 60 s): alone, in windows, with nframes, several in
+    one sample with text between and after, and a frame folder."""
+    from tests.helpers import DEMO
+    from tests.helpers.media_factory import write_frame_folder
+    from tests.helpers.serving_media import write_media
+
+    demo = load_samples(DEMO / "test.json")
+    samples = [s for s in demo if s.media("image")][:20] + [s for s in demo if s.media("video")][:20]
+    root = tmp_path_factory.mktemp("real")
+    images, videos = write_media(root)
+
+    def add(name, *blocks):
+        samples.append(Sample(name, _user(*blocks), f"generated {name}"))
+
+    def image(p):
+        return {"type": "image", "image": str(p)}
+
+    def video(p, **options):
+        return {"type": "video", "video": str(p), **options}
+
+    for p in images:
+        add(p.name, image(p))
+    for p in videos:
+        add(p.name, video(p))
+        add(f"{p.name} 2 frames", video(p, nframes=2))
+        add(f"{p.name} 1 fps", video(p, fps=1.0, min_frames=2))
+    add("window", video(videos[1], video_start=1.3, video_end=3.7))
+    add("late window", video(videos[4], video_start=41.0, video_end=59.5, fps=0.5))
+    add("two videos and an image", video(videos[0]), image(images[0]), video(videos[3], nframes=6))
+    folder = write_frame_folder(root / "frames", frames=9, width=120, height=80)
+    add("frame folder", video(folder, frames_fps=3.0))
+    return samples
+
+
+def _processor_reference(encoder, sample):
+    """Qwen3VLProcessor on the same rendered text, the same (already sized) images and frames, and each video's
+    metadata: its fps and the sampled frame indices, from which the processor writes the timestamps."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    from finetune.data.media import decode_frames, load_image
+
+    images = [
+        load_image(p.path, target=(p.height, p.width)).resize((p.width, p.height), 3)  # PIL bicubic, as encode
+        for p in encoder.image_plans(sample)
+    ]
+    frames, metadata = [], []
+    for info, plan in encoder.video_plans(sample):
+        decoded = torch.from_numpy(decode_frames(info, plan.indices)).permute(0, 3, 1, 2)
+        frames.append(
+            resize(decoded, [plan.height, plan.width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        )
+        metadata.append(VideoMetadata(total_num_frames=info.total_frames, fps=info.fps, frames_indices=plan.indices))
+    kwargs = {"images": images or None, "images_kwargs": {"do_resize": False}}
+    if frames:
+        kwargs.update(
+            videos=frames,
+            video_metadata=metadata,
+            videos_kwargs={"do_resize": False, "do_sample_frames": False, "cap_pixels_per_frame": False},
+        )
+    text = encoder.processor.apply_chat_template(sample.messages, tokenize=False)
+    return encoder.processor(text=[text], return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("family", TIMESTAMPED)
+def test_qwen3_rendering_equals_the_processor_on_real_media(processors, real_media_samples, family):
+    """Token ids (timestamps, the per-frame and the template's outer <|vision_start|>/<|vision_end|> included),
+    token types, grids and pixels equal transformers' Qwen3VLProcessor, and the header-only count is exact."""
+    processor = processors[family]
+    encoder = ConversationEncoder(processor, QWEN3_SETTINGS, video_layout="timestamped_frames")
+    stamps = set()
+    for sample in real_media_samples:
+        ours, ref = encoder.encode(sample), _processor_reference(encoder, sample)
+        assert ours.input_ids == ref["input_ids"][0].tolist(), sample.id
+        assert ours.mm_token_type_ids == ref["mm_token_type_ids"][0].tolist(), sample.id
+        for key in ("image_grid_thw", "video_grid_thw", "pixel_values", "pixel_values_videos"):
+            assert (getattr(ours, key) is None) == (key not in ref), (sample.id, key)
+            assert key not in ref or torch.equal(getattr(ours, key), ref[key]), (sample.id, key)
+        assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
+        stamps.update(t for t in processor.tokenizer.decode(ours.input_ids).split("<") if t.endswith(" seconds>"))
+    assert len(real_media_samples) >= 50 and len(stamps) > 50, (len(real_media_samples), len(stamps))
+
+
+@pytest.mark.parametrize("family", TIMESTAMPED)
+def test_qwen3_golden_rendering_of_a_four_frame_video(processors, tmp_path, family):
+    """A 4-frame clip at 2 fps, 64 x 64 px: frames 0+1 at (0 + 0.5) / 2 = 0.25 s and 2+3 at 1.25 s, written as
+    Python's `f"{s:.1f}"` writes them (0.2, 1.2); 4 tokens per frame pair; the template's pair around it all."""
+    from tests.helpers.media_factory import write_video
+
+    clip = write_video(tmp_path / "four.mp4", frames=4, fps=2, width=64, height=64)
+    sample = Sample("g", _user({"type": "video", "video": str(clip), "nframes": 4}, question="Then?"), "golden")
+    encoder = ConversationEncoder(processors[family], QWEN3_SETTINGS)  # the layout from the processor's class
+    encoded = encoder.encode(sample)
+    pads = "<|video_pad|>" * 4
+    expected = (
+        f"<|im_start|>user\n<|vision_start|><0.2 seconds><|vision_start|>{pads}<|vision_end|>"
+        f"<1.2 seconds><|vision_start|>{pads}<|vision_end|><|vision_end|>Then?<|im_end|>\n"
+    )
+    assert expected in processors[family].tokenizer.decode(encoded.input_ids)
+    assert encoded.video_grid_thw.tolist() == [[2, 4, 4]]  # one row per video
+    count = encoder.count_tokens(sample)  # timestamps and markers count as text
+    assert (count.video, count.text + count.video) == (8, len(encoded.input_ids))
+    untrained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX]
+    assert processors[family].tokenizer.decode(untrained).count("seconds>") == 2
