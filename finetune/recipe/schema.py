@@ -36,7 +36,9 @@ from finetune.recipe.keys import (
 class ModelConfig:
     """Which checkpoint to fine-tune and how its vision inputs are sized (Qwen's dynamic resolution)."""
 
-    name_or_path: str = option(MISSING, help="Hub id, local directory, or tiny://qwen2_vl | tiny://qwen2_5_vl.")
+    name_or_path: str = option(
+        MISSING, help="Hub id, local directory, or " + " | ".join(f"tiny://{name}" for name in FAMILIES) + "."
+    )
     family: str = option(
         MISSING,
         help="The model family (an entry of finetune/base/families.py); checked against the checkpoint's model_type.",
@@ -62,10 +64,13 @@ class ModelConfig:
         choices=ROPE_RULES,
     )
     min_pixels: int = option(
-        4 * 28 * 28, help="Fewest pixels per image after smart_resize (factor 28 = patch 14 x merge 2)."
+        4 * 28 * 28,
+        help="Fewest pixels per image after smart_resize (factor = the checkpoint's patch x merge: 28 for Qwen2-VL "
+        "and Qwen2.5-VL, 32 for Qwen3-VL).",
     )
     max_pixels: int = option(
-        1280 * 28 * 28, help="Most pixels per image after smart_resize (factor 28 = patch 14 x merge 2)."
+        1280 * 28 * 28,
+        help="Most pixels per image after smart_resize (factor = the checkpoint's patch x merge: 28 or 32).",
     )
     video_fps: float = option(
         2.0, help="Frames sampled per second of video, as qwen-vl-utils for Qwen2.5-VL (in pairs: FRAME_FACTOR 2)."
