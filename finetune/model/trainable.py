@@ -118,17 +118,21 @@ def fully_trained_modules(model, config: Config) -> list[str]:
     """Modules PEFT must train fully and save beside the adapter (`modules_to_save`)."""
     visual, family = vision_tower(model), model_family(model)
     prefix = next(n for n, m in model.named_modules() if m is visual)
+
+    def wrappable(child_name: str) -> list[str]:  # a ModuleList cannot be wrapped: each of its modules instead
+        child = visual.get_submodule(child_name)
+        if isinstance(child, torch.nn.ModuleList):
+            return [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
+        return [f"{prefix}.{child_name}"]
+
     names = []
-    if config.parts.merger == "full":
-        names += [f"{prefix}.{merger}" for merger in family.mergers]
-    if config.parts.vision_tower == "full":  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
+    if config.parts.merger == "full":  # the merger, and Qwen3-VL's DeepStack mergers (a ModuleList)
+        names += [name for merger in family.mergers for name in wrappable(merger)]
+    if config.parts.vision_tower == "full":  # each ViT block and the patch embed
         for child_name, child in visual.named_children():
             if child_name in family.mergers or next(child.parameters(), None) is None:
                 continue
-            if isinstance(child, torch.nn.ModuleList):
-                names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
-            else:
-                names.append(f"{prefix}.{child_name}")
+            names += wrappable(child_name)
     return names
 
 

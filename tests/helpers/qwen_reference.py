@@ -160,6 +160,32 @@ def reference_get_rope_index_3():
     return namespace["get_rope_index_3"]
 
 
+def qwen3_ids(input_ids: torch.Tensor, model_config) -> torch.Tensor:
+    """A config's vision token ids (the tiny checkpoints' own) as the real checkpoints', which rope2d.py hard-codes."""
+    mapped = input_ids.clone()
+    for name, real in QWEN3_IDS.items():
+        mapped[input_ids == getattr(model_config, f"{name}_token_id")] = real
+    return mapped
+
+
+def reference_qwen_rule(family: str, model_config, input_ids, **kwargs):
+    """(positions (3, B, L), deltas) of Qwen's own code for `family`: transformers 4.49's `get_rope_index` for the
+    families with one block per video, rope2d.py's `get_rope_index_3` for those with timestamped frames. `kwargs`:
+    image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask."""
+    from finetune.base.families import FAMILIES
+
+    if FAMILIES[family].video_layout == "one_block":
+        return reference_get_rope_index(family)(reference_self(model_config), input_ids, **kwargs)
+    return reference_get_rope_index_3()(
+        model_config.vision_config.spatial_merge_size,
+        qwen3_ids(input_ids, model_config),
+        kwargs.get("image_grid_thw"),
+        kwargs.get("video_grid_thw"),
+        None,  # Qwen3-VL has no seconds input
+        kwargs.get("attention_mask"),
+    )
+
+
 def vllm_qwen3_vl_source() -> str:
     """vllm/model_executor/models/qwen3_vl.py of the vLLM 0.33.0 sdist, from the cache or the package index."""
     path = reference_cache() / "vllm-0.33.0-qwen3_vl.py"

@@ -24,7 +24,7 @@ from finetune.base.families import FAMILIES
 from finetune.model.rope import PositionRule, batch_position_ids, install_position_rule
 from tests.helpers.qwen_reference import (
     MODULES,
-    QWEN3_IDS,
+    qwen3_ids,
     reference_get_rope_index,
     reference_get_rope_index_3,
     reference_self,
@@ -216,18 +216,10 @@ def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_
 
 
 # ---------------------------------------------------------------- Qwen3-VL: Qwen's rope2d.py and vLLM
-def _qwen3_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
-    """The tiny checkpoint's vision token ids as the real ones, which Qwen's rope2d.py hard-codes."""
-    mapped = input_ids.clone()
-    for name, real in QWEN3_IDS.items():
-        mapped[input_ids == getattr(config, f"{name}_token_id")] = real
-    return mapped
-
-
 def _rope2d(config, batch):
     return reference_get_rope_index_3()(
         config.vision_config.spatial_merge_size,
-        _qwen3_ids(batch["input_ids"], config),
+        qwen3_ids(batch["input_ids"], config),
         batch["image_grid_thw"],
         batch["video_grid_thw"],
         None,
