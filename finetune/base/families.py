@@ -47,6 +47,11 @@ class Family:
     #                         around the video stay (transformers >= 5.10, vLLM). Positions treat each frame pair as
     #                         a block of grid (1, h, w); `video_grid_thw` keeps one row per video (Qwen3-VL).
     video_layout: str
+    # What the exported video processor's `size` bounds, one of VIDEO_BUDGETS (finetune/exporting/serving.py writes
+    # the recipe's budgets that way): "frame" (Qwen2VLVideoProcessor: the pixels of each frame; the clip's total
+    # is `max_video_tokens`) or "clip" (Qwen3VLVideoProcessor: `longest_edge` bounds the pixels of all frames
+    # together, `max_video_tokens` each frame's tokens).
+    video_budget: str
 
     # Processor classes (transformers names): what the tiny checkpoint is built with and AutoProcessor returns.
     processor: str
@@ -67,6 +72,7 @@ class Family:
 
 
 VIDEO_LAYOUTS = ("one_block", "timestamped_frames")
+VIDEO_BUDGETS = ("frame", "clip")
 
 # The module layout and LLM LoRA targets Qwen2-VL and Qwen2.5-VL share (transformers 5.23).
 QWEN_VL_LAYOUT = dict(
@@ -124,6 +130,7 @@ FAMILIES: dict[str, Family] = {
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
         video_seconds_scale=None,
         video_layout="one_block",
+        video_budget="frame",
         processor="Qwen2VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen2VLVideoProcessor",
@@ -139,6 +146,7 @@ FAMILIES: dict[str, Family] = {
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         video_seconds_scale="tokens_per_second",
         video_layout="one_block",
+        video_budget="frame",
         processor="Qwen2_5_VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen2VLVideoProcessor",
@@ -163,6 +171,7 @@ FAMILIES: dict[str, Family] = {
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         video_seconds_scale=None,  # time is in the text: each frame pair's timestamp
         video_layout="timestamped_frames",
+        video_budget="clip",
         processor="Qwen3VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen3VLVideoProcessor",
@@ -181,6 +190,7 @@ FAMILIES: dict[str, Family] = {
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         video_seconds_scale=None,
         video_layout="timestamped_frames",
+        video_budget="clip",
         processor="Qwen3VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen3VLVideoProcessor",

@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from finetune.base.families import FAMILIES
 from finetune.data.vision import FACTOR, FRAME_FACTOR
 
 TOKEN_PIXELS = FACTOR * FACTOR * 0.9  # transformers: total video pixels = int(max_video_tokens * 28 * 28 * 0.9)
@@ -45,16 +46,28 @@ def max_video_tokens(total_pixels: float) -> int:
 
 
 def apply_budgets(processor, model_cfg) -> None:
-    """Set the recipe's image and video budgets on a loaded processor (in place) so that saving it exports them."""
+    """Set the recipe's image and video budgets on a loaded processor (in place) so that saving it exports them, in
+    the terms of the family's video processor (`video_budget`, finetune/base/families.py)."""
     image, video = processor.image_processor, processor.video_processor
     image.size = {"shortest_edge": model_cfg.min_pixels, "longest_edge": model_cfg.max_pixels}
-    video.size = {"shortest_edge": model_cfg.video_min_pixels, "longest_edge": model_cfg.video_max_pixels}
     video.do_sample_frames = True
     video.fps = float(model_cfg.video_fps)
     video.min_frames = math.ceil(model_cfg.video_min_frames / FRAME_FACTOR) * FRAME_FACTOR  # as qwen-vl-utils rounds it
     video.max_frames = model_cfg.video_max_frames
     video.cap_pixels_per_frame = True
-    video.max_video_tokens = max_video_tokens(model_cfg.video_total_pixels)
+    if FAMILIES[model_cfg.family].video_budget == "clip":
+        # Qwen3VLVideoProcessor: each frame gets max(min(max_video_tokens * factor^2, longest_edge / frames),
+        # 1.05 * shortest_edge) pixels; qwen-vl-utils gives a frame min(video_max_pixels, total * 2 / frames) (it
+        # counts the total per frame pair), floored the same way: longest_edge = 2 x the recipe's total.
+        factor = video.patch_size * video.merge_size
+        video.size = {
+            "shortest_edge": model_cfg.video_min_pixels,
+            "longest_edge": int(model_cfg.video_total_pixels * FRAME_FACTOR),
+        }
+        video.max_video_tokens = model_cfg.video_max_pixels // factor**2
+    else:
+        video.size = {"shortest_edge": model_cfg.video_min_pixels, "longest_edge": model_cfg.video_max_pixels}
+        video.max_video_tokens = max_video_tokens(model_cfg.video_total_pixels)
 
 
 def save_processor(processor, out_dir: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.base.families import FAMILIES, VIDEO_LAYOUTS, Family, family_of
+from finetune.base.families import FAMILIES, VIDEO_BUDGETS, VIDEO_LAYOUTS, Family, family_of
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe.load import load_config
 from tests.helpers.recipe_runs import EXPERIMENT
@@ -80,6 +80,7 @@ def test_the_completeness_check_catches_each_field_left_empty(field):
 @pytest.mark.parametrize("name", NAMES)
 def test_video_layout_is_one_the_package_knows(name):
     assert FAMILIES[name].video_layout in VIDEO_LAYOUTS
+    assert FAMILIES[name].video_budget in VIDEO_BUDGETS
 
 
 def test_titles_tell_families_apart_and_unknown_types_are_refused():

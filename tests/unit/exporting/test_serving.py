@@ -35,7 +35,7 @@ def media(tmp_path_factory):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_exported_processor_gives_the_training_grids(tmp_path, tiny_paths, processors, media, recipe, family):
     images, videos = media
-    config = load_config(RECIPES[recipe])
+    config = load_config([*RECIPES[recipe], f"model=tiny_{family}"])  # the budgets in the family's own terms
     encoder = ConversationEncoder(processors[family], vision_settings(config))
 
     exported = AutoProcessor.from_pretrained(tiny_paths[family])
