@@ -31,6 +31,10 @@ SERVING_DIFFERENCES = """\
   `do_sample_frames=False` and `video_metadata` holding the fps and the frame indices.
 - Per-sample options (`nframes`, `video_start`/`video_end`, per-item `max_pixels`, `fps`) are per request:
   pass them in the processor call (`videos_kwargs`) or in vLLM's `mm_processor_kwargs`.
+- Frame counts (Qwen3-VL): Qwen3VLVideoProcessor samples int(frames / fps x the recipe's fps) frames and pads an
+  odd count with a copy of the last frame; qwen-vl-utils and this training floor the count to whole pairs. A clip
+  whose count comes out odd is served one frame pair longer than it was trained (its last pair repeats a frame);
+  feed the trained frames as above (`do_sample_frames=False` with the metadata) to get the trained grid.
 - Frame folders and frame lists are a training input only; serve the video file.
 - The total video pixel budget is expressed as `max_video_tokens` (transformers computes
   `int(max_video_tokens * 28 * 28 * 0.9)` pixels). Qwen's default (128000 tokens) and any multiple of 3528
