@@ -156,11 +156,22 @@ def apply_lora(model, config: Config):
 
 def make_trainable(model, config: Config):
     """Freeze per the recipe, then add LoRA if a part asks for it; returns the model to train."""
+    training_without_cache(model)
     apply_freezing(model, config)
     run_frozen_parts_without_autograd(model, config)
     if config.parts.uses_lora:
         model = apply_lora(model, config)
     return model
+
+
+def training_without_cache(model) -> None:
+    """Training never uses a key/value cache. Qwen3-VL's text model creates one whenever its config says use_cache,
+    and with a cache transformers does not look for packed samples in the position ids: attention would then cross
+    sample boundaries in a packed row (measured on a tiny Qwen3-VL: packed logits off by 0.6). `generate` asks for a
+    cache itself."""
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 def part_learning_rates(config: Config) -> dict[str, float]:
@@ -222,7 +233,6 @@ def enable_activation_checkpointing(model, config: Config, reentrant: bool | Non
         for module in vision_tower(inner).modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
-    inner.config.use_cache = False
     require_input_grads(model, config, reentrant)
     return reentrant
 

@@ -8,7 +8,8 @@ with a trainable merger or ViT fails the same way in its gradient all-reduce.
 transformers calls the tower once for the images and once more for the videos of a batch. Instead, a
 pre-forward hook on the inner Qwen-VL model (`model.model`) runs it once on the images and videos together
 (their patches have the same size, and the tower attends within each item only, so each item's features
-are the same) and hands the features to the model as `mm_encoder_outputs`. A batch with no media runs it on
+are the same) and hands the features to the model as `mm_encoder_outputs` (Qwen3-VL's DeepStack features
+included). A batch with no media runs it on
 a one-token dummy input and adds 0 x its output to the input embeddings: the loss and every gradient are
 unchanged while the same parameters take part in backward on every rank. Every rank thus runs: embeddings,
 vision tower, language model.
@@ -39,23 +40,29 @@ def dummy_vision_input(vision_config, device, dtype) -> tuple[torch.Tensor, torc
 
 def encode_media_once(visual, vision_config, inputs: dict) -> tuple[dict, torch.Tensor | None]:
     """Features of all images and videos in `inputs` from one tower call, as transformers' `mm_encoder_outputs`
-    ({"image"/"video": output whose pooler_output is a tuple of per-item features}). Without media: ({}, 0 x
-    the dummy call's output sum)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    ({"image"/"video": the tower's output type whose per-token fields hold per-item tuples}). Per-token fields are
+    the merged features (`pooler_output`) and, for Qwen3-VL, the DeepStack features of some ViT layers
+    (`deepstack_features`, one tensor per layer), which the language model adds into its first layers. Without
+    media: ({}, 0 x the sum of the dummy call's features, DeepStack included, so that every merger takes part)."""
     weight = next(visual.parameters())
     present = [(name, inputs[pixels], inputs[grid]) for name, pixels, grid in MEDIA if inputs.get(pixels) is not None]
     if not present:
         pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
         out = visual(pixels, grid_thw=grid)
-        return {}, out.pooler_output.float().sum() * 0.0
+        features = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+        return {}, sum(f.float().sum() for f in features) * 0.0
     pixels = torch.cat([p.type(weight.dtype) for _, p, _ in present])
     grid = torch.cat([g for _, _, g in present])
-    merged = visual(pixels, grid_thw=grid).pooler_output
+    out = visual(pixels, grid_thw=grid)
+    deepstack = getattr(out, "deepstack_features", None)
     outputs, start = {}, 0
     for name, _, item_grid in present:
         sizes = (item_grid.prod(-1) // vision_config.spatial_merge_size**2).tolist()
-        outputs[name] = BaseModelOutputWithPooling(pooler_output=torch.split(merged[start : start + sum(sizes)], sizes))
+        span = slice(start, start + sum(sizes))
+        fields = {"pooler_output": torch.split(out.pooler_output[span], sizes)}
+        if deepstack is not None:
+            fields["deepstack_features"] = [torch.split(layer[span], sizes) for layer in deepstack]
+        outputs[name] = type(out)(**fields)
         start += sum(sizes)
     return outputs, None
 
@@ -85,9 +92,11 @@ class OneVisionCall:
         features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
-        # input_ids stay: they locate the media placeholders; the grids stay: they give the M-RoPE positions.
+        # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are then found by
+        # their embedding, as transformers does for inputs_embeds. The grids stay: they give the M-RoPE positions.
         return args, {
             **kwargs,
+            "input_ids": None,
             "inputs_embeds": embeds,
             "pixel_values": None,
             "pixel_values_videos": None,
