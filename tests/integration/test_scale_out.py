@@ -349,10 +349,11 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, proc
     assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
 
 
-def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
-    """evaluation.steps under 2-rank ZeRO-3: each rank generates for its share of the held-out images and videos in
-    lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered predictions equal
-    those of the standalone single-process evaluation of the saved adapter."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data, family):
+    """evaluation.steps under 2-rank ZeRO-3, each family: each rank generates for its share of the held-out images
+    and videos in lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered
+    predictions equal those of the standalone single-process evaluation of the saved adapter."""
     from tests.helpers.recipe_runs import run_module
 
     overrides = recipe(
@@ -363,6 +364,7 @@ def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
         "trainer.max_steps=4",
         "evaluation.steps=2",
         "evaluation.batch_size=3",
+        family=family,
     )
     launch_sh(overrides, timeout=420)
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
