@@ -32,6 +32,18 @@ class Family:
     lora_targets: tuple[str, ...]
     vision_lora_targets: tuple[str, ...]
 
+    # A mixture-of-experts LLM (None where the LLM is dense):
+    # - `expert_lora_targets`: the fused expert parameters (3-D: one slice per expert; names' ends inside a decoder
+    #   layer) that take LoRA beside `lora_targets` when peft.target_experts is true (PEFT `target_parameters`: one
+    #   rank-r update per expert);
+    # - `router`: the module (name's end) that scores the experts for each token; frozen unless parts.router=full;
+    # - `transposed_in_checkpoint`: parameters (names' ends) that the published checkpoints store with their last two
+    #   dimensions swapped against transformers' in-memory layout (which transformers 5.23 also saves); the export
+    #   writes them as the checkpoints do, the layout vLLM's loader expects.
+    expert_lora_targets: tuple[str, ...] | None
+    router: str | None
+    transposed_in_checkpoint: tuple[str, ...] | None
+
     # Position rule (finetune/model/rope.py): the vision_config attribute that turns a video's seconds into
     # temporal position ids (times the sample's `second_per_grid_ts`); None: a video's temporal grid steps are
     # one id apart (or, with `video_layout` "timestamped_frames", each frame pair is its own block).
@@ -122,12 +134,16 @@ QWEN3_VL_TINY_TEXT = dict(
     },
 )
 
+# A dense LLM: no experts, no router.
+DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None)
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         model_type="qwen2_vl",
         title="Qwen2-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+        **DENSE_LLM,
         video_seconds_scale=None,
         video_layout="one_block",
         video_budget="frame",
@@ -144,6 +160,7 @@ FAMILIES: dict[str, Family] = {
         title="Qwen2.5-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        **DENSE_LLM,
         video_seconds_scale="tokens_per_second",
         video_layout="one_block",
         video_budget="frame",
@@ -169,6 +186,7 @@ FAMILIES: dict[str, Family] = {
         title="Qwen3-VL",
         **QWEN3_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+        **DENSE_LLM,
         video_seconds_scale=None,  # time is in the text: each frame pair's timestamp
         video_layout="timestamped_frames",
         video_budget="clip",
@@ -184,10 +202,17 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl_moe": Family(
         model_type="qwen3_vl_moe",
         title="Qwen3-VL-MoE",
-        # The experts are fused 3-D parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) and the router
-        # (`mlp.gate`) is no nn.Linear either: by default LoRA goes to the attention projections.
+        # Every decoder layer's MLP is a mixture of experts (decoder_sparse_step 1, no mlp_only_layers in the published
+        # configs): the nn.Linear targets are the attention projections, the experts take LoRA as parameters.
         **dict(QWEN3_VL_LAYOUT, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+        # transformers 5.23 (Qwen3VLMoeTextExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I];
+        # the published checkpoints: [E, H, 2I] and [E, I, H] (transformers' loader transposes them: conversion_mapping
+        # `Transpose(1, 2, check_dims=True)`, by shape). The router `mlp.gate` (Qwen3VLMoeTextTopKRouter) holds one
+        # [E, H] weight.
+        expert_lora_targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router="mlp.gate",
+        transposed_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         video_seconds_scale=None,
         video_layout="timestamped_frames",
         video_budget="clip",
@@ -202,7 +227,10 @@ FAMILIES: dict[str, Family] = {
             QWEN3_VL_TINY_TEXT,
             num_experts=4,
             num_experts_per_tok=2,
-            moe_intermediate_size=32,
+            # 2I = 96 and I = 48, both unlike H = 64: transformers' loader tells the checkpoints' expert layout from
+            # its own by shape alone, so with 2I == H (or I == H) a checkpoint in the published layout would load
+            # untransposed (the export's round trip would then fail).
+            moe_intermediate_size=48,
             decoder_sparse_step=1,
             tie_word_embeddings=False,
         ),

@@ -24,7 +24,7 @@ from finetune.base.families import FAMILIES
 
 TINY_SCHEME = "tiny://"
 # Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
-BUILD_VERSION = 3
+BUILD_VERSION = 4  # 4: fused MoE experts written in the published layout
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -176,8 +176,14 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
     entry = FAMILIES[family]  # the processor classes by name: transformers is imported here only
+    if entry.transposed_in_checkpoint:  # fused experts as the published checkpoints store them (transformers would not)
+        from finetune.model.checkpoint_layout import published_layout
+
+        state_dict = published_layout(model.state_dict(), entry)
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict, save_original_format=False)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     settings = entry.processor_settings or {}
     processor = getattr(transformers, entry.processor)(
         image_processor=getattr(transformers, entry.image_processor)(**settings.get("image_processor", {})),

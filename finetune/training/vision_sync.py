@@ -14,6 +14,13 @@ a one-token dummy input and adds 0 x its output to the input embeddings: the los
 unchanged while the same parameters take part in backward on every rank. Every rank thus runs: embeddings,
 vision tower, language model.
 
+The embeddings go to the model as `inputs_embeds` (Qwen3-VL takes input_ids or inputs_embeds, not both). Without
+input_ids transformers finds the placeholder tokens by comparing every embedding with the image and video tokens'
+embeddings, calling the embedding layer again once per token kind and modality present: under ZeRO-3 each call is
+a gather, so a rank with media would gather while a text-only rank does not (gloo: "collective mismatch"). While
+this hook's forward runs, the inner model's `get_placeholder_mask` is given the input_ids instead: the same masks,
+exact, and no embedding call beyond the one every rank makes.
+
 One call also matters for training the ViT under ZeRO-3 with reentrant checkpointing: each checkpointed
 block's gradient is then delivered by a separate inner backward, and ZeRO-3 keeps only the last delivery of
 a parameter used twice in one step, so the image call's ViT gradients would be silently overwritten by the
@@ -78,8 +85,22 @@ class OneVisionCall:
         self.handle = inner_model.register_forward_pre_hook(self._before, with_kwargs=True)
         # Evaluation during training (sharded generate, every rank stepping in lockstep) needs the same one call.
         self.in_evaluation = False
+        # The input_ids of the forward this hook replaced by embeddings, for the placeholder masks (see above).
+        self.input_ids = None
+        self.inner_model = inner_model
+        self.after = inner_model.register_forward_hook(self._after)
+        if hasattr(inner_model, "get_placeholder_mask"):
+            inner_model.get_placeholder_mask = self._placeholder_mask
+
+    def _placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
+        ids = self.input_ids if input_ids is None and self.input_ids is not None else input_ids
+        return type(self.inner_model).get_placeholder_mask(self.inner_model, ids, inputs_embeds, *args, **kwargs)
+
+    def _after(self, module, args, output):
+        self.input_ids = None
 
     def _before(self, module, args, kwargs):
+        self.input_ids = None
         if not module.training and not self.in_evaluation:
             return None
         if (
@@ -92,8 +113,9 @@ class OneVisionCall:
         features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
-        # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are then found by
-        # their embedding, as transformers does for inputs_embeds. The grids stay: they give the M-RoPE positions.
+        # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are found by the
+        # ids kept here (`_placeholder_mask`). The grids stay: they give the M-RoPE positions.
+        self.input_ids = kwargs["input_ids"]
         return args, {
             **kwargs,
             "input_ids": None,
@@ -105,3 +127,5 @@ class OneVisionCall:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.after.remove()
+        self.inner_model.__dict__.pop("get_placeholder_mask", None)

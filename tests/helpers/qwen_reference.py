@@ -11,6 +11,9 @@ pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; 
   - vLLM's: `Qwen3VLForConditionalGeneration._get_mrope_input_positions` (with `_iter_mm_grid_hw`) of the vLLM
     0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its sha256).
     Only those two static methods are taken from the file; vLLM is never imported or built.
+
+The same sdist gives the Qwen3-VL weight loaders the export is checked against (tests/helpers/vllm_weights.py): the
+files in VLLM_MEMBERS, each pinned by its own sha256, extracted together on the first use of any.
 """
 
 from __future__ import annotations
@@ -114,8 +117,18 @@ VLLM_URL = (
     + VLLM_SDIST
 )
 VLLM_SDIST_SHA256 = "f4c33c2503d52bb411146afa9618a4f48bed68912f617e6803ac8d76e4c74112"
+# Files of the sdist (under vllm-0.33.0/vllm/model_executor/) and their sha256.
+VLLM_MEMBERS = {
+    "models/qwen3_vl.py": "cac3013e717c8d6299893a4e18964ea7ec3abbbf7373eed58045fab50da9028b",
+    "models/qwen3_vl_moe.py": "2b73e1987e877d4483453961e4736c4e8174a9aa5174c4dd6e6939da1aea1abe",
+    "models/qwen3_moe.py": "4710723deacd3c00e1fcd5e8b1a70474e6860d18dea9aeda2700c115795f4b40",
+    "models/qwen3.py": "06bee457e1278cecc3d0745f45c44b4711243330e8c2c19d5c732625b67f1374",
+    "models/qwen2.py": "6684104ba6dc40325bb1f6e632ec90633fa83a7b95883bb2181e9dc0008c3e21",
+    "models/qwen2_5_vl.py": "2bf91675732b6bafb29e16cc8921e148a20c81f691ba0af80124692aee0389f3",
+    "layers/fused_moe/layer.py": "c9af2eed017387380ec43ac1aa41dc11a05c42bcbab1fc4fa1cc8971bde0bebd",
+    "layers/fused_moe/routed_experts.py": "31e77226425db7eea658e1f273627dca8fb3d423119c3857f8aa5fc6b0d3bd07",
+}
 VLLM_MEMBER = "vllm-0.33.0/vllm/model_executor/models/qwen3_vl.py"
-VLLM_MEMBER_SHA256 = "cac3013e717c8d6299893a4e18964ea7ec3abbbf7373eed58045fab50da9028b"
 
 
 def _download(url: str, what: str) -> bytes:
@@ -186,21 +199,32 @@ def reference_qwen_rule(family: str, model_config, input_ids, **kwargs):
     )
 
 
-def vllm_qwen3_vl_source() -> str:
-    """vllm/model_executor/models/qwen3_vl.py of the vLLM 0.33.0 sdist, from the cache or the package index."""
-    path = reference_cache() / "vllm-0.33.0-qwen3_vl.py"
+def _vllm_cached(member: str) -> Path:
+    return reference_cache() / f"vllm-0.33.0-{member.replace('/', '-')}"
+
+
+def vllm_source(member: str) -> str:
+    """vllm/model_executor/<member> of the vLLM 0.33.0 sdist (one of VLLM_MEMBERS), from the cache or the package
+    index (the tarball is fetched once and every pinned member written to the cache)."""
+    path = _vllm_cached(member)
     if not path.is_file():
         data = _download(VLLM_URL, f"the vLLM source distribution {VLLM_SDIST}")
         digest = hashlib.sha256(data).hexdigest()
         if digest != VLLM_SDIST_SHA256:
             raise RuntimeError(f"{VLLM_URL} has sha256 {digest}, expected {VLLM_SDIST_SHA256}")
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            member = tar.extractfile(VLLM_MEMBER)
-            if member is None:
-                raise RuntimeError(f"{VLLM_SDIST} has no {VLLM_MEMBER}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(member.read())
-    return _checked(path, VLLM_MEMBER_SHA256).decode()
+            for name in VLLM_MEMBERS:
+                extracted = tar.extractfile(f"vllm-0.33.0/vllm/model_executor/{name}")
+                if extracted is None:
+                    raise RuntimeError(f"{VLLM_SDIST} has no vllm/model_executor/{name}")
+                _vllm_cached(name).parent.mkdir(parents=True, exist_ok=True)
+                _vllm_cached(name).write_bytes(extracted.read())
+    return _checked(path, VLLM_MEMBERS[member]).decode()
+
+
+def vllm_qwen3_vl_source() -> str:
+    """vllm/model_executor/models/qwen3_vl.py of the vLLM 0.33.0 sdist."""
+    return vllm_source("models/qwen3_vl.py")
 
 
 @lru_cache(maxsize=None)

@@ -113,3 +113,49 @@ def test_without_media_every_deepstack_merger_still_takes_part(qwen3_vl):
     deepstack = [n for n in vision if "deepstack_merger_list" in n]
     assert deepstack and all(n in grads for n in vision)
     assert all(float(grads[n].abs().sum()) == 0.0 for n in vision)
+
+
+def test_the_hook_calls_every_module_alike_whatever_a_rank_holds(qwen3_vl):
+    """Under ZeRO-3 every module call gathers its weights: with the hook installed, a forward calls the embedding
+    layer once, the vision tower once and each DeepStack merger once, whether the batch holds text only, images,
+    videos or both (transformers alone would call the embedding layer again per modality to find the placeholders
+    among inputs_embeds), and the logits equal the model's own (placeholders found by id)."""
+    from finetune.training.vision_sync import OneVisionCall
+
+    inner = qwen3_vl.model
+    calls = []
+    watched = {
+        "embeddings": inner.get_input_embeddings(),
+        "visual": inner.visual,
+        **{f"deepstack.{i}": m for i, m in enumerate(inner.visual.deepstack_merger_list)},
+    }
+    handles = [m.register_forward_hook(lambda *a, n=n: calls.append(n)) for n, m in watched.items()]
+    full = _batch(with_media=True)
+    batches = {
+        "text": _batch(with_media=False),
+        "both": full,
+        "image": {k: v for k, v in full.items() if "video" not in k},
+        "video": {k: v for k, v in full.items() if "image" not in k and k != "pixel_values"},
+    }
+    try:
+        for kind, batch in batches.items():
+            if kind in ("image", "video"):  # the other modality's placeholders become text
+                other = VIDEO if kind == "image" else IMAGE
+                batch = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["input_ids"] == other, 8))
+            length = batch["input_ids"].shape[1]
+            positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1)
+            with torch.no_grad():
+                own = inner(**batch, position_ids=positions, use_cache=False).last_hidden_state
+            hook = OneVisionCall(inner)
+            calls.clear()
+            try:
+                with torch.no_grad():
+                    ours = inner(**batch, position_ids=positions, use_cache=False).last_hidden_state
+            finally:
+                hook.remove()
+            assert sorted(calls) == sorted(watched), (kind, calls)
+            assert_close_to_scale(ours, own, rel=1e-12)
+            assert "get_placeholder_mask" not in inner.__dict__  # removed with the hook
+    finally:
+        for handle in handles:
+            handle.remove()
