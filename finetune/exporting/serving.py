@@ -35,6 +35,9 @@ SERVING_DIFFERENCES = """\
   odd count with a copy of the last frame; qwen-vl-utils and this training floor the count to whole pairs. A clip
   whose count comes out odd is served one frame pair longer than it was trained (its last pair repeats a frame);
   feed the trained frames as above (`do_sample_frames=False` with the metadata) to get the trained grid.
+- Small frames (Qwen3-VL): training scales each frame up to `video_min_pixels` (qwen-vl-utils); Qwen3VLVideoProcessor
+  holds the whole clip (frames x height x width) to `size.shortest_edge`, so a clip of frames smaller than that is
+  served at its own, smaller size. Feed frames already resized to the trained size to serve what was trained.
 - Frame folders and frame lists are a training input only; serve the video file.
 - The total video pixel budget is expressed as `max_video_tokens` (transformers computes
   `int(max_video_tokens * 28 * 28 * 0.9)` pixels). Qwen's default (128000 tokens) and any multiple of 3528
