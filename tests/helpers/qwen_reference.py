@@ -1,16 +1,16 @@
 """Independent M-RoPE references, fetched at test time into $FINETUNE_CACHE_DIR/reference and checked against
 pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; nothing is ever skipped):
 
-- Qwen2-VL / Qwen2.5-VL: `get_rope_index` of transformers 4.49.0, as contributed by Qwen. Only that method is
-  taken from the release's wheel (from the package index); the old transformers is never imported. The method
-  runs on a stand-in `self` carrying the config fields it reads.
-- Qwen3-VL (dense and MoE), two of them:
-  - Qwen's own fine-tuning code: `get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`
-    at a pinned commit. That file is on GitHub only (raw.githubusercontent.com); where GitHub cannot be reached,
-    put the file of that commit at the cache path the error names (it is checked by its sha256).
-  - vLLM's: `Qwen3VLForConditionalGeneration._get_mrope_input_positions` (with `_iter_mm_grid_hw`) of the vLLM
-    0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its sha256).
-    Only those two static methods are taken from the file; vLLM is never imported or built.
+- Qwen's own code, as Qwen contributed it to transformers: `get_rope_index` of transformers 4.49.0 (Qwen2-VL,
+  Qwen2.5-VL) and of 4.57.0 (Qwen3-VL and Qwen3-VL-MoE, the release that added them). Only that method is taken
+  from the release's wheel (from the package index); the old transformers is never imported. The method runs on a
+  stand-in `self` carrying the config fields it reads. 4.57.0's method is the algorithm of Qwen's fine-tuning code
+  (`get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`); that file is on GitHub only,
+  which CI cannot reach, so `python -m tests.helpers.rope2d_crosscheck FILE` runs it against 4.57.0 on the position
+  tests' random sequences wherever a copy of it is at hand (README, "Qwen3-VL").
+- vLLM's Qwen3-VL positions: `Qwen3VLForConditionalGeneration._get_mrope_input_positions` (with `_iter_mm_grid_hw`)
+  of the vLLM 0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its
+  sha256). Only those two static methods are taken from the file; vLLM is never imported or built.
 
 The same sdist gives the Qwen3-VL weight loaders the export is checked against (tests/helpers/vllm_weights.py): the
 files in VLLM_MEMBERS, each pinned by its own sha256, extracted together on the first use of any.
@@ -37,11 +37,17 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-WHEEL = "transformers-4.49.0-py3-none-any.whl"
-WHEEL_SHA256 = "6b4fded1c5fee04d384b1014495b4235a2b53c87503d7d592423c06128cbbe03"
+# Qwen's contributions to transformers, one wheel each (from the package index, pinned by sha256).
+WHEELS = {
+    "4.49.0": "6b4fded1c5fee04d384b1014495b4235a2b53c87503d7d592423c06128cbbe03",
+    "4.57.0": "9d7c6d098c026e40d897e017ed1f481ab803cbac041021dbc6ae6100e4949b55",
+}
+# family -> (release, module holding its `get_rope_index`)
 MODULES = {
-    "qwen2_vl": "transformers/models/qwen2_vl/modeling_qwen2_vl.py",
-    "qwen2_5_vl": "transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py",
+    "qwen2_vl": ("4.49.0", "transformers/models/qwen2_vl/modeling_qwen2_vl.py"),
+    "qwen2_5_vl": ("4.49.0", "transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py"),
+    "qwen3_vl": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
+    "qwen3_vl_moe": ("4.57.0", "transformers/models/qwen3_vl_moe/modeling_qwen3_vl_moe.py"),
 }
 
 
@@ -49,9 +55,9 @@ def reference_cache() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / "reference"
 
 
-def reference_wheel() -> Path:
+def reference_wheel(version: str = "4.49.0") -> Path:
     cache = reference_cache()
-    wheel = cache / WHEEL
+    wheel = cache / f"transformers-{version}-py3-none-any.whl"
     if not wheel.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -62,34 +68,36 @@ def reference_wheel() -> Path:
             "--no-deps",
             "--only-binary=:all:",
             "--disable-pip-version-check",
-            "transformers==4.49.0",
+            f"transformers=={version}",
             "-d",
             str(cache),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.is_file():
             raise RuntimeError(
-                f"could not fetch the reference wheel {WHEEL} from the package index:\n{result.stderr[-2000:]}"
+                f"could not fetch the reference wheel {wheel.name} from the package index:\n{result.stderr[-2000:]}"
             )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it to fetch it again")
+    if digest != WHEELS[version]:
+        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEELS[version]}; delete it to fetch it again")
     return wheel
 
 
 @lru_cache(maxsize=None)
 def reference_get_rope_index(family: str):
-    """The 4.49.0 method of `family`, as a plain function of (self, input_ids, ...)."""
-    with zipfile.ZipFile(reference_wheel()) as z:
-        source = z.read(MODULES[family]).decode()
+    """Qwen's `get_rope_index` of `family` (transformers 4.49.0 or 4.57.0), as a plain function of (self, input_ids,
+    ...)."""
+    version, module = MODULES[family]
+    with zipfile.ZipFile(reference_wheel(version)) as z:
+        source = z.read(module).decode()
     node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "get_rope_index")
     namespace = {"torch": torch, "Optional": Optional, "Tuple": Tuple, "List": List}
-    exec(compile(textwrap.dedent(ast.get_source_segment(source, node)), f"4.49.0:{MODULES[family]}", "exec"), namespace)
+    exec(compile(textwrap.dedent(ast.get_source_segment(source, node)), f"{version}:{module}", "exec"), namespace)
     return namespace["get_rope_index"]
 
 
 def reference_self(model_config) -> SimpleNamespace:
-    """A stand-in `self` with the config fields 4.49.0 reads, taken from a 5.23 config."""
+    """A stand-in `self` with the config fields 4.49.0 / 4.57.0 read, taken from a 5.23 config."""
     vision = model_config.vision_config
     config = SimpleNamespace(
         image_token_id=model_config.image_token_id,
@@ -102,14 +110,13 @@ def reference_self(model_config) -> SimpleNamespace:
     return SimpleNamespace(config=config)
 
 
-# ---------------------------------------------------------------- Qwen3-VL
+def reference_qwen_rule(family: str, model_config, input_ids, **kwargs):
+    """(positions (3, B, L), deltas) of Qwen's own code for `family`. `kwargs`: image_grid_thw, video_grid_thw,
+    attention_mask and, for families with absolute time, second_per_grid_ts."""
+    return reference_get_rope_index(family)(reference_self(model_config), input_ids, **kwargs)
 
-ROPE2D_COMMIT = "d2709b2dde98ddde49de979019b2670fb11b81ad"  # QwenLM/Qwen3-VL, the last commit that changed rope2d.py
-ROPE2D_PATH = "qwen-vl-finetune/qwenvl/data/rope2d.py"
-ROPE2D_URL = f"https://raw.githubusercontent.com/QwenLM/Qwen3-VL/{ROPE2D_COMMIT}/{ROPE2D_PATH}"
-ROPE2D_SHA256 = "97c9f8f49a3a1f782f6dacea538e3032fadfe24e5b60a630d3ae62053250542c"
-# Qwen's code hard-codes the real checkpoints' token ids (the tiny ones differ: map them before calling it).
-QWEN3_IDS = {"image": 151655, "video": 151656, "vision_start": 151652}
+
+# ---------------------------------------------------------------- Qwen3-VL
 
 VLLM_SDIST = "vllm-0.33.0.tar.gz"
 VLLM_URL = (
@@ -145,58 +152,6 @@ def _checked(path: Path, digest: str) -> bytes:
     if got != digest:
         raise RuntimeError(f"{path} has sha256 {got}, expected {digest}; delete it to fetch it again")
     return data
-
-
-def rope2d_source() -> str:
-    """Qwen's rope2d.py at ROPE2D_COMMIT, from the cache or GitHub."""
-    path = reference_cache() / f"rope2d-{ROPE2D_COMMIT[:12]}.py"
-    if not path.is_file():
-        try:
-            data = _download(ROPE2D_URL, "Qwen's rope2d.py (the Qwen3-VL M-RoPE reference)")
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"{err}\nThe file is only on GitHub. Without access to it, place QwenLM/Qwen3-VL's {ROPE2D_PATH} of "
-                f"commit {ROPE2D_COMMIT} at {path} (e.g. `git show {ROPE2D_COMMIT}:{ROPE2D_PATH}` in a clone); "
-                f"it must have sha256 {ROPE2D_SHA256}."
-            ) from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return _checked(path, ROPE2D_SHA256).decode()
-
-
-@lru_cache(maxsize=None)
-def reference_get_rope_index_3():
-    """Qwen's `get_rope_index_3(spatial_merge_size, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
-    attention_mask)`, run from its file (which imports only torch and typing)."""
-    namespace: dict = {}
-    exec(compile(rope2d_source(), f"QwenLM/Qwen3-VL@{ROPE2D_COMMIT[:12]}:{ROPE2D_PATH}", "exec"), namespace)
-    return namespace["get_rope_index_3"]
-
-
-def qwen3_ids(input_ids: torch.Tensor, model_config) -> torch.Tensor:
-    """A config's vision token ids (the tiny checkpoints' own) as the real checkpoints', which rope2d.py hard-codes."""
-    mapped = input_ids.clone()
-    for name, real in QWEN3_IDS.items():
-        mapped[input_ids == getattr(model_config, f"{name}_token_id")] = real
-    return mapped
-
-
-def reference_qwen_rule(family: str, model_config, input_ids, **kwargs):
-    """(positions (3, B, L), deltas) of Qwen's own code for `family`: transformers 4.49's `get_rope_index` for the
-    families with one block per video, rope2d.py's `get_rope_index_3` for those with timestamped frames. `kwargs`:
-    image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask."""
-    from finetune.base.families import FAMILIES
-
-    if FAMILIES[family].video_layout == "one_block":
-        return reference_get_rope_index(family)(reference_self(model_config), input_ids, **kwargs)
-    return reference_get_rope_index_3()(
-        model_config.vision_config.spatial_merge_size,
-        qwen3_ids(input_ids, model_config),
-        kwargs.get("image_grid_thw"),
-        kwargs.get("video_grid_thw"),
-        None,  # Qwen3-VL has no seconds input
-        kwargs.get("attention_mask"),
-    )
 
 
 def _vllm_cached(member: str) -> Path:

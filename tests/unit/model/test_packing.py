@@ -94,7 +94,7 @@ def _rule(model, name="qwen"):
 
 
 def _reference_positions(model, sample, family, rule_name):
-    """One sample alone through the reference: Qwen's own code (qwen: transformers 4.49's method, Qwen3-VL's rope2d.py)
+    """One sample alone through the reference: Qwen's own code (qwen: transformers 4.49's method, Qwen3-VL's 4.57)
     or the installed model's (transformers)."""
     ids = torch.tensor([sample.input_ids])
     kwargs = {"image_grid_thw": sample.image_grid_thw, "video_grid_thw": sample.video_grid_thw}

@@ -3,12 +3,13 @@
 - Qwen2-VL / Qwen2.5-VL: rope_rule=qwen equals `get_rope_index` of transformers 4.49.0 (Qwen's own contribution;
   run from its wheel) on 1,000+ random sequences per family, with long videos and fractional seconds per grid,
   sample by sample and in left-padded batches; and golden cases worked out by hand.
-- Qwen3-VL / Qwen3-VL-MoE (videos as timestamped frame pairs): rope_rule=qwen equals Qwen's own fine-tuning code
-  (`get_rope_index_3` of QwenLM/Qwen3-VL rope2d.py, sample by sample and in left-padded batches) and vLLM's
-  (`_get_mrope_input_positions` of vLLM 0.33.0's qwen3_vl.py) on 1,000+ random sequences per family rendered as
-  transformers 5.23 renders them (timestamp text, per-frame markers, the template's outer pair; a quarter without
-  the outer pair, as transformers < 5.10 wrote them: the positions follow the tokens either way); and golden
-  cases worked out by hand (an image, a 4-frame video with timestamps, the text after it).
+- Qwen3-VL / Qwen3-VL-MoE (videos as timestamped frame pairs): rope_rule=qwen equals Qwen's own code
+  (`get_rope_index` of transformers 4.57.0, the release in which Qwen added Qwen3-VL; the algorithm of Qwen's
+  fine-tuning rope2d.py, cross-checked by tests/helpers/rope2d_crosscheck.py) sample by sample and in left-padded
+  batches, and vLLM's (`_get_mrope_input_positions` of vLLM 0.33.0's qwen3_vl.py), on 1,000+ random sequences per
+  family rendered as transformers 5.23 renders them (timestamp text, per-frame markers, the template's outer pair; a
+  quarter without the outer pair, as transformers < 5.10 wrote them: the positions follow the tokens either way);
+  and golden cases worked out by hand (an image, a 4-frame video with timestamps, the text after it).
 - rope_rule=transformers equals the installed transformers' `get_rope_index` on the same sequences. The two rules
   differ wherever a Qwen2 video lasts longer than it is wide; on Qwen3-VL (every block one temporal index) they
   agree. The model's own `generate` follows the installed rule.
@@ -24,111 +25,23 @@ from finetune.base.families import FAMILIES
 from finetune.model.rope import PositionRule, batch_position_ids, install_position_rule
 from tests.helpers.qwen_reference import (
     MODULES,
-    qwen3_ids,
     reference_get_rope_index,
-    reference_get_rope_index_3,
     reference_self,
     reference_vllm_mrope_positions,
     vllm_config,
     vllm_feature,
 )
+from tests.helpers.random_positions import left_padded, random_sequence
 
 SEQUENCES = 1000
-SECONDS = [0.25, 0.5, 2 / 3, 1.5, 4.0, 1.0, 0.1, 1 / 3]
 ONE_BLOCK = [f for f in FAMILIES if FAMILIES[f].video_layout == "one_block"]
 FRAMES = [f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames"]
 
 
-def random_sequence(rng: random.Random, config, with_seconds: bool, frames: bool = False) -> dict:
-    """Text runs and image/video blocks, each block after <|vision_start|> as the chat template renders them.
-    Videos are often long next to their frame size (t x interval >> h/2). With `frames` (Qwen3-VL) a video is, per
-    temporal patch, a timestamp (3 to 6 text tokens), <|vision_start|>, the frame's tokens and <|vision_end|>,
-    inside the template's outer pair (left out for a quarter of the videos). `features`: (modality, offset where
-    its placeholder's replacement starts, grid), as vLLM records them."""
-    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
-    words = [t for t in range(3, 600) if t not in special]
-    ids, types, images, videos, seconds, features = [], [], [], [], [], []
-
-    def text(n):
-        ids.extend(rng.choice(words) for _ in range(n))
-        types.extend([0] * n)
-
-    def mark(token):
-        ids.append(token)
-        types.append(0)
-
-    text(rng.randint(0, 12))
-    for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
-        if rng.random() < 0.4:
-            grid, kind = (1, 2 * rng.randint(1, 16), 2 * rng.randint(1, 16)), 1
-            images.append(grid)
-        else:
-            t = rng.choice([1, 2, rng.randint(2, 12), rng.randint(12, 64)])
-            grid, kind = (t, 2 * rng.randint(1, 10), 2 * rng.randint(1, 10)), 2
-            videos.append(grid)
-            seconds.append(rng.choice(SECONDS) if rng.random() < 0.8 else rng.uniform(0.05, 6.0))
-        per_frame = (grid[1] // 2) * (grid[2] // 2)
-        if frames and kind == 2:
-            outer = rng.random() < 0.75
-            if outer:
-                mark(config.vision_start_token_id)
-            features.append(("video", len(ids), grid))
-            for _ in range(grid[0]):
-                text(rng.randint(3, 6))  # `<12.3 seconds>`
-                mark(config.vision_start_token_id)
-                ids.extend([config.video_token_id] * per_frame)
-                types.extend([2] * per_frame)
-                mark(config.vision_end_token_id)
-            if outer:
-                mark(config.vision_end_token_id)
-        else:
-            mark(config.vision_start_token_id)
-            features.append(("image" if kind == 1 else "video", len(ids), grid))
-            ids.extend([config.image_token_id if kind == 1 else config.video_token_id] * (grid[0] * per_frame))
-            types.extend([kind] * (grid[0] * per_frame))
-            mark(config.vision_end_token_id)
-        text(rng.randint(0, 9))
-    text(rng.randint(1, 6))  # a prompt ends in text
-    return {
-        "ids": ids,
-        "types": types,
-        "images": images,
-        "videos": videos,
-        "seconds": seconds if with_seconds else None,
-        "features": features,
-    }
-
-
-def left_padded(batch: list[dict], pad_id: int) -> dict:
-    longest = max(len(s["ids"]) for s in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    types = torch.zeros((len(batch), longest), dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for r, s in enumerate(batch):
-        n = len(s["ids"])
-        ids[r, longest - n :], types[r, longest - n :], mask[r, longest - n :] = (
-            torch.tensor(s["ids"]),
-            torch.tensor(s["types"]),
-            1,
-        )
-    images = [g for s in batch for g in s["images"]]
-    videos = [g for s in batch for g in s["videos"]]
-    out = {
-        "input_ids": ids,
-        "mm_token_type_ids": types,
-        "attention_mask": mask,
-        "image_grid_thw": torch.tensor(images) if images else None,
-        "video_grid_thw": torch.tensor(videos) if videos else None,
-        "second_per_grid_ts": None,
-    }
-    if batch[0]["seconds"] is not None and videos:
-        out["second_per_grid_ts"] = torch.tensor([x for s in batch for x in s["seconds"]], dtype=torch.float32)
-    return out
-
-
 def test_every_family_has_a_reference():
-    """One-block families: Qwen's transformers 4.49; timestamped-frame families: Qwen's rope2d.py and vLLM."""
-    assert set(MODULES) == set(ONE_BLOCK) and set(ONE_BLOCK) | set(FRAMES) == set(FAMILIES)
+    """Every family: Qwen's own transformers release (4.49 one-block, 4.57 timestamped frames); the latter also vLLM."""
+    assert set(MODULES) == set(FAMILIES) and set(ONE_BLOCK) | set(FRAMES) == set(FAMILIES)
+    assert {MODULES[f][0] for f in ONE_BLOCK} == {"4.49.0"} and {MODULES[f][0] for f in FRAMES} == {"4.57.0"}
 
 
 @pytest.fixture(scope="module")
@@ -215,36 +128,25 @@ def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_
         assert differ > SEQUENCES // 8, differ  # most batches hold a video longer than it is wide
 
 
-# ---------------------------------------------------------------- Qwen3-VL: Qwen's rope2d.py and vLLM
-def _rope2d(config, batch):
-    return reference_get_rope_index_3()(
-        config.vision_config.spatial_merge_size,
-        qwen3_ids(batch["input_ids"], config),
-        batch["image_grid_thw"],
-        batch["video_grid_thw"],
-        None,
-        batch["attention_mask"],
-    )
-
-
+# ---------------------------------------------------------------- Qwen3-VL: Qwen's transformers 4.57 and vLLM
 @pytest.mark.parametrize("family", FRAMES)
-def test_qwen_rule_equals_qwens_rope2d_get_rope_index_3(configs, sequences, family):
+def test_qwen_rule_equals_qwens_transformers_4_57_get_rope_index(configs, sequences, family):
     config, rule = configs[family], PositionRule.for_model(configs[family], "qwen")
     assert rule.frame_blocks
     checked = split = 0
     for s in sequences[family]:  # one sample alone, as packing computes it
-        expected, _ = _rope2d(config, left_padded([s], pad_id=0))
+        expected, _ = _reference(family, config, left_padded([s], pad_id=0))
         assert torch.equal(rule.sample(s["types"], s["images"], s["videos"], s["seconds"]), expected[:, 0])
         checked += 1
         split += any(t > 1 for t, _, _ in s["videos"])
     assert checked == SEQUENCES and split > SEQUENCES // 3, split
     for start in range(0, SEQUENCES, 4):  # left-padded batches with an attention mask, as generation sees them
         batch = left_padded(sequences[family][start : start + 4], pad_id=0)
-        expected, expected_deltas = _rope2d(config, batch)
+        expected, expected_deltas = _reference(family, config, batch)
         got, deltas = _ours(rule, batch)
         real = batch["attention_mask"].bool()
         assert torch.equal(got[:, real], expected[:, real])
-        padding = (~real).sum(1, keepdim=True)  # rope2d's deltas count from the padded length, as 4.49's
+        padding = (~real).sum(1, keepdim=True)  # 4.57's deltas count from the padded length, as 4.49's
         assert torch.equal(deltas - padding, expected_deltas)
 
 
@@ -339,7 +241,7 @@ def _qwen3_golden(config, pieces):
 
 
 def _all_agree(config, ids, types, images, videos, features):
-    """Ours (qwen and transformers rules), Qwen's rope2d.py and vLLM on one sequence: the (3, L) ids."""
+    """Ours (qwen and transformers rules), Qwen's transformers 4.57 and vLLM on one sequence: the (3, L) ids."""
     rule = PositionRule.for_model(config, "qwen")
     ours = rule.sample(types, images, videos)
     assert torch.equal(PositionRule.for_model(config, "transformers").sample(types, images, videos), ours)
@@ -349,7 +251,7 @@ def _all_agree(config, ids, types, images, videos, features):
         "video_grid_thw": torch.tensor(videos) if videos else None,
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
     }
-    assert torch.equal(_rope2d(config, batch)[0][:, 0], ours)
+    assert torch.equal(_reference(config.model_type, config, batch)[0][:, 0], ours)
     feats = [vllm_feature(m, offset, grid) for m, offset, grid in features]
     assert torch.equal(reference_vllm_mrope_positions()(ids, feats, vllm_config(config))[0].long(), ours)
     return ours.tolist()
