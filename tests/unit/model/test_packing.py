@@ -15,7 +15,7 @@ from finetune.data.encode import ConversationEncoder, EncodedSample
 from finetune.data.packing import RowBatchSampler, pack_rows, training_rows
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
-from finetune.model import attention
+from finetune.model import attention, linear_attention
 from finetune.model.batching import inference_batch, training_batch
 from finetune.model.rope import PositionRule
 from tests.helpers.media_factory import write_dataset
@@ -84,9 +84,16 @@ def pool(tmp_path_factory, processors):
     return encoded
 
 
+def load(path, **kwargs):
+    """The tiny model as load_model leaves it: hybrid models' linear attention restarts at sample boundaries."""
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    linear_attention.install(model)
+    return model
+
+
 @pytest.fixture(scope="module")
 def models(tiny_paths):
-    return {f: AutoModelForImageTextToText.from_pretrained(p).eval() for f, p in tiny_paths.items()}
+    return {f: load(p).eval() for f, p in tiny_paths.items()}
 
 
 def _rule(model, name="qwen"):
@@ -146,7 +153,9 @@ def _packed_loss_and_grads(model, batch):
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family, attn):
     """Every attention implementation that runs on the CPU (varlen: one sdpa call per sample, with the collator's
-    boundaries): a packed row's loss and gradients equal the per-sample ones (each sample alone with a mask)."""
+    boundaries): a packed row's loss and gradients equal the per-sample ones (each sample alone with a mask). Hybrid
+    models (linear attention) as training runs them: with the collator's boundaries (and they must be needed: plain
+    packing through transformers' PyTorch fallback mixes the samples)."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn_loaded(attn))
     model.train()
     implementation, _ = attention.choose(attn, False, torch.device("cpu"), torch.float32)
@@ -154,7 +163,14 @@ def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(proces
     rows = [encoded[0:4], encoded[4:7], encoded[7:12]]
     rule = _rule(model)
     attention.set_implementation(model, implementation)
-    packed = training_batch(rows, pad_id, rule, boundaries=attention.uses_boundaries(implementation))
+    hybrid = linear_attention.is_hybrid(model.config)
+    plain_loss = None
+    if hybrid and not attention.uses_boundaries(implementation):  # not installed, no boundaries: plain packing
+        plain_loss, _ = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule))
+        model.zero_grad()
+    linear_attention.install(model)
+    boundaries = attention.uses_boundaries(implementation) or hybrid  # as finetune/training/workflow.py decides
+    packed = training_batch(rows, pad_id, rule, boundaries=boundaries)
     packed_loss, packed_grads = _packed_loss_and_grads(model, packed)
     model.zero_grad()
     attention.set_implementation(model, attn_loaded(attn))  # the references are padded: a mask, not boundaries
@@ -166,6 +182,8 @@ def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(proces
         loss.backward()
         reference += loss.item()
     assert abs(packed_loss.item() - reference) / reference <= 1e-5
+    if plain_loss is not None:
+        assert abs(plain_loss.item() - reference) / reference > 1e-3, (plain_loss.item(), reference)
     for name, grad in packed_grads.items():
         other = dict(model.named_parameters())[name].grad
         assert_close_to_scale(grad, other, rel=1e-5, name=name)
@@ -179,7 +197,7 @@ def attn_loaded(attn: str) -> str:
 def test_varlen_attention_equals_sdpa_with_the_block_mask_in_one_call_per_layer(processors, tiny_paths, pool, family):
     """The varlen path (collator boundaries, transformers' AttentionInterface) gives sdpa's logits on packed rows of
     several samples and padding, with one attention call per layer in the LLM and in the ViT (no window loop)."""
-    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family]).eval()
+    model = load(tiny_paths[family]).eval()
     tower_calls = []
     model.model.visual.register_forward_hook(lambda *args: tower_calls.append(1))
     encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
@@ -198,7 +216,10 @@ def test_varlen_attention_equals_sdpa_with_the_block_mask_in_one_call_per_layer(
         finally:
             attention.KERNELS["per_sample"] = kernel
     assert_close_to_scale(varlen, sdpa, rel=1e-5)
-    text_layers, vision_blocks = model.config.text_config.num_hidden_layers, model.config.vision_config.depth
+    text = model.config.text_config
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    text_layers = sum(kind != "linear_attention" for kind in kinds)  # the layers that call attention
+    vision_blocks = model.config.vision_config.depth
     samples = sum(len(row) for row in rows) + 1  # one padding block
     assert calls.count(samples) == text_layers  # the collator's boundaries reached every decoder layer
     # and each ViT block made one call for all its windows and frames (transformers calls the tower per modality)
@@ -244,7 +265,7 @@ def test_a_varlen_kernel_that_disagrees_with_sdpa_falls_back_to_sdpa(monkeypatch
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_changing_one_packed_sample_leaves_the_others_untouched(processors, tiny_paths, pool, family, attn):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn).eval()
+    model = load(tiny_paths[family], attn_implementation=attn).eval()
     encoded, pad_id = pool[family], processors[family].tokenizer.pad_token_id
     row = encoded[20:25]
     batch = training_batch([row], pad_id, _rule(model))
