@@ -14,8 +14,8 @@ nothing complains and the samples mix.
   - convolution: ours, `boundary_causal_conv1d`, whenever boundaries are there (K shifted multiply-adds over the
     flattened rows, a tap reaching into the previous sample contributes nothing);
   - gated delta rule: with flash-linear-attention installed, its kernel on the rows flattened into one sequence with
-    `cu_seqlens`; otherwise transformers' PyTorch chunked rule on the samples gathered into a right-padded batch
-    (padding after a sample's end cannot reach back into it), scattered back.
+    `cu_seqlens`; otherwise transformers' PyTorch chunked rule on the samples gathered into right-padded batches of
+    like lengths (padding after a sample's end cannot reach back into it), scattered back.
 Without boundaries (generation, one sample per row) transformers' own functions run unchanged. `packing_problem(model)`
 names what would defeat this (a linear-attention layer whose forward is not transformers' own, e.g. a hub kernel or
 remote code): packing is then refused at start-up.
@@ -97,18 +97,23 @@ def boundary_gated_delta_rule(rule, query, key, value, g, beta, cu_seqlens, **kw
     if _external_kernel():  # one flattened sequence, the boundaries as cu_seqlens (fla's varlen convention)
         out, state = rule(*flat[:3], g=flat[3], beta=flat[4], cu_seqlens=cu_seqlens.long(), **kwargs)
         return out.reshape(batch, length, *out.shape[2:]), state
-    # PyTorch: each sequence its own row of a right-padded batch (zeros after its end), one call for all.
+    # PyTorch: each sequence its own row of a right-padded batch (zeros after its end), sequences of like length
+    # together (lengths up to one 64-token chunk, then by powers of two: at most 2x the work of the unpadded row).
     starts = cu_seqlens[:-1].long()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    longest = int(lengths.max())
-    steps = torch.arange(longest, device=starts.device)
-    valid = steps[None, :] < lengths[:, None]  # (sequences, longest)
-    index = (starts[:, None] + steps[None, :]).clamp(max=batch * length - 1)
-    gathered = [torch.where(_expand(valid, t), t[0][index], torch.zeros((), dtype=t.dtype)) for t in flat]
-    out, state = rule(*gathered[:3], g=gathered[3], beta=gathered[4], **kwargs)
-    result = out.new_zeros(batch * length, *out.shape[2:])
-    result[index[valid]] = out[valid]
-    return result.reshape(batch, length, *out.shape[2:]), state
+    buckets = torch.clamp(torch.ceil(torch.log2(lengths.clamp(min=1).double())), min=6).long()
+    result = None
+    for bucket in buckets.unique().tolist():
+        members = (buckets == bucket).nonzero().flatten()
+        steps = torch.arange(int(lengths[members].max()), device=starts.device)
+        valid = steps[None, :] < lengths[members, None]  # (sequences, longest)
+        index = (starts[members, None] + steps[None, :]).clamp(max=batch * length - 1)
+        gathered = [torch.where(_expand(valid, t), t[0][index], torch.zeros((), dtype=t.dtype)) for t in flat]
+        out, state = rule(*gathered[:3], g=gathered[3], beta=gathered[4], **kwargs)
+        if result is None:
+            result = out.new_zeros(batch * length, *out.shape[2:])
+        result[index[valid]] = out[valid]
+    return result.reshape(batch, length, *result.shape[1:]), state
 
 
 def _expand(valid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
