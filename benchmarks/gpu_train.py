@@ -60,27 +60,68 @@ QWEN2_5_VISION = dict(
     window_size=112,
     fullatt_block_indexes=[7, 15, 23, 31],
 )  # + out_hidden_size (the LLM's)
+# Qwen3-VL (8B, 30B-A3B): a 27-block ViT of width 1152 whose blocks 8, 16 and 24 feed DeepStack mergers; text
+# layers with their own head_dim 128 and interleaved M-RoPE sections [24, 20, 20].
+QWEN3_VISION = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+)  # + out_hidden_size (the LLM's)
+QWEN3_TEXT = dict(
+    head_dim=128,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5000000,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+)
+# name (a recipes/model/ name): (family, TEXT_FIELDS values, vision_config values, other text_config values)
 SHAPES = {
-    "qwen2_vl_2b": ("qwen2_vl", (1536, 8960, 28, 12, 2, 151936, True), dict(QWEN2_VISION, hidden_size=1536)),
-    "qwen2_vl_7b": ("qwen2_vl", (3584, 18944, 28, 28, 4, 152064, False), dict(QWEN2_VISION, hidden_size=3584)),
-    "qwen2_5_vl_3b": ("qwen2_5_vl", (2048, 11008, 36, 16, 2, 151936, True), dict(QWEN2_5_VISION, out_hidden_size=2048)),
+    "qwen2_vl_2b": ("qwen2_vl", (1536, 8960, 28, 12, 2, 151936, True), dict(QWEN2_VISION, hidden_size=1536), {}),
+    "qwen2_vl_7b": ("qwen2_vl", (3584, 18944, 28, 28, 4, 152064, False), dict(QWEN2_VISION, hidden_size=3584), {}),
+    "qwen2_5_vl_3b": (
+        "qwen2_5_vl",
+        (2048, 11008, 36, 16, 2, 151936, True),
+        dict(QWEN2_5_VISION, out_hidden_size=2048),
+        {},
+    ),
     "qwen2_5_vl_7b": (
         "qwen2_5_vl",
         (3584, 18944, 28, 28, 4, 152064, False),
         dict(QWEN2_5_VISION, out_hidden_size=3584),
+        {},
     ),
     "qwen2_5_vl_32b": (
         "qwen2_5_vl",
         (5120, 27648, 64, 40, 8, 152064, False),
         dict(QWEN2_5_VISION, out_hidden_size=5120),
+        {},
     ),
     "qwen2_5_vl_72b": (
         "qwen2_5_vl",
         (8192, 29568, 80, 64, 8, 152064, False),
         dict(QWEN2_5_VISION, out_hidden_size=8192),
+        {},
+    ),
+    "qwen3_vl_8b": (
+        "qwen3_vl",
+        (4096, 12288, 36, 32, 8, 151936, False),
+        dict(QWEN3_VISION, out_hidden_size=4096),
+        QWEN3_TEXT,
+    ),
+    # 128 experts of width 768, 8 per token, in each of the 48 layers (intermediate_size: the unused dense MLP's)
+    "qwen3_vl_moe_30b_a3b": (
+        "qwen3_vl_moe",
+        (2048, 6144, 48, 32, 4, 151936, False),
+        dict(QWEN3_VISION, out_hidden_size=2048),
+        dict(QWEN3_TEXT, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1),
     ),
     # The tests' tiny model as it is (finetune/model/tiny.py), built the same way: the suite's CPU run of this benchmark.
-    "tiny_qwen2_5_vl": ("qwen2_5_vl", None, {}),
+    "tiny_qwen2_5_vl": ("qwen2_5_vl", None, {}, {}),
 }
 MODES = {  # extra overrides per mode
     "packed": ["trainer.packing=true"],
@@ -92,11 +133,16 @@ WORDS = "the a dot moves left right up down red green blue small large frame sce
 
 
 def llm_matmul_parameters(text: dict) -> int:
-    """Decoder-layer projections (q, k, v, o, gate, up, down) and the lm_head."""
+    """Decoder-layer projections (q, k, v, o, gate, up, down) and the lm_head; a mixture of experts counts the
+    experts a token goes through (num_experts_per_tok) and the router: the active parameters."""
     hidden, heads, kv_heads = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
-    head_dim = hidden // heads
-    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
-    mlp = 3 * hidden * text["intermediate_size"]
+    head_dim = text.get("head_dim") or hidden // heads  # Qwen3: its own (128), not hidden / heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    experts = text.get("num_local_experts") or text.get("num_experts")  # to_dict() spells it num_local_experts
+    if experts:
+        mlp = text["num_experts_per_tok"] * 3 * hidden * text["moe_intermediate_size"] + hidden * experts
+    else:
+        mlp = 3 * hidden * text["intermediate_size"]
     return text["num_hidden_layers"] * (attention + mlp) + hidden * text["vocab_size"]
 
 
@@ -106,9 +152,9 @@ def model_config(name: str, layers: int | None):
 
     from finetune.model.tiny import tiny_checkpoint
 
-    family, text, vision = SHAPES[name]
+    family, text, vision, other_text = SHAPES[name]
     config = AutoConfig.from_pretrained(tiny_checkpoint(family))
-    for key, value in zip(TEXT_FIELDS, text or ()):
+    for key, value in [*zip(TEXT_FIELDS, text or ()), *other_text.items()]:
         setattr(config.text_config, key, value)
     if layers:
         config.text_config.num_hidden_layers = layers
@@ -251,6 +297,7 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     """One training run of the mode; the figures from its log_history.json."""
     import torch
 
+    from finetune.base.families import FAMILIES
     from finetune.model.load import recipe_precision
     from finetune.recipe.load import load_config
     from finetune.runs.launch import accelerate_args
@@ -276,6 +323,8 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
         f"trainer.dataloader_num_workers={args.workers}",
         f"trainer.output_dir={run_dir}",
         "logger=none",
+        # LoRA on fused experts takes no dropout (PEFT): the MoE models' LoRA is on attention and experts
+        *(["peft.dropout=0"] if FAMILIES[SHAPES[name][0]].expert_lora_targets else []),
         "accelerate=cpu"
         if args.cpu
         else ("accelerate=multi_gpu" if torch.cuda.device_count() > 1 else "accelerate=single_gpu"),

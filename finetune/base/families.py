@@ -32,21 +32,59 @@ class Family:
     lora_targets: tuple[str, ...]
     vision_lora_targets: tuple[str, ...]
 
+    # A mixture-of-experts LLM (None where the LLM is dense):
+    # - `expert_lora_targets`: the fused expert parameters (3-D: one slice per expert; names' ends inside a decoder
+    #   layer) that take LoRA beside `lora_targets` when peft.target_experts is true (PEFT `target_parameters`: one
+    #   rank-r update per expert);
+    # - `router`: the module (name's end) that scores the experts for each token; frozen unless parts.router=full;
+    # - `transposed_in_checkpoint`: parameters (names' ends) that the published checkpoints store with their last two
+    #   dimensions swapped against transformers' in-memory layout (which transformers 5.23 also saves); the export
+    #   writes them as the checkpoints do, the layout vLLM's loader expects.
+    expert_lora_targets: tuple[str, ...] | None
+    router: str | None
+    transposed_in_checkpoint: tuple[str, ...] | None
+
     # Position rule (finetune/model/rope.py): the vision_config attribute that turns a video's seconds into
     # temporal position ids (times the sample's `second_per_grid_ts`); None: a video's temporal grid steps are
-    # one id apart.
+    # one id apart (or, with `video_layout` "timestamped_frames", each frame pair is its own block).
     video_seconds_scale: str | None
+
+    # How a video enters the LLM, one of VIDEO_LAYOUTS (finetune/data/encode.py renders it, finetune/model/rope.py
+    # positions it):
+    #   "one_block"           `<|video_pad|>` expands to the video's t x h/m x w/m tokens: one vision block of grid
+    #                         (t, h, w) (Qwen2-VL, Qwen2.5-VL).
+    #   "timestamped_frames"  `<|video_pad|>` expands, per temporal patch (frame pair), to the text `<{s:.1f} seconds>`
+    #                         (s: the mean time of the pair's two frames), `<|vision_start|>`, the frame's h/m x w/m
+    #                         tokens and `<|vision_end|>`; the template's own `<|vision_start|>`/`<|vision_end|>`
+    #                         around the video stay (transformers >= 5.10, vLLM). Positions treat each frame pair as
+    #                         a block of grid (1, h, w); `video_grid_thw` keeps one row per video (Qwen3-VL).
+    video_layout: str
+    # What the exported video processor's `size` bounds, one of VIDEO_BUDGETS (finetune/exporting/serving.py writes
+    # the recipe's budgets that way): "frame" (Qwen2VLVideoProcessor: the pixels of each frame; the clip's total
+    # is `max_video_tokens`) or "clip" (Qwen3VLVideoProcessor: `longest_edge` bounds the pixels of all frames
+    # together, `max_video_tokens` each frame's tokens).
+    video_budget: str
 
     # Processor classes (transformers names): what the tiny checkpoint is built with and AutoProcessor returns.
     processor: str
     image_processor: str
     video_processor: str
+    # The published checkpoints' preprocessor_config.json ("image_processor") and video_preprocessor_config.json
+    # ("video_processor") values where they differ from the classes' defaults; the tiny build sets them. None:
+    # the classes' defaults are the checkpoints' (patch 14, merge 2, temporal 2, CLIP mean/std).
+    processor_settings: dict[str, dict[str, object]] | None
 
     # The tiny build (finetune/model/tiny.py): the vision_config key of the merger's output width (it must equal
     # the LLM's hidden size, which the tiny build sets), and the rest of the tiny vision_config.
     merger_width: str
     tiny_vision: dict[str, object]
+    # text_config values of the tiny build besides finetune/model/tiny.py's TEXT_DIMS (which they override), e.g. the
+    # experts of a mixture-of-experts LLM; None: TEXT_DIMS alone.
+    tiny_text: dict[str, object] | None
 
+
+VIDEO_LAYOUTS = ("one_block", "timestamped_frames")
+VIDEO_BUDGETS = ("frame", "clip")
 
 # The module layout and LLM LoRA targets Qwen2-VL and Qwen2.5-VL share (transformers 5.23).
 QWEN_VL_LAYOUT = dict(
@@ -58,28 +96,78 @@ QWEN_VL_LAYOUT = dict(
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 
+# Qwen3-VL (dense and MoE, transformers 5.23): the same paths, and DeepStack's mergers beside the final one
+# (`visual.deepstack_merger_list.N` project intermediate ViT layers' features into the first LLM layers).
+QWEN3_VL_LAYOUT = dict(QWEN_VL_LAYOUT, mergers=("merger", "deepstack_merger_list"))
+
+# What the published Qwen3-VL checkpoints ship in preprocessor_config.json / video_preprocessor_config.json (the
+# same files for every size; see recipes/model/qwen3_vl_*.yaml): patch 16, merge 2 (32 x 32 pixels per LLM token),
+# temporal patch 2, mean = std = 0.5; images 64 ... 16384 tokens (65536 ... 16777216 pixels); videos a
+# `longest_edge` of 25165824 pixels summed over the sampled frames (12288 tokens) and a `shortest_edge` of 4096.
+QWEN3_VL_GEOMETRY = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+QWEN3_VL_PROCESSORS = {
+    "image_processor": dict(QWEN3_VL_GEOMETRY, size={"shortest_edge": 65536, "longest_edge": 16777216}),
+    "video_processor": dict(QWEN3_VL_GEOMETRY, size={"shortest_edge": 4096, "longest_edge": 25165824}),
+}
+# The tiny ViT: 2 blocks; DeepStack taps both (the real ones tap 3 of 24-27 blocks).
+QWEN3_VL_TINY_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,  # an 8 x 8 table, interpolated to each grid (2304 = 48 x 48 in the real ones)
+    deepstack_visual_indexes=[0, 1],
+    initializer_range=0.1,
+)
+# Qwen3's text config has its own head_dim (128 by default); the interleaved M-RoPE sections of the real models are
+# [24, 20, 20] of head_dim 128 (T H W T H W ...); for head_dim 16 (8 frequencies) [3, 3, 2] is the same interleave.
+QWEN3_VL_TINY_TEXT = dict(
+    head_dim=16,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [3, 3, 2],
+        "mrope_interleaved": True,
+    },
+)
+
+# A dense LLM: no experts, no router.
+DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None)
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         model_type="qwen2_vl",
         title="Qwen2-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+        **DENSE_LLM,
         video_seconds_scale=None,
+        video_layout="one_block",
+        video_budget="frame",
         processor="Qwen2VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen2VLVideoProcessor",
+        processor_settings=None,
         merger_width="hidden_size",  # Qwen2-VL's ViT width is `embed_dim`
         tiny_vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, initializer_range=0.1),
+        tiny_text=None,
     ),
     "qwen2_5_vl": Family(
         model_type="qwen2_5_vl",
         title="Qwen2.5-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        **DENSE_LLM,
         video_seconds_scale="tokens_per_second",
+        video_layout="one_block",
+        video_budget="frame",
         processor="Qwen2_5_VLProcessor",
         image_processor="Qwen2VLImageProcessor",
         video_processor="Qwen2VLVideoProcessor",
+        processor_settings=None,
         merger_width="out_hidden_size",
         tiny_vision=dict(
             depth=2,
@@ -90,6 +178,61 @@ FAMILIES: dict[str, Family] = {
             fullatt_block_indexes=[1],
             tokens_per_second=2,  # as in Qwen2.5-VL-3B/7B/72B-Instruct
             initializer_range=0.1,
+        ),
+        tiny_text=None,
+    ),
+    "qwen3_vl": Family(
+        model_type="qwen3_vl",
+        title="Qwen3-VL",
+        **QWEN3_VL_LAYOUT,
+        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+        **DENSE_LLM,
+        video_seconds_scale=None,  # time is in the text: each frame pair's timestamp
+        video_layout="timestamped_frames",
+        video_budget="clip",
+        processor="Qwen3VLProcessor",
+        image_processor="Qwen2VLImageProcessor",
+        video_processor="Qwen3VLVideoProcessor",
+        processor_settings=QWEN3_VL_PROCESSORS,
+        merger_width="out_hidden_size",
+        tiny_vision=QWEN3_VL_TINY_VISION,
+        # Tied input and output embeddings, as Qwen3-VL-2B/4B (8B and 32B are untied, as the MoE tiny).
+        tiny_text=dict(QWEN3_VL_TINY_TEXT, tie_word_embeddings=True),
+    ),
+    "qwen3_vl_moe": Family(
+        model_type="qwen3_vl_moe",
+        title="Qwen3-VL-MoE",
+        # Every decoder layer's MLP is a mixture of experts (decoder_sparse_step 1, no mlp_only_layers in the published
+        # configs): the nn.Linear targets are the attention projections, the experts take LoRA as parameters.
+        **dict(QWEN3_VL_LAYOUT, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+        # transformers 5.23 (Qwen3VLMoeTextExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I];
+        # the published checkpoints: [E, H, 2I] and [E, I, H] (transformers' loader transposes them: conversion_mapping
+        # `Transpose(1, 2, check_dims=True)`, by shape). The router `mlp.gate` (Qwen3VLMoeTextTopKRouter) holds one
+        # [E, H] weight.
+        expert_lora_targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router="mlp.gate",
+        transposed_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        video_seconds_scale=None,
+        video_layout="timestamped_frames",
+        video_budget="clip",
+        processor="Qwen3VLProcessor",
+        image_processor="Qwen2VLImageProcessor",
+        video_processor="Qwen3VLVideoProcessor",
+        processor_settings=QWEN3_VL_PROCESSORS,
+        merger_width="out_hidden_size",
+        tiny_vision=QWEN3_VL_TINY_VISION,
+        # 4 experts, 2 per token, in every layer (30B-A3B: 128 experts, 8 per token, 48 layers); untied embeddings.
+        tiny_text=dict(
+            QWEN3_VL_TINY_TEXT,
+            num_experts=4,
+            num_experts_per_tok=2,
+            # 2I = 96 and I = 48, both unlike H = 64: transformers' loader tells the checkpoints' expert layout from
+            # its own by shape alone, so with 2I == H (or I == H) a checkpoint in the published layout would load
+            # untransposed (the export's round trip would then fail).
+            moe_intermediate_size=48,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
         ),
     ),
 }

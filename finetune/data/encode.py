@@ -4,7 +4,11 @@ Text is rendered with the processor's own chat template one assistant turn at a 
 are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
 `<|im_start|>assistant\\n` header or a vision pad. Vision follows qwen-vl-utils: every image and video is
 resized by us to its `smart_resize` target (so the processor's own resize is the identity), videos are
-sampled with the real source fps, and the processor only normalises and patchifies. Each `<|image_pad|>`/`<|video_pad|>` expands to the plan's token count.
+sampled with the real source fps, and the processor only normalises and patchifies; the sizing factor (patch x
+merge) is the processor's, as the checkpoint configures it. Each `<|image_pad|>` expands to the plan's token count;
+each `<|video_pad|>` as the family's `video_layout` says (finetune/base/families.py): to the plan's tokens, or
+(Qwen3-VL) per frame pair to `<{s:.1f} seconds><|vision_start|>` + its tokens + `<|vision_end|>`, the ids
+transformers' Qwen3VLProcessor writes; those timestamps and markers are text that is never trained.
 `count_tokens` runs the same plan on headers only, which is why it equals `len(encode(...).input_ids)`.
 """
 
@@ -16,11 +20,12 @@ import torch
 from PIL import Image
 
 from finetune.base.errors import DataError
+from finetune.base.families import FAMILIES, VIDEO_LAYOUTS
 from finetune.data.conversation import Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
 from finetune.data.media_errors import media_error
 from finetune.data.modes import LabelMode
-from finetune.data.vision import FRAME_FACTOR, PATCH, VideoPlan, VisionSettings, tokens_for
+from finetune.data.vision import FRAME_FACTOR, MERGE, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
 _REPLY_MARK = "\x00reply {} here\x00"  # stands in for a reply to find where the template puts it
@@ -54,10 +59,25 @@ class ImagePlan:
     path: str
     height: int  # resized
     width: int
+    patch: int = PATCH
+    merge: int = MERGE
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return 1, self.height // self.patch, self.width // self.patch
 
     @property
     def tokens(self) -> int:
-        return tokens_for(1, self.height, self.width)
+        return tokens_for(1, self.height, self.width, self.patch, self.merge)
+
+
+def video_layout_of(processor) -> str:
+    """The `video_layout` of the families whose processor class `processor` is (Qwen3VLProcessor: timestamped
+    frames); a processor no family names keeps one block per video."""
+    layouts = {f.video_layout for f in FAMILIES.values() if f.processor == type(processor).__name__}
+    if len(layouts) > 1:
+        raise ValueError(f"families with processor {type(processor).__name__} disagree on their video layout")
+    return layouts.pop() if layouts else "one_block"
 
 
 class ConversationEncoder:
@@ -67,7 +87,9 @@ class ConversationEncoder:
         vision: VisionSettings,
         label_mode: LabelMode = LabelMode.ASSISTANT,
         max_length: int | None = None,
+        video_layout: str | None = None,
     ):
+        """`video_layout`: the family's (finetune/base/families.py); None: the one of the processor's class."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.vision = vision
@@ -77,18 +99,36 @@ class ConversationEncoder:
         self.video_pad_id = processor.video_token_id
         # Qwen2.5-VL spaces video frames in absolute time; Qwen2-VL has no such input.
         self.uses_time = "second_per_grid_ts" in processor.model_input_names
+        # The checkpoint's geometry, as its processors hold it: pixels per patch side, patches per LLM token side.
+        image, video = processor.image_processor, processor.video_processor
+        self.patch, self.merge = int(image.patch_size), int(image.merge_size)
+        geometry = {
+            "image": (self.patch, self.merge, int(getattr(image, "temporal_patch_size", FRAME_FACTOR))),
+            "video": (int(video.patch_size), int(video.merge_size), int(video.temporal_patch_size)),
+        }
+        if len(set(geometry.values())) != 1 or geometry["video"][2] != FRAME_FACTOR:
+            raise ValueError(
+                f"the processor's (patch, merge, temporal patch) sizes {geometry} must agree, with temporal patch "
+                f"{FRAME_FACTOR} (frames are sampled in pairs)"
+            )
+        self.video_layout = video_layout or video_layout_of(processor)
+        if self.video_layout not in VIDEO_LAYOUTS:
+            raise ValueError(f"video_layout {self.video_layout!r} is not one of {VIDEO_LAYOUTS}")
+        self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        self._timestamp_ids: dict[str, list[int]] = {}
 
     # ----- media plans (headers only) -----
     def image_plans(self, sample: Sample) -> list[ImagePlan]:
         plans = []
         for block in sample.media("image"):
             try:
-                spec = self.vision.image_spec(block)
+                spec = self.vision.image_spec(block, self.patch, self.merge)
             except (TypeError, ValueError) as err:
                 raise DataError(f"{sample.source}: image {block['image']}: {err}.", "format") from err
             try:
                 width, height = probe_image(block["image"])
-                plans.append(ImagePlan(block["image"], *spec.target(height, width)))
+                plans.append(ImagePlan(block["image"], *spec.target(height, width), self.patch, self.merge))
             except Exception as err:  # Pillow raises its own types (e.g. DecompressionBombError)
                 raise media_error(sample, "image", block["image"], block["image"], err) from err
         return plans
@@ -98,7 +138,7 @@ class ConversationEncoder:
         for block in sample.media("video"):
             name = block["video"] if isinstance(block["video"], str) else f"{len(block['video'])} frame files"
             try:
-                spec = self.vision.video_spec(block)
+                spec = self.vision.video_spec(block, self.patch, self.merge)
             except (TypeError, ValueError) as err:
                 raise DataError(f"{sample.source}: video {name}: {err}.", "format") from err
             try:
@@ -290,6 +330,31 @@ class ConversationEncoder:
                 "too_long",
             )
 
+    # ----- how a video pad expands -----
+    def _timestamps(self, plans: list[VideoPlan]) -> list[list[list[int]]]:
+        """Per video, the token ids of each frame pair's `<{s:.1f} seconds>` (tokenized alone: in the rendered text
+        special tokens stand on both sides of it), tokenized once per distinct text."""
+        texts = [[f"<{seconds:.1f} seconds>" for seconds in plan.timestamps] for plan in plans]
+        new = sorted({t for video in texts for t in video} - self._timestamp_ids.keys())
+        self._timestamp_ids.update(zip(new, self._tokenize(new)))
+        return [[self._timestamp_ids[t] for t in video] for video in texts]
+
+    def _video_expansions(self, plans: list[VideoPlan]) -> list[list[int]]:
+        """The token ids each video's `<|video_pad|>` becomes."""
+        if self.video_layout == "one_block":
+            return [[self.video_pad_id] * plan.tokens for plan in plans]
+        expansions = []
+        for plan, stamps in zip(plans, self._timestamps(plans)):
+            frame = [self.vision_start_id] + [self.video_pad_id] * plan.frame_tokens + [self.vision_end_id]
+            expansions.append([token for stamp in stamps for token in stamp + frame])
+        return expansions
+
+    def _video_text_tokens(self, plans: list[VideoPlan]) -> int:
+        """Text tokens a video's expansion adds besides its vision tokens (timestamps and their markers)."""
+        if self.video_layout == "one_block":
+            return 0
+        return sum(len(stamp) + 2 for stamps in self._timestamps(plans) for stamp in stamps)
+
     # ----- the pre-pass -----
     def count_tokens(self, sample: Sample) -> TokenCount:
         """Exact token count from media headers (no pixel is decoded); raises DataError like `encode`."""
@@ -297,7 +362,7 @@ class ConversationEncoder:
         images, videos = self.image_plans(sample), self.video_plans(sample)
         self._check_pads(sample, ids, len(images), len(videos))
         count = TokenCount(
-            text=len(ids) - len(images) - len(videos),
+            text=len(ids) - len(images) - len(videos) + self._video_text_tokens([plan for _, plan in videos]),
             image=sum(p.tokens for p in images),
             video=sum(plan.tokens for _, plan in videos),
         )
@@ -354,15 +419,19 @@ class ConversationEncoder:
         ids, labels = self._tokens(sample, generation_prompt)
         image_plans, video_plans = self.image_plans(sample), self.video_plans(sample)
         self._check_pads(sample, ids, len(image_plans), len(video_plans))
-        counts = {
-            self.image_pad_id: iter([p.tokens for p in image_plans]),
-            self.video_pad_id: iter([plan.tokens for _, plan in video_plans]),
+        expansions = {
+            self.image_pad_id: iter([[self.image_pad_id] * p.tokens for p in image_plans]),
+            self.video_pad_id: iter(self._video_expansions([plan for _, plan in video_plans])),
         }
         input_ids, full_labels = [], []
         for token, label in zip(ids, labels):
-            n = next(counts[token]) if token in counts else 1
-            input_ids += [token] * n
-            full_labels += [label] * n
+            if token in expansions:  # vision pads and what a video adds around them: never trained
+                expanded = next(expansions[token])
+                input_ids += expanded
+                full_labels += [IGNORE_INDEX] * len(expanded)
+            else:
+                input_ids.append(token)
+                full_labels.append(label)
         self._check_length(sample, len(input_ids))
         vision = {**self._encode_images(sample, image_plans), **self._encode_videos(sample, video_plans)}
         _check_grids(sample, vision, image_plans, video_plans)
@@ -372,11 +441,9 @@ class ConversationEncoder:
 
 def _check_grids(sample: Sample, vision: dict, image_plans: list[ImagePlan], video_plans: list) -> None:
     """The processor's grids must be the ones our plan counted tokens for (an internal consistency check)."""
-    planned = [(1, p.height // PATCH, p.width // PATCH) for p in image_plans]
+    planned = [p.grid for p in image_plans]
     got = [tuple(g) for g in vision.get("image_grid_thw", torch.empty(0, 3)).tolist()]
-    planned_v = [
-        (-(-len(plan.indices) // FRAME_FACTOR), plan.height // PATCH, plan.width // PATCH) for _, plan in video_plans
-    ]
+    planned_v = [plan.grid for _, plan in video_plans]
     got_v = [tuple(g) for g in vision.get("video_grid_thw", torch.empty(0, 3)).tolist()]
     if planned != got or planned_v != got_v:
         raise RuntimeError(f"{sample.source}: processor grids {got}/{got_v} differ from the plan {planned}/{planned_v}")

@@ -93,11 +93,13 @@ def records_name(source: DatasetSource) -> str:
 
 
 def settings_name(encoder) -> str:
-    """What token counts depend on besides the record: the vision budgets, the tokenizer and the chat template."""
+    """What token counts depend on besides the record: the vision budgets, the checkpoint's geometry (patch and merge
+    sizes) and video layout, the tokenizer and the chat template."""
     tokenizer = encoder.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    text = f"counts v{COUNT_VERSION}\n{json.dumps(asdict(encoder.vision), sort_keys=True)}\n{vocab}\n"
+    vision = dict(asdict(encoder.vision), patch=encoder.patch, merge=encoder.merge, video_layout=encoder.video_layout)
+    text = f"counts v{COUNT_VERSION}\n{json.dumps(vision, sort_keys=True)}\n{vocab}\n"
     return hashlib.sha256((text + (encoder.processor.chat_template or "")).encode()).hexdigest()[:16]
 
 

@@ -3,7 +3,9 @@
 Both the decoding path and the metadata-only token pre-pass call these functions, which is what makes the
 pre-pass exact: the same numbers decide the resize target and the token count.
 
-- Images: `smart_resize` to multiples of 28 (patch 14 x merge 2) within [min_pixels, max_pixels].
+- Images: `smart_resize` to multiples of the factor (patch x merge: 28 = 14 x 2 for Qwen2-VL and Qwen2.5-VL, 32 =
+  16 x 2 for Qwen3-VL; qwen-vl-utils' `image_patch_size`) within [min_pixels, max_pixels]. The encoder takes the
+  patch and merge sizes from the checkpoint's processor; PATCH and MERGE are the Qwen2 families' values.
 - Videos: an optional [video_start, video_end] window, `fps` (or `nframes`) sampling in pairs of frames
   within [min_frames, max_frames], evenly spaced indices, and a per-frame pixel cap derived from a total
   pixel budget shared by all sampled frames (qwen-vl-utils' `fetch_video`).
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-PATCH, MERGE, FRAME_FACTOR = 14, 2, 2
+PATCH, MERGE, FRAME_FACTOR = 14, 2, 2  # Qwen2-VL / Qwen2.5-VL; Qwen3-VL: patch 16 (all: merge 2, frame pairs)
 FACTOR = PATCH * MERGE
 MAX_RATIO = 200
 IMAGE_KEYS = ("min_pixels", "max_pixels")
@@ -69,21 +71,23 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def tokens_for(grid_t: int, height: int, width: int) -> int:
+def tokens_for(grid_t: int, height: int, width: int, patch: int = PATCH, merge: int = MERGE) -> int:
     """LLM tokens of one image or video of `grid_t` temporal patches at (height, width) resized pixels."""
-    return grid_t * (height // PATCH) * (width // PATCH) // (MERGE * MERGE)
+    return grid_t * (height // patch) * (width // patch) // (merge * merge)
 
 
 @dataclass(frozen=True)
 class ImageSpec:
     min_pixels: int
     max_pixels: int
+    patch: int = PATCH
+    merge: int = MERGE
 
     def target(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.min_pixels, self.max_pixels, self.patch * self.merge)
 
     def tokens(self, height: int, width: int) -> int:
-        return tokens_for(1, *self.target(height, width))
+        return tokens_for(1, *self.target(height, width), self.patch, self.merge)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class VideoPlan:
     source_fps: float
     height: int  # resized frame size
     width: int
+    patch: int = PATCH
+    merge: int = MERGE
 
     @property
     def sampled_fps(self) -> float:
@@ -104,8 +110,28 @@ class VideoPlan:
         return FRAME_FACTOR / self.sampled_fps
 
     @property
+    def grid(self) -> tuple[int, int, int]:
+        """The processor's `video_grid_thw` row: (temporal patches, patch rows, patch columns)."""
+        return math.ceil(len(self.indices) / FRAME_FACTOR), self.height // self.patch, self.width // self.patch
+
+    @property
     def tokens(self) -> int:
-        return tokens_for(math.ceil(len(self.indices) / FRAME_FACTOR), self.height, self.width)
+        return tokens_for(self.grid[0], self.height, self.width, self.patch, self.merge)
+
+    @property
+    def frame_tokens(self) -> int:
+        """LLM tokens of one temporal patch (frame pair)."""
+        return tokens_for(1, self.height, self.width, self.patch, self.merge)
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Seconds of each temporal patch: the mean of its frames' times (source index / source fps), the last
+        frame repeated to fill a pair; exactly transformers' Qwen3VLProcessor._calculate_timestamps (Qwen3-VL
+        writes them as `<{s:.1f} seconds>`)."""
+        indices = list(self.indices)
+        indices += indices[-1:] * (-len(indices) % FRAME_FACTOR)
+        times = [index / self.source_fps for index in indices]
+        return [(times[i] + times[i + FRAME_FACTOR - 1]) / 2 for i in range(0, len(times), FRAME_FACTOR)]
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,8 @@ class VideoSpec:
     video_end: float | None = None
     frames_fps: float | None = None  # frame rate of a folder / list of frame images
     max_pixels_override: int | None = None  # a per-item max_pixels only ever lowers the computed cap
+    patch: int = PATCH
+    merge: int = MERGE
 
     def frame_range(self, total: int, fps: float) -> tuple[int, int]:
         """First and last source frame inside [video_start, video_end] (qwen-vl-utils' rounding)."""
@@ -163,13 +191,14 @@ class VideoSpec:
         n = self.nframes_for(in_range, fps)
         # float32 torch.linspace as qwen-vl-utils: numpy's float64 rounds some indices of long videos differently.
         indices = torch.linspace(start, end, n).round().long().tolist()
-        h, w = smart_resize(height, width, self.min_pixels, self.frame_max_pixels(n))
-        return VideoPlan(indices, in_range, fps, h, w)
+        h, w = smart_resize(height, width, self.min_pixels, self.frame_max_pixels(n), self.patch * self.merge)
+        return VideoPlan(indices, in_range, fps, h, w, self.patch, self.merge)
 
 
 @dataclass(frozen=True)
 class VisionSettings:
-    """Recipe defaults; `image_spec`/`video_spec` apply a media item's own overrides on top."""
+    """Recipe defaults; `image_spec`/`video_spec` apply a media item's own overrides on top, at the checkpoint's
+    patch and merge sizes (the encoder reads them from the processor)."""
 
     min_pixels: int
     max_pixels: int
@@ -181,10 +210,12 @@ class VisionSettings:
     video_total_pixels: float
     frames_fps: float | None = None
 
-    def image_spec(self, block: dict) -> ImageSpec:
-        return ImageSpec(int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels)))
+    def image_spec(self, block: dict, patch: int = PATCH, merge: int = MERGE) -> ImageSpec:
+        return ImageSpec(
+            int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels)), patch, merge
+        )
 
-    def video_spec(self, block: dict) -> VideoSpec:
+    def video_spec(self, block: dict, patch: int = PATCH, merge: int = MERGE) -> VideoSpec:
         if "fps" in block and "nframes" in block:
             raise ValueError("a video takes either fps or nframes, not both")
         nframes = block.get("nframes")
@@ -200,6 +231,8 @@ class VisionSettings:
             video_end=_opt_float(block.get("video_end")),
             frames_fps=_opt_float(block.get("frames_fps", self.frames_fps)),
             max_pixels_override=int(block["max_pixels"]) if "max_pixels" in block else None,
+            patch=patch,
+            merge=merge,
         )
 
 

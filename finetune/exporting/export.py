@@ -3,7 +3,10 @@
     python -m finetune.export [hydra overrides]       (the same overrides as the training run)
 
 Writes `export.output_dir` (default `<run>/merged`, refused if it exists unless `export.overwrite=true`):
-safetensors weights in `export.dtype` (shards of `export.max_shard_size`), config, generation config,
+safetensors weights in `export.dtype` (shards of `export.max_shard_size`) in the published checkpoints' key and
+tensor layout (the one vLLM's loader maps: `model.visual.*`, `model.language_model.*`, `lm_head.weight` unless the
+embeddings are tied; Qwen3-VL-MoE's fused experts as the checkpoints store them, finetune/model/checkpoint_layout.py),
+config, generation config,
 tokenizer, chat template, the processor configs holding the recipe's image/video budgets (finetune/exporting/serving.py),
 the resolved recipe (`finetune_config.yaml`) and a model card (`README.md`: data, evaluation, how to load and
 serve with transformers or vLLM). Files are readable by everyone (0644).
@@ -13,6 +16,8 @@ process that imports only torch and transformers reloads the folder and
   - computes logits on a real batch from the held-out (or training) split, given the recipe's position ids:
     they must match the adapter model's (1e-4 in fp32; with half precision on either side 5 % of the logit scale;
     `export.atol` overrides);
+  - gives back the merged weights that the published layout stores transposed (fingerprints of every such tensor,
+    finetune/model/checkpoint_layout.py: transformers' loader must have transposed them back);
   - runs the folder's own processor on real images and videos of the data: the grids it gives must be the
     ones training used (a mismatch is reported and stops the export). Where transformers cannot decode a video
     file here (it needs torchcodec, which needs the system FFmpeg), the processor is given the frames and metadata
@@ -23,6 +28,7 @@ frames). `export.push_to_hub=user/name` uploads the folder afterwards.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -34,7 +40,9 @@ from pathlib import Path
 import torch
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import family_of
 from finetune.base.paths import resolve_data_file
+from finetune.model.checkpoint_layout import published_layout, transposed_names, weight_fingerprint
 from finetune.recipe.load import load_config, to_yaml
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
@@ -59,7 +67,7 @@ import json, sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.image_utils import load_image
-model_dir, batch_file, media_file, frames_file, out_file, grids_file, dtype, device_map = sys.argv[1:9]
+model_dir, batch_file, media_file, frames_file, out_file, grids_file, weights_file, dtype, device_map = sys.argv[1:10]
 processor = AutoProcessor.from_pretrained(model_dir)
 grids = {"image": [], "video": []}
 media = json.load(open(media_file))
@@ -84,7 +92,11 @@ if "second_per_grid_ts" in batch:
 with torch.no_grad():
     logits = model(**batch).logits.float().cpu()
 save_file({"logits": logits.contiguous()}, out_file)
+wanted = set(json.load(open(weights_file)))
+params = dict(model.named_parameters())
+json.dump({name: weight_fingerprint(params[name]) for name in wanted}, open(weights_file, "w"))
 """
+RELOAD_SCRIPT = inspect.getsource(weight_fingerprint) + RELOAD_SCRIPT  # the one definition, shared
 
 
 def reference_samples(config: Config, max_samples: int = 64) -> list:
@@ -185,10 +197,17 @@ def check_adapter_base(adapter_dir: Path, base_path: str) -> None:
     logger.info("adapter base %s is at %s now (same config.json)", trained_on, base_path)
 
 
-def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.dtype, device_map: str | None):
-    """(logits, served grids, how the videos were checked) computed by plain transformers on the export, in a
-    separate interpreter. Where transformers cannot decode a video file here, it is given the frames and metadata
-    it would have read (finetune/exporting/videos.py)."""
+def reload_check(
+    out_dir: Path,
+    batch: dict,
+    expected_grids: dict,
+    dtype: torch.dtype,
+    device_map: str | None,
+    weights: list[str] = (),
+):
+    """(logits, served grids, how the videos were checked, fingerprints of the `weights` as reloaded) computed by
+    plain transformers on the export, in a separate interpreter. Where transformers cannot decode a video file here,
+    it is given the frames and metadata it would have read (finetune/exporting/videos.py)."""
     from safetensors.torch import load_file, save_file
 
     from finetune.exporting.videos import (
@@ -201,7 +220,8 @@ def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.
     from_files = not videos or transformers_decodes_video_files()
     with tempfile.TemporaryDirectory() as tmp:
         names = ("batch.safetensors", "media.json", "frames.safetensors", "logits.safetensors", "grids.json")
-        files = {name: Path(tmp) / name for name in names}
+        files = {name: Path(tmp) / name for name in (*names, "weights.json")}
+        files["weights.json"].write_text(json.dumps(list(weights)))
         save_file(
             {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()},
             str(files["batch.safetensors"]),
@@ -229,7 +249,34 @@ def reload_check(out_dir: Path, batch: dict, expected_grids: dict, dtype: torch.
             load_file(str(files["logits.safetensors"]))["logits"],
             json.loads(files["grids.json"].read_text()),
         )
-    return logits, served, (how_videos_were_checked(from_files) if videos else None, from_files)
+        reloaded = json.loads(files["weights.json"].read_text())
+    return logits, served, (how_videos_were_checked(from_files) if videos else None, from_files), reloaded
+
+
+def save_published(model, out_dir: Path, max_shard_size) -> dict[str, list]:
+    """Write the merged model in the published checkpoints' layout; returns the fingerprints of the tensors written
+    transposed (finetune/model/checkpoint_layout.py), by parameter name. transformers 5.23 already writes the published
+    key names and leaves tied output embeddings out; for a family whose published layout transposes some tensors,
+    the state dict is given in that layout and transformers' own reverse conversion (which would keep its in-memory
+    layout) is skipped."""
+    family = family_of(model.config.model_type)
+    names = transposed_names(dict(model.named_parameters()), family)
+    if not names:
+        model.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=max_shard_size)
+        return {}
+    try:
+        state_dict = published_layout(model.state_dict(), family)
+    except ValueError as err:
+        raise ConfigError(f"cannot export {family.title} in the published layout: {err}") from None
+    model.save_pretrained(
+        str(out_dir),
+        safe_serialization=True,
+        max_shard_size=max_shard_size,
+        state_dict=state_dict,
+        save_original_format=False,
+    )
+    params = dict(model.named_parameters())
+    return {name: weight_fingerprint(params[name]) for name in names}
 
 
 def tolerances(config: Config, precision: str, export_dtype: str, logits: torch.Tensor) -> tuple[float, float]:
@@ -307,19 +354,26 @@ def export(config: Config) -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an earlier export (check_output_dir): no stale shard may survive
     out_dir.mkdir(parents=True)
-    merged.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=config.export.max_shard_size)
+    transposed = save_published(merged, out_dir, config.export.max_shard_size)
     apply_budgets(processor, config.model)
     save_processor(processor, out_dir)
     (out_dir / "finetune_config.yaml").write_text(to_yaml(config))
     (out_dir / "README.md").write_text("(written after the reload check)\n")
 
     device_map = inference_device_map(config)
-    merged_logits, served, (videos_checked, from_files) = reload_check(
-        out_dir, batch, expected_grids, DTYPES[export_dtype], device_map
+    merged_logits, served, (videos_checked, from_files), reloaded = reload_check(
+        out_dir, batch, expected_grids, DTYPES[export_dtype], device_map, list(transposed)
     )
     mask = batch["attention_mask"].bool()
     max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
     mismatches = grid_mismatches(expected_grids, served)
+    layout_problems = [
+        f"{name}: merged {transposed[name][0]}, reloaded {reloaded.get(name, [None])[0]}"
+        for name in transposed
+        if reloaded.get(name) is None
+        or reloaded[name][0] != transposed[name][0]
+        or abs(reloaded[name][1] - transposed[name][1]) > 1e-6 * (1.0 + abs(transposed[name][1]))
+    ]
     report = {
         "merged_dir": str(out_dir.resolve()),
         "precision": precision,
@@ -340,7 +394,9 @@ def export(config: Config) -> Path:
             "videos": videos_checked,  # how: transformers decoded the files, or was given frames we decoded
             "video_input": None if videos_checked is None else ("file" if from_files else "frames"),
         },
-        "passed": max_diff <= reload_atol and not mismatches,
+        # the tensors stored transposed (the published layout): transformers' loader gave back the merged weights
+        "published_layout": {"transposed": len(transposed), "mismatches": layout_problems},
+        "passed": max_diff <= reload_atol and not mismatches and not layout_problems,
     }
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
     info = card_info(config, run_dir, export_dtype, report["served_grids"])
@@ -352,6 +408,11 @@ def export(config: Config) -> Path:
     if max_diff > reload_atol:
         raise RuntimeError(
             f"the reloaded export's logits differ from the adapter model's by {max_diff:.2e} > {reload_atol:.1e}"
+        )
+    if layout_problems:
+        raise RuntimeError(
+            "plain transformers did not load the fused experts written in the published layout back as merged "
+            "(not transposed back?):\n" + "\n".join(layout_problems)
         )
     if mismatches:
         raise RuntimeError("the exported processor does not reproduce the training grids:\n" + "\n".join(mismatches))

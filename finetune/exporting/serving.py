@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from finetune.base.families import FAMILIES
 from finetune.data.vision import FACTOR, FRAME_FACTOR
 
 TOKEN_PIXELS = FACTOR * FACTOR * 0.9  # transformers: total video pixels = int(max_video_tokens * 28 * 28 * 0.9)
@@ -30,6 +31,13 @@ SERVING_DIFFERENCES = """\
   `do_sample_frames=False` and `video_metadata` holding the fps and the frame indices.
 - Per-sample options (`nframes`, `video_start`/`video_end`, per-item `max_pixels`, `fps`) are per request:
   pass them in the processor call (`videos_kwargs`) or in vLLM's `mm_processor_kwargs`.
+- Frame counts (Qwen3-VL): Qwen3VLVideoProcessor samples int(frames / fps x the recipe's fps) frames and pads an
+  odd count with a copy of the last frame; qwen-vl-utils and this training floor the count to whole pairs. A clip
+  whose count comes out odd is served one frame pair longer than it was trained (its last pair repeats a frame);
+  feed the trained frames as above (`do_sample_frames=False` with the metadata) to get the trained grid.
+- Small frames (Qwen3-VL): training scales each frame up to `video_min_pixels` (qwen-vl-utils); Qwen3VLVideoProcessor
+  holds the whole clip (frames x height x width) to `size.shortest_edge`, so a clip of frames smaller than that is
+  served at its own, smaller size. Feed frames already resized to the trained size to serve what was trained.
 - Frame folders and frame lists are a training input only; serve the video file.
 - The total video pixel budget is expressed as `max_video_tokens` (transformers computes
   `int(max_video_tokens * 28 * 28 * 0.9)` pixels). Qwen's default (128000 tokens) and any multiple of 3528
@@ -45,16 +53,28 @@ def max_video_tokens(total_pixels: float) -> int:
 
 
 def apply_budgets(processor, model_cfg) -> None:
-    """Set the recipe's image and video budgets on a loaded processor (in place) so that saving it exports them."""
+    """Set the recipe's image and video budgets on a loaded processor (in place) so that saving it exports them, in
+    the terms of the family's video processor (`video_budget`, finetune/base/families.py)."""
     image, video = processor.image_processor, processor.video_processor
     image.size = {"shortest_edge": model_cfg.min_pixels, "longest_edge": model_cfg.max_pixels}
-    video.size = {"shortest_edge": model_cfg.video_min_pixels, "longest_edge": model_cfg.video_max_pixels}
     video.do_sample_frames = True
     video.fps = float(model_cfg.video_fps)
     video.min_frames = math.ceil(model_cfg.video_min_frames / FRAME_FACTOR) * FRAME_FACTOR  # as qwen-vl-utils rounds it
     video.max_frames = model_cfg.video_max_frames
     video.cap_pixels_per_frame = True
-    video.max_video_tokens = max_video_tokens(model_cfg.video_total_pixels)
+    if FAMILIES[model_cfg.family].video_budget == "clip":
+        # Qwen3VLVideoProcessor: each frame gets max(min(max_video_tokens * factor^2, longest_edge / frames),
+        # 1.05 * shortest_edge) pixels; qwen-vl-utils gives a frame min(video_max_pixels, total * 2 / frames) (it
+        # counts the total per frame pair), floored the same way: longest_edge = 2 x the recipe's total.
+        factor = video.patch_size * video.merge_size
+        video.size = {
+            "shortest_edge": model_cfg.video_min_pixels,
+            "longest_edge": int(model_cfg.video_total_pixels * FRAME_FACTOR),
+        }
+        video.max_video_tokens = model_cfg.video_max_pixels // factor**2
+    else:
+        video.size = {"shortest_edge": model_cfg.video_min_pixels, "longest_edge": model_cfg.video_max_pixels}
+        video.max_video_tokens = max_video_tokens(model_cfg.video_total_pixels)
 
 
 def save_processor(processor, out_dir: Path) -> None:

@@ -5,6 +5,9 @@ lays out t x h/m x w/m tokens (m = spatial merge size) at temporal ids `floor(i 
 spatial ids `start + row` / `start + column`. `interval` is `second_per_grid * tokens_per_second` (in
 float32) for the videos of a family whose entry names a seconds scale (`video_seconds_scale`, finetune/base/
 families.py: Qwen2.5-VL's `tokens_per_second`), 1 for the others' (Qwen2-VL), and images have one temporal index (0).
+A family whose videos are `timestamped_frames` (Qwen3-VL) renders each temporal patch (frame pair) as its own
+block after its timestamp text: a video grid (t, h, w) is t blocks of grid (1, h, w), each at the temporal id of
+its own start (time is in the timestamp text, not in the ids); `video_grid_thw` keeps one row per video.
 
 Where the text after a vision block resumes is the rule (`model.rope_rule`):
   qwen          (largest position so far) + 1. What Qwen contributed to transformers (4.45 ... 5.2), what
@@ -13,7 +16,8 @@ Where the text after a vision block resumes is the rule (`model.rope_rule`):
   transformers  start + max(h, w) / m, the rule of transformers 5.3 ... 5.23 ("Unify 3D position ids";
                 huggingface/transformers#45381). It ignores how long a video is: after a 30 s clip at 2 fps
                 (grid (30, 26, 30), 1 s per grid, 16 tokens before it) the text resumes at 31 instead of 75.
-Both agree on images and on clips whose temporal extent is within the spatial one.
+Both agree on images and on clips whose temporal extent is within the spatial one, and so on every
+Qwen3-VL sequence (its blocks all have one temporal index).
 
 `install_position_rule` makes a loaded model compute its own positions with the same function (its
 `get_rope_index` is replaced on the instance), so `generate` prefills and decodes with the recipe's rule.
@@ -36,15 +40,19 @@ class PositionRule:
     rule: str = "qwen"
     spatial_merge_size: int = 2
     tokens_per_second: float | None = None  # set: Qwen2.5-VL spaces video frames in absolute time
+    frame_blocks: bool = False  # set: each temporal patch of a video is its own (1, h, w) block (Qwen3-VL)
 
     @classmethod
     def for_model(cls, model_config, rule: str) -> "PositionRule":
         if rule not in ROPE_RULES:
             raise ValueError(f"rope rule {rule!r} is not one of {ROPE_RULES}")
-        vision, scale = model_config.vision_config, family_of(model_config.model_type).video_seconds_scale
+        family = family_of(model_config.model_type)
+        vision, scale = model_config.vision_config, family.video_seconds_scale
         # A family without a seconds scale (Qwen2-VL) spaces a video's frames one temporal id apart.
         tokens_per_second = getattr(vision, scale) if scale else None
-        return cls(rule, vision.spatial_merge_size, tokens_per_second)
+        return cls(
+            rule, vision.spatial_merge_size, tokens_per_second, frame_blocks=family.video_layout == "timestamped_frames"
+        )
 
     def sample(self, mm_token_type_ids, image_grids, video_grids, second_per_grid=None) -> torch.Tensor:
         """(3, L) int64 ids of one sample; `mm_token_type_ids` is 0 text, 1 image, 2 video per token."""
@@ -74,8 +82,12 @@ def sample_position_ids(
     mm_token_type_ids, image_grids, video_grids, second_per_grid, rule: PositionRule
 ) -> torch.Tensor:
     """(3, L) int64 position ids of one sample under `rule`. Consecutive vision tokens of one kind may hold
-    several blocks back to back: each consumes its grid's token count."""
+    several blocks back to back: each consumes its grid's token count. With `rule.frame_blocks` a video grid
+    (t, h, w) is consumed as t blocks of grid (1, h, w)."""
     types = torch.as_tensor(mm_token_type_ids).tolist()
+    if rule.frame_blocks:
+        video_grids = [(1, int(h), int(w)) for t, h, w in video_grids for _ in range(int(t))]
+        second_per_grid = None  # time is in the timestamp text
     grids = {1: iter(image_grids), 2: iter(video_grids)}
     seconds = iter(second_per_grid if second_per_grid is not None else [])
     parts, current, i = [], 0, 0

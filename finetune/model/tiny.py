@@ -1,8 +1,10 @@
-"""Deterministic tiny Qwen2-VL / Qwen2.5-VL checkpoints for tests and the demo.
+"""Deterministic tiny Qwen-VL checkpoints (one per family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) for tests
+and the demo.
 
 No model hub is reachable on CI machines, so we build real checkpoints locally: the real model classes with
 tiny dimensions, a byte-level BPE tokenizer trained offline with Qwen's special tokens and a Qwen-VL chat
-template, and the real image/video processors. The result is a standard Hugging Face directory that
+template, and the real image/video processors configured as the family's published checkpoints are (patch size,
+merge size, mean/std, budgets: the entry's `processor_settings`). The result is a standard Hugging Face directory that
 `AutoProcessor` and `AutoModelForImageTextToText` load, so every code path is the one a real model takes.
 
 Recipes name them `tiny://<family>` (`tiny://qwen2_5_vl`, one per entry of finetune/base/families.py, which holds
@@ -22,7 +24,7 @@ from finetune.base.families import FAMILIES
 
 TINY_SCHEME = "tiny://"
 # Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
-BUILD_VERSION = 2
+BUILD_VERSION = 4  # 4: fused MoE experts written in the published layout
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -126,24 +128,28 @@ def build_tokenizer():
 
 
 def _model_config(family: str, tokenizer):
-    """The family's config (AutoConfig by model_type) with the tiny dimensions: TEXT_DIMS and its `tiny_vision`,
-    the merger projecting into the LLM's width."""
+    """The family's config (AutoConfig by model_type) with the tiny dimensions: TEXT_DIMS (with the entry's
+    `tiny_text` on top) and its `tiny_vision`, the merger projecting into the LLM's width."""
     from transformers import AutoConfig
 
     entry = FAMILIES[family]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(
         TEXT_DIMS,
+        **(entry.tiny_text or {}),
         vocab_size=len(tokenizer),
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
     vision = dict(entry.tiny_vision, **{entry.merger_width: TEXT_DIMS["hidden_size"]})
+    # Qwen3-VL's configs hold `tie_word_embeddings` at the top level too (the one the model ties by).
+    tied = {"tie_word_embeddings": text["tie_word_embeddings"]} if "tie_word_embeddings" in text else {}
     return AutoConfig.for_model(
         entry.model_type,
         vision_config=vision,
         text_config=text,
+        **tied,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -170,12 +176,19 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
     entry = FAMILIES[family]  # the processor classes by name: transformers is imported here only
+    if entry.transposed_in_checkpoint:  # fused experts as the published checkpoints store them (transformers would not)
+        from finetune.model.checkpoint_layout import published_layout
+
+        state_dict = published_layout(model.state_dict(), entry)
+        model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict, save_original_format=False)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    settings = entry.processor_settings or {}
     processor = getattr(transformers, entry.processor)(
-        image_processor=getattr(transformers, entry.image_processor)(),
+        image_processor=getattr(transformers, entry.image_processor)(**settings.get("image_processor", {})),
         tokenizer=tokenizer,
-        video_processor=getattr(transformers, entry.video_processor)(),
+        video_processor=getattr(transformers, entry.video_processor)(**settings.get("video_processor", {})),
         chat_template=QWEN_VL_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
@@ -187,7 +200,15 @@ def _spec_hash(family: str, seed: int) -> str:
 
     entry = FAMILIES[family]
     # The family's part of the build lives in its registry entry, so an edit there rebuilds too.
-    built_from = [entry.merger_width, entry.tiny_vision, entry.processor, entry.image_processor, entry.video_processor]
+    built_from = [
+        entry.merger_width,
+        entry.tiny_vision,
+        entry.tiny_text,
+        entry.processor,
+        entry.image_processor,
+        entry.video_processor,
+        entry.processor_settings,
+    ]
     spec = dict(
         family=family, seed=seed, build=BUILD_VERSION, dims=TEXT_DIMS, entry=built_from, tf=transformers.__version__
     )

@@ -7,6 +7,11 @@ finetune/base/families.py), each `frozen`, `lora` or `full` in the recipe:
   llm           everything else: `model.language_model.*` (embeddings, decoder layers, norm) and `lm_head`
 Under LoRA, PEFT freezes every base weight; a part that trains fully (a `full` merger or vision tower) goes
 into `modules_to_save`, so the adapter checkpoint holds it and `merge_and_unload` puts it back in the export.
+
+A mixture-of-experts LLM (Qwen3-VL-MoE) has fused expert parameters, which take LoRA as parameters (PEFT
+`target_parameters`) beside the attention's nn.Linear layers, and a router per layer, frozen in every mode unless
+`parts.router=full`; its load-balancing loss is logged, and weighted into the training loss as
+`router_aux_loss_coef` says.
 """
 
 from __future__ import annotations
@@ -83,11 +88,18 @@ def default_lora_patterns(family: Family) -> dict[str, str]:
     }
 
 
+def is_router(name: str, family: Family) -> bool:
+    """Whether a parameter (or module) name is (in) a router of the family's experts."""
+    return family.router is not None and f".{family.router}." in f".{name}."
+
+
 def apply_freezing(model, config: Config) -> None:
-    """requires_grad on the weights of `full` parts only (a `lora` part's base weights stay frozen)."""
+    """requires_grad on the weights of `full` parts only (a `lora` part's base weights stay frozen); a router
+    trains only with parts.router=full."""
     modes, family = config.parts.modes(), model_family(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(modes[model_part(name, family)] == "full")
+        full = modes[model_part(name, family)] == "full"
+        param.requires_grad_(config.parts.router == "full" if is_router(name, family) else full)
 
 
 def lora_targets(model, config: Config) -> list[str]:
@@ -114,21 +126,48 @@ def lora_targets(model, config: Config) -> list[str]:
     return names
 
 
+def expert_lora_targets(model, config: Config) -> list[str]:
+    """Full names of the fused expert parameters that get LoRA (PEFT `target_parameters`): with parts.llm=lora and
+    peft.target_experts, every one of the family's `expert_lora_targets` in the language model; none for a dense
+    family."""
+    family = model_family(model)
+    if config.parts.llm != "lora" or not config.peft.target_experts or not family.expert_lora_targets:
+        return []
+    language_model = f"{family.inner_model}.{family.language_model}."
+    names = [
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith(language_model) and name.endswith(tuple(f".{t}" for t in family.expert_lora_targets))
+    ]
+    if not names:
+        raise ConfigError(
+            f"None of {family.title}'s expert parameters ({', '.join(family.expert_lora_targets)}) is in this "
+            "checkpoint; set peft.target_experts=false."
+        )
+    return names
+
+
 def fully_trained_modules(model, config: Config) -> list[str]:
     """Modules PEFT must train fully and save beside the adapter (`modules_to_save`)."""
     visual, family = vision_tower(model), model_family(model)
     prefix = next(n for n, m in model.named_modules() if m is visual)
+
+    def wrappable(child_name: str) -> list[str]:  # a ModuleList cannot be wrapped: each of its modules instead
+        child = visual.get_submodule(child_name)
+        if isinstance(child, torch.nn.ModuleList):
+            return [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
+        return [f"{prefix}.{child_name}"]
+
     names = []
-    if config.parts.merger == "full":
-        names += [f"{prefix}.{merger}" for merger in family.mergers]
-    if config.parts.vision_tower == "full":  # each ViT block and the patch embed (a ModuleList cannot be wrapped)
+    if family.router and config.parts.router == "full" and config.parts.llm == "lora":  # each layer's router
+        names += [name for name, _ in model.named_modules() if name.endswith(f".{family.router}")]
+    if config.parts.merger == "full":  # the merger, and Qwen3-VL's DeepStack mergers (a ModuleList)
+        names += [name for merger in family.mergers for name in wrappable(merger)]
+    if config.parts.vision_tower == "full":  # each ViT block and the patch embed
         for child_name, child in visual.named_children():
             if child_name in family.mergers or next(child.parameters(), None) is None:
                 continue
-            if isinstance(child, torch.nn.ModuleList):
-                names += [f"{prefix}.{child_name}.{i}" for i in range(len(child))]
-            else:
-                names.append(f"{prefix}.{child_name}")
+            names += wrappable(child_name)
     return names
 
 
@@ -144,6 +183,7 @@ def apply_lora(model, config: Config):
         use_dora=peft.use_dora,
         use_rslora=peft.use_rslora,
         target_modules=targets,  # exact names: nothing but the checked nn.Linear layers can match
+        target_parameters=expert_lora_targets(model, config) or None,  # fused experts (peft.target_experts)
         modules_to_save=fully_trained_modules(model, config) or None,
         task_type="CAUSAL_LM",
     )
@@ -152,11 +192,35 @@ def apply_lora(model, config: Config):
 
 def make_trainable(model, config: Config):
     """Freeze per the recipe, then add LoRA if a part asks for it; returns the model to train."""
+    training_without_cache(model)
     apply_freezing(model, config)
     run_frozen_parts_without_autograd(model, config)
     if config.parts.uses_lora:
         model = apply_lora(model, config)
     return model
+
+
+def router_aux_loss_coef(model, config: Config) -> float | None:
+    """The weight of the load-balancing loss in the training loss; None: the model has no router (dense). The
+    recipe's trainer.router_aux_loss_coef, or when null: the checkpoint's own coefficient with parts.router=full, 0
+    with a frozen router (the loss exists to keep the router from sending every token to the same experts; frozen,
+    it only reaches the layers below through the hidden states)."""
+    if model_family(model).router is None:
+        return None
+    if config.trainer.router_aux_loss_coef is not None:
+        return config.trainer.router_aux_loss_coef
+    text_config = base_model(model).config.get_text_config()
+    return float(text_config.router_aux_loss_coef) if config.parts.router == "full" else 0.0
+
+
+def training_without_cache(model) -> None:
+    """Training never uses a key/value cache. Qwen3-VL's text model creates one whenever its config says use_cache,
+    and with a cache transformers does not look for packed samples in the position ids: attention would then cross
+    sample boundaries in a packed row (measured on a tiny Qwen3-VL: packed logits off by 0.6). `generate` asks for a
+    cache itself."""
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
 
 
 def part_learning_rates(config: Config) -> dict[str, float]:
@@ -218,7 +282,6 @@ def enable_activation_checkpointing(model, config: Config, reentrant: bool | Non
         for module in vision_tower(inner).modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
-    inner.config.use_cache = False
     require_input_grads(model, config, reentrant)
     return reentrant
 

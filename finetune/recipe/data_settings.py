@@ -4,6 +4,7 @@ reads a config object: this module is the one place that turns a recipe into a `
 
 from __future__ import annotations
 
+from finetune.base.families import family_of
 from finetune.data.encode import ConversationEncoder
 from finetune.data.modes import LabelMode
 from finetune.data.prepare import SplitSettings
@@ -28,12 +29,18 @@ def vision_settings(config: Config) -> VisionSettings:
 
 
 def conversation_encoder(processor, config: Config, for_training: bool = True) -> ConversationEncoder:
-    """The encoder the recipe describes; training and validation also apply its label mode and length limit
-    (inference encodes prompts, which have no labels and are never refused for length)."""
+    """The encoder the recipe describes, rendering videos as the recipe's model family does; training and validation
+    also apply its label mode and length limit (inference encodes prompts, which have no labels and are never refused
+    for length)."""
+    layout = family_of(config.model.family).video_layout
     if not for_training:
-        return ConversationEncoder(processor, vision_settings(config))
+        return ConversationEncoder(processor, vision_settings(config), video_layout=layout)
     return ConversationEncoder(
-        processor, vision_settings(config), LabelMode(config.trainer.label_mode), config.data.max_length
+        processor,
+        vision_settings(config),
+        LabelMode(config.trainer.label_mode),
+        config.data.max_length,
+        video_layout=layout,
     )
 
 

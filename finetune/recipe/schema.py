@@ -26,6 +26,7 @@ from finetune.recipe.keys import (
     PRECISIONS,
     REPORT_TO,
     ROPE_RULES,
+    ROUTER_MODES,
     WANDB_MODES,
     check_choices,
     option,
@@ -36,7 +37,9 @@ from finetune.recipe.keys import (
 class ModelConfig:
     """Which checkpoint to fine-tune and how its vision inputs are sized (Qwen's dynamic resolution)."""
 
-    name_or_path: str = option(MISSING, help="Hub id, local directory, or tiny://qwen2_vl | tiny://qwen2_5_vl.")
+    name_or_path: str = option(
+        MISSING, help="Hub id, local directory, or " + " | ".join(f"tiny://{name}" for name in FAMILIES) + "."
+    )
     family: str = option(
         MISSING,
         help="The model family (an entry of finetune/base/families.py); checked against the checkpoint's model_type.",
@@ -62,10 +65,13 @@ class ModelConfig:
         choices=ROPE_RULES,
     )
     min_pixels: int = option(
-        4 * 28 * 28, help="Fewest pixels per image after smart_resize (factor 28 = patch 14 x merge 2)."
+        4 * 28 * 28,
+        help="Fewest pixels per image after smart_resize (factor = the checkpoint's patch x merge: 28 for Qwen2-VL "
+        "and Qwen2.5-VL, 32 for Qwen3-VL).",
     )
     max_pixels: int = option(
-        1280 * 28 * 28, help="Most pixels per image after smart_resize (factor 28 = patch 14 x merge 2)."
+        1280 * 28 * 28,
+        help="Most pixels per image after smart_resize (factor = the checkpoint's patch x merge: 28 or 32).",
     )
     video_fps: float = option(
         2.0, help="Frames sampled per second of video, as qwen-vl-utils for Qwen2.5-VL (in pairs: FRAME_FACTOR 2)."
@@ -179,6 +185,13 @@ class PartsConfig:
         None,
         help="Learning rate of the merger (its full weights); null = trainer.learning_rate, which is the LLM's.",
     )
+    router: str = option(
+        "frozen",
+        help="The router of a mixture-of-experts LLM (Qwen3-VL-MoE: each layer's `mlp.gate`, a part of the llm): "
+        "frozen (the default: which experts see a token stays the checkpoint's) or full (its weights train at the "
+        "LLM's rate, with the load-balancing loss: trainer.router_aux_loss_coef). Models without experts: frozen.",
+        choices=ROUTER_MODES,
+    )
 
     def modes(self) -> dict[str, str]:
         return {"llm": self.llm, "vision_tower": self.vision_tower, "merger": self.merger}
@@ -198,6 +211,11 @@ class PartsConfig:
             raise ConfigError(
                 "parts.llm=full with parts.vision_tower=lora would save the whole LLM inside a LoRA adapter. "
                 "Use parts.llm=lora with parts.vision_tower=lora, or parts.vision_tower=full for full fine-tuning."
+            )
+        if self.router == "full" and self.llm == "frozen":
+            raise ConfigError(
+                "parts.router=full trains the router inside a frozen LLM; set parts.llm=lora (or full) with it, or "
+                "leave parts.router=frozen."
             )
         if set(self.modes().values()) == {"frozen"}:
             raise ConfigError(
@@ -231,6 +249,13 @@ class PeftConfig:
         "attention and MLP projections inside the language model (finetune/base/families.py `lora_targets`). "
         "Anchor a pattern of your own on the language model: Qwen2.5-VL's vision MLP also has gate/up/down_proj. "
         "Only nn.Linear layers ever match.",
+    )
+    target_experts: bool = option(
+        True,
+        help="With parts.llm=lora on a mixture-of-experts LLM (Qwen3-VL-MoE): LoRA on every expert too (the fused "
+        "`mlp.experts.gate_up_proj` / `down_proj` parameters, PEFT target_parameters: one rank-r update per "
+        "expert), beside peft.target_modules; PEFT applies no dropout there, so it needs peft.dropout=0. false: "
+        "the experts stay frozen. Dense models have none.",
     )
     vision_target_modules: Optional[str] = option(
         None,
@@ -311,6 +336,13 @@ class TrainerConfig:
         "attention; per_device_train_batch_size then counts rows. false: padded batches.",
     )
     max_tokens_per_row: int | None = option(None, help="Tokens per packed row; null = data.max_length.")
+    router_aux_loss_coef: float | None = option(
+        None,
+        help="Weight of a mixture-of-experts LLM's load-balancing loss in the training loss (transformers' "
+        "load_balancing_loss_func, per micro-batch and rank); it is logged as aux_loss either way. null: the "
+        "checkpoint's router_aux_loss_coef (0.001 in Qwen3-VL-MoE) with parts.router=full, 0 with a frozen router. "
+        "Models without experts: null.",
+    )
 
     def check(self) -> None:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -486,6 +518,7 @@ class Config:
                 "trainer.gradient_checkpointing_vision_tower=true needs trainer.gradient_checkpointing=true and a "
                 "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
             )
+        self._check_experts()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError(
                 "trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
@@ -495,6 +528,38 @@ class Config:
             raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and not self.parts.uses_lora:
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
+
+    def _check_experts(self) -> None:
+        """The mixture-of-experts keys against the family (finetune/base/families.py) and each other."""
+        family = FAMILIES.get(self.model.family)
+        if family is None:
+            return
+        moe, t = family.router is not None, self.trainer
+        if not moe:
+            if self.parts.router != "frozen" or t.router_aux_loss_coef is not None:
+                raise ConfigError(
+                    f"parts.router and trainer.router_aux_loss_coef are for mixture-of-experts models; {family.title} "
+                    "has no router: leave parts.router=frozen and trainer.router_aux_loss_coef=null."
+                )
+            return
+        if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:
+            raise ConfigError(f"trainer.router_aux_loss_coef must be >= 0 or null, got {t.router_aux_loss_coef}.")
+        lora_on_experts = self.parts.llm == "lora" and self.peft.target_experts and family.expert_lora_targets
+        if lora_on_experts and self.peft.dropout:
+            raise ConfigError(
+                f"peft.dropout={self.peft.dropout} with LoRA on {family.title}'s fused experts "
+                "(peft.target_experts=true): PEFT applies LoRA to expert parameters without dropout. Set "
+                "peft.dropout=0, or peft.target_experts=false (LoRA on the attention only)."
+            )
+        weighted = t.router_aux_loss_coef != 0 if t.router_aux_loss_coef is not None else self.parts.router == "full"
+        reentrant = t.gradient_checkpointing and self.parts.uses_lora and self.deepspeed.zero_stage == 3
+        if weighted and reentrant:
+            raise ConfigError(
+                "A load-balancing loss in training (parts.router=full or trainer.router_aux_loss_coef > 0) gets no "
+                "gradient under LoRA + ZeRO-3 with trainer.gradient_checkpointing (checkpointing is reentrant there, "
+                "and transformers records the router logits inside the checkpointed layers without autograd). Set "
+                "trainer.router_aux_loss_coef=0 (logged only), or train without ZeRO-3 or without checkpointing."
+            )
 
 
 def repo_path(path: str) -> Path:

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune.base.errors import RunStopped
 from finetune.model.load import uses_gpu
-from finetune.model.trainable import base_model, parameter_groups
+from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config, repo_path
 from finetune.records.rundir import RunDir, mark_complete, rotate
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
@@ -81,6 +81,9 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
     )
 
 
+MOE_CONFIG_KEYS = ("output_router_logits", "router_aux_loss_coef")  # the text config's keys TRL's __init__ writes
+
+
 class VisionLanguageSFTTrainer(SFTTrainer):
     """SFTTrainer with our data loader (finetune/model/batching.py), per-part learning rates, one vision-tower call per
     forward on every rank (finetune/training/vision_sync.py) and tokens/s logging (real and trained tokens) per device."""
@@ -88,7 +91,21 @@ class VisionLanguageSFTTrainer(SFTTrainer):
     def __init__(self, *args, train_loader, recipe: Config, eval_samples=None, eval_encoder=None, **kwargs):
         self._recipe = recipe
         self._eval_samples, self._eval_encoder = eval_samples, eval_encoder
+        model = kwargs["model"]
+        text_config = base_model(model).config.get_text_config()
+        checkpoint_values = {k: getattr(text_config, k) for k in MOE_CONFIG_KEYS if hasattr(text_config, k)}
         super().__init__(*args, **kwargs)
+        # A mixture-of-experts LLM: TRL computes the load-balancing loss in every training forward when
+        # `aux_loss_enabled` (the model returns its router logits), logs it as `aux_loss` and adds
+        # `router_aux_loss_coef` x it to the loss (per micro-batch, divided by the accumulation steps). The weight is
+        # ours (finetune/model/trainable.py: 0 with a frozen router, so the loss is logged only); TRL's own choice
+        # (the config's coefficient) and what it wrote into the model config are undone: generation keeps the
+        # checkpoint's `output_router_logits`, and a saved config its coefficient.
+        coef = router_aux_loss_coef(model, recipe)
+        if coef is not None:
+            self.aux_loss_enabled, self.router_aux_loss_coef = True, coef
+        for key, value in checkpoint_values.items():
+            setattr(text_config, key, value)
         # transformers declares `accepts_loss_kwargs = False` on Qwen2.5-VL (not on Qwen2-VL), so Trainer would
         # not count the trained tokens of all accumulated micro-batches and ranks, and would average per-batch
         # means instead. TRL's compute_loss divides by that count itself: make Trainer always provide it.

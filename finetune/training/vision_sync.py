@@ -8,10 +8,18 @@ with a trainable merger or ViT fails the same way in its gradient all-reduce.
 transformers calls the tower once for the images and once more for the videos of a batch. Instead, a
 pre-forward hook on the inner Qwen-VL model (`model.model`) runs it once on the images and videos together
 (their patches have the same size, and the tower attends within each item only, so each item's features
-are the same) and hands the features to the model as `mm_encoder_outputs`. A batch with no media runs it on
+are the same) and hands the features to the model as `mm_encoder_outputs` (Qwen3-VL's DeepStack features
+included). A batch with no media runs it on
 a one-token dummy input and adds 0 x its output to the input embeddings: the loss and every gradient are
 unchanged while the same parameters take part in backward on every rank. Every rank thus runs: embeddings,
 vision tower, language model.
+
+The embeddings go to the model as `inputs_embeds` (Qwen3-VL takes input_ids or inputs_embeds, not both). Without
+input_ids transformers finds the placeholder tokens by comparing every embedding with the image and video tokens'
+embeddings, calling the embedding layer again once per token kind and modality present: under ZeRO-3 each call is
+a gather, so a rank with media would gather while a text-only rank does not (gloo: "collective mismatch"). While
+this hook's forward runs, the inner model's `get_placeholder_mask` is given the input_ids instead: the same masks,
+exact, and no embedding call beyond the one every rank makes.
 
 One call also matters for training the ViT under ZeRO-3 with reentrant checkpointing: each checkpointed
 block's gradient is then delivered by a separate inner backward, and ZeRO-3 keeps only the last delivery of
@@ -39,23 +47,29 @@ def dummy_vision_input(vision_config, device, dtype) -> tuple[torch.Tensor, torc
 
 def encode_media_once(visual, vision_config, inputs: dict) -> tuple[dict, torch.Tensor | None]:
     """Features of all images and videos in `inputs` from one tower call, as transformers' `mm_encoder_outputs`
-    ({"image"/"video": output whose pooler_output is a tuple of per-item features}). Without media: ({}, 0 x
-    the dummy call's output sum)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    ({"image"/"video": the tower's output type whose per-token fields hold per-item tuples}). Per-token fields are
+    the merged features (`pooler_output`) and, for Qwen3-VL, the DeepStack features of some ViT layers
+    (`deepstack_features`, one tensor per layer), which the language model adds into its first layers. Without
+    media: ({}, 0 x the sum of the dummy call's features, DeepStack included, so that every merger takes part)."""
     weight = next(visual.parameters())
     present = [(name, inputs[pixels], inputs[grid]) for name, pixels, grid in MEDIA if inputs.get(pixels) is not None]
     if not present:
         pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
         out = visual(pixels, grid_thw=grid)
-        return {}, out.pooler_output.float().sum() * 0.0
+        features = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+        return {}, sum(f.float().sum() for f in features) * 0.0
     pixels = torch.cat([p.type(weight.dtype) for _, p, _ in present])
     grid = torch.cat([g for _, _, g in present])
-    merged = visual(pixels, grid_thw=grid).pooler_output
+    out = visual(pixels, grid_thw=grid)
+    deepstack = getattr(out, "deepstack_features", None)
     outputs, start = {}, 0
     for name, _, item_grid in present:
         sizes = (item_grid.prod(-1) // vision_config.spatial_merge_size**2).tolist()
-        outputs[name] = BaseModelOutputWithPooling(pooler_output=torch.split(merged[start : start + sum(sizes)], sizes))
+        span = slice(start, start + sum(sizes))
+        fields = {"pooler_output": torch.split(out.pooler_output[span], sizes)}
+        if deepstack is not None:
+            fields["deepstack_features"] = [torch.split(layer[span], sizes) for layer in deepstack]
+        outputs[name] = type(out)(**fields)
         start += sum(sizes)
     return outputs, None
 
@@ -71,8 +85,22 @@ class OneVisionCall:
         self.handle = inner_model.register_forward_pre_hook(self._before, with_kwargs=True)
         # Evaluation during training (sharded generate, every rank stepping in lockstep) needs the same one call.
         self.in_evaluation = False
+        # The input_ids of the forward this hook replaced by embeddings, for the placeholder masks (see above).
+        self.input_ids = None
+        self.inner_model = inner_model
+        self.after = inner_model.register_forward_hook(self._after)
+        if hasattr(inner_model, "get_placeholder_mask"):
+            inner_model.get_placeholder_mask = self._placeholder_mask
+
+    def _placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
+        ids = self.input_ids if input_ids is None and self.input_ids is not None else input_ids
+        return type(self.inner_model).get_placeholder_mask(self.inner_model, ids, inputs_embeds, *args, **kwargs)
+
+    def _after(self, module, args, output):
+        self.input_ids = None
 
     def _before(self, module, args, kwargs):
+        self.input_ids = None
         if not module.training and not self.in_evaluation:
             return None
         if (
@@ -85,9 +113,12 @@ class OneVisionCall:
         features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
-        # input_ids stay: they locate the media placeholders; the grids stay: they give the M-RoPE positions.
+        # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are found by the
+        # ids kept here (`_placeholder_mask`). The grids stay: they give the M-RoPE positions.
+        self.input_ids = kwargs["input_ids"]
         return args, {
             **kwargs,
+            "input_ids": None,
             "inputs_embeds": embeds,
             "pixel_values": None,
             "pixel_values_videos": None,
@@ -96,3 +127,5 @@ class OneVisionCall:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.after.remove()
+        self.inner_model.__dict__.pop("get_placeholder_mask", None)

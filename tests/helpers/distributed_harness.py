@@ -9,6 +9,9 @@
     HARNESS_SPLIT_MODALITIES=1     batches of one-sample rows go to ranks by modality: rank 0 gets only text-only rows,
                                    rank 1 only rows of video samples (the case that hangs ZeRO-3 without
                                    finetune/training/vision_sync.py)
+    HARNESS_GRADS_DIR=DIR          every rank writes DIR/rank-R.jsonl: per training step, the trainable parameters whose
+                                   gradient its own backward computed (a hook on each), and which of them it found
+                                   non-zero
 """
 
 import errno
@@ -55,7 +58,28 @@ def faulty_trainer() -> None:
                 rank, step = map(int, ENV("HARNESS_KILL_RANK").split(":"))
                 if self.accelerator.process_index == rank and self.state.global_step + 1 == step:
                     os.kill(os.getpid(), signal.SIGKILL)
-            return super().training_step(model, inputs, num_items_in_batch)
+            if not ENV("HARNESS_GRADS_DIR"):
+                return super().training_step(model, inputs, num_items_in_batch)
+            if not hasattr(self, "_computed"):
+                self._computed = {}
+                for name, param in model.named_parameters():
+                    if param.requires_grad:
+                        param.register_hook(lambda grad, name=name: self._record(name, grad))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            line = {
+                "step": self.state.global_step + 1,
+                "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                "computed": sorted(self._computed),
+                "nonzero": sorted(n for n, nonzero in self._computed.items() if nonzero),
+            }
+            path = os.path.join(ENV("HARNESS_GRADS_DIR"), f"rank-{self.accelerator.process_index}.jsonl")
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            self._computed = {}
+            return loss
+
+        def _record(self, name, grad):
+            self._computed[name] = self._computed.get(name, False) or bool(grad.abs().max() > 0)
 
     finetune.training.workflow.VisionLanguageSFTTrainer = Faulty
 

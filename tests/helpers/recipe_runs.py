@@ -10,7 +10,12 @@ from pathlib import Path
 
 from tests.helpers import DEMO, REPO
 
-EXPERIMENT = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo"}
+EXPERIMENT = {
+    "qwen2_vl": "demo_qwen2_vl",
+    "qwen2_5_vl": "demo",
+    "qwen3_vl": "demo_qwen3_vl",
+    "qwen3_vl_moe": "demo_qwen3_vl_moe",
+}
 
 
 def mini_dataset(path: Path, per_task: int = 4) -> Path:

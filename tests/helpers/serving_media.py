@@ -7,7 +7,6 @@ from transformers import AutoProcessor
 from transformers.image_utils import load_image
 
 from finetune.data.conversation import Sample
-from finetune.data.vision import FRAME_FACTOR, PATCH
 from tests.helpers.media_factory import write_image, write_video
 
 IMAGES = [
@@ -53,14 +52,11 @@ def write_media(root):
 
 
 def trained_grids(encoder, images, videos):
-    """Our training encoder's grids: images (1, h, w); videos (t, h, w, sampled fps)."""
+    """Our training encoder's grids (at its checkpoint's patch size): images (1, h, w); videos (t, h, w, sampled fps)."""
     blocks = [{"type": "image", "image": str(p)} for p in images] + [{"type": "video", "video": str(p)} for p in videos]
     sample = Sample("s", [{"role": "user", "content": blocks}], "test")
-    image_grids = [[1, p.height // PATCH, p.width // PATCH] for p in encoder.image_plans(sample)]
-    video_grids = [
-        [-(-len(p.indices) // FRAME_FACTOR), p.height // PATCH, p.width // PATCH, p.sampled_fps]
-        for _, p in encoder.video_plans(sample)
-    ]
+    image_grids = [list(p.grid) for p in encoder.image_plans(sample)]
+    video_grids = [[*p.grid, p.sampled_fps] for _, p in encoder.video_plans(sample)]
     return image_grids, video_grids
 
 

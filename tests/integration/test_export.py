@@ -74,6 +74,54 @@ def test_export_round_trip(tmp_path, family):
     assert torch.equal(merged_answer, adapter_answer)
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])  # the families vLLM's qwen3_vl*.py load
+def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
+    """2 steps of LoRA (Qwen3-VL-MoE: on attention and every expert), then the export: every key maps onto a module
+    of vLLM 0.33.0's Qwen3-VL loaders (mappers read from its source, tests/helpers/vllm_weights.py), tied embeddings
+    leave lm_head.weight out, and the fused experts are stored as the published checkpoints store them: computed the
+    way vLLM loads them, they give the reloaded transformers model's expert outputs. The frozen router is exported
+    as it was."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.vllm_weights import tied_in_vllm, unknown_modules, vllm_expert_output, vllm_name
+
+    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
+    run_dir = tmp_path / "run"
+    run_in_process(tiny_run_overrides(family, run_dir, train_file, steps=2) + ["evaluation.after_training=false"])
+    merged_dir = run_dir / "merged"
+    merged = load_file(str(merged_dir / "model.safetensors"))
+    base = load_file(f"{report_base_path(run_dir)}/model.safetensors")
+    config = json.loads((merged_dir / "config.json").read_text())
+    text = config["text_config"]
+    for key in merged:
+        mapped = vllm_name(key, family)
+        assert mapped is not None and unknown_modules(mapped) == [], (key, mapped)
+    assert tied_in_vllm() and ("lm_head.weight" in merged) == (not text["tie_word_embeddings"])
+    assert merged.keys() == base.keys()
+    report = json.loads((merged_dir / "export_report.json").read_text())
+    if FAMILIES[family].router is None:
+        assert report["published_layout"] == {"transposed": 0, "mismatches": []}
+        return
+    layers, experts = text["num_hidden_layers"], text.get("num_local_experts") or text["num_experts"]
+    hidden, inter = text["hidden_size"], text["moe_intermediate_size"]
+    assert report["published_layout"] == {"transposed": 2 * layers, "mismatches": []}
+    model = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    torch.manual_seed(0)
+    x = torch.randn(5, hidden)
+    for layer in range(layers):
+        prefix = f"model.language_model.layers.{layer}.mlp"
+        gate_up, down = merged[f"{prefix}.experts.gate_up_proj"], merged[f"{prefix}.experts.down_proj"]
+        assert gate_up.shape == (experts, hidden, 2 * inter) and down.shape == (experts, inter, hidden)
+        assert not torch.equal(gate_up, base[f"{prefix}.experts.gate_up_proj"])  # the experts' LoRA merged in
+        assert torch.equal(merged[f"{prefix}.gate.weight"], base[f"{prefix}.gate.weight"])  # the router: frozen
+        loaded = model.model.language_model.layers[layer].mlp.experts
+        for expert in range(experts):
+            gate, up = torch.nn.functional.linear(x, loaded.gate_up_proj[expert]).chunk(2, dim=-1)
+            expected = torch.nn.functional.linear(loaded.act_fn(gate) * up, loaded.down_proj[expert])
+            got = vllm_expert_output(gate_up, down, expert, x)
+            assert torch.allclose(got, expected.detach(), atol=1e-5), (layer, expert)
+
+
 def run_in_process(overrides, train=True, export=True):
     """The train and export commands in this process (their command-line exit path is tested once, below)."""
     from finetune.cli.main import run_command

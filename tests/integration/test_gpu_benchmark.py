@@ -14,7 +14,8 @@ from tests.helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_train  # noqa: E402
 
-# Parameter counts of the published checkpoints (billions) and the issue's LLM matmul count for the 7B.
+# Parameter counts of the published checkpoints (billions; the Hub's safetensors totals: Qwen3-VL-8B-Instruct 8.77B,
+# Qwen3-VL-30B-A3B-Instruct 31.1B) and the issue's LLM matmul count for the 7B.
 PUBLISHED = {
     "qwen2_vl_2b": 2.21,
     "qwen2_vl_7b": 8.29,
@@ -22,7 +23,11 @@ PUBLISHED = {
     "qwen2_5_vl_7b": 8.29,
     "qwen2_5_vl_32b": 33.45,
     "qwen2_5_vl_72b": 73.41,
+    "qwen3_vl_8b": 8.77,
+    "qwen3_vl_moe_30b_a3b": 31.1,
 }
+# Activated per token (billions), the language model's: Qwen3-30B-A3B's published "3.3B activated" (of 30.5B).
+ACTIVE_LLM = {"qwen3_vl_moe_30b_a3b": 3.3}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -37,6 +42,24 @@ def test_the_shape_table_gives_the_published_parameter_counts(name):
     if name == "qwen2_5_vl_7b":
         assert gpu_train.llm_matmul_parameters(config.text_config.to_dict()) / 1e9 == pytest.approx(7.07, rel=1e-3)
     assert gpu_train.model_config(name, 4).text_config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE_LLM))
+def test_the_moe_shapes_give_the_published_active_parameters(name):
+    """A token goes through num_experts_per_tok of the experts: the language model's parameters less the others'
+    are the published activated count, and the MFU's matmul count is those less the embeddings and norms."""
+    from transformers import AutoModelForImageTextToText
+
+    config = gpu_train.model_config(name, None)
+    text = config.text_config
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    llm = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual.")}
+    unused = text.num_hidden_layers * (text.num_experts - text.num_experts_per_tok) * 3 * text.hidden_size
+    active = sum(llm.values()) - unused * text.moe_intermediate_size
+    assert active / 1e9 == pytest.approx(ACTIVE_LLM[name], abs=0.06), active
+    not_matmul = sum(size for n, size in llm.items() if "norm" in n or "embed_tokens" in n)
+    assert gpu_train.llm_matmul_parameters(text.to_dict()) == active - not_matmul
 
 
 def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):

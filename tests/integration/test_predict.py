@@ -7,24 +7,29 @@ import json
 import pytest
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import FAMILIES
 from finetune.evaluation.predict import find_model, question_sample
 from tests.helpers import DEMO
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The demo recipe briefly trained on images and videos, evaluated and exported."""
-    root = tmp_path_factory.mktemp("predict")
-    train_file = mini_dataset(root / "train.json")
-    run_dir = root / "run"
-    overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps=8)
+def train_evaluate_export(root, family):
+    """A family's demo recipe briefly trained on images and videos, evaluated and exported."""
     from finetune.cli.main import run_command
 
+    train_file = mini_dataset(root / "train.json")
+    run_dir = root / "run"
+    overrides = tiny_run_overrides(family, run_dir, train_file, steps=8)
     for command in ("train", "evaluate", "export"):  # in this process: the command lines are tested elsewhere
         assert run_command(command, overrides) == 0
     predictions = [json.loads(line) for line in open(run_dir / "eval" / "predictions.jsonl")]
     return run_dir, train_file, predictions
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo recipe (Qwen2.5-VL) briefly trained on images and videos, evaluated and exported."""
+    return train_evaluate_export(tmp_path_factory.mktemp("predict"), "qwen2_5_vl")
 
 
 def _ask(model, record, capsys):
@@ -42,7 +47,8 @@ def _ask(model, record, capsys):
     return capsys.readouterr().out.strip()
 
 
-def test_same_answers_from_run_adapter_and_export_as_evaluation(trained, capsys):
+def _assert_same_answers_as_evaluation(trained, capsys):
+    """An image and a video question asked of the run, its adapter and its export: evaluation's answers."""
     run_dir, train_file, predictions = trained
     records = {r["id"]: r for r in json.loads(train_file.read_text())}
     image = next(p for p in predictions if p["task"] == "colour")
@@ -51,6 +57,16 @@ def test_same_answers_from_run_adapter_and_export_as_evaluation(trained, capsys)
         record = records[expected["id"]]
         answers = {m.name: _ask(m, record, capsys) for m in (run_dir, run_dir / "adapter", run_dir / "merged")}
         assert set(answers.values()) == {expected["prediction"]}, (expected, answers)
+    return run_dir, records, image
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_5_vl"])  # Qwen2.5-VL: the test below
+def test_every_family_answers_from_run_adapter_and_export_as_evaluation(tmp_path, family, capsys):
+    _assert_same_answers_as_evaluation(train_evaluate_export(tmp_path, family), capsys)
+
+
+def test_same_answers_from_run_adapter_and_export_as_evaluation(trained, capsys):
+    run_dir, records, image = _assert_same_answers_as_evaluation(trained, capsys)
     # Once through a fresh interpreter, as a user runs it.
     result = run_module(
         "finetune.predict",

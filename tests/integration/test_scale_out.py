@@ -3,7 +3,8 @@ DDP and DeepSpeed ZeRO-3 reproduce the single-process losses, a rehearsed 2-node
 adapter and exports, ranks with different modalities do not hang, and killed runs resume exactly.
 
 Every run: the tiny Qwen2.5-VL, 8 image + 8 video samples packed into rows of <= 128 tokens, 2 rows per step
-(one per rank, or both on the single process), 6 steps, so 2 epochs.
+(one per rank, or both on the single process), 6 steps, so 2 epochs. The per-family tests (every entry of
+finetune/base/families.py) train each family's tiny model on text, image and video samples together.
 """
 
 import json
@@ -15,6 +16,7 @@ import sys
 
 import pytest
 
+from finetune.base.families import FAMILIES
 from tests.helpers import REPO
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
@@ -69,8 +71,8 @@ def data(tmp_path_factory):
     return mini_dataset(tmp_path_factory.mktemp("scale_out") / "train.json", per_task=8)
 
 
-def recipe(run_dir, data, processes, *extra):
-    return tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=STEPS) + [
+def recipe(run_dir, data, processes, *extra, family="qwen2_5_vl"):
+    return tiny_run_overrides(family, run_dir, data, steps=STEPS) + [
         "trainer.packing=true",
         "trainer.max_tokens_per_row=128",
         "data.max_length=128",
@@ -124,6 +126,107 @@ def test_two_processes_match_the_single_process_losses(tmp_path, data, single_pr
     expected = single_process(*extra)
     assert len(expected) == STEPS
     assert losses(tmp_path) == pytest.approx(expected, abs=1e-4)
+
+
+def text_records(count: int) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    """4 image, 4 video and 4 text-only samples, interleaved: packed rows of text, images and videos together."""
+    path = mini_dataset(tmp_path_factory.mktemp("mixed") / "train.json", per_task=4)
+    media = json.loads(path.read_text())
+    texts = text_records(4)
+    path.write_text(json.dumps([r for i in range(4) for r in (media[2 * i], media[2 * i + 1], texts[i])]))
+    return path
+
+
+# LoRA on the LLM (Qwen3-VL-MoE: attention and every expert), every merger trained fully (Qwen3-VL: DeepStack's too),
+# activation checkpointing (reentrant under ZeRO-3 with LoRA).
+FAMILY_TRAINING = ("trainer.gradient_checkpointing=true", "parts.merger=full")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_zero3_processes_match_one_on_mixed_rows(tmp_path, mixed_data, family):
+    """Each family: the same global batch of packed text/image/video rows on one process (no DeepSpeed) and split
+    over 2 ZeRO-3 ranks gives the same losses; the trained mergers (DeepStack's included) end up in the adapter."""
+    from safetensors import safe_open
+
+    single, two = tmp_path / "single", tmp_path / "two"
+    launch_sh(recipe(single, mixed_data, 1, *FAMILY_TRAINING, family=family))
+    _, out, err = launch_sh(recipe(two, mixed_data, 2, "deepspeed=zero3", *FAMILY_TRAINING, family=family))
+    assert "--use_deepspeed" in out and "activation checkpointing (reentrant) on the LLM" in err
+    expected = losses(single)
+    assert len(expected) == STEPS
+    assert losses(two) == pytest.approx(expected, abs=1e-4)
+    entry = FAMILIES[family]
+    with safe_open(str(two / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    for merger in entry.mergers:
+        assert any(f".{entry.vision_tower}.{merger}." in k for k in saved), merger
+    if entry.expert_lora_targets:
+        assert any(".experts." in k and "lora_" in k for k in saved)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_rank_computes_every_trained_gradient(tmp_path, family):
+    """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with LoRA (Qwen3-VL-MoE: on the experts
+    too), every merger trained and both towers checkpointed: at every step each rank's own backward computes the
+    gradient of every trainable weight (the DeepStack mergers' on the text-only rank included: one vision call per
+    rank, finetune/training/vision_sync.py), and the LoRA and merger gradients are non-zero where the rank's data
+    reaches them."""
+    from finetune.model.tiny import TEXT_DIMS
+    from tests.helpers import DEMO
+
+    records = json.loads((DEMO / "train.json").read_text())
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(text_records(4) + [r for r in records if r["task"] == "direction"][:4]))
+    overrides = recipe(
+        tmp_path / "run",
+        data,
+        2,
+        "deepspeed=zero3",
+        "trainer.max_steps=2",
+        *FAMILY_TRAINING,
+        "parts.vision_tower=lora",
+        "trainer.gradient_checkpointing_vision_tower=true",
+        family=family,
+    )
+    grads = tmp_path / "grads"
+    grads.mkdir()
+    harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1", "HARNESS_GRADS_DIR": str(grads)}, timeout=300)
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    entry = FAMILIES[family]
+    for rank, modality in ((0, "text"), (1, "video")):
+        steps = [json.loads(line) for line in (grads / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2]
+        for step in steps:
+            trainable, computed, nonzero = set(step["trainable"]), set(step["computed"]), set(step["nonzero"])
+            assert computed == trainable, (rank, sorted(trainable - computed)[:5])
+            by_merger = {
+                m: {n for n in trainable if f".{entry.vision_tower}.{m}." in n} for m in entry.mergers
+            }  # Qwen3-VL: `merger` and `deepstack_merger_list` (each DeepStack merger wrapped on its own)
+            assert all(by_merger.values()), {m: len(names) for m, names in by_merger.items()}
+            # LoRA B starts at zero, so A's gradient is zero in step 1; B's is not wherever the data reaches it
+            llm_lora = {n for n in trainable if ".language_model." in n and ("lora_B" in n or step["step"] > 1)}
+            assert llm_lora and llm_lora <= nonzero, (rank, sorted(llm_lora - nonzero)[:5])
+            if entry.expert_lora_targets:
+                assert any(".experts." in n for n in llm_lora)
+            if modality == "video":  # the video rank's media reach the merger and the DeepStack mergers that feed
+                # a layer before the last: DeepStack merger i's features join layer i's output at the video's own
+                # positions, which carry no label, so after the last layer nothing reads them (gradient 0 everywhere)
+                last = f".deepstack_merger_list.{TEXT_DIMS['num_hidden_layers'] - 1}."
+                reached = {n for n in set().union(*by_merger.values()) if last not in n}
+                assert reached <= nonzero, sorted(reached - nonzero)[:5]
 
 
 def _free_port():
@@ -246,10 +349,11 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, proc
     assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
 
 
-def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
-    """evaluation.steps under 2-rank ZeRO-3: each rank generates for its share of the held-out images and videos in
-    lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered predictions equal
-    those of the standalone single-process evaluation of the saved adapter."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data, family):
+    """evaluation.steps under 2-rank ZeRO-3, each family: each rank generates for its share of the held-out images
+    and videos in lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered
+    predictions equal those of the standalone single-process evaluation of the saved adapter."""
     from tests.helpers.recipe_runs import run_module
 
     overrides = recipe(
@@ -260,6 +364,7 @@ def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data):
         "trainer.max_steps=4",
         "evaluation.steps=2",
         "evaluation.batch_size=3",
+        family=family,
     )
     launch_sh(overrides, timeout=420)
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())

@@ -45,12 +45,17 @@ def base_model_loss(family, train_file):
 PINNED_LOSSES = {  # model.rope_rule=qwen (the default)
     "qwen2_vl": [7.217561, 6.551856, 6.003342],
     "qwen2_5_vl": [6.224277, 5.674113, 5.214046],
+    "qwen3_vl": [7.440778, 6.749091, 6.188509],
+    "qwen3_vl_moe": [6.341320, 5.815294, 5.380457],
 }
 # model.rope_rule=transformers: the losses pinned before the qwen rule existed, when positions were the installed
 # transformers' own. The demo videos (grid (4, 4, 4)) are where the two rules part.
 PINNED_LOSSES_TRANSFORMERS_RULE = {
     "qwen2_vl": [7.172182, 6.518811, 5.981348],
     "qwen2_5_vl": [6.257012, 5.700313, 5.237171],
+    # Qwen3-VL: one temporal id per frame-pair block, so both rules give the same positions and the same losses.
+    "qwen3_vl": [7.440778, 6.749091, 6.188509],
+    "qwen3_vl_moe": [6.341320, 5.815294, 5.380457],
 }
 
 
@@ -163,23 +168,44 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     """Two packed rows in one step, or one row per micro-step with 2 accumulation steps: the same update.
     Rows hold different numbers of trained tokens, so a per-micro-batch mean would differ."""
     import json
+    import math
+
+    from transformers import AutoProcessor
 
     from finetune.cli.main import run_command
-    from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.packing import pack_rows
+    from finetune.data.sources import load_samples
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.load import load_config
+    from tests.helpers import DEMO
+    from tests.helpers.recipe_runs import EXPERIMENT, mini_dataset, tiny_run_overrides
 
     train_file = mini_dataset(tmp_path / "train.json")
     records = json.loads(train_file.read_text())
     for i, record in enumerate(records):  # answers of different lengths: rows carry different trained counts
         record["messages"][-1]["content"] += " indeed" * (3 * i)
     train_file.write_text(json.dumps(records))
+    # The row budget that packs this family's samples (their lengths differ by patch size and video layout) into
+    # exactly 2 rows holding different numbers of trained tokens.
+    config = load_config([f"experiment={EXPERIMENT[family]}"])
+    encoder = ConversationEncoder(AutoProcessor.from_pretrained(tiny_checkpoint(family)), vision_settings(config))
+    encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
+    lengths = [len(e.input_ids) for e in encoded]
+    budget = max(max(lengths), math.ceil(sum(lengths) / 2))
+    while len(pack_rows(lengths, budget, seed=42)) != 2:
+        budget += 8
+    rows = pack_rows(lengths, budget, seed=42)
+    trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
+    assert trained[0] != trained[1], trained
     losses = {}
-    for name, rows, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
+    for name, rows_per_step, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
         run_dir = tmp_path / name
         overrides = tiny_run_overrides(family, run_dir, train_file, steps=2) + [
             "trainer.packing=true",
-            "trainer.max_tokens_per_row=400",
-            "data.max_length=400",
-            f"trainer.per_device_train_batch_size={rows}",
+            f"trainer.max_tokens_per_row={budget}",
+            f"data.max_length={budget}",
+            f"trainer.per_device_train_batch_size={rows_per_step}",
             f"trainer.gradient_accumulation_steps={accumulation}",
         ]
         with caplog.at_level("INFO", logger="finetune.train"):
@@ -188,19 +214,3 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
         history = json.loads((run_dir / "log_history.json").read_text())
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert losses["one_step"] == pytest.approx(losses["accumulated"], rel=1e-5)
-    from transformers import AutoProcessor
-
-    from finetune.data.encode import ConversationEncoder
-    from finetune.data.packing import pack_rows
-    from finetune.data.sources import load_samples
-    from finetune.model.tiny import tiny_checkpoint
-    from finetune.recipe.load import load_config
-    from tests.helpers import DEMO
-
-    encoder = ConversationEncoder(
-        AutoProcessor.from_pretrained(tiny_checkpoint(family)), vision_settings(load_config([]))
-    )
-    encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
-    rows = pack_rows([len(e.input_ids) for e in encoded], 400, seed=42)
-    trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
-    assert len(rows) == 2 and trained[0] != trained[1], trained

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.base.families import FAMILIES, Family, family_of
+from finetune.base.families import FAMILIES, VIDEO_BUDGETS, VIDEO_LAYOUTS, Family, family_of
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe.load import load_config
 from tests.helpers.recipe_runs import EXPERIMENT
@@ -75,6 +75,12 @@ def test_the_completeness_check_catches_each_field_left_empty(field):
     family = FAMILIES[NAMES[0]]
     blank = {str: "", tuple: (), dict: {}}[type(getattr(family, field) or "")]
     assert [p for p in entry_problems(dataclasses.replace(family, **{field: blank})) if f".{field}:" in p]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_video_layout_is_one_the_package_knows(name):
+    assert FAMILIES[name].video_layout in VIDEO_LAYOUTS
+    assert FAMILIES[name].video_budget in VIDEO_BUDGETS
 
 
 def test_titles_tell_families_apart_and_unknown_types_are_refused():
@@ -174,6 +180,41 @@ def test_lora_targets_are_linear_layers_of_their_part(models, name):
     assert not any("patch_embed" in n for n in chosen)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_experts_router_and_published_layout_match_the_model(models, tiny_paths, name):
+    """A mixture-of-experts entry names, in every decoder layer, 3-D expert parameters (one slice per expert), a
+    router that is no nn.Linear (so the nn.Linear LoRA targets never reach it) with one [E, H] weight, and the
+    parameters the published layout transposes: the tiny checkpoint stores exactly those transposed, with last two
+    dimensions that differ (transformers' loader decides by shape). A dense entry names none, and its LLM has none."""
+    from safetensors import safe_open
+
+    family, model = FAMILIES[name], models[name]
+    text = model.config.text_config
+    layers = model.get_submodule(f"{family.inner_model}.{family.language_model}").layers
+    params = dict(model.named_parameters())
+    with safe_open(str(tiny_paths[name] / "model.safetensors"), "pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if family.router is None:
+        assert family.expert_lora_targets is None and family.transposed_in_checkpoint is None
+        assert not [n for n, p in params.items() if p.dim() == 3 and ".layers." in n]
+        assert all(saved[n] == tuple(p.shape) for n, p in params.items() if n in saved)
+        return
+    prefix = f"{family.inner_model}.{family.language_model}.layers"
+    for index, layer in enumerate(layers):
+        for target in family.expert_lora_targets:
+            param = params[f"{prefix}.{index}.{target}"]
+            assert param.dim() == 3 and param.shape[0] == text.num_experts, target
+        router = layer.get_submodule(family.router)
+        assert not isinstance(router, torch.nn.Linear)
+        assert [tuple(p.shape) for p in router.parameters()] == [(text.num_experts, text.hidden_size)]
+        for target in family.transposed_in_checkpoint:
+            key = f"{prefix}.{index}.{target}"
+            shape = tuple(params[key].shape)
+            assert shape[-1] != shape[-2] and saved[key] == (*shape[:-2], shape[-1], shape[-2]), key
+    transposed = {n for n in params if n.endswith(tuple(f".{t}" for t in family.transposed_in_checkpoint))}
+    assert all(saved[n] == tuple(p.shape) for n, p in params.items() if n in saved and n not in transposed)
+
+
 # The patterns peft.target_modules / peft.vision_target_modules defaulted to before they defaulted to the family's.
 OLD_LLM_DEFAULT = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 OLD_VISION_DEFAULT = r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))$"
@@ -215,6 +256,22 @@ def test_processors_positions_and_tiny_build_match_the_model(models, processors,
         assert last.out_features == hidden, merger
     for key, value in family.tiny_vision.items():
         assert getattr(vision_config, key) == value, key
+    for key, value in (family.tiny_text or {}).items():
+        assert getattr(model.config.text_config, key) == value, key
+    # The processors cut the pixels as the model's patch embed and merger expect (Qwen3-VL: the classes' defaults
+    # are not the checkpoints', so the tiny build sets the checkpoints' values), and hold those values.
+    for part in (processor.image_processor, processor.video_processor):
+        assert (part.patch_size, part.merge_size, part.temporal_patch_size) == (
+            vision_config.patch_size,
+            vision_config.spatial_merge_size,
+            vision_config.temporal_patch_size,
+        )
+    for part_name, values in (family.processor_settings or {}).items():
+        part = getattr(processor, part_name)
+        for key, value in values.items():
+            got = getattr(part, key)
+            got = {k: got[k] for k in value} if isinstance(value, dict) else got
+            assert (list(got) if isinstance(got, tuple) else got) == value, (part_name, key)
 
 
 # ---------------------------------------------------------------- each entry has its recipes

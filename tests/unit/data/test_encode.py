@@ -1,7 +1,10 @@
 """Our encoding equals the reference flow (qwen-vl-utils' process_vision_info + the transformers processor) on
-hundreds of random samples for both model families, and the metadata-only pre-pass counts exactly its tokens.
-Labels cover exactly the assistant replies."""
+hundreds of random samples for every model family (Qwen3-VL: qwen-vl-utils at `image_patch_size=16`, its timestamps
+written by transformers' Qwen3VLProcessor), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
+rendering also equals the processor's on real media (the demo's and other containers, frame rates and lengths), fed
+the same frames and metadata. Labels cover exactly the assistant replies."""
 
+import dataclasses
 import random
 
 import pytest
@@ -21,6 +24,7 @@ from tests.helpers.random_data import build_media_pool, random_record
 
 N_SAMPLES = 500
 # video_max_pixels is qwen-vl-utils' fixed VIDEO_MAX_TOKEN_NUM (768 tokens): the reference has no knob for it.
+# (Its pixels depend on the patch size: `settings_for` gives a family's.)
 SETTINGS = VisionSettings(
     min_pixels=4 * 784,
     max_pixels=256 * 784,
@@ -31,6 +35,16 @@ SETTINGS = VisionSettings(
     video_max_pixels=768 * 784,
     video_total_pixels=4096 * 784,
 )
+
+
+def patch_of(processor) -> int:
+    return processor.image_processor.patch_size
+
+
+def settings_for(processor) -> VisionSettings:
+    """SETTINGS with qwen-vl-utils' fixed 768 tokens per frame at the processor's factor (28 or 32)."""
+    factor = patch_of(processor) * processor.image_processor.merge_size
+    return dataclasses.replace(SETTINGS, video_max_pixels=768 * factor * factor)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +61,17 @@ def random_samples(media_pool):
 
 
 def _reference(processor, sample):
-    """What Qwen's own recipe produces: process_vision_info on the same items and options, then the processor."""
+    """What Qwen's own recipe produces: process_vision_info on the same items and options (at the checkpoint's patch
+    size, as Qwen3-VL's model card calls it), then the processor."""
+    settings = settings_for(processor)
     content = []
     for message in sample.messages:
         for block in message["content"]:
             if block["type"] == "image":
-                spec = SETTINGS.image_spec(block)
+                spec = settings.image_spec(block)
                 content.append({"image": block["image"], "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels})
             elif block["type"] == "video":
-                spec = SETTINGS.video_spec(block)
+                spec = settings.video_spec(block)
                 item = {
                     "video": block["video"],
                     "min_pixels": spec.min_pixels,
@@ -67,7 +83,10 @@ def _reference(processor, sample):
                 item.update({k: block[k] for k in ("max_pixels", "video_start", "video_end") if k in block})
                 content.append(item)
     images, videos, _ = process_vision_info(
-        [{"role": "user", "content": content}], return_video_kwargs=True, return_video_metadata=True
+        [{"role": "user", "content": content}],
+        return_video_kwargs=True,
+        return_video_metadata=True,
+        image_patch_size=patch_of(processor),
     )
     kwargs = {"images": images, "images_kwargs": {"do_resize": False}}
     if videos:
@@ -99,8 +118,8 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
             "(./launch.sh installs them with apt-get; or install ffmpeg by hand)"
         )
     processor = processors[family]
-    encoder = ConversationEncoder(processor, SETTINGS)
-    compared = refused = videos_seen = 0
+    encoder = ConversationEncoder(processor, settings_for(processor))
+    compared = refused = videos_seen = videos_compared = 0
     for sample in random_samples:
         try:
             ref = _reference(processor, sample)
@@ -129,7 +148,8 @@ def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, m
             videos_seen += len(ours.second_per_grid_ts)
         assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
         compared += 1
-    assert compared >= N_SAMPLES * 0.8 and refused > 0
+        videos_compared += 0 if ours.video_grid_thw is None else len(ours.video_grid_thw)
+    assert compared >= N_SAMPLES * 0.8 and refused > 0 and videos_compared > 100
     assert not FAMILIES[family].video_seconds_scale or videos_seen > 100
 
 
@@ -163,8 +183,20 @@ def test_labels_cover_exactly_the_assistant_replies(processors, random_samples, 
         assert [decode(s) for s in spans] == expected, mode
     with_media = next(s for s in random_samples if s.media("image") and s.media("video"))
     everything = ConversationEncoder(processor, SETTINGS, label_mode="all").encode(with_media)
+    # Untrained: what stands inside a vision block: the pads and, where videos are timestamped frames (Qwen3-VL),
+    # each frame's timestamp and its inner <|vision_start|> ... <|vision_end|>. The template's markers are text.
+    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    depth, inside = 0, []
+    for tok in everything.input_ids:
+        depth -= tok == end
+        inside.append(depth > 0)
+        depth += tok == start
+    assert depth == 0
+    assert all((lab == IGNORE_INDEX) == within for within, lab in zip(inside, everything.labels))
     pads = {processor.image_token_id, processor.video_token_id}
-    assert all((lab == IGNORE_INDEX) == (tok in pads) for tok, lab in zip(everything.input_ids, everything.labels))
+    assert all(within for tok, within in zip(everything.input_ids, inside) if tok in pads)
+    timestamped = FAMILIES[family].video_layout == "timestamped_frames"
+    assert (sum(inside) > sum(tok in pads for tok in everything.input_ids)) == timestamped
 
 
 def test_too_long_sample_is_refused_not_truncated(processors, random_samples):
@@ -246,3 +278,134 @@ def test_a_template_that_rewrites_replies_falls_back_to_turn_by_turn(processors)
     assert not encoder._template_keeps_replies()  # so every conversation's layout is checked
     assert encoder._segments_by_markers(sample, [1], {1}, False) is None
     assert ("padded reply<|im_end|>", True) in encoder.segments(sample)
+
+
+# ---------------------------------------------------------------- Qwen3-VL: the rendering is the processor's
+TIMESTAMPED = [f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames"]
+# The Qwen3-VL recipes' video budgets (the checkpoints' own); images up to 256 tokens to keep the test fast.
+QWEN3_SETTINGS = VisionSettings(
+    min_pixels=64 * 1024,
+    max_pixels=256 * 1024,
+    video_fps=2.0,
+    video_min_frames=4,
+    video_max_frames=768,
+    video_min_pixels=4096,
+    video_max_pixels=768 * 1024,
+    video_total_pixels=12288 * 1024,
+)
+
+
+def _user(*blocks, question="What happens?"):
+    return [
+        {"role": "user", "content": [*blocks, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The dot moves."}]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def real_media_samples(tmp_path_factory):
+    """The demo's own samples (20 images, 20 videos) and generated media of other containers (mp4, avi, mkv, webm,
+    mov), frame rates (4 ... 30000/1001 fps) and lengths (1 ... 60 s): alone, in windows, with nframes, several in
+    one sample with text between and after, and a frame folder."""
+    from tests.helpers import DEMO
+    from tests.helpers.media_factory import write_frame_folder
+    from tests.helpers.serving_media import write_media
+
+    demo = load_samples(DEMO / "test.json")
+    samples = [s for s in demo if s.media("image")][:20] + [s for s in demo if s.media("video")][:20]
+    root = tmp_path_factory.mktemp("real")
+    images, videos = write_media(root)
+
+    def add(name, *blocks):
+        samples.append(Sample(name, _user(*blocks), f"generated {name}"))
+
+    def image(p):
+        return {"type": "image", "image": str(p)}
+
+    def video(p, **options):
+        return {"type": "video", "video": str(p), **options}
+
+    for p in images:
+        add(p.name, image(p))
+    for p in videos:
+        add(p.name, video(p))
+        add(f"{p.name} 2 frames", video(p, nframes=2))
+        add(f"{p.name} 1 fps", video(p, fps=1.0, min_frames=2))
+    add("window", video(videos[1], video_start=1.3, video_end=3.7))
+    add("late window", video(videos[4], video_start=41.0, video_end=59.5, fps=0.5))
+    add("two videos and an image", video(videos[0]), image(images[0]), video(videos[3], nframes=6))
+    folder = write_frame_folder(root / "frames", frames=9, width=120, height=80)
+    add("frame folder", video(folder, frames_fps=3.0))
+    return samples
+
+
+def _processor_reference(encoder, sample):
+    """Qwen3VLProcessor on the same rendered text, the same (already sized) images and frames, and each video's
+    metadata: its fps and the sampled frame indices, from which the processor writes the timestamps."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    from finetune.data.media import decode_frames, load_image
+
+    images = [
+        load_image(p.path, target=(p.height, p.width)).resize((p.width, p.height), 3)  # PIL bicubic, as encode
+        for p in encoder.image_plans(sample)
+    ]
+    frames, metadata = [], []
+    for info, plan in encoder.video_plans(sample):
+        decoded = torch.from_numpy(decode_frames(info, plan.indices)).permute(0, 3, 1, 2)
+        frames.append(
+            resize(decoded, [plan.height, plan.width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        )
+        metadata.append(VideoMetadata(total_num_frames=info.total_frames, fps=info.fps, frames_indices=plan.indices))
+    kwargs = {"images": images or None, "images_kwargs": {"do_resize": False}}
+    if frames:
+        kwargs.update(
+            videos=frames,
+            video_metadata=metadata,
+            videos_kwargs={"do_resize": False, "do_sample_frames": False, "cap_pixels_per_frame": False},
+        )
+    text = encoder.processor.apply_chat_template(sample.messages, tokenize=False)
+    return encoder.processor(text=[text], return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("family", TIMESTAMPED)
+def test_qwen3_rendering_equals_the_processor_on_real_media(processors, real_media_samples, family):
+    """Token ids (timestamps, the per-frame and the template's outer <|vision_start|>/<|vision_end|> included),
+    token types, grids and pixels equal transformers' Qwen3VLProcessor, and the header-only count is exact."""
+    processor = processors[family]
+    encoder = ConversationEncoder(processor, QWEN3_SETTINGS, video_layout="timestamped_frames")
+    stamps = set()
+    for sample in real_media_samples:
+        ours, ref = encoder.encode(sample), _processor_reference(encoder, sample)
+        assert ours.input_ids == ref["input_ids"][0].tolist(), sample.id
+        assert ours.mm_token_type_ids == ref["mm_token_type_ids"][0].tolist(), sample.id
+        for key in ("image_grid_thw", "video_grid_thw", "pixel_values", "pixel_values_videos"):
+            assert (getattr(ours, key) is None) == (key not in ref), (sample.id, key)
+            assert key not in ref or torch.equal(getattr(ours, key), ref[key]), (sample.id, key)
+        assert encoder.count_tokens(sample).total == len(ours.input_ids), sample.id
+        stamps.update(t for t in processor.tokenizer.decode(ours.input_ids).split("<") if t.endswith(" seconds>"))
+    assert len(real_media_samples) >= 50 and len(stamps) > 50, (len(real_media_samples), len(stamps))
+
+
+@pytest.mark.parametrize("family", TIMESTAMPED)
+def test_qwen3_golden_rendering_of_a_four_frame_video(processors, tmp_path, family):
+    """A 4-frame clip at 2 fps, 64 x 64 px: frames 0+1 at (0 + 0.5) / 2 = 0.25 s and 2+3 at 1.25 s, written as
+    Python's `f"{s:.1f}"` writes them (0.2, 1.2); 4 tokens per frame pair; the template's pair around it all."""
+    from tests.helpers.media_factory import write_video
+
+    clip = write_video(tmp_path / "four.mp4", frames=4, fps=2, width=64, height=64)
+    sample = Sample("g", _user({"type": "video", "video": str(clip), "nframes": 4}, question="Then?"), "golden")
+    encoder = ConversationEncoder(processors[family], QWEN3_SETTINGS)  # the layout from the processor's class
+    encoded = encoder.encode(sample)
+    pads = "<|video_pad|>" * 4
+    expected = (
+        f"<|im_start|>user\n<|vision_start|><0.2 seconds><|vision_start|>{pads}<|vision_end|>"
+        f"<1.2 seconds><|vision_start|>{pads}<|vision_end|><|vision_end|>Then?<|im_end|>\n"
+    )
+    assert expected in processors[family].tokenizer.decode(encoded.input_ids)
+    assert encoded.video_grid_thw.tolist() == [[2, 4, 4]]  # one row per video
+    count = encoder.count_tokens(sample)  # timestamps and markers count as text
+    assert (count.video, count.text + count.video) == (8, len(encoded.input_ids))
+    untrained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX]
+    assert processors[family].tokenizer.decode(untrained).count("seconds>") == 2

@@ -7,7 +7,7 @@ import pytest
 import qwen_vl_utils.vision_process as ref
 import torch
 
-from finetune.data.vision import FACTOR, VideoSpec, VisionSettings, smart_resize
+from finetune.data.vision import FACTOR, VideoPlan, VideoSpec, VisionSettings, smart_resize
 
 N_CASES = 12_000
 
@@ -119,3 +119,50 @@ def test_per_item_options_override_the_recipe():
     with pytest.raises(ValueError, match="either fps or nframes"):
         settings.video_spec({"fps": 1, "nframes": 8})
     assert isinstance(spec, VideoSpec) and math.isclose(spec.total_pixels, 90316800.0)
+
+
+def test_patch_16_sizes_equal_qwen_vl_utils_image_patch_size_16():
+    """Qwen3-VL: the factor is patch 16 x merge 2 = 32 (qwen-vl-utils' `image_patch_size=16`), for images and for
+    video frames, whose per-frame cap is then 768 tokens of 32 x 32 pixels."""
+    rng = random.Random(3)
+    settings = VisionSettings(4096, 4096 * 64, 2.0, 4, 768, 128 * 1024, 768 * 1024, 128000 * 1024 * 0.9)
+    compared = 0
+    for _ in range(N_CASES // 4):
+        h, w = rng.randint(1, 3000), rng.randint(1, 3000)
+        if max(h, w) / min(h, w) > 200:
+            continue
+        image = settings.image_spec({}, patch=16, merge=2)
+        assert image.target(h, w) == ref.smart_resize(h, w, factor=32, min_pixels=4096, max_pixels=4096 * 64)
+        n = rng.choice([2, 4, 16, 128, 768])
+        spec = settings.video_spec({"nframes": n, "total_pixels": rng.choice([2048, 24576]) * 1024}, patch=16, merge=2)
+        frame_max = max(min(768 * 1024, spec.total_pixels / n * ref.FRAME_FACTOR), int(128 * 1024 * 1.05))
+        expected = ref.smart_resize(h, w, factor=32, min_pixels=128 * 1024, max_pixels=frame_max)
+        plan = spec.plan(n, 2.0, h, w)
+        assert (plan.height, plan.width) == expected
+        assert plan.grid == (n // 2, expected[0] // 16, expected[1] // 16)
+        assert plan.tokens == n // 2 * (expected[0] // 32) * (expected[1] // 32) == n // 2 * plan.frame_tokens
+        compared += 1
+    assert compared > N_CASES // 8
+
+
+def test_frame_pair_timestamps_equal_qwen3vl_processor():
+    """Each frame pair's time is the mean of its two frames' (index / source fps), as Qwen3VLProcessor computes it from
+    the sampled indices and the video's fps (its `_calculate_timestamps`)."""
+    from transformers import Qwen3VLProcessor
+
+    rng = random.Random(4)
+    settings = VisionSettings(3136, 3136, 2.0, 4, 768, 3136, 3136, 3136 * 400)
+    for _ in range(2000):
+        total, fps = rng.randint(2, 5000), rng.choice([1, 2.5, 10, 23.976, 24, 25, 29.97, 30000 / 1001, 60])
+        ele = {"nframes": rng.randint(1, 40)} if rng.random() < 0.3 else {"fps": rng.choice([0.5, 1, 2, 4])}
+        if rng.random() < 0.3:
+            ele["video_start"] = rng.uniform(0, total / fps / 2)
+        try:
+            plan = settings.video_spec(ele, patch=16).plan(total, fps, 64, 64)
+        except ValueError:
+            continue
+        expected = Qwen3VLProcessor._calculate_timestamps(None, list(plan.indices), fps, 2)
+        assert plan.timestamps == expected
+        assert [f"<{t:.1f} seconds>" for t in plan.timestamps] == [f"<{t:.1f} seconds>" for t in expected]
+    odd = VideoPlan([0, 10, 20], 30, 10.0, 64, 64, 16, 2)  # an odd count: the last frame fills the pair
+    assert odd.timestamps == Qwen3VLProcessor._calculate_timestamps(None, [0, 10, 20], 10.0, 2) == [0.5, 2.0]

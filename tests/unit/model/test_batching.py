@@ -21,7 +21,10 @@ def test_unpacked_training_batch_is_one_sample_per_row(processors, demo_config, 
 
     samples = load_samples(DEMO / "test.json")[:6]
     encoder = _encoder(processors, family, demo_config)
-    rule = PositionRule("qwen", 2, 2 if FAMILIES[family].video_seconds_scale else None)
+    entry = FAMILIES[family]
+    rule = PositionRule(
+        "qwen", 2, 2 if entry.video_seconds_scale else None, frame_blocks=entry.video_layout == "timestamped_frames"
+    )
     batch = RowCollator(encoder, samples, rule)([(i,) for i in range(6)])
     encoded = [encoder.encode(s) for s in samples]
     lengths = [len(e.input_ids) for e in encoded]

@@ -19,7 +19,7 @@ from finetune.model import attention
 from finetune.model.batching import inference_batch, training_batch
 from finetune.model.rope import PositionRule
 from tests.helpers.media_factory import write_dataset
-from tests.helpers.qwen_reference import reference_get_rope_index, reference_self
+from tests.helpers.qwen_reference import reference_qwen_rule
 from tests.helpers.random_data import build_media_pool, random_record
 from tests.helpers.tolerance import assert_close_to_scale
 
@@ -94,13 +94,14 @@ def _rule(model, name="qwen"):
 
 
 def _reference_positions(model, sample, family, rule_name):
-    """One sample alone through the reference: Qwen's 4.49 method (qwen) or the installed model's (transformers)."""
+    """One sample alone through the reference: Qwen's own code (qwen: transformers 4.49's method, Qwen3-VL's 4.57)
+    or the installed model's (transformers)."""
     ids = torch.tensor([sample.input_ids])
     kwargs = {"image_grid_thw": sample.image_grid_thw, "video_grid_thw": sample.video_grid_thw}
     if FAMILIES[family].video_seconds_scale and sample.second_per_grid_ts:
         kwargs["second_per_grid_ts"] = torch.tensor(sample.second_per_grid_ts, dtype=torch.float32)
     if rule_name == "qwen":
-        positions, _ = reference_get_rope_index(family)(reference_self(model.config), ids, **kwargs)
+        positions, _ = reference_qwen_rule(family, model.config, ids, **kwargs)
     else:
         positions, _ = model.model.get_rope_index(ids, torch.tensor([sample.mm_token_type_ids]), **kwargs)
     return positions[:, 0]

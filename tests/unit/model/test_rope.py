@@ -1,11 +1,18 @@
-"""M-RoPE positions (finetune/model/rope.py) against independent references.
+"""M-RoPE positions (finetune/model/rope.py) against independent references (tests/helpers/qwen_reference.py).
 
-- rope_rule=qwen equals `get_rope_index` of transformers 4.49.0 (Qwen's own contribution; run from its wheel,
-  tests/qwen_reference.py) on 1,000+ random sequences per family, with long videos and fractional seconds
-  per grid, sample by sample and in left-padded batches; and golden cases worked out by hand.
-- rope_rule=transformers equals the installed transformers' `get_rope_index` on the same sequences.
-- The two rules differ wherever a video lasts longer than it is wide, and the model's own `generate` follows
-  the installed rule.
+- Qwen2-VL / Qwen2.5-VL: rope_rule=qwen equals `get_rope_index` of transformers 4.49.0 (Qwen's own contribution;
+  run from its wheel) on 1,000+ random sequences per family, with long videos and fractional seconds per grid,
+  sample by sample and in left-padded batches; and golden cases worked out by hand.
+- Qwen3-VL / Qwen3-VL-MoE (videos as timestamped frame pairs): rope_rule=qwen equals Qwen's own code
+  (`get_rope_index` of transformers 4.57.0, the release in which Qwen added Qwen3-VL; the algorithm of Qwen's
+  fine-tuning rope2d.py, cross-checked by tests/helpers/rope2d_crosscheck.py) sample by sample and in left-padded
+  batches, and vLLM's (`_get_mrope_input_positions` of vLLM 0.33.0's qwen3_vl.py), on 1,000+ random sequences per
+  family rendered as transformers 5.23 renders them (timestamp text, per-frame markers, the template's outer pair; a
+  quarter without the outer pair, as transformers < 5.10 wrote them: the positions follow the tokens either way);
+  and golden cases worked out by hand (an image, a 4-frame video with timestamps, the text after it).
+- rope_rule=transformers equals the installed transformers' `get_rope_index` on the same sequences. The two rules
+  differ wherever a Qwen2 video lasts longer than it is wide; on Qwen3-VL (every block one temporal index) they
+  agree. The model's own `generate` follows the installed rule.
 """
 
 import random
@@ -16,80 +23,25 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from finetune.base.families import FAMILIES
 from finetune.model.rope import PositionRule, batch_position_ids, install_position_rule
-from tests.helpers.qwen_reference import MODULES, reference_get_rope_index, reference_self
+from tests.helpers.qwen_reference import (
+    MODULES,
+    reference_get_rope_index,
+    reference_self,
+    reference_vllm_mrope_positions,
+    vllm_config,
+    vllm_feature,
+)
+from tests.helpers.random_positions import left_padded, random_sequence
 
 SEQUENCES = 1000
-SECONDS = [0.25, 0.5, 2 / 3, 1.5, 4.0, 1.0, 0.1, 1 / 3]
-
-
-def random_sequence(rng: random.Random, config, with_seconds: bool) -> dict:
-    """Text runs and image/video blocks, each block after <|vision_start|> as the chat template renders them.
-    Videos are often long next to their frame size (t x interval >> h/2)."""
-    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
-    words = [t for t in range(3, 600) if t not in special]
-    ids, types, images, videos, seconds = [], [], [], [], []
-
-    def text(n):
-        ids.extend(rng.choice(words) for _ in range(n))
-        types.extend([0] * n)
-
-    text(rng.randint(0, 12))
-    for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
-        ids.append(config.vision_start_token_id)
-        types.append(0)
-        if rng.random() < 0.4:
-            grid, kind = (1, 2 * rng.randint(1, 16), 2 * rng.randint(1, 16)), 1
-            images.append(grid)
-        else:
-            t = rng.choice([1, 2, rng.randint(2, 12), rng.randint(12, 64)])
-            grid, kind = (t, 2 * rng.randint(1, 10), 2 * rng.randint(1, 10)), 2
-            videos.append(grid)
-            seconds.append(rng.choice(SECONDS) if rng.random() < 0.8 else rng.uniform(0.05, 6.0))
-        n = grid[0] * (grid[1] // 2) * (grid[2] // 2)
-        ids.extend([config.image_token_id if kind == 1 else config.video_token_id] * n)
-        types.extend([kind] * n)
-        ids.append(config.vision_end_token_id)
-        types.append(0)
-        text(rng.randint(0, 9))
-    text(rng.randint(1, 6))  # a prompt ends in text
-    return {
-        "ids": ids,
-        "types": types,
-        "images": images,
-        "videos": videos,
-        "seconds": seconds if with_seconds else None,
-    }
-
-
-def left_padded(batch: list[dict], pad_id: int) -> dict:
-    longest = max(len(s["ids"]) for s in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    types = torch.zeros((len(batch), longest), dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for r, s in enumerate(batch):
-        n = len(s["ids"])
-        ids[r, longest - n :], types[r, longest - n :], mask[r, longest - n :] = (
-            torch.tensor(s["ids"]),
-            torch.tensor(s["types"]),
-            1,
-        )
-    images = [g for s in batch for g in s["images"]]
-    videos = [g for s in batch for g in s["videos"]]
-    out = {
-        "input_ids": ids,
-        "mm_token_type_ids": types,
-        "attention_mask": mask,
-        "image_grid_thw": torch.tensor(images) if images else None,
-        "video_grid_thw": torch.tensor(videos) if videos else None,
-        "second_per_grid_ts": None,
-    }
-    if batch[0]["seconds"] is not None and videos:
-        out["second_per_grid_ts"] = torch.tensor([x for s in batch for x in s["seconds"]], dtype=torch.float32)
-    return out
+ONE_BLOCK = [f for f in FAMILIES if FAMILIES[f].video_layout == "one_block"]
+FRAMES = [f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames"]
 
 
 def test_every_family_has_a_reference():
-    assert MODULES.keys() == FAMILIES.keys()
+    """Every family: Qwen's own transformers release (4.49 one-block, 4.57 timestamped frames); the latter also vLLM."""
+    assert set(MODULES) == set(FAMILIES) and set(ONE_BLOCK) | set(FRAMES) == set(FAMILIES)
+    assert {MODULES[f][0] for f in ONE_BLOCK} == {"4.49.0"} and {MODULES[f][0] for f in FRAMES} == {"4.57.0"}
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +52,12 @@ def configs(tiny_paths):
 @pytest.fixture(scope="module")
 def sequences(configs):
     out = {}
-    for family in FAMILIES:
-        rng = random.Random(11 if family == "qwen2_vl" else 12)
+    seeds = {"qwen2_vl": 11, "qwen2_5_vl": 12}
+    for i, family in enumerate(FAMILIES):
+        rng = random.Random(seeds.get(family, 100 + i))
         with_seconds = FAMILIES[family].video_seconds_scale is not None
-        out[family] = [random_sequence(rng, configs[family], with_seconds) for _ in range(SEQUENCES)]
+        frames = family in FRAMES
+        out[family] = [random_sequence(rng, configs[family], with_seconds, frames) for _ in range(SEQUENCES)]
     return out
 
 
@@ -125,7 +79,7 @@ def _ours(rule, batch):
     )
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ONE_BLOCK)
 def test_qwen_rule_equals_qwens_transformers_4_49_get_rope_index(configs, sequences, family):
     config, rule = configs[family], PositionRule.for_model(configs[family], "qwen")
     checked, long_videos = 0, 0
@@ -168,7 +122,44 @@ def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_
         real = batch["attention_mask"].bool()
         assert torch.equal(got[:, real], expected[:, real]) and torch.equal(deltas, expected_deltas)
         differ += not torch.equal(_ours(rules["qwen"], batch)[0][:, real], expected[:, real])
-    assert differ > SEQUENCES // 8, differ  # most batches hold a video longer than it is wide
+    if family in FRAMES:
+        assert differ == 0, differ  # every block has one temporal index: the rules agree (README, Qwen3-VL)
+    else:
+        assert differ > SEQUENCES // 8, differ  # most batches hold a video longer than it is wide
+
+
+# ---------------------------------------------------------------- Qwen3-VL: Qwen's transformers 4.57 and vLLM
+@pytest.mark.parametrize("family", FRAMES)
+def test_qwen_rule_equals_qwens_transformers_4_57_get_rope_index(configs, sequences, family):
+    config, rule = configs[family], PositionRule.for_model(configs[family], "qwen")
+    assert rule.frame_blocks
+    checked = split = 0
+    for s in sequences[family]:  # one sample alone, as packing computes it
+        expected, _ = _reference(family, config, left_padded([s], pad_id=0))
+        assert torch.equal(rule.sample(s["types"], s["images"], s["videos"], s["seconds"]), expected[:, 0])
+        checked += 1
+        split += any(t > 1 for t, _, _ in s["videos"])
+    assert checked == SEQUENCES and split > SEQUENCES // 3, split
+    for start in range(0, SEQUENCES, 4):  # left-padded batches with an attention mask, as generation sees them
+        batch = left_padded(sequences[family][start : start + 4], pad_id=0)
+        expected, expected_deltas = _reference(family, config, batch)
+        got, deltas = _ours(rule, batch)
+        real = batch["attention_mask"].bool()
+        assert torch.equal(got[:, real], expected[:, real])
+        padding = (~real).sum(1, keepdim=True)  # 4.57's deltas count from the padded length, as 4.49's
+        assert torch.equal(deltas - padding, expected_deltas)
+
+
+@pytest.mark.parametrize("family", FRAMES)
+def test_qwen_rule_equals_vllms_qwen3_vl_positions(configs, sequences, family):
+    config, rule = configs[family], PositionRule.for_model(configs[family], "qwen")
+    positions, cfg = reference_vllm_mrope_positions(), vllm_config(config)
+    for s in sequences[family]:
+        features = [vllm_feature(modality, offset, grid) for modality, offset, grid in s["features"]]
+        expected, delta = positions(s["ids"], features, cfg)
+        ours = rule.sample(s["types"], s["images"], s["videos"], s["seconds"])
+        assert torch.equal(ours, expected.long())
+        assert delta == int(ours.max()) + 1 - ours.shape[1]
 
 
 # ---------------------------------------------------------------- golden cases, worked out by hand
@@ -233,6 +224,64 @@ def test_back_to_back_blocks_and_mismatches():
         rule.sample([1] * 5, [(1, 4, 4)], [])
     with pytest.raises(ValueError, match="needs 4 tokens"):
         rule.sample([1] * 3 + [0], [(1, 4, 4)], [])
+
+
+def _qwen3_golden(config, pieces):
+    """A sequence from (kind, count) pieces: "text", "start", "end", "image" / "video" (count = tokens)."""
+    token = {
+        "text": 5,
+        "start": config.vision_start_token_id,
+        "end": config.vision_end_token_id,
+        "image": config.image_token_id,
+        "video": config.video_token_id,
+    }
+    ids = [token[kind] for kind, n in pieces for _ in range(n)]
+    types = [{"image": 1, "video": 2}.get(kind, 0) for kind, n in pieces for _ in range(n)]
+    return ids, types
+
+
+def _all_agree(config, ids, types, images, videos, features):
+    """Ours (qwen and transformers rules), Qwen's transformers 4.57 and vLLM on one sequence: the (3, L) ids."""
+    rule = PositionRule.for_model(config, "qwen")
+    ours = rule.sample(types, images, videos)
+    assert torch.equal(PositionRule.for_model(config, "transformers").sample(types, images, videos), ours)
+    batch = {
+        "input_ids": torch.tensor([ids]),
+        "image_grid_thw": torch.tensor(images) if images else None,
+        "video_grid_thw": torch.tensor(videos) if videos else None,
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
+    assert torch.equal(_reference(config.model_type, config, batch)[0][:, 0], ours)
+    feats = [vllm_feature(m, offset, grid) for m, offset, grid in features]
+    assert torch.equal(reference_vllm_mrope_positions()(ids, feats, vllm_config(config))[0].long(), ours)
+    return ours.tolist()
+
+
+def test_golden_qwen3_an_image(configs):
+    # 3 text tokens, <|vision_start|>, an image of grid (1, 4, 6) = 2 x 3 tokens, <|vision_end|>, 2 text tokens.
+    config = configs[FRAMES[0]]
+    ids, types = _qwen3_golden(config, [("text", 3), ("start", 1), ("image", 6), ("end", 1), ("text", 2)])
+    t, h, w = _all_agree(config, ids, types, [(1, 4, 6)], [], [("image", 4, (1, 4, 6))])
+    assert t == [0, 1, 2, 3] + [4] * 6 + [7, 8, 9]
+    assert h == [0, 1, 2, 3] + [4, 4, 4, 5, 5, 5] + [7, 8, 9]
+    assert w == [0, 1, 2, 3] + [4, 5, 6, 4, 5, 6] + [7, 8, 9]
+
+
+def test_golden_qwen3_a_four_frame_video_with_timestamps_and_the_text_after_it(configs):
+    # "a b" <|vision_start|> <0.2 seconds> <|vision_start|> 2x2 <|vision_end|> <1.2 seconds> <|vision_start|> 2x2
+    # <|vision_end|> <|vision_end|> "x y z": 4 frames = 2 frame pairs of grid (1, 4, 4), video_grid_thw (2, 4, 4);
+    # the timestamps as 3 and 2 text tokens. Each pair's block starts where its text ends, at one temporal id.
+    config = configs[FRAMES[0]]
+    pieces = [("text", 2), ("start", 1), ("text", 3), ("start", 1), ("video", 4), ("end", 1)]
+    pieces += [("text", 2), ("start", 1), ("video", 4), ("end", 1), ("end", 1), ("text", 3)]
+    ids, types = _qwen3_golden(config, pieces)
+    t, h, w = _all_agree(config, ids, types, [], [(2, 4, 4)], [("video", 3, (2, 4, 4))])
+    text = [0, 1, 2, 3, 4, 5, 6]  # a b <vs> <0.2 seconds> <vs>
+    assert t == text + [7] * 4 + [9, 10, 11, 12] + [13] * 4 + [15, 16, 17, 18, 19]
+    assert h == text + [7, 7, 8, 8] + [9, 10, 11, 12] + [13, 13, 14, 14] + [15, 16, 17, 18, 19]
+    assert w == text + [7, 8, 7, 8] + [9, 10, 11, 12] + [13, 14, 13, 14] + [15, 16, 17, 18, 19]
+    # Qwen2.5-VL's one block of grid (2, 4, 4) at 1 s per patch, 2 tokens/s would place the second pair 2 ids later
+    # in time than the first; here time is the timestamp text and the second pair starts after the first's markers.
 
 
 # ---------------------------------------------------------------- the model computes its own positions with ours

@@ -9,7 +9,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from finetune.base.families import FAMILIES
 from finetune.model.tiny import QWEN_SPECIAL_TOKENS, build_tiny_checkpoint, resolve_model_path
 
-EXPECTED = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+EXPECTED = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
 
 
 def test_every_family_has_its_expected_class():

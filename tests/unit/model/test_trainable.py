@@ -18,13 +18,13 @@ from tests.helpers.tolerance import assert_close_to_scale
 DEMO_FAMILY = FAMILIES["qwen2_5_vl"]  # what _train and the demo recipe train
 
 
-def _train(tmp_path, extra, steps=2):
+def _train(tmp_path, extra, steps=2, family="qwen2_5_vl"):
     from finetune.training.workflow import build_trainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
     overrides = (
-        tiny_run_overrides("qwen2_5_vl", tmp_path / "run", train_file, steps=steps)
+        tiny_run_overrides(family, tmp_path / "run", train_file, steps=steps)
         + ["trainer.lr_scheduler_type=constant", "trainer.save_steps=1000"]
         + extra
     )
@@ -113,6 +113,130 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
     model = trainer.model
     scalings = {m.scaling["default"] for m in model.modules() if isinstance(getattr(m, "scaling", None), dict)}
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(8 / 4**0.5)  # plain LoRA: 8 / 4 = 2
+
+
+MOE = FAMILIES["qwen3_vl_moe"]
+
+
+def _moe_lora(names, experts=True):
+    return {n for n in _lora_of(names, MOE, "llm") if experts or ".experts." not in n}
+
+
+def _lora_of(names, family, part):
+    return {n for n in names if "lora_" in n and model_part(n, family) == part}
+
+
+def _routers(names):
+    return {n for n in names if f".{MOE.router}." in n}
+
+
+MOE_CASES = {
+    # name: (overrides, expected changed set as a function of all parameter names)
+    "default: LoRA on attention and experts, router frozen": ([], _moe_lora),
+    "LoRA on attention only": (["peft.target_experts=false"], lambda names: _moe_lora(names, experts=False)),
+    "LoRA and a fully trained router": (
+        ["parts.router=full"],
+        lambda names: _moe_lora(names) | {n for n in _routers(names) if ".modules_to_save." in n},
+    ),
+    "full fine-tuning of the LLM, router frozen": (
+        ["parts.llm=full", "export.after_training=false"],
+        lambda names: {n for n in names if model_part(n, MOE) == "llm"} - _routers(names),
+    ),
+    "full fine-tuning of the LLM and its router": (
+        ["parts.llm=full", "parts.router=full", "export.after_training=false"],
+        lambda names: {n for n in names if model_part(n, MOE) == "llm"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_experts_take_lora_and_the_router_trains_only_when_asked(tmp_path, case):
+    overrides, expected = MOE_CASES[case]
+    changed, before, _, trainer = _train(tmp_path, overrides, family="qwen3_vl_moe")
+    assert changed == expected(list(before)), (
+        sorted(changed - expected(list(before)))[:5],
+        sorted(expected(list(before)) - changed)[:5],
+    )
+    if "experts" in case:  # both LoRA factors of both fused parameters, in every layer
+        experts = {n for n in changed if ".experts." in n and "lora_" in n}
+        assert len(experts) == 2 * 2 * trainer.model.config.text_config.num_hidden_layers
+    if "router" in case and "frozen" in case:
+        assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if n in _routers(before))
+
+
+def test_expert_lora_gets_gradients_and_the_frozen_router_none():
+    """One forward + backward of the MoE demo model as training builds it: every LoRA factor on the fused experts
+    has a non-zero gradient, the router's weights none (and never require one)."""
+    from benchmarks.saved_activations import mixed_batch
+    from finetune.model.batching import training_batch
+    from finetune.model.load import load_model
+    from finetune.model.rope import model_position_rule
+    from finetune.model.trainable import make_trainable
+
+    config = load_config([f"experiment={EXPERIMENT['qwen3_vl_moe']}"])
+    torch.manual_seed(0)
+    model = make_trainable(load_model(config.model, "fp32"), config).train()
+    for name, param in model.named_parameters():  # LoRA B starts at zero: A would get no gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    encoded, pad_id = mixed_batch(config)
+    batch = training_batch([[e] for e in encoded], pad_id, model_position_rule(model))
+    batch.pop("num_real_tokens")
+    model(**batch, use_cache=False).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
+    assert len(grads) == 8 and all(g is not None and g.abs().max() > 0 for g in grads.values())
+    routers = {n: p for n, p in model.named_parameters() if f".{MOE.router}." in n}
+    assert len(routers) == 2 and all(not p.requires_grad and p.grad is None for p in routers.values())
+
+
+def test_the_load_balancing_loss_is_logged_and_weighted_as_asked(tmp_path):
+    """2 steps of the MoE demo: `aux_loss` is logged at every step; with a frozen router it is not in the loss
+    (weight 0), with trainer.router_aux_loss_coef=0.5 the first step's loss (same weights) is higher by 0.5 x it.
+    The model config keeps the checkpoint's values (TRL writes its own choice there)."""
+    runs = {}
+    for coef in (None, 0.5):
+        extra = [] if coef is None else [f"trainer.router_aux_loss_coef={coef}"]
+        *_, trainer = _train(tmp_path / str(coef), extra, family="qwen3_vl_moe")
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert [h["step"] for h in logged] == [1, 2] and all(h["aux_loss"] > 0 for h in logged)
+        assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == (coef or 0.0)
+        text_config = trainer.model.config.get_text_config()
+        assert (text_config.output_router_logits, text_config.router_aux_loss_coef) == (False, 0.001)
+        runs[coef] = logged[0]
+    assert runs[None]["aux_loss"] == pytest.approx(runs[0.5]["aux_loss"], rel=1e-6)
+    assert runs[0.5]["loss"] - runs[None]["loss"] == pytest.approx(0.5 * runs[0.5]["aux_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parts.router=full"], "Qwen2.5-VL has no router"),
+        (["trainer.router_aux_loss_coef=0.01"], "Qwen2.5-VL has no router"),
+        (["experiment=demo_qwen3_vl_moe", "peft.dropout=0.05"], "PEFT applies LoRA to expert parameters without"),
+        (["experiment=demo_qwen3_vl_moe", "parts.router=full", "parts.llm=frozen", "parts.merger=full"], "frozen LLM"),
+        (["experiment=demo_qwen3_vl_moe", "trainer.router_aux_loss_coef=-1"], "must be >= 0"),
+        (
+            [
+                "experiment=demo_qwen3_vl_moe",
+                "parts.router=full",
+                "deepspeed=zero3",
+                "trainer.gradient_checkpointing=true",
+            ],
+            "gets no gradient under LoRA \\+ ZeRO-3",
+        ),
+    ],
+)
+def test_moe_keys_out_of_place_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_moe_keys_that_fit_are_accepted():
+    load_config(["experiment=demo_qwen3_vl_moe", "peft.dropout=0.05", "peft.target_experts=false"])
+    load_config(["experiment=demo_qwen3_vl_moe", "deepspeed=zero3", "trainer.gradient_checkpointing=true"])
+    load_config(
+        ["experiment=demo_qwen3_vl_moe", "parts.router=full", "trainer.router_aux_loss_coef=0", "deepspeed=zero3"]
+    )
 
 
 @pytest.mark.parametrize(

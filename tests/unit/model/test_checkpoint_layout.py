@@ -1,0 +1,120 @@
+"""The published checkpoints' layout (finetune/model/checkpoint_layout.py): which tensors it transposes, that
+transformers loads it back as its own, that shapes it could not tell apart are refused, and that every key of the
+tiny checkpoints (written in that layout) maps onto vLLM 0.33.0's Qwen3-VL modules (tests/helpers/vllm_weights.py,
+its source pinned by sha256) while keys in another layout do not."""
+
+import pytest
+import torch
+
+from finetune.base.families import FAMILIES
+from finetune.model.checkpoint_layout import published_layout, transposed_names, weight_fingerprint
+
+MOE = FAMILIES["qwen3_vl_moe"]
+QWEN3 = [name for name in FAMILIES if name.startswith("qwen3_vl")]  # the families vLLM's qwen3_vl*.py load
+
+
+def test_only_the_named_parameters_are_transposed():
+    state = {
+        "model.language_model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 96, 64),
+        "model.language_model.layers.0.mlp.experts.down_proj": torch.randn(4, 64, 48),
+        "model.language_model.layers.0.mlp.gate.weight": torch.randn(4, 64),
+        "model.language_model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
+    }
+    out = published_layout(state, MOE)
+    assert sorted(transposed_names(state, MOE)) == sorted(k for k in state if ".experts." in k)
+    assert out["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 96)
+    assert out["model.language_model.layers.0.mlp.experts.down_proj"].shape == (4, 48, 64)
+    for key in state:
+        expected = state[key].transpose(-1, -2) if ".experts." in key else state[key]
+        assert torch.equal(out[key], expected) and out[key].is_contiguous()
+    dense = FAMILIES["qwen3_vl"]
+    assert transposed_names(state, dense) == [] and published_layout(state, dense) == state
+
+
+def test_shapes_transformers_cannot_tell_apart_are_refused():
+    """2I == H: transformers' loader (Transpose(check_dims=True)) would keep such a tensor as stored."""
+    with pytest.raises(ValueError, match="equal last two dimensions"):
+        published_layout({"layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 64)}, MOE)
+
+
+def test_the_fingerprint_tells_a_transposed_tensor_apart():
+    weight = torch.randn(4, 6, 8)
+    same = weight_fingerprint(weight.clone())
+    assert weight_fingerprint(weight) == same
+    moved = weight_fingerprint(weight.transpose(-1, -2).contiguous().reshape(4, 6, 8))
+    assert moved[0] == same[0] and moved[1] != pytest.approx(same[1], rel=1e-6)
+    swapped = weight_fingerprint(weight.flip(0))
+    assert swapped[1] != pytest.approx(same[1], rel=1e-6)
+
+
+def test_the_tiny_moe_checkpoint_loads_as_built(tiny_paths):
+    """Written in the published layout, read back by transformers' own conversion: the model it was built from."""
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.model.tiny import _model_config, build_tokenizer
+
+    loaded = AutoModelForImageTextToText.from_pretrained(tiny_paths["qwen3_vl_moe"]).state_dict()
+    torch.manual_seed(0)  # the tiny build's seed
+    built = AutoModelForImageTextToText.from_config(_model_config("qwen3_vl_moe", build_tokenizer()))
+    assert all(torch.equal(loaded[k], v) for k, v in built.state_dict().items())
+
+
+@pytest.mark.parametrize("name", QWEN3)
+def test_every_tiny_checkpoint_key_maps_onto_vllm_modules(tiny_paths, name):
+    from safetensors import safe_open
+
+    from tests.helpers.vllm_weights import unknown_modules, vllm_name
+
+    with safe_open(str(tiny_paths[name] / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    for key in keys:
+        mapped = vllm_name(key, name)
+        assert mapped is not None and unknown_modules(mapped) == [], (key, mapped)
+    if FAMILIES[name].router:
+        assert vllm_name("model.language_model.layers.1.mlp.experts.gate_up_proj", name) == (
+            "language_model.model.layers.1.mlp.experts.w13_weight"
+        )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "visual.blocks.0.attn.qkv.weight",  # transformers 4's Qwen2-VL layout
+        "model.layers.0.self_attn.q_proj.weight",
+        "language_model.layers.0.self_attn.q_proj.weight",
+    ],
+)
+def test_keys_in_another_layout_find_no_vllm_module(key):
+    from tests.helpers.vllm_weights import vllm_name
+
+    assert vllm_name(key, "qwen3_vl") is None
+
+
+def test_names_vllm_does_not_create_are_caught():
+    from tests.helpers.vllm_weights import unknown_modules, vllm_name
+
+    mapped = vllm_name("model.language_model.layers.0.self_attn.q_proj.weight", "qwen3_vl")
+    assert mapped == "language_model.model.layers.0.self_attn.qkv_proj.weight" and unknown_modules(mapped) == []
+    assert unknown_modules("language_model.model.layers.0.self_attention.qkv_proj.weight") == ["self_attention"]
+    assert unknown_modules("language_model.model.layers.0.mlp.experts.gate_up_proj") == ["leaf gate_up_proj"]
+    assert unknown_modules("language_model.model.layers.0.mlp.gate.w2_weight") == ["leaf w2_weight"]
+
+
+def test_vllm_loads_qwen3_vl_moe_experts_transposed():
+    """vLLM's Qwen3-VL-MoE decoder layers declare the fused experts transposed, so a tensor in the published layout
+    computes what transformers computes with its own layout (here: random weights, one expert)."""
+    from tests.helpers.vllm_weights import expert_layout, vllm_expert_output
+
+    assert expert_layout()["transposed"]
+    torch.manual_seed(0)
+    experts, hidden, inter = 4, 64, 48
+    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    x = torch.randn(5, hidden)
+    gate, up = torch.nn.functional.linear(x, gate_up[2]).chunk(2, dim=-1)  # transformers' Qwen3VLMoeTextExperts
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[2])
+    published = published_layout({"l.mlp.experts.gate_up_proj": gate_up, "l.mlp.experts.down_proj": down}, MOE)
+    got = vllm_expert_output(published["l.mlp.experts.gate_up_proj"], published["l.mlp.experts.down_proj"], 2, x)
+    assert torch.allclose(got, expected, atol=1e-4)
+    # transformers' own layout (what save_pretrained writes) does not fit vLLM's expert shapes
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        vllm_expert_output(gate_up, down, 2, x)
