@@ -40,9 +40,16 @@ class Family:
     # - `transposed_in_checkpoint`: parameters (names' ends) that the published checkpoints store with their last two
     #   dimensions swapped against transformers' in-memory layout (which transformers 5.23 also saves); the export
     #   writes them as the checkpoints do, the layout vLLM's loader expects.
+    # - `per_expert_in_checkpoint`: fused expert parameters (names' ends, `<...>.experts.<projection>`) that the
+    #   published checkpoints store unfused, one 2-D tensor per expert and projection: `experts.gate_up_proj`
+    #   [E, 2I, H] as `experts.<e>.gate_proj.weight` and `experts.<e>.up_proj.weight` [I, H] (its two halves, gate
+    #   first), `experts.down_proj` [E, H, I] as `experts.<e>.down_proj.weight` [H, I]. transformers fuses them on
+    #   loading; the export and the tiny checkpoints write them so (finetune/model/checkpoint_layout.py).
+    # A parameter is in at most one of the two; both None: the published layout is transformers' own.
     expert_lora_targets: tuple[str, ...] | None
     router: str | None
     transposed_in_checkpoint: tuple[str, ...] | None
+    per_expert_in_checkpoint: tuple[str, ...] | None
 
     # Position rule (finetune/model/rope.py): the vision_config attribute that turns a video's seconds into
     # temporal position ids (times the sample's `second_per_grid_ts`); None: a video's temporal grid steps are
@@ -135,7 +142,7 @@ QWEN3_VL_TINY_TEXT = dict(
 )
 
 # A dense LLM: no experts, no router.
-DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None)
+DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None, per_expert_in_checkpoint=None)
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
@@ -213,6 +220,7 @@ FAMILIES: dict[str, Family] = {
         expert_lora_targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         router="mlp.gate",
         transposed_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        per_expert_in_checkpoint=None,
         video_seconds_scale=None,
         video_layout="timestamped_frames",
         video_budget="clip",

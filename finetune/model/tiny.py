@@ -177,8 +177,8 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
         do_sample=False,
     )
     entry = FAMILIES[family]  # the processor classes by name: transformers is imported here only
-    if entry.transposed_in_checkpoint:  # fused experts as the published checkpoints store them (transformers would not)
-        from finetune.model.checkpoint_layout import published_layout
+    if entry.transposed_in_checkpoint or entry.per_expert_in_checkpoint:  # experts as the published checkpoints store
+        from finetune.model.checkpoint_layout import published_layout  # them (transformers' own save may not)
 
         state_dict = published_layout(model.state_dict(), entry)
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict, save_original_format=False)

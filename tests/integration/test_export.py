@@ -100,11 +100,11 @@ def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
     assert merged.keys() == base.keys()
     report = json.loads((merged_dir / "export_report.json").read_text())
     if FAMILIES[family].router is None:
-        assert report["published_layout"] == {"transposed": 0, "mismatches": []}
+        assert report["published_layout"] == {"rewritten": 0, "mismatches": []}
         return
     layers, experts = text["num_hidden_layers"], text.get("num_local_experts") or text["num_experts"]
     hidden, inter = text["hidden_size"], text["moe_intermediate_size"]
-    assert report["published_layout"] == {"transposed": 2 * layers, "mismatches": []}
+    assert report["published_layout"] == {"rewritten": 2 * layers, "mismatches": []}
     model = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     torch.manual_seed(0)
     x = torch.randn(5, hidden)

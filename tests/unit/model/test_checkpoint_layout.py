@@ -3,11 +3,13 @@ transformers loads it back as its own, that shapes it could not tell apart are r
 tiny checkpoints (written in that layout) maps onto vLLM 0.33.0's Qwen3-VL modules (tests/helpers/vllm_weights.py,
 its source pinned by sha256) while keys in another layout do not."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from finetune.base.families import FAMILIES
-from finetune.model.checkpoint_layout import published_layout, transposed_names, weight_fingerprint
+from finetune.model.checkpoint_layout import published_layout, published_names, transposed_names, weight_fingerprint
 
 MOE = FAMILIES["qwen3_vl_moe"]
 QWEN3 = [name for name in FAMILIES if name.startswith("qwen3_vl")]  # the families vLLM's qwen3_vl*.py load
@@ -29,6 +31,29 @@ def test_only_the_named_parameters_are_transposed():
         assert torch.equal(out[key], expected) and out[key].is_contiguous()
     dense = FAMILIES["qwen3_vl"]
     assert transposed_names(state, dense) == [] and published_layout(state, dense) == state
+
+
+def test_experts_split_per_expert_as_the_published_checkpoints_store_them():
+    """A family whose checkpoints store the experts unfused: gate_up_proj's two halves (gate first) and down_proj, one
+    2-D tensor per expert, under `experts.<e>.<projection>.weight`; nothing else changes, nothing is transposed."""
+    split = dataclasses.replace(MOE, transposed_in_checkpoint=None, per_expert_in_checkpoint=MOE.expert_lora_targets)
+    prefix = "model.language_model.layers.0.mlp"
+    state = {
+        f"{prefix}.experts.gate_up_proj": torch.randn(4, 96, 64),
+        f"{prefix}.experts.down_proj": torch.randn(4, 64, 48),
+        f"{prefix}.gate.weight": torch.randn(4, 64),
+    }
+    assert sorted(published_names(state, split)) == sorted(k for k in state if ".experts." in k)
+    assert transposed_names(state, split) == [] and published_names(state, MOE) == transposed_names(state, MOE)
+    out = published_layout(state, split)
+    gate_up, down = state[f"{prefix}.experts.gate_up_proj"], state[f"{prefix}.experts.down_proj"]
+    expected = {f"{prefix}.gate.weight": state[f"{prefix}.gate.weight"]}
+    for e in range(4):
+        expected[f"{prefix}.experts.{e}.gate_proj.weight"] = gate_up[e, :48]
+        expected[f"{prefix}.experts.{e}.up_proj.weight"] = gate_up[e, 48:]
+        expected[f"{prefix}.experts.{e}.down_proj.weight"] = down[e]
+    assert out.keys() == expected.keys()
+    assert all(torch.equal(out[k], v) and out[k].is_contiguous() for k, v in expected.items())
 
 
 def test_shapes_transformers_cannot_tell_apart_are_refused():
