@@ -1,5 +1,5 @@
-"""Deterministic tiny Qwen-VL checkpoints (one per family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) for tests
-and the demo.
+"""Deterministic tiny Qwen-VL checkpoints (one per family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5,
+Qwen3.5-MoE) for tests and the demo.
 
 No model hub is reachable on CI machines, so we build real checkpoints locally: the real model classes with
 tiny dimensions, a byte-level BPE tokenizer trained offline with Qwen's special tokens and a Qwen-VL chat
@@ -24,7 +24,7 @@ from finetune.base.families import FAMILIES
 
 TINY_SCHEME = "tiny://"
 # Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
-BUILD_VERSION = 4  # 4: fused MoE experts written in the published layout
+BUILD_VERSION = 5  # 4: fused MoE experts written in the published layout; 5: or split per expert
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -208,6 +208,8 @@ def _spec_hash(family: str, seed: int) -> str:
         entry.image_processor,
         entry.video_processor,
         entry.processor_settings,
+        entry.transposed_in_checkpoint,
+        entry.per_expert_in_checkpoint,
     ]
     spec = dict(
         family=family, seed=seed, build=BUILD_VERSION, dims=TEXT_DIMS, entry=built_from, tf=transformers.__version__

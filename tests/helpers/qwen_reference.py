@@ -2,7 +2,8 @@
 pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; nothing is ever skipped):
 
 - Qwen's own code, as Qwen contributed it to transformers: `get_rope_index` of transformers 4.49.0 (Qwen2-VL,
-  Qwen2.5-VL) and of 4.57.0 (Qwen3-VL and Qwen3-VL-MoE, the release that added them). Only that method is taken
+  Qwen2.5-VL) and of 4.57.0 (Qwen3-VL and Qwen3-VL-MoE, the release that added them; also Qwen3.5 and Qwen3.5-MoE,
+  which have Qwen3-VL's positions). Only that method is taken
   from the release's wheel (from the package index); the old transformers is never imported. The method runs on a
   stand-in `self` carrying the config fields it reads. 4.57.0's method is the algorithm of Qwen's fine-tuning code
   (`get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`); that file is on GitHub only,
@@ -48,6 +49,12 @@ MODULES = {
     "qwen2_5_vl": ("4.49.0", "transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py"),
     "qwen3_vl": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
     "qwen3_vl_moe": ("4.57.0", "transformers/models/qwen3_vl_moe/modeling_qwen3_vl_moe.py"),
+    # Qwen3.5 has Qwen3-VL's positions (no release of Qwen's own predates transformers 5, whose rule differs): vLLM
+    # 0.33.0's Qwen3_5ForConditionalGeneration inherits Qwen3VLForConditionalGeneration's `_get_mrope_input_positions`,
+    # and transformers 5.23's Qwen3_5Model.get_rope_index splits videos into frame pairs as Qwen3-VL's does. So Qwen's
+    # Qwen3-VL method of 4.57.0 is its reference too (the config fields it reads are the same).
+    "qwen3_5": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
+    "qwen3_5_moe": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
 }
 
 

@@ -12,6 +12,7 @@ from finetune.base.families import FAMILIES
 from finetune.model.checkpoint_layout import published_layout, published_names, transposed_names, weight_fingerprint
 
 MOE = FAMILIES["qwen3_vl_moe"]
+MOES = [name for name, family in FAMILIES.items() if family.router]
 QWEN3 = [name for name in FAMILIES if name.startswith("qwen3_vl")]  # the families vLLM's qwen3_vl*.py load
 
 
@@ -72,16 +73,37 @@ def test_the_fingerprint_tells_a_transposed_tensor_apart():
     assert swapped[1] != pytest.approx(same[1], rel=1e-6)
 
 
-def test_the_tiny_moe_checkpoint_loads_as_built(tiny_paths):
-    """Written in the published layout, read back by transformers' own conversion: the model it was built from."""
+@pytest.mark.parametrize("name", MOES)
+def test_the_tiny_moe_checkpoint_loads_as_built(tiny_paths, name):
+    """Written in the published layout (transposed, or split per expert), read back by transformers' own conversion:
+    the model it was built from."""
     from transformers import AutoModelForImageTextToText
 
     from finetune.model.tiny import _model_config, build_tokenizer
 
-    loaded = AutoModelForImageTextToText.from_pretrained(tiny_paths["qwen3_vl_moe"]).state_dict()
+    loaded = AutoModelForImageTextToText.from_pretrained(tiny_paths[name]).state_dict()
     torch.manual_seed(0)  # the tiny build's seed
-    built = AutoModelForImageTextToText.from_config(_model_config("qwen3_vl_moe", build_tokenizer()))
+    built = AutoModelForImageTextToText.from_config(_model_config(name, build_tokenizer()))
     assert all(torch.equal(loaded[k], v) for k, v in built.state_dict().items())
+
+
+def test_the_per_expert_split_is_what_transformers_saves_for_qwen3_5_moe(tmp_path):
+    """transformers 5.23 saves Qwen3.5-MoE's experts unfused too (its conversion_mapping reversed): our split gives
+    the same keys and tensors, so the published layout does not hang on that reverse conversion staying."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.model.tiny import _model_config, build_tokenizer
+
+    family = FAMILIES["qwen3_5_moe"]
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(_model_config("qwen3_5_moe", build_tokenizer()))
+    model.save_pretrained(tmp_path)  # transformers' own layout choice
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    ours = published_layout(model.state_dict(), family)
+    assert any(".experts.0.gate_proj.weight" in k for k in saved) and not any(k.endswith("gate_up_proj") for k in saved)
+    assert saved.keys() == ours.keys()
+    assert all(torch.equal(saved[k], ours[k]) for k in saved)
 
 
 @pytest.mark.parametrize("name", QWEN3)
