@@ -13,7 +13,7 @@ from finetune.model.checkpoint_layout import published_layout, published_names, 
 
 MOE = FAMILIES["qwen3_vl_moe"]
 MOES = [name for name, family in FAMILIES.items() if family.router]
-QWEN3 = [name for name in FAMILIES if name.startswith("qwen3_vl")]  # the families vLLM's qwen3_vl*.py load
+QWEN3 = [name for name in FAMILIES if name.startswith("qwen3")]  # the families vLLM's qwen3_vl*.py / qwen3_5.py load
 
 
 def test_only_the_named_parameters_are_transposed():
@@ -121,6 +121,12 @@ def test_every_tiny_checkpoint_key_maps_onto_vllm_modules(tiny_paths, name):
         assert vllm_name("model.language_model.layers.1.mlp.experts.gate_up_proj", name) == (
             "language_model.model.layers.1.mlp.experts.w13_weight"
         )
+    if FAMILIES[name].per_expert_in_checkpoint:  # the tiny checkpoint holds the per-expert keys, none fused
+        assert "model.language_model.layers.1.mlp.experts.3.up_proj.weight" in keys
+        assert not [key for key in keys if key.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+        assert vllm_name("model.language_model.layers.1.mlp.experts.3.up_proj.weight", name) == (
+            "language_model.model.layers.1.mlp.experts.w13_weight"
+        )
 
 
 @pytest.mark.parametrize(
@@ -145,6 +151,13 @@ def test_names_vllm_does_not_create_are_caught():
     assert unknown_modules("language_model.model.layers.0.self_attention.qkv_proj.weight") == ["self_attention"]
     assert unknown_modules("language_model.model.layers.0.mlp.experts.gate_up_proj") == ["leaf gate_up_proj"]
     assert unknown_modules("language_model.model.layers.0.mlp.gate.w2_weight") == ["leaf w2_weight"]
+    # Qwen3.5: the Gated DeltaNet's projections fused as vLLM creates them, its own parameters, the MTP head dropped
+    mapped = vllm_name("model.language_model.layers.0.linear_attn.in_proj_z.weight", "qwen3_5")
+    assert mapped == "language_model.model.layers.0.linear_attn.in_proj_qkvz.weight" and unknown_modules(mapped) == []
+    assert unknown_modules("language_model.model.layers.0.linear_attn.A_log") == []
+    assert unknown_modules("language_model.model.layers.0.linear_attn.B_log") == ["leaf B_log"]
+    assert unknown_modules("language_model.model.layers.0.linear_attention.out_proj.weight") == ["linear_attention"]
+    assert vllm_name("mtp.layers.0.self_attn.q_proj.weight", "qwen3_5") is None
 
 
 def test_vllm_loads_qwen3_vl_moe_experts_transposed():
@@ -165,3 +178,24 @@ def test_vllm_loads_qwen3_vl_moe_experts_transposed():
     # transformers' own layout (what save_pretrained writes) does not fit vLLM's expert shapes
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         vllm_expert_output(gate_up, down, 2, x)
+
+
+def test_vllm_loads_qwen3_5_moe_experts_per_expert():
+    """vLLM's Qwen3.5-MoE block (Qwen3NextSparseMoeBlock) loads the per-expert tensors into each expert's w13 (gate as
+    shard w1, up as w3) and w2: from the published split, it computes what transformers computes with its fused
+    layout (random weights, one expert); with gate and up swapped it would not."""
+    from tests.helpers.vllm_weights import expert_layout, vllm_per_expert_output
+
+    family = FAMILIES["qwen3_5_moe"]
+    assert expert_layout()["per_expert"]["gate_proj"][1] == "w1" and expert_layout()["per_expert"]["up_proj"][1] == "w3"
+    torch.manual_seed(0)
+    experts, hidden, inter = 4, 64, 48
+    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    x = torch.randn(5, hidden)
+    gate, up = torch.nn.functional.linear(x, gate_up[2]).chunk(2, dim=-1)  # transformers' Qwen3_5MoeExperts
+    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[2])
+    published = published_layout({"l.mlp.experts.gate_up_proj": gate_up, "l.mlp.experts.down_proj": down}, family)
+    own = {p: published[f"l.mlp.experts.2.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
+    assert torch.allclose(vllm_per_expert_output(own, x), expected, atol=1e-4)
+    swapped = dict(own, gate_proj=own["up_proj"], up_proj=own["gate_proj"])
+    assert not torch.allclose(vllm_per_expert_output(swapped, x), expected, atol=1e-2)
