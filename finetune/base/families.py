@@ -152,7 +152,7 @@ QWEN3_VL_TINY_TEXT = dict(
 # shared expert's: the names match `mlp.shared_expert.*_proj` there, never the router `mlp.gate`, a
 # Qwen3_5MoeTopKRouter and no nn.Linear, nor `mlp.shared_expert_gate`). Left out: `in_proj_b` / `in_proj_a`, whose
 # outputs are one scalar per value head (the write strength beta = sigmoid(b) and, with A_log and dt_bias, the decay
-# g): 32 wide in 9B and 35B-A3B, 48 in 27B, so a rank 8-16 update is hardly low-rank there, and it changes the
+# g): 32 wide in 4B and 35B-A3B, 48 in 27B, so a rank 8-16 update is hardly low-rank there, and it changes the
 # recurrence of every later token; they stay frozen with A_log, dt_bias and conv1d (peft.target_modules can add them).
 # `shared_expert_gate` (MoE, nn.Linear(H, 1): one sigmoid gate per token on the shared expert) has one output, below
 # any LoRA rank; it stays frozen, as the router does.
@@ -181,8 +181,9 @@ QWEN3_5_PROCESSORS = QWEN3_VL_PROCESSORS
 # The tiny ViT: Qwen3-VL's without DeepStack (Qwen3_5VisionConfig has no deepstack_visual_indexes).
 QWEN3_5_TINY_VISION = {k: v for k, v in QWEN3_VL_TINY_VISION.items() if k != "deepstack_visual_indexes"}
 # The tiny hybrid LLM: a linear-attention layer, then a full-attention one (the published configs: three of each four
-# layers linear, `full_attention_interval` 4). Linear attention with half as many key heads as value heads, as 4B, 9B
-# and 35B-A3B (27B: a third; vLLM 0.33.0 tests/v1/kv_connector/unit/test_nixl_connector_hma.py), head dims 16.
+# layers linear, `full_attention_interval` 4). Linear attention with half as many key heads as value heads, as 4B and
+# 35B-A3B (16 and 32; 27B: 16 and 48: vLLM 0.33.0's tests/v1/kv_connector/unit/test_nixl_connector_hma.py and
+# tests/kernels/fla/test_fused_gdn_post_conv.py) and transformers' 9B-style defaults, head dims 16.
 # Rotary: Qwen3.5 rotates partial_rotary_factor 0.25 of each head (published: head_dim 256 -> 64 dims, 32 frequencies,
 # interleaved mrope_section [11, 11, 10], rope_theta 1e7: vLLM 0.33.0 recipes/models/Qwen/Qwen3.5-27B.yaml). head_dim
 # 16 would leave 4 rotary dims, 2 frequencies, and no width axis at all; head_dim 32 gives 8 dims, 4 frequencies,
