@@ -21,7 +21,7 @@ from finetune.model.rope import PositionRule
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.qwen_reference import reference_qwen_rule
 from tests.helpers.random_data import build_media_pool, random_record
-from tests.helpers.tolerance import assert_close_to_scale
+from tests.helpers.tolerance import assert_close_to_scale, scaled_difference
 
 ROWS_PER_FAMILY = 600
 SETTINGS = VisionSettings(4 * 784, 64 * 784, 2.0, 4, 16, 16 * 784, 64 * 784, 1024 * 784)
@@ -149,13 +149,33 @@ def _packed_loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _unpacked_loss_and_grads(model, rows, pad_id, rule, implementation):
+    """Each sample alone (an attention mask, the same rule's ids), its loss weighted by its share of the tokens."""
+    attention.set_implementation(model, implementation)
+    model.zero_grad()
+    total_tokens = sum(sum(label != -100 for label in s.labels[1:]) for row in rows for s in row)
+    reference = 0.0
+    for s in (s for row in rows for s in row):
+        n = sum(label != -100 for label in s.labels[1:])
+        loss = model(**inference_batch([s], pad_id, rule), use_cache=False).loss * n / total_tokens
+        loss.backward()
+        reference += loss.item()
+    return reference, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
 def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(processors, tiny_paths, pool, family, attn):
     """Every attention implementation that runs on the CPU (varlen: one sdpa call per sample, with the collator's
-    boundaries): a packed row's loss and gradients equal the per-sample ones (each sample alone with a mask). Hybrid
-    models (linear attention) as training runs them: with the collator's boundaries (and they must be needed: plain
-    packing through transformers' PyTorch fallback mixes the samples)."""
+    boundaries): a packed row's loss and gradients equal the per-sample ones (each sample alone with a mask), 1e-5 of
+    their scale in fp32.
+
+    Hybrid models (linear attention) run as training runs them: installed, with the collator's boundaries. Plain
+    packing through transformers' PyTorch fallback must fail this test. One exception to 1e-5: the gradients of the
+    linear-attention decay parameters (A_log, dt_bias and in_proj_a: they enter every later token's decay, so their
+    gradient sums terms that mostly cancel) cannot be reproduced to 1e-5 in fp32 by the reference itself: computed
+    with eager instead of sdpa it moves by up to 6e-5 on the tiny Qwen3.5. Each gradient may differ by twice what the
+    reference's two exact implementations differ by, where that is more than 1e-5."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_paths[family], attn_implementation=attn_loaded(attn))
     model.train()
     implementation, _ = attention.choose(attn, False, torch.device("cpu"), torch.float32)
@@ -164,29 +184,31 @@ def test_packed_loss_and_gradients_equal_the_token_weighted_unpacked_ones(proces
     rule = _rule(model)
     attention.set_implementation(model, implementation)
     hybrid = linear_attention.is_hybrid(model.config)
-    plain_loss = None
+    plain = None
     if hybrid and not attention.uses_boundaries(implementation):  # not installed, no boundaries: plain packing
-        plain_loss, _ = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule))
-        model.zero_grad()
+        plain = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule))
     linear_attention.install(model)
     boundaries = attention.uses_boundaries(implementation) or hybrid  # as finetune/training/workflow.py decides
-    packed = training_batch(rows, pad_id, rule, boundaries=boundaries)
-    packed_loss, packed_grads = _packed_loss_and_grads(model, packed)
-    model.zero_grad()
-    attention.set_implementation(model, attn_loaded(attn))  # the references are padded: a mask, not boundaries
-    total_tokens = sum(sum(label != -100 for label in s.labels[1:]) for row in rows for s in row)
-    reference = 0.0
-    for s in (s for row in rows for s in row):  # each sample alone, with an attention mask and the same rule's ids
-        n = sum(label != -100 for label in s.labels[1:])
-        loss = model(**inference_batch([s], pad_id, rule), use_cache=False).loss * n / total_tokens
-        loss.backward()
-        reference += loss.item()
+    packed_loss, packed_grads = _packed_loss_and_grads(model, training_batch(rows, pad_id, rule, boundaries=boundaries))
+    # the references are padded: a mask, not boundaries
+    reference, reference_grads = _unpacked_loss_and_grads(model, rows, pad_id, rule, attn_loaded(attn))
+    tolerance = {name: 1e-5 for name in reference_grads}
+    if hybrid:
+        other = "eager" if attn_loaded(attn) == "sdpa" else "sdpa"
+        _, other_grads = _unpacked_loss_and_grads(model, rows, pad_id, rule, other)
+        for name, grad in reference_grads.items():
+            tolerance[name] = max(1e-5, 2 * scaled_difference(other_grads[name], grad))
+        assert max(tolerance.values()) < 1e-3  # a loose bound only where fp32 itself is
     assert abs(packed_loss.item() - reference) / reference <= 1e-5
-    if plain_loss is not None:
-        assert abs(plain_loss.item() - reference) / reference > 1e-3, (plain_loss.item(), reference)
     for name, grad in packed_grads.items():
-        other = dict(model.named_parameters())[name].grad
-        assert_close_to_scale(grad, other, rel=1e-5, name=name)
+        assert_close_to_scale(grad, reference_grads[name], rel=tolerance[name], name=name)
+    if plain is not None:
+        plain_loss, plain_grads = plain
+        assert abs(plain_loss.item() - reference) / reference > 1e-5  # measured: 2.7e-4 and 5.2e-5 (MoE)
+        worst = max(
+            scaled_difference(grad, reference_grads[name]) / tolerance[name] for name, grad in plain_grads.items()
+        )
+        assert worst > 100, worst  # measured: gradients off by 0.2 (0.5 MoE) of their scale
 
 
 def attn_loaded(attn: str) -> str:
