@@ -198,3 +198,24 @@ def test_install_is_a_no_op_without_linear_attention_and_packing_problems_are_na
     layer = linear_attention.linear_attention_layers(hybrid)[0]
     layer.forward = lambda *args, **kwargs: None  # what a hub kernel's replacement looks like from outside
     assert "was replaced" in linear_attention.packing_problem(hybrid)
+
+
+def test_training_refuses_packing_where_a_layer_is_not_transformers_own(tmp_path, monkeypatch, caplog):
+    from finetune.base.errors import ConfigError
+    from finetune.recipe.load import load_config
+    from finetune.training.workflow import build_trainer
+    from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+
+    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
+    overrides = tiny_run_overrides("qwen3_5", tmp_path / "run", train_file) + [
+        "trainer.packing=true",
+        "trainer.max_tokens_per_row=512",
+    ]
+    with caplog.at_level("INFO"):
+        trainer, *_ = build_trainer(load_config(overrides), overrides)
+    assert "linear attention restarted at every sample boundary" in caplog.text
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["cu_seq_lens_q"] is not None  # the collator sends the boundaries whatever the attention
+    monkeypatch.setattr(linear_attention, "packing_problem", lambda model: "a stand-in reason")
+    with pytest.raises(ConfigError, match="a stand-in reason.*Set trainer.packing=false"):
+        build_trainer(load_config(overrides), overrides)
