@@ -164,6 +164,8 @@ def _add_boundaries(module, args, kwargs):
     if (
         kwargs.get("cu_seq_lens_q") is not None
         or kwargs.get("attention_mask") is not None
+        or kwargs.get("past_key_values") is not None  # generation: one sequence per row, the state carried on
+        or kwargs.get("use_cache")
         or position_ids is None
         or position_ids.dim() != 3
         or position_ids.shape[0] != 4

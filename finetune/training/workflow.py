@@ -107,8 +107,13 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         )
     if is_deepspeed_zero3_enabled():
         logger.info("ZeRO-3: loading the weights partitioned across the ranks (deepspeed.zero.Init)")
-    set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
-    model = make_trainable(load_model(config.model, precision), config)
+    set_seed(config.trainer.seed)
+    model = load_model(config.model, precision)
+    # Again after loading, so that LoRA's initialisation draws the same numbers however the model was built: under
+    # ZeRO-3 (deepspeed.zero.Init) the modules are constructed for real, and some draw in __init__ (Qwen3.5's Gated
+    # DeltaNet initialises A_log there), which shifted every LoRA matrix against a single-process run.
+    set_seed(config.trainer.seed)
+    model = make_trainable(model, config)
     if config.trainer.gradient_checkpointing:
         reentrant = enable_activation_checkpointing(model, config)
         logger.info(
