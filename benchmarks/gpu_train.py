@@ -148,8 +148,8 @@ SHAPES = {
         dict(QWEN3_TEXT, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1),
     ),
     # 32 layers (24 linear attention, 8 full), 248320-token vocabulary, untied: 9.4B parameters with the ViT. Packed
-    # rows (the default modes' first) measure throughput only until the linear-attention layers respect sample
-    # boundaries (README, Qwen3.5).
+    # rows restart the linear attention at every sample (finetune/model/linear_attention.py: flash-linear-attention's
+    # kernel with cu_seqlens when installed, else the PyTorch chunked rule per sample).
     "qwen3_5_9b": (
         "qwen3_5",
         (4096, 12288, 32, 16, 4, 248320, False),

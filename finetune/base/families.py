@@ -206,6 +206,20 @@ QWEN3_5_TINY_TEXT = dict(
 )
 
 # A dense LLM: no experts, no router.
+# What every Qwen3-VL-style vision side shares (Qwen3-VL, Qwen3.5; dense and MoE): the ViT's LoRA targets, the processor
+# classes, videos as timestamped frame pairs (time is in the text, no seconds scale) under a whole-clip budget, and
+# the merger projecting to `out_hidden_size`.
+QWEN3_VL_VISION_SIDE = dict(
+    vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+    video_seconds_scale=None,
+    video_layout="timestamped_frames",
+    video_budget="clip",
+    processor="Qwen3VLProcessor",
+    image_processor="Qwen2VLImageProcessor",
+    video_processor="Qwen3VLVideoProcessor",
+    merger_width="out_hidden_size",
+)
+
 DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None, per_expert_in_checkpoint=None)
 
 FAMILIES: dict[str, Family] = {
@@ -256,16 +270,9 @@ FAMILIES: dict[str, Family] = {
         model_type="qwen3_vl",
         title="Qwen3-VL",
         **QWEN3_VL_LAYOUT,
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         **DENSE_LLM,
-        video_seconds_scale=None,  # time is in the text: each frame pair's timestamp
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_VL_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_VL_TINY_VISION,
         # Tied input and output embeddings, as Qwen3-VL-2B/4B (8B and 32B are untied, as the MoE tiny).
         tiny_text=dict(QWEN3_VL_TINY_TEXT, tie_word_embeddings=True),
@@ -276,7 +283,6 @@ FAMILIES: dict[str, Family] = {
         # Every decoder layer's MLP is a mixture of experts (decoder_sparse_step 1, no mlp_only_layers in the published
         # configs): the nn.Linear targets are the attention projections, the experts take LoRA as parameters.
         **dict(QWEN3_VL_LAYOUT, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         # transformers 5.23 (Qwen3VLMoeTextExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I];
         # the published checkpoints: [E, H, 2I] and [E, I, H] (transformers' loader transposes them: conversion_mapping
         # `Transpose(1, 2, check_dims=True)`, by shape). The router `mlp.gate` (Qwen3VLMoeTextTopKRouter) holds one
@@ -285,14 +291,8 @@ FAMILIES: dict[str, Family] = {
         router="mlp.gate",
         transposed_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         per_expert_in_checkpoint=None,
-        video_seconds_scale=None,
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_VL_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_VL_TINY_VISION,
         # 4 experts, 2 per token, in every layer (30B-A3B: 128 experts, 8 per token, 48 layers); untied embeddings.
         tiny_text=dict(
@@ -311,16 +311,9 @@ FAMILIES: dict[str, Family] = {
         model_type="qwen3_5",
         title="Qwen3.5",
         **QWEN3_5_LAYOUT,
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         **DENSE_LLM,
-        video_seconds_scale=None,  # time is in the text: each frame pair's timestamp (as Qwen3-VL)
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_5_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_5_TINY_VISION,
         # Tied embeddings: whether the small published sizes tie them is not in a source reachable here; tied, the
         # dense tiny takes the export's tied path (the MoE tiny the untied one).
@@ -332,7 +325,6 @@ FAMILIES: dict[str, Family] = {
         # Every decoder layer's MLP is a mixture of experts plus one shared expert (no dense MLP layers): the nn.Linear
         # gate/up/down targets are the shared expert's; the routed experts take LoRA as parameters.
         **QWEN3_5_LAYOUT,
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         # transformers 5.23 (Qwen3_5MoeExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]. The
         # published checkpoints store them unfused, `mlp.experts.<e>.{gate,up,down}_proj.weight`: transformers' loader
         # fuses them (conversion_mapping: `qwen3_5_moe_text` = the `qwen2_moe` converter, MergeModulelist +
@@ -343,14 +335,8 @@ FAMILIES: dict[str, Family] = {
         router="mlp.gate",
         transposed_in_checkpoint=None,
         per_expert_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-        video_seconds_scale=None,
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_5_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_5_TINY_VISION,
         # 4 experts, 2 per token, and a shared expert in every layer (35B-A3B: 256 experts, 8 per token, 40 layers);
         # untied embeddings.

@@ -160,18 +160,24 @@ def test_names_vllm_does_not_create_are_caught():
     assert vllm_name("mtp.layers.0.self_attn.q_proj.weight", "qwen3_5") is None
 
 
+def _fused_experts_and_expert_2_output():
+    """Random fused experts in transformers' layout (4 experts, H 64, I 48: gate_up [E, 2I, H] gate rows first, down
+    [E, H, I]), 5 tokens, and what expert 2 computes on them as transformers' fused experts do."""
+    torch.manual_seed(0)
+    experts, hidden, inter = 4, 64, 48
+    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    x = torch.randn(5, hidden)
+    gate, up = torch.nn.functional.linear(x, gate_up[2]).chunk(2, dim=-1)
+    return gate_up, down, x, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[2])
+
+
 def test_vllm_loads_qwen3_vl_moe_experts_transposed():
     """vLLM's Qwen3-VL-MoE decoder layers declare the fused experts transposed, so a tensor in the published layout
     computes what transformers computes with its own layout (here: random weights, one expert)."""
     from tests.helpers.vllm_weights import expert_layout, vllm_expert_output
 
     assert expert_layout()["transposed"]
-    torch.manual_seed(0)
-    experts, hidden, inter = 4, 64, 48
-    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
-    x = torch.randn(5, hidden)
-    gate, up = torch.nn.functional.linear(x, gate_up[2]).chunk(2, dim=-1)  # transformers' Qwen3VLMoeTextExperts
-    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[2])
+    gate_up, down, x, expected = _fused_experts_and_expert_2_output()
     published = published_layout({"l.mlp.experts.gate_up_proj": gate_up, "l.mlp.experts.down_proj": down}, MOE)
     got = vllm_expert_output(published["l.mlp.experts.gate_up_proj"], published["l.mlp.experts.down_proj"], 2, x)
     assert torch.allclose(got, expected, atol=1e-4)
@@ -188,12 +194,7 @@ def test_vllm_loads_qwen3_5_moe_experts_per_expert():
 
     family = FAMILIES["qwen3_5_moe"]
     assert expert_layout()["per_expert"]["gate_proj"][1] == "w1" and expert_layout()["per_expert"]["up_proj"][1] == "w3"
-    torch.manual_seed(0)
-    experts, hidden, inter = 4, 64, 48
-    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
-    x = torch.randn(5, hidden)
-    gate, up = torch.nn.functional.linear(x, gate_up[2]).chunk(2, dim=-1)  # transformers' Qwen3_5MoeExperts
-    expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down[2])
+    gate_up, down, x, expected = _fused_experts_and_expert_2_output()
     published = published_layout({"l.mlp.experts.gate_up_proj": gate_up, "l.mlp.experts.down_proj": down}, family)
     own = {p: published[f"l.mlp.experts.2.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")}
     assert torch.allclose(vllm_per_expert_output(own, x), expected, atol=1e-4)
