@@ -19,7 +19,10 @@ time spent waiting for the DataLoader.
 
 MFU = real tokens/s x 4 x N_llm / peak matmul FLOP/s, with N_llm the LLM's matmul parameters (decoder layers and
 lm_head): a LoRA step does the forward (2N) and the activation gradients (2N) of the frozen LLM; the
-recomputation under checkpointing, attention scores, the ViT and the LoRA weight gradients are not counted.
+recomputation under checkpointing, attention scores, the ViT and the LoRA weight gradients are not counted. A
+hybrid LLM (Qwen3.5) counts each layer by its type: a full-attention layer's projections (q twice as wide: queries
+and their output gate), a linear-attention layer's (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj); the
+gated delta rule's own work, like attention scores, and the small depthwise conv1d are not counted.
 """
 
 from __future__ import annotations
@@ -79,7 +82,31 @@ QWEN3_TEXT = dict(
         "mrope_interleaved": True,
     },
 )
-# name (a recipes/model/ name): (family, TEXT_FIELDS values, vision_config values, other text_config values)
+# Qwen3.5 (transformers 5.23's config defaults, which it documents as the Qwen3.5-9B and Qwen3.5-35B-A3B styles; the
+# published config.json files are not reachable here): a 27-block ViT of width 1152 without DeepStack; a hybrid LLM
+# whose layers are Gated DeltaNet linear attention except every fourth (full attention, head_dim 256, q_proj doubled
+# for the output gate), rotary on a quarter of each head (64 of 256 dims: interleaved sections [11, 11, 10], theta
+# 1e7, as vLLM 0.33.0's recipes/models/Qwen/Qwen3.5-27B.yaml spells them). Linear attention: 16 key heads and 32 value
+# heads of 128 (vLLM's tests: Qwen3.5-4B's GDN has 16 and 32, Qwen3.5-35B's 16 and 32).
+QWEN3_5_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304)
+QWEN3_5_TEXT = dict(
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
+)
+FULL_ATTENTION_INTERVAL = 4  # Qwen3.5: layers 4, 8, ... are full attention (transformers' full_attention_interval)
+# name (a recipes/model/ name): (family, TEXT_FIELDS values, vision_config values, other text_config values); a None
+# among the TEXT_FIELDS values leaves that field out (Qwen3.5-MoE's text config has no dense intermediate_size)
 SHAPES = {
     "qwen2_vl_2b": ("qwen2_vl", (1536, 8960, 28, 12, 2, 151936, True), dict(QWEN2_VISION, hidden_size=1536), {}),
     "qwen2_vl_7b": ("qwen2_vl", (3584, 18944, 28, 28, 4, 152064, False), dict(QWEN2_VISION, hidden_size=3584), {}),
@@ -120,6 +147,29 @@ SHAPES = {
         dict(QWEN3_VISION, out_hidden_size=2048),
         dict(QWEN3_TEXT, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1),
     ),
+    # 32 layers (24 linear attention, 8 full), 248320-token vocabulary, untied: 9.4B parameters with the ViT. Packed
+    # rows restart the linear attention at every sample (finetune/model/linear_attention.py: flash-linear-attention's
+    # kernel with cu_seqlens when installed, else the PyTorch chunked rule per sample).
+    "qwen3_5_9b": (
+        "qwen3_5",
+        (4096, 12288, 32, 16, 4, 248320, False),
+        dict(QWEN3_5_VISION, out_hidden_size=4096),
+        QWEN3_5_TEXT,
+    ),
+    # 256 experts of width 512, 8 per token, and a shared expert of width 512 in each of the 40 layers (30 linear
+    # attention, 10 full): 35.1B parameters with the ViT, 3.0B activated in the LLM.
+    "qwen3_5_moe_35b_a3b": (
+        "qwen3_5_moe",
+        (2048, None, 40, 16, 2, 248320, False),
+        dict(QWEN3_5_VISION, out_hidden_size=2048),
+        dict(
+            QWEN3_5_TEXT,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            num_experts=256,
+            num_experts_per_tok=8,
+        ),
+    ),
     # The tests' tiny model as it is (finetune/model/tiny.py), built the same way: the suite's CPU run of this benchmark.
     "tiny_qwen2_5_vl": ("qwen2_5_vl", None, {}, {}),
 }
@@ -134,16 +184,31 @@ WORDS = "the a dot moves left right up down red green blue small large frame sce
 
 def llm_matmul_parameters(text: dict) -> int:
     """Decoder-layer projections (q, k, v, o, gate, up, down) and the lm_head; a mixture of experts counts the
-    experts a token goes through (num_experts_per_tok) and the router: the active parameters."""
+    experts a token goes through (num_experts_per_tok), the router and a shared expert with its gate: the active
+    parameters. A hybrid LLM (Qwen3.5, `layer_types`) counts each layer's token mixer by its type: full attention
+    (q_proj twice as wide: queries and their output gate) or Gated DeltaNet linear attention (in_proj_qkv, in_proj_z,
+    in_proj_b, in_proj_a, out_proj)."""
     hidden, heads, kv_heads = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
     head_dim = text.get("head_dim") or hidden // heads  # Qwen3: its own (128), not hidden / heads
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    gated = str(text.get("model_type", "")).startswith("qwen3_5")  # Qwen3.5's q_proj: queries + output gate
+    attention = (3 if gated else 2) * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mixers = {"full_attention": attention}
+    if "linear_num_value_heads" in text:
+        keys = text["linear_num_key_heads"] * text["linear_key_head_dim"]
+        values = text["linear_num_value_heads"] * text["linear_value_head_dim"]
+        # in_proj_qkv (q, k, v), in_proj_z (the gate), in_proj_b and in_proj_a (one scalar per value head), out_proj
+        mixers["linear_attention"] = (
+            hidden * (2 * keys + values) + 2 * hidden * values + 2 * hidden * text["linear_num_value_heads"]
+        )
     experts = text.get("num_local_experts") or text.get("num_experts")  # to_dict() spells it num_local_experts
     if experts:
         mlp = text["num_experts_per_tok"] * 3 * hidden * text["moe_intermediate_size"] + hidden * experts
+        if text.get("shared_expert_intermediate_size"):  # the shared expert and its one-output gate
+            mlp += 3 * hidden * text["shared_expert_intermediate_size"] + hidden
     else:
         mlp = 3 * hidden * text["intermediate_size"]
-    return text["num_hidden_layers"] * (attention + mlp) + hidden * text["vocab_size"]
+    layer_types = text.get("layer_types") or ["full_attention"] * text["num_hidden_layers"]
+    return sum(mixers[kind] + mlp for kind in layer_types[: text["num_hidden_layers"]]) + hidden * text["vocab_size"]
 
 
 def model_config(name: str, layers: int | None):
@@ -155,11 +220,18 @@ def model_config(name: str, layers: int | None):
     family, text, vision, other_text = SHAPES[name]
     config = AutoConfig.from_pretrained(tiny_checkpoint(family))
     for key, value in [*zip(TEXT_FIELDS, text or ()), *other_text.items()]:
-        setattr(config.text_config, key, value)
+        if value is not None:
+            setattr(config.text_config, key, value)
     if layers:
         config.text_config.num_hidden_layers = layers
-    # layer_types was sized for the tiny model's layer count (Qwen-VL text layers are all full attention).
-    config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
+    # layer_types was sized for the tiny model's layer count: Qwen-VL text layers are all full attention; a hybrid
+    # LLM's (Qwen3.5) are linear attention but for every FULL_ATTENTION_INTERVAL-th.
+    count = config.text_config.num_hidden_layers
+    hybrid = "linear_attention" in (getattr(config.text_config, "layer_types", None) or [])
+    config.text_config.layer_types = [
+        "full_attention" if not hybrid or (i + 1) % FULL_ATTENTION_INTERVAL == 0 else "linear_attention"
+        for i in range(count)
+    ]
     config.tie_word_embeddings = getattr(config.text_config, "tie_word_embeddings", config.tie_word_embeddings)
     for key, value in vision.items():
         setattr(config.vision_config, key, value)

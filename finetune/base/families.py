@@ -40,9 +40,16 @@ class Family:
     # - `transposed_in_checkpoint`: parameters (names' ends) that the published checkpoints store with their last two
     #   dimensions swapped against transformers' in-memory layout (which transformers 5.23 also saves); the export
     #   writes them as the checkpoints do, the layout vLLM's loader expects.
+    # - `per_expert_in_checkpoint`: fused expert parameters (names' ends, `<...>.experts.<projection>`) that the
+    #   published checkpoints store unfused, one 2-D tensor per expert and projection: `experts.gate_up_proj`
+    #   [E, 2I, H] as `experts.<e>.gate_proj.weight` and `experts.<e>.up_proj.weight` [I, H] (its two halves, gate
+    #   first), `experts.down_proj` [E, H, I] as `experts.<e>.down_proj.weight` [H, I]. transformers fuses them on
+    #   loading; the export and the tiny checkpoints write them so (finetune/model/checkpoint_layout.py).
+    # A parameter is in at most one of the two; both None: the published layout is transformers' own.
     expert_lora_targets: tuple[str, ...] | None
     router: str | None
     transposed_in_checkpoint: tuple[str, ...] | None
+    per_expert_in_checkpoint: tuple[str, ...] | None
 
     # Position rule (finetune/model/rope.py): the vision_config attribute that turns a video's seconds into
     # temporal position ids (times the sample's `second_per_grid_ts`); None: a video's temporal grid steps are
@@ -134,8 +141,86 @@ QWEN3_VL_TINY_TEXT = dict(
     },
 )
 
+# Qwen3.5 (dense `qwen3_5` and MoE `qwen3_5_moe`, transformers 5.23): natively multimodal with Qwen3-VL's processors,
+# rendering and positions (Qwen3_5Model.get_rope_index splits videos into frame pairs as Qwen3-VL's does), a ViT
+# without DeepStack (`visual.merger` only), and a hybrid LLM: `text_config.layer_types` mixes "linear_attention"
+# layers (Gated DeltaNet, `linear_attn.*`: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, a depthwise conv1d, A_log,
+# dt_bias, a gated norm, out_proj; three of four layers in the published configs) and "full_attention" layers
+# (`self_attn.*`, q_proj twice as wide: queries and their output gate, q_norm/k_norm).
+# LoRA targets: attention q/k/v/o, the wide linear-attention projections in_proj_qkv (queries, keys, values ahead of
+# the conv), in_proj_z (the output gate) and out_proj, and the MLP's gate/up/down (the dense MLP, or in the MoE the
+# shared expert's: the names match `mlp.shared_expert.*_proj` there, never the router `mlp.gate`, a
+# Qwen3_5MoeTopKRouter and no nn.Linear, nor `mlp.shared_expert_gate`). Left out: `in_proj_b` / `in_proj_a`, whose
+# outputs are one scalar per value head (the write strength beta = sigmoid(b) and, with A_log and dt_bias, the decay
+# g): 32 wide in 4B and 35B-A3B, 48 in 27B, so a rank 8-16 update is hardly low-rank there, and it changes the
+# recurrence of every later token; they stay frozen with A_log, dt_bias and conv1d (peft.target_modules can add them).
+# `shared_expert_gate` (MoE, nn.Linear(H, 1): one sigmoid gate per token on the shared expert) has one output, below
+# any LoRA rank; it stays frozen, as the router does.
+QWEN3_5_LAYOUT = dict(
+    QWEN_VL_LAYOUT,
+    lora_targets=(
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "in_proj_qkv",
+        "in_proj_z",
+        "out_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
+)
+# The published Qwen3.5 checkpoints' processor files are not in any source reachable here (no model hub); taken to be
+# Qwen3-VL's (QWEN3_VL_PROCESSORS) because Qwen3.5 ships Qwen3-VL's processor classes (transformers 5.23's auto maps:
+# Qwen3VLProcessor, Qwen2VLImageProcessor, Qwen3VLVideoProcessor; vLLM 0.33.0 registers Qwen3_5(Moe)
+# ForConditionalGeneration with Qwen3VLMultiModalProcessor and a Qwen3VLProcessingInfo changed only in its config
+# class) and its vision config has Qwen3-VL's patch 16, merge 2 and temporal patch 2 (Qwen3_5VisionConfig defaults).
+# Check a checkpoint's preprocessor_config.json / video_preprocessor_config.json against these before training.
+QWEN3_5_PROCESSORS = QWEN3_VL_PROCESSORS
+# The tiny ViT: Qwen3-VL's without DeepStack (Qwen3_5VisionConfig has no deepstack_visual_indexes).
+QWEN3_5_TINY_VISION = {k: v for k, v in QWEN3_VL_TINY_VISION.items() if k != "deepstack_visual_indexes"}
+# The tiny hybrid LLM: a linear-attention layer, then a full-attention one (the published configs: three of each four
+# layers linear, `full_attention_interval` 4). Linear attention with half as many key heads as value heads, as 4B and
+# 35B-A3B (16 and 32; 27B: 16 and 48: vLLM 0.33.0's tests/v1/kv_connector/unit/test_nixl_connector_hma.py and
+# tests/kernels/fla/test_fused_gdn_post_conv.py) and transformers' 9B-style defaults, head dims 16.
+# Rotary: Qwen3.5 rotates partial_rotary_factor 0.25 of each head (published: head_dim 256 -> 64 dims, 32 frequencies,
+# interleaved mrope_section [11, 11, 10], rope_theta 1e7: vLLM 0.33.0 recipes/models/Qwen/Qwen3.5-27B.yaml). head_dim
+# 16 would leave 4 rotary dims, 2 frequencies, and no width axis at all; head_dim 32 gives 8 dims, 4 frequencies,
+# interleaved T H W T = [2, 1, 1], so every axis of the positions reaches the tiny model.
+QWEN3_5_TINY_TEXT = dict(
+    head_dim=32,
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+)
+
 # A dense LLM: no experts, no router.
-DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None)
+# What every Qwen3-VL-style vision side shares (Qwen3-VL, Qwen3.5; dense and MoE): the ViT's LoRA targets, the processor
+# classes, videos as timestamped frame pairs (time is in the text, no seconds scale) under a whole-clip budget, and
+# the merger projecting to `out_hidden_size`.
+QWEN3_VL_VISION_SIDE = dict(
+    vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+    video_seconds_scale=None,
+    video_layout="timestamped_frames",
+    video_budget="clip",
+    processor="Qwen3VLProcessor",
+    image_processor="Qwen2VLImageProcessor",
+    video_processor="Qwen3VLVideoProcessor",
+    merger_width="out_hidden_size",
+)
+
+DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint=None, per_expert_in_checkpoint=None)
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
@@ -185,16 +270,9 @@ FAMILIES: dict[str, Family] = {
         model_type="qwen3_vl",
         title="Qwen3-VL",
         **QWEN3_VL_LAYOUT,
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         **DENSE_LLM,
-        video_seconds_scale=None,  # time is in the text: each frame pair's timestamp
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_VL_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_VL_TINY_VISION,
         # Tied input and output embeddings, as Qwen3-VL-2B/4B (8B and 32B are untied, as the MoE tiny).
         tiny_text=dict(QWEN3_VL_TINY_TEXT, tie_word_embeddings=True),
@@ -205,7 +283,6 @@ FAMILIES: dict[str, Family] = {
         # Every decoder layer's MLP is a mixture of experts (decoder_sparse_step 1, no mlp_only_layers in the published
         # configs): the nn.Linear targets are the attention projections, the experts take LoRA as parameters.
         **dict(QWEN3_VL_LAYOUT, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-        vision_lora_targets=("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"),
         # transformers 5.23 (Qwen3VLMoeTextExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I];
         # the published checkpoints: [E, H, 2I] and [E, I, H] (transformers' loader transposes them: conversion_mapping
         # `Transpose(1, 2, check_dims=True)`, by shape). The router `mlp.gate` (Qwen3VLMoeTextTopKRouter) holds one
@@ -213,14 +290,9 @@ FAMILIES: dict[str, Family] = {
         expert_lora_targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         router="mlp.gate",
         transposed_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-        video_seconds_scale=None,
-        video_layout="timestamped_frames",
-        video_budget="clip",
-        processor="Qwen3VLProcessor",
-        image_processor="Qwen2VLImageProcessor",
-        video_processor="Qwen3VLVideoProcessor",
+        per_expert_in_checkpoint=None,
+        **QWEN3_VL_VISION_SIDE,
         processor_settings=QWEN3_VL_PROCESSORS,
-        merger_width="out_hidden_size",
         tiny_vision=QWEN3_VL_TINY_VISION,
         # 4 experts, 2 per token, in every layer (30B-A3B: 128 experts, 8 per token, 48 layers); untied embeddings.
         tiny_text=dict(
@@ -232,6 +304,51 @@ FAMILIES: dict[str, Family] = {
             # untransposed (the export's round trip would then fail).
             moe_intermediate_size=48,
             decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3_5": Family(
+        model_type="qwen3_5",
+        title="Qwen3.5",
+        **QWEN3_5_LAYOUT,
+        **DENSE_LLM,
+        **QWEN3_VL_VISION_SIDE,
+        processor_settings=QWEN3_5_PROCESSORS,
+        tiny_vision=QWEN3_5_TINY_VISION,
+        # Tied embeddings: whether the small published sizes tie them is not in a source reachable here; tied, the
+        # dense tiny takes the export's tied path (the MoE tiny the untied one).
+        tiny_text=dict(QWEN3_5_TINY_TEXT, tie_word_embeddings=True),
+    ),
+    "qwen3_5_moe": Family(
+        model_type="qwen3_5_moe",
+        title="Qwen3.5-MoE",
+        # Every decoder layer's MLP is a mixture of experts plus one shared expert (no dense MLP layers): the nn.Linear
+        # gate/up/down targets are the shared expert's; the routed experts take LoRA as parameters.
+        **QWEN3_5_LAYOUT,
+        # transformers 5.23 (Qwen3_5MoeExperts): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]. The
+        # published checkpoints store them unfused, `mlp.experts.<e>.{gate,up,down}_proj.weight`: transformers' loader
+        # fuses them (conversion_mapping: `qwen3_5_moe_text` = the `qwen2_moe` converter, MergeModulelist +
+        # Concatenate(dim=1)), vLLM 0.33.0 loads them per expert (Qwen3NextSparseMoeBlock's FusedMoE with the default
+        # gate_proj/up_proj/down_proj checkpoint names). The router `mlp.gate` (Qwen3_5MoeTopKRouter) holds one [E, H]
+        # weight.
+        expert_lora_targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        router="mlp.gate",
+        transposed_in_checkpoint=None,
+        per_expert_in_checkpoint=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        **QWEN3_VL_VISION_SIDE,
+        processor_settings=QWEN3_5_PROCESSORS,
+        tiny_vision=QWEN3_5_TINY_VISION,
+        # 4 experts, 2 per token, and a shared expert in every layer (35B-A3B: 256 experts, 8 per token, 40 layers);
+        # untied embeddings.
+        tiny_text=dict(
+            QWEN3_5_TINY_TEXT,
+            num_experts=4,
+            num_experts_per_tok=2,
+            # 2I = 96 and I = 48 unlike H = 64, as the Qwen3-VL-MoE tiny: here the per-expert keys are fused by name,
+            # not told apart by shape, so it is not needed for loading; it keeps a wrongly oriented expert tensor
+            # from passing any shape check.
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=48,
             tie_word_embeddings=False,
         ),
     ),

@@ -5,7 +5,8 @@
 Writes `export.output_dir` (default `<run>/merged`, refused if it exists unless `export.overwrite=true`):
 safetensors weights in `export.dtype` (shards of `export.max_shard_size`) in the published checkpoints' key and
 tensor layout (the one vLLM's loader maps: `model.visual.*`, `model.language_model.*`, `lm_head.weight` unless the
-embeddings are tied; Qwen3-VL-MoE's fused experts as the checkpoints store them, finetune/model/checkpoint_layout.py),
+embeddings are tied; fused experts as the checkpoints store them: Qwen3-VL-MoE's transposed, Qwen3.5-MoE's one
+tensor per expert, finetune/model/checkpoint_layout.py),
 config, generation config,
 tokenizer, chat template, the processor configs holding the recipe's image/video budgets (finetune/exporting/serving.py),
 the resolved recipe (`finetune_config.yaml`) and a model card (`README.md`: data, evaluation, how to load and
@@ -16,8 +17,9 @@ process that imports only torch and transformers reloads the folder and
   - computes logits on a real batch from the held-out (or training) split, given the recipe's position ids:
     they must match the adapter model's (1e-4 in fp32; with half precision on either side 5 % of the logit scale;
     `export.atol` overrides);
-  - gives back the merged weights that the published layout stores transposed (fingerprints of every such tensor,
-    finetune/model/checkpoint_layout.py: transformers' loader must have transposed them back);
+  - gives back the merged weights that the published layout stores otherwise than transformers holds them
+    (fingerprints of every such tensor, finetune/model/checkpoint_layout.py: transformers' loader must have
+    transposed them back or fused them again);
   - runs the folder's own processor on real images and videos of the data: the grids it gives must be the
     ones training used (a mismatch is reported and stops the export). Where transformers cannot decode a video
     file here (it needs torchcodec, which needs the system FFmpeg), the processor is given the frames and metadata
@@ -42,7 +44,7 @@ import torch
 from finetune.base.errors import ConfigError
 from finetune.base.families import family_of
 from finetune.base.paths import resolve_data_file
-from finetune.model.checkpoint_layout import published_layout, transposed_names, weight_fingerprint
+from finetune.model.checkpoint_layout import published_layout, published_names, weight_fingerprint
 from finetune.recipe.load import load_config, to_yaml
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
@@ -254,13 +256,13 @@ def reload_check(
 
 
 def save_published(model, out_dir: Path, max_shard_size) -> dict[str, list]:
-    """Write the merged model in the published checkpoints' layout; returns the fingerprints of the tensors written
-    transposed (finetune/model/checkpoint_layout.py), by parameter name. transformers 5.23 already writes the published
-    key names and leaves tied output embeddings out; for a family whose published layout transposes some tensors,
-    the state dict is given in that layout and transformers' own reverse conversion (which would keep its in-memory
-    layout) is skipped."""
+    """Write the merged model in the published checkpoints' layout; returns the fingerprints of the parameters written
+    otherwise than transformers holds them (transposed or split per expert, finetune/model/checkpoint_layout.py), by
+    parameter name. transformers 5.23 already writes the published key names and leaves tied output embeddings out;
+    for a family whose published layout transposes or splits some tensors, the state dict is given in that layout
+    and transformers' own reverse conversion is skipped."""
     family = family_of(model.config.model_type)
-    names = transposed_names(dict(model.named_parameters()), family)
+    names = published_names(dict(model.named_parameters()), family)
     if not names:
         model.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=max_shard_size)
         return {}
@@ -354,7 +356,7 @@ def export(config: Config) -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an earlier export (check_output_dir): no stale shard may survive
     out_dir.mkdir(parents=True)
-    transposed = save_published(merged, out_dir, config.export.max_shard_size)
+    rewritten = save_published(merged, out_dir, config.export.max_shard_size)
     apply_budgets(processor, config.model)
     save_processor(processor, out_dir)
     (out_dir / "finetune_config.yaml").write_text(to_yaml(config))
@@ -362,17 +364,17 @@ def export(config: Config) -> Path:
 
     device_map = inference_device_map(config)
     merged_logits, served, (videos_checked, from_files), reloaded = reload_check(
-        out_dir, batch, expected_grids, DTYPES[export_dtype], device_map, list(transposed)
+        out_dir, batch, expected_grids, DTYPES[export_dtype], device_map, list(rewritten)
     )
     mask = batch["attention_mask"].bool()
     max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
     mismatches = grid_mismatches(expected_grids, served)
     layout_problems = [
-        f"{name}: merged {transposed[name][0]}, reloaded {reloaded.get(name, [None])[0]}"
-        for name in transposed
+        f"{name}: merged {rewritten[name][0]}, reloaded {reloaded.get(name, [None])[0]}"
+        for name in rewritten
         if reloaded.get(name) is None
-        or reloaded[name][0] != transposed[name][0]
-        or abs(reloaded[name][1] - transposed[name][1]) > 1e-6 * (1.0 + abs(transposed[name][1]))
+        or reloaded[name][0] != rewritten[name][0]
+        or abs(reloaded[name][1] - rewritten[name][1]) > 1e-6 * (1.0 + abs(rewritten[name][1]))
     ]
     report = {
         "merged_dir": str(out_dir.resolve()),
@@ -394,8 +396,9 @@ def export(config: Config) -> Path:
             "videos": videos_checked,  # how: transformers decoded the files, or was given frames we decoded
             "video_input": None if videos_checked is None else ("file" if from_files else "frames"),
         },
-        # the tensors stored transposed (the published layout): transformers' loader gave back the merged weights
-        "published_layout": {"transposed": len(transposed), "mismatches": layout_problems},
+        # the tensors stored transposed or split per expert (the published layout): transformers' loader gave back
+        # the merged weights
+        "published_layout": {"rewritten": len(rewritten), "mismatches": layout_problems},
         "passed": max_diff <= reload_atol and not mismatches and not layout_problems,
     }
     (out_dir / "export_report.json").write_text(json.dumps(report, indent=2))
@@ -412,7 +415,7 @@ def export(config: Config) -> Path:
     if layout_problems:
         raise RuntimeError(
             "plain transformers did not load the fused experts written in the published layout back as merged "
-            "(not transposed back?):\n" + "\n".join(layout_problems)
+            "(not transposed back, or not fused again?):\n" + "\n".join(layout_problems)
         )
     if mismatches:
         raise RuntimeError("the exported processor does not reproduce the training grids:\n" + "\n".join(mismatches))

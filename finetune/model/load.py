@@ -10,6 +10,7 @@ import torch
 
 from finetune.base.errors import ConfigError
 from finetune.base.families import FAMILIES
+from finetune.model import linear_attention
 from finetune.model.attention import loading_implementation
 from finetune.model.rope import PositionRule, install_position_rule
 from finetune.model.tiny import resolve_model_path
@@ -60,7 +61,8 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     family's entry (finetune/base/families.py). Weights are read
     from safetensors only (never unpickled). Attention: the recipe's transformers implementation, or sdpa for
     `auto`/`varlen` (training switches to those afterwards: finetune/model/attention.py). Wherever the model computes positions itself (`generate`, a
-    forward without position ids) it uses the recipe's `model.rope_rule` (finetune/model/rope.py)."""
+    forward without position ids) it uses the recipe's `model.rope_rule` (finetune/model/rope.py). A hybrid model's
+    linear-attention layers restart at every packed sample's boundary (finetune/model/linear_attention.py)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = path or resolve_model_path(model_cfg.name_or_path)
@@ -82,6 +84,7 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
     )
     check_layout(model)
     install_position_rule(model, position_rule(model, model_cfg))
+    linear_attention.install(model)
     return model
 
 

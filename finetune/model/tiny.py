@@ -1,5 +1,5 @@
-"""Deterministic tiny Qwen-VL checkpoints (one per family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) for tests
-and the demo.
+"""Deterministic tiny Qwen-VL checkpoints (one per family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5,
+Qwen3.5-MoE) for tests and the demo.
 
 No model hub is reachable on CI machines, so we build real checkpoints locally: the real model classes with
 tiny dimensions, a byte-level BPE tokenizer trained offline with Qwen's special tokens and a Qwen-VL chat
@@ -24,7 +24,7 @@ from finetune.base.families import FAMILIES
 
 TINY_SCHEME = "tiny://"
 # Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
-BUILD_VERSION = 4  # 4: fused MoE experts written in the published layout
+BUILD_VERSION = 5  # 4: fused MoE experts written in the published layout; 5: or split per expert
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -177,8 +177,8 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
         do_sample=False,
     )
     entry = FAMILIES[family]  # the processor classes by name: transformers is imported here only
-    if entry.transposed_in_checkpoint:  # fused experts as the published checkpoints store them (transformers would not)
-        from finetune.model.checkpoint_layout import published_layout
+    if entry.transposed_in_checkpoint or entry.per_expert_in_checkpoint:  # experts as the published checkpoints store
+        from finetune.model.checkpoint_layout import published_layout  # them (transformers' own save may not)
 
         state_dict = published_layout(model.state_dict(), entry)
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict, save_original_format=False)
@@ -208,6 +208,8 @@ def _spec_hash(family: str, seed: int) -> str:
         entry.image_processor,
         entry.video_processor,
         entry.processor_settings,
+        entry.transposed_in_checkpoint,
+        entry.per_expert_in_checkpoint,
     ]
     spec = dict(
         family=family, seed=seed, build=BUILD_VERSION, dims=TEXT_DIMS, entry=built_from, tf=transformers.__version__

@@ -67,7 +67,7 @@ class ModelConfig:
     min_pixels: int = option(
         4 * 28 * 28,
         help="Fewest pixels per image after smart_resize (factor = the checkpoint's patch x merge: 28 for Qwen2-VL "
-        "and Qwen2.5-VL, 32 for Qwen3-VL).",
+        "and Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5).",
     )
     max_pixels: int = option(
         1280 * 28 * 28,
@@ -187,7 +187,7 @@ class PartsConfig:
     )
     router: str = option(
         "frozen",
-        help="The router of a mixture-of-experts LLM (Qwen3-VL-MoE: each layer's `mlp.gate`, a part of the llm): "
+        help="The router of a mixture-of-experts LLM (Qwen3-VL-MoE, Qwen3.5-MoE: each layer's `mlp.gate`, a part of the llm): "
         "frozen (the default: which experts see a token stays the checkpoint's) or full (its weights train at the "
         "LLM's rate, with the load-balancing loss: trainer.router_aux_loss_coef). Models without experts: frozen.",
         choices=ROUTER_MODES,
@@ -252,7 +252,7 @@ class PeftConfig:
     )
     target_experts: bool = option(
         True,
-        help="With parts.llm=lora on a mixture-of-experts LLM (Qwen3-VL-MoE): LoRA on every expert too (the fused "
+        help="With parts.llm=lora on a mixture-of-experts LLM (Qwen3-VL-MoE, Qwen3.5-MoE): LoRA on every expert too (the fused "
         "`mlp.experts.gate_up_proj` / `down_proj` parameters, PEFT target_parameters: one rank-r update per "
         "expert), beside peft.target_modules; PEFT applies no dropout there, so it needs peft.dropout=0. false: "
         "the experts stay frozen. Dense models have none.",
@@ -340,7 +340,7 @@ class TrainerConfig:
         None,
         help="Weight of a mixture-of-experts LLM's load-balancing loss in the training loss (transformers' "
         "load_balancing_loss_func, per micro-batch and rank); it is logged as aux_loss either way. null: the "
-        "checkpoint's router_aux_loss_coef (0.001 in Qwen3-VL-MoE) with parts.router=full, 0 with a frozen router. "
+        "checkpoint's router_aux_loss_coef (0.001 in Qwen3-VL-MoE and Qwen3.5-MoE) with parts.router=full, 0 with a frozen router. "
         "Models without experts: null.",
     )
 

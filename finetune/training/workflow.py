@@ -23,13 +23,13 @@ from accelerate import PartialState
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from finetune.base.errors import DataError, RunStopped
+from finetune.base.errors import ConfigError, DataError, RunStopped
 from finetune.base.paths import resolve_data_file
 from finetune.data import media
 from finetune.data.prepare import prepare_split, require_clean
 from finetune.evaluation.evaluate import eval_samples as read_eval_samples
 from finetune.evaluation.metrics import format_metrics
-from finetune.model import attention
+from finetune.model import attention, linear_attention
 from finetune.model.load import DTYPES, load_model, load_processor, position_rule, recipe_precision, uses_gpu
 from finetune.model.trainable import (
     count_parameters,
@@ -107,8 +107,13 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         )
     if is_deepspeed_zero3_enabled():
         logger.info("ZeRO-3: loading the weights partitioned across the ranks (deepspeed.zero.Init)")
-    set_seed(config.trainer.seed)  # before the model: LoRA initialisation draws random numbers
-    model = make_trainable(load_model(config.model, precision), config)
+    set_seed(config.trainer.seed)
+    model = load_model(config.model, precision)
+    # Again after loading, so that LoRA's initialisation draws the same numbers however the model was built: under
+    # ZeRO-3 (deepspeed.zero.Init) the modules are constructed for real, and some draw in __init__ (Qwen3.5's Gated
+    # DeltaNet initialises A_log there), which shifted every LoRA matrix against a single-process run.
+    set_seed(config.trainer.seed)
+    model = make_trainable(model, config)
     if config.trainer.gradient_checkpointing:
         reentrant = enable_activation_checkpointing(model, config)
         logger.info(
@@ -132,8 +137,15 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
         config.model.attn_implementation, uses_gpu(config), PartialState().device, DTYPES[precision]
     )
     attention.set_implementation(model, implementation)
-    boundaries = attention.uses_boundaries(implementation)
-    logger.info("attention: %s", note)
+    hybrid = linear_attention.is_hybrid(model.config)
+    if hybrid and config.trainer.packing and (problem := linear_attention.packing_problem(model)):
+        raise ConfigError(
+            f"trainer.packing=true cannot keep packed samples apart in this model's linear-attention layers: {problem}. "
+            "Set trainer.packing=false (one sample per row), or load the model without hub kernels or remote code."
+        )
+    # A hybrid model's linear-attention layers need the sample boundaries whatever the attention implementation.
+    boundaries = attention.uses_boundaries(implementation) or hybrid
+    logger.info("attention: %s%s", note, "; linear attention restarted at every sample boundary" if hybrid else "")
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
     if config.data.streaming:

@@ -2,7 +2,8 @@
 pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; nothing is ever skipped):
 
 - Qwen's own code, as Qwen contributed it to transformers: `get_rope_index` of transformers 4.49.0 (Qwen2-VL,
-  Qwen2.5-VL) and of 4.57.0 (Qwen3-VL and Qwen3-VL-MoE, the release that added them). Only that method is taken
+  Qwen2.5-VL) and of 4.57.0 (Qwen3-VL and Qwen3-VL-MoE, the release that added them; also Qwen3.5 and Qwen3.5-MoE,
+  which have Qwen3-VL's positions). Only that method is taken
   from the release's wheel (from the package index); the old transformers is never imported. The method runs on a
   stand-in `self` carrying the config fields it reads. 4.57.0's method is the algorithm of Qwen's fine-tuning code
   (`get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`); that file is on GitHub only,
@@ -12,8 +13,9 @@ pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; 
   of the vLLM 0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its
   sha256). Only those two static methods are taken from the file; vLLM is never imported or built.
 
-The same sdist gives the Qwen3-VL weight loaders the export is checked against (tests/helpers/vllm_weights.py): the
-files in VLLM_MEMBERS, each pinned by its own sha256, extracted together on the first use of any.
+The same sdist gives the Qwen3-VL and Qwen3.5 weight loaders the export is checked against
+(tests/helpers/vllm_weights.py): the files in VLLM_MEMBERS, each pinned by its own sha256, extracted together on the
+first use of any (a member missing from the cache fetches the sdist again and writes them all).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ MODULES = {
     "qwen2_5_vl": ("4.49.0", "transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py"),
     "qwen3_vl": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
     "qwen3_vl_moe": ("4.57.0", "transformers/models/qwen3_vl_moe/modeling_qwen3_vl_moe.py"),
+    # Qwen3.5 has Qwen3-VL's positions (no release of Qwen's own predates transformers 5, whose rule differs): vLLM
+    # 0.33.0's Qwen3_5ForConditionalGeneration inherits Qwen3VLForConditionalGeneration's `_get_mrope_input_positions`,
+    # and transformers 5.23's Qwen3_5Model.get_rope_index splits videos into frame pairs as Qwen3-VL's does. So Qwen's
+    # Qwen3-VL method of 4.57.0 is its reference too (the config fields it reads are the same).
+    "qwen3_5": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
+    "qwen3_5_moe": ("4.57.0", "transformers/models/qwen3_vl/modeling_qwen3_vl.py"),
 }
 
 
@@ -132,6 +140,12 @@ VLLM_MEMBERS = {
     "models/qwen3.py": "06bee457e1278cecc3d0745f45c44b4711243330e8c2c19d5c732625b67f1374",
     "models/qwen2.py": "6684104ba6dc40325bb1f6e632ec90633fa83a7b95883bb2181e9dc0008c3e21",
     "models/qwen2_5_vl.py": "2bf91675732b6bafb29e16cc8921e148a20c81f691ba0af80124692aee0389f3",
+    # Qwen3.5 / Qwen3.5-MoE: the model classes, the Qwen3-Next ones they build on (attention, MoE block, the language
+    # model's weight mapper), the shared expert's MLP, and the Gated DeltaNet layer.
+    "models/qwen3_5.py": "ea7e71303c902b9678e85ff3e9a75a7ab6e69b5770605d540ad6ab1084e18187",
+    "models/qwen3_next.py": "09ea2a385259edc9feadc79e304e86a31582b9770f80b8003d2d641782405818",
+    "models/qwen2_moe.py": "382904901ed32374009fbecfd08c37d3337d721d30d3d25010d39de32cfbb2f8",
+    "layers/mamba/gdn/qwen_gdn_linear_attn.py": "c6c037ad94d217aa2710cf29d25d8fa6e3856d1be9fc67fa8bd8681b1f5417f9",
     "layers/fused_moe/layer.py": "c9af2eed017387380ec43ac1aa41dc11a05c42bcbab1fc4fa1cc8971bde0bebd",
     "layers/fused_moe/routed_experts.py": "31e77226425db7eea658e1f273627dca8fb3d423119c3857f8aa5fc6b0d3bd07",
 }

@@ -15,6 +15,8 @@ EXPERIMENT = {
     "qwen2_5_vl": "demo",
     "qwen3_vl": "demo_qwen3_vl",
     "qwen3_vl_moe": "demo_qwen3_vl_moe",
+    "qwen3_5": "demo_qwen3_5",
+    "qwen3_5_moe": "demo_qwen3_5_moe",
 }
 
 

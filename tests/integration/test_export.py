@@ -74,16 +74,23 @@ def test_export_round_trip(tmp_path, family):
     assert torch.equal(merged_answer, adapter_answer)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])  # the families vLLM's qwen3_vl*.py load
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen3")])  # vLLM's qwen3_vl*/qwen3_5.py
 def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
-    """2 steps of LoRA (Qwen3-VL-MoE: on attention and every expert), then the export: every key maps onto a module
-    of vLLM 0.33.0's Qwen3-VL loaders (mappers read from its source, tests/helpers/vllm_weights.py), tied embeddings
-    leave lm_head.weight out, and the fused experts are stored as the published checkpoints store them: computed the
-    way vLLM loads them, they give the reloaded transformers model's expert outputs. The frozen router is exported
-    as it was."""
+    """2 steps of LoRA (MoE: on attention and every expert), then the export: every key maps onto a module of vLLM
+    0.33.0's Qwen3-VL or Qwen3.5 loaders (mappers read from its source, tests/helpers/vllm_weights.py), tied
+    embeddings leave lm_head.weight out, and the experts are stored as the published checkpoints store them (Qwen3-VL-
+    MoE: fused and transposed; Qwen3.5-MoE: one tensor per expert and projection): computed the way vLLM loads them,
+    they give the reloaded transformers model's expert outputs. The frozen router is exported as it was."""
     from safetensors.torch import load_file
 
-    from tests.helpers.vllm_weights import tied_in_vllm, unknown_modules, vllm_expert_output, vllm_name
+    from finetune.model.checkpoint_layout import split_per_expert
+    from tests.helpers.vllm_weights import (
+        tied_in_vllm,
+        unknown_modules,
+        vllm_expert_output,
+        vllm_name,
+        vllm_per_expert_output,
+    )
 
     train_file = mini_dataset(tmp_path / "train.json", per_task=2)
     run_dir = tmp_path / "run"
@@ -100,25 +107,45 @@ def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
     assert merged.keys() == base.keys()
     report = json.loads((merged_dir / "export_report.json").read_text())
     if FAMILIES[family].router is None:
-        assert report["published_layout"] == {"transposed": 0, "mismatches": []}
+        assert report["published_layout"] == {"rewritten": 0, "mismatches": []}
         return
     layers, experts = text["num_hidden_layers"], text.get("num_local_experts") or text["num_experts"]
     hidden, inter = text["hidden_size"], text["moe_intermediate_size"]
-    assert report["published_layout"] == {"transposed": 2 * layers, "mismatches": []}
+    assert report["published_layout"] == {"rewritten": 2 * layers, "mismatches": []}
+    per_expert = FAMILIES[family].per_expert_in_checkpoint is not None
     model = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     torch.manual_seed(0)
     x = torch.randn(5, hidden)
     for layer in range(layers):
         prefix = f"model.language_model.layers.{layer}.mlp"
-        gate_up, down = merged[f"{prefix}.experts.gate_up_proj"], merged[f"{prefix}.experts.down_proj"]
-        assert gate_up.shape == (experts, hidden, 2 * inter) and down.shape == (experts, inter, hidden)
-        assert not torch.equal(gate_up, base[f"{prefix}.experts.gate_up_proj"])  # the experts' LoRA merged in
+        if per_expert:  # experts.<e>.{gate,up,down}_proj.weight, none fused
+            assert f"{prefix}.experts.gate_up_proj" not in merged and f"{prefix}.experts.down_proj" not in merged
+            names = [f"{prefix}.experts.{e}.{p}.weight" for e in range(experts) for p in ("gate_proj", "up_proj")]
+            assert all(merged[n].shape == (inter, hidden) for n in names)
+            assert all(
+                merged[f"{prefix}.experts.{e}.down_proj.weight"].shape == (hidden, inter) for e in range(experts)
+            )
+            # the experts' LoRA merged in (an expert no token was routed to in 2 steps keeps its weights)
+            assert any(f"{prefix}.experts." in n and not torch.equal(merged[n], base[n]) for n in merged)
+        else:
+            gate_up, down = merged[f"{prefix}.experts.gate_up_proj"], merged[f"{prefix}.experts.down_proj"]
+            assert gate_up.shape == (experts, hidden, 2 * inter) and down.shape == (experts, inter, hidden)
+            assert not torch.equal(gate_up, base[f"{prefix}.experts.gate_up_proj"])  # the experts' LoRA merged in
         assert torch.equal(merged[f"{prefix}.gate.weight"], base[f"{prefix}.gate.weight"])  # the router: frozen
         loaded = model.model.language_model.layers[layer].mlp.experts
         for expert in range(experts):
             gate, up = torch.nn.functional.linear(x, loaded.gate_up_proj[expert]).chunk(2, dim=-1)
             expected = torch.nn.functional.linear(loaded.act_fn(gate) * up, loaded.down_proj[expert])
-            got = vllm_expert_output(gate_up, down, expert, x)
+            if per_expert:
+                own = {
+                    p: merged[f"{prefix}.experts.{expert}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")
+                }
+                got = vllm_per_expert_output(own, x)
+                # and they are the split of what transformers holds after loading them
+                fused = split_per_expert(f"{prefix}.experts.gate_up_proj", loaded.gate_up_proj.detach())
+                assert torch.equal(fused[f"{prefix}.experts.{expert}.up_proj.weight"], own["up_proj"])
+            else:
+                got = vllm_expert_output(gate_up, down, expert, x)
             assert torch.allclose(got, expected.detach(), atol=1e-5), (layer, expert)
 
 

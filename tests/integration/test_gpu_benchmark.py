@@ -62,6 +62,40 @@ def test_the_moe_shapes_give_the_published_active_parameters(name):
     assert gpu_train.llm_matmul_parameters(text.to_dict()) == active - not_matmul
 
 
+# Qwen3.5: shapes from transformers 5.23's config defaults (documented as the 9B and 35B-A3B styles); the published
+# safetensors totals are not reachable here, so the names' sizes (billions) bound them.
+NOMINAL = {"qwen3_5_9b": 9, "qwen3_5_moe_35b_a3b": 35}
+
+
+@pytest.mark.parametrize("name", sorted(NOMINAL))
+def test_the_hybrid_shapes_count_every_projection_of_each_layer_type(name):
+    """Qwen3.5: three linear-attention layers to each full-attention one (also with --layers), a total of the name's
+    size, and the MFU's matmul count equal to the language model's nn.Linear weights (dense: lm_head included) or, for
+    the MoE, to its parameters a token goes through less the embeddings, norms, conv1d, A_log and dt_bias."""
+    from transformers import AutoModelForImageTextToText
+
+    config = gpu_train.model_config(name, None)
+    text = config.text_config
+    pattern = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+    assert text.layer_types == pattern * (text.num_hidden_layers // 4) and text.num_hidden_layers % 4 == 0
+    assert gpu_train.model_config(name, 8).text_config.layer_types == text.layer_types[:8]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    count = sum(p.numel() for p in model.parameters()) / 1e9
+    assert NOMINAL[name] <= count < NOMINAL[name] * 1.05, count
+    matmul = gpu_train.llm_matmul_parameters(text.to_dict())
+    llm = {n: p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual.")}
+    if not getattr(text, "num_experts", None):
+        linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "visual" not in n]
+        assert matmul == sum(m.weight.numel() for m in linear)
+        return
+    unused = text.num_hidden_layers * (text.num_experts - text.num_experts_per_tok) * 3 * text.hidden_size
+    active = sum(llm.values()) - unused * text.moe_intermediate_size
+    kinds = ("norm", "embed_tokens", "conv1d", "A_log", "dt_bias")
+    not_matmul = sum(size for n, size in llm.items() if any(kind in n for kind in kinds))
+    assert matmul == active - not_matmul
+
+
 def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     command = [sys.executable, "benchmarks/gpu_train.py", "--model", "tiny_qwen2_5_vl", "--cpu", "--samples", "10"]
     command += ["--steps", "3", "--warmup", "1", "--workers", "0", "--out", str(tmp_path)]

@@ -47,6 +47,8 @@ PINNED_LOSSES = {  # model.rope_rule=qwen (the default)
     "qwen2_5_vl": [6.224277, 5.674113, 5.214046],
     "qwen3_vl": [7.440778, 6.749091, 6.188509],
     "qwen3_vl_moe": [6.341320, 5.815294, 5.380457],
+    "qwen3_5": [6.937286, 6.354898, 5.915173],
+    "qwen3_5_moe": [6.273433, 5.675084, 5.245707],
 }
 # model.rope_rule=transformers: the losses pinned before the qwen rule existed, when positions were the installed
 # transformers' own. The demo videos (grid (4, 4, 4)) are where the two rules part.
@@ -56,6 +58,9 @@ PINNED_LOSSES_TRANSFORMERS_RULE = {
     # Qwen3-VL: one temporal id per frame-pair block, so both rules give the same positions and the same losses.
     "qwen3_vl": [7.440778, 6.749091, 6.188509],
     "qwen3_vl_moe": [6.341320, 5.815294, 5.380457],
+    # Qwen3.5: Qwen3-VL's positions, so the same holds.
+    "qwen3_5": [6.937286, 6.354898, 5.915173],
+    "qwen3_5_moe": [6.273433, 5.675084, 5.245707],
 }
 
 

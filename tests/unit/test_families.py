@@ -152,12 +152,15 @@ def test_saved_checkpoint_keys_classify_like_the_loaded_parameters(models, tiny_
     too (the export test compares merged and base weights by part)."""
     from safetensors import safe_open
 
+    from finetune.model.checkpoint_layout import published_layout
     from finetune.model.trainable import model_part
 
     family = FAMILIES[name]
     with safe_open(str(tiny_paths[name] / "model.safetensors"), "pt") as f:
         saved = Counter(model_part(key, family) for key in f.keys())
-    assert saved == Counter(model_part(n, family) for n, _ in models[name].named_parameters())
+    with torch.no_grad():  # the keys as published: experts split per expert where the family's checkpoints are so
+        published = published_layout(dict(models[name].named_parameters()), family)
+    assert saved == Counter(model_part(n, family) for n in published)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -183,10 +186,14 @@ def test_lora_targets_are_linear_layers_of_their_part(models, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_experts_router_and_published_layout_match_the_model(models, tiny_paths, name):
     """A mixture-of-experts entry names, in every decoder layer, 3-D expert parameters (one slice per expert), a
-    router that is no nn.Linear (so the nn.Linear LoRA targets never reach it) with one [E, H] weight, and the
-    parameters the published layout transposes: the tiny checkpoint stores exactly those transposed, with last two
-    dimensions that differ (transformers' loader decides by shape). A dense entry names none, and its LLM has none."""
+    router that is no nn.Linear (so the nn.Linear LoRA targets never reach it) with one [E, H] weight, and how the
+    published layout stores the experts: the tiny checkpoint stores exactly the `transposed_in_checkpoint` ones
+    transposed, with last two dimensions that differ (transformers' loader decides by shape), and the
+    `per_expert_in_checkpoint` ones as one tensor per expert and projection, not fused. A dense entry names none,
+    and its LLM has none."""
     from safetensors import safe_open
+
+    from finetune.model.checkpoint_layout import split_per_expert
 
     family, model = FAMILIES[name], models[name]
     text = model.config.text_config
@@ -196,10 +203,15 @@ def test_experts_router_and_published_layout_match_the_model(models, tiny_paths,
         saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     if family.router is None:
         assert family.expert_lora_targets is None and family.transposed_in_checkpoint is None
-        assert not [n for n, p in params.items() if p.dim() == 3 and ".layers." in n]
+        assert family.per_expert_in_checkpoint is None
+        # (3-D elsewhere: Qwen3.5's depthwise linear_attn.conv1d [C, 1, K])
+        assert not [n for n, p in params.items() if p.dim() == 3 and ".layers." in n and ".mlp." in n]
         assert all(saved[n] == tuple(p.shape) for n, p in params.items() if n in saved)
         return
+    transposed, split = family.transposed_in_checkpoint or (), family.per_expert_in_checkpoint or ()
+    assert not set(transposed) & set(split) and set(transposed) | set(split) == set(family.expert_lora_targets)
     prefix = f"{family.inner_model}.{family.language_model}.layers"
+    rewritten = set()
     for index, layer in enumerate(layers):
         for target in family.expert_lora_targets:
             param = params[f"{prefix}.{index}.{target}"]
@@ -207,12 +219,18 @@ def test_experts_router_and_published_layout_match_the_model(models, tiny_paths,
         router = layer.get_submodule(family.router)
         assert not isinstance(router, torch.nn.Linear)
         assert [tuple(p.shape) for p in router.parameters()] == [(text.num_experts, text.hidden_size)]
-        for target in family.transposed_in_checkpoint:
+        for target in transposed:
             key = f"{prefix}.{index}.{target}"
             shape = tuple(params[key].shape)
             assert shape[-1] != shape[-2] and saved[key] == (*shape[:-2], shape[-1], shape[-2]), key
-    transposed = {n for n in params if n.endswith(tuple(f".{t}" for t in family.transposed_in_checkpoint))}
-    assert all(saved[n] == tuple(p.shape) for n, p in params.items() if n in saved and n not in transposed)
+            rewritten.add(key)
+        for target in split:
+            key = f"{prefix}.{index}.{target}"
+            pieces = {k: tuple(v.shape) for k, v in split_per_expert(key, params[key].detach()).items()}
+            assert key not in saved and {k: saved.get(k) for k in pieces} == pieces, key
+            assert len(pieces) == text.num_experts * (2 if target.endswith("gate_up_proj") else 1)
+            rewritten.add(key)
+    assert all(saved[n] == tuple(p.shape) for n, p in params.items() if n not in rewritten)
 
 
 # The patterns peft.target_modules / peft.vision_target_modules defaulted to before they defaulted to the family's.

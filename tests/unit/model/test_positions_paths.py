@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
+from transformers.models.qwen3_5 import modeling_qwen3_5
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
 
@@ -34,6 +36,8 @@ MODELING = {
     "qwen2_5_vl": (modeling_qwen2_5_vl, "Qwen2_5_VLModel", "Qwen2_5_VLRotaryEmbedding"),
     "qwen3_vl": (modeling_qwen3_vl, "Qwen3VLModel", "Qwen3VLTextRotaryEmbedding"),
     "qwen3_vl_moe": (modeling_qwen3_vl_moe, "Qwen3VLMoeModel", "Qwen3VLMoeTextRotaryEmbedding"),
+    "qwen3_5": (modeling_qwen3_5, "Qwen3_5Model", "Qwen3_5TextRotaryEmbedding"),
+    "qwen3_5_moe": (modeling_qwen3_5_moe, "Qwen3_5MoeModel", "Qwen3_5MoeTextRotaryEmbedding"),
 }
 RULES_AGREE = {f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames"}
 QUESTIONS = ["Which way does it move?", "What happens first?", "Where does it end?", "What colour is it?"]

@@ -3,10 +3,12 @@
 - Qwen2-VL / Qwen2.5-VL: rope_rule=qwen equals `get_rope_index` of transformers 4.49.0 (Qwen's own contribution;
   run from its wheel) on 1,000+ random sequences per family, with long videos and fractional seconds per grid,
   sample by sample and in left-padded batches; and golden cases worked out by hand.
-- Qwen3-VL / Qwen3-VL-MoE (videos as timestamped frame pairs): rope_rule=qwen equals Qwen's own code
-  (`get_rope_index` of transformers 4.57.0, the release in which Qwen added Qwen3-VL; the algorithm of Qwen's
-  fine-tuning rope2d.py, cross-checked by tests/helpers/rope2d_crosscheck.py) sample by sample and in left-padded
-  batches, and vLLM's (`_get_mrope_input_positions` of vLLM 0.33.0's qwen3_vl.py), on 1,000+ random sequences per
+- Qwen3-VL / Qwen3-VL-MoE and Qwen3.5 / Qwen3.5-MoE (videos as timestamped frame pairs; Qwen3.5 has Qwen3-VL's
+  positions): rope_rule=qwen equals Qwen's own code (Qwen3-VL's `get_rope_index` of transformers 4.57.0, the release
+  in which Qwen added Qwen3-VL; the algorithm of Qwen's fine-tuning rope2d.py, cross-checked by
+  tests/helpers/rope2d_crosscheck.py) sample by sample and in left-padded batches, and vLLM's
+  (`_get_mrope_input_positions` of vLLM 0.33.0's qwen3_vl.py, which its Qwen3.5 classes inherit), on 1,000+ random
+  sequences per
   family rendered as transformers 5.23 renders them (timestamp text, per-frame markers, the template's outer pair; a
   quarter without the outer pair, as transformers < 5.10 wrote them: the positions follow the tokens either way);
   and golden cases worked out by hand (an image, a 4-frame video with timestamps, the text after it).
@@ -39,9 +41,12 @@ FRAMES = [f for f in FAMILIES if FAMILIES[f].video_layout == "timestamped_frames
 
 
 def test_every_family_has_a_reference():
-    """Every family: Qwen's own transformers release (4.49 one-block, 4.57 timestamped frames); the latter also vLLM."""
+    """Every family: Qwen's own transformers release (4.49 one-block, 4.57 timestamped frames); the latter also vLLM.
+    Qwen3.5 (no Qwen release of its own before transformers 5) takes Qwen3-VL's method of 4.57, whose positions it has."""
     assert set(MODULES) == set(FAMILIES) and set(ONE_BLOCK) | set(FRAMES) == set(FAMILIES)
     assert {MODULES[f][0] for f in ONE_BLOCK} == {"4.49.0"} and {MODULES[f][0] for f in FRAMES} == {"4.57.0"}
+    qwen3_5 = [f for f in FAMILIES if f.startswith("qwen3_5")]
+    assert qwen3_5 and all(MODULES[f] == MODULES["qwen3_vl"] for f in qwen3_5)
 
 
 @pytest.fixture(scope="module")

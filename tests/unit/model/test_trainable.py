@@ -115,56 +115,57 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
     assert len(scalings) == 1 and scalings.pop() == pytest.approx(8 / 4**0.5)  # plain LoRA: 8 / 4 = 2
 
 
-MOE = FAMILIES["qwen3_vl_moe"]
+MOES = [name for name, family in FAMILIES.items() if family.router]  # the mixture-of-experts families
 
 
-def _moe_lora(names, experts=True):
-    return {n for n in _lora_of(names, MOE, "llm") if experts or ".experts." not in n}
+def _moe_lora(names, family, experts=True):
+    return {n for n in _lora_of(names, family, "llm") if experts or ".experts." not in n}
 
 
 def _lora_of(names, family, part):
     return {n for n in names if "lora_" in n and model_part(n, family) == part}
 
 
-def _routers(names):
-    return {n for n in names if f".{MOE.router}." in n}
+def _routers(names, family):
+    return {n for n in names if f".{family.router}." in n}
 
 
 MOE_CASES = {
-    # name: (overrides, expected changed set as a function of all parameter names)
+    # name: (overrides, expected changed set as a function of all parameter names and the family)
     "default: LoRA on attention and experts, router frozen": ([], _moe_lora),
-    "LoRA on attention only": (["peft.target_experts=false"], lambda names: _moe_lora(names, experts=False)),
+    "LoRA on attention only": (["peft.target_experts=false"], lambda names, f: _moe_lora(names, f, experts=False)),
     "LoRA and a fully trained router": (
         ["parts.router=full"],
-        lambda names: _moe_lora(names) | {n for n in _routers(names) if ".modules_to_save." in n},
+        lambda names, f: _moe_lora(names, f) | {n for n in _routers(names, f) if ".modules_to_save." in n},
     ),
     "full fine-tuning of the LLM, router frozen": (
         ["parts.llm=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n, MOE) == "llm"} - _routers(names),
+        lambda names, f: {n for n in names if model_part(n, f) == "llm"} - _routers(names, f),
     ),
     "full fine-tuning of the LLM and its router": (
         ["parts.llm=full", "parts.router=full", "export.after_training=false"],
-        lambda names: {n for n in names if model_part(n, MOE) == "llm"},
+        lambda names, f: {n for n in names if model_part(n, f) == "llm"},
     ),
 }
 
 
+@pytest.mark.parametrize("family", MOES)
 @pytest.mark.parametrize("case", list(MOE_CASES))
-def test_moe_experts_take_lora_and_the_router_trains_only_when_asked(tmp_path, case):
-    overrides, expected = MOE_CASES[case]
-    changed, before, _, trainer = _train(tmp_path, overrides, family="qwen3_vl_moe")
-    assert changed == expected(list(before)), (
-        sorted(changed - expected(list(before)))[:5],
-        sorted(expected(list(before)) - changed)[:5],
-    )
+def test_moe_experts_take_lora_and_the_router_trains_only_when_asked(tmp_path, case, family):
+    overrides, expected_of = MOE_CASES[case]
+    changed, before, _, trainer = _train(tmp_path, overrides, family=family)
+    expected = expected_of(list(before), FAMILIES[family])
+    assert changed == expected, (sorted(changed - expected)[:5], sorted(expected - changed)[:5])
     if "experts" in case:  # both LoRA factors of both fused parameters, in every layer
         experts = {n for n in changed if ".experts." in n and "lora_" in n}
         assert len(experts) == 2 * 2 * trainer.model.config.text_config.num_hidden_layers
     if "router" in case and "frozen" in case:
-        assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if n in _routers(before))
+        routers = _routers(before, FAMILIES[family])
+        assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if n in routers)
 
 
-def test_expert_lora_gets_gradients_and_the_frozen_router_none():
+@pytest.mark.parametrize("family", MOES)
+def test_expert_lora_gets_gradients_and_the_frozen_router_none(family):
     """One forward + backward of the MoE demo model as training builds it: every LoRA factor on the fused experts
     has a non-zero gradient, the router's weights none (and never require one)."""
     from benchmarks.saved_activations import mixed_batch
@@ -173,7 +174,7 @@ def test_expert_lora_gets_gradients_and_the_frozen_router_none():
     from finetune.model.rope import model_position_rule
     from finetune.model.trainable import make_trainable
 
-    config = load_config([f"experiment={EXPERIMENT['qwen3_vl_moe']}"])
+    config = load_config([f"experiment={EXPERIMENT[family]}"])
     torch.manual_seed(0)
     model = make_trainable(load_model(config.model, "fp32"), config).train()
     for name, param in model.named_parameters():  # LoRA B starts at zero: A would get no gradient
@@ -185,18 +186,19 @@ def test_expert_lora_gets_gradients_and_the_frozen_router_none():
     model(**batch, use_cache=False).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if ".experts." in n and "lora_" in n}
     assert len(grads) == 8 and all(g is not None and g.abs().max() > 0 for g in grads.values())
-    routers = {n: p for n, p in model.named_parameters() if f".{MOE.router}." in n}
+    routers = {n: p for n, p in model.named_parameters() if f".{FAMILIES[family].router}." in n}
     assert len(routers) == 2 and all(not p.requires_grad and p.grad is None for p in routers.values())
 
 
-def test_the_load_balancing_loss_is_logged_and_weighted_as_asked(tmp_path):
+@pytest.mark.parametrize("family", MOES)
+def test_the_load_balancing_loss_is_logged_and_weighted_as_asked(tmp_path, family):
     """2 steps of the MoE demo: `aux_loss` is logged at every step; with a frozen router it is not in the loss
     (weight 0), with trainer.router_aux_loss_coef=0.5 the first step's loss (same weights) is higher by 0.5 x it.
     The model config keeps the checkpoint's values (TRL writes its own choice there)."""
     runs = {}
     for coef in (None, 0.5):
         extra = [] if coef is None else [f"trainer.router_aux_loss_coef={coef}"]
-        *_, trainer = _train(tmp_path / str(coef), extra, family="qwen3_vl_moe")
+        *_, trainer = _train(tmp_path / str(coef), extra, family=family)
         logged = [h for h in trainer.state.log_history if "loss" in h]
         assert [h["step"] for h in logged] == [1, 2] and all(h["aux_loss"] > 0 for h in logged)
         assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == (coef or 0.0)
