@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 from finetune.model import linear_attention
 from finetune.model.attention import boundaries_from_positions
@@ -111,44 +111,9 @@ def test_with_an_external_kernel_the_rows_go_as_one_sequence_with_cu_seqlens(mon
 
 
 # ---------------------------------------------------------------- a whole (text-only) packed row through a model
-def _tiny_hybrid(model_type="qwen3_5"):
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        layer_types=["linear_attention", "full_attention"],
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        vocab_size=700,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e6,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-            "partial_rotary_factor": 0.5,
-        },
-        initializer_range=0.1,
-        use_cache=False,
-    )
-    if model_type == "qwen3_5_moe":
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=48)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-    config = AutoConfig.for_model(
-        model_type,
-        text_config=text,
-        vision_config=vision,
-        image_token_id=650,
-        video_token_id=651,
-        vision_start_token_id=652,
-        vision_end_token_id=653,
-    )
-    torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+def _tiny_hybrid(tiny_paths, family="qwen3_5"):
+    """The family's tiny checkpoint (finetune/model/tiny.py), loaded as plain transformers does (nothing installed)."""
+    return AutoModelForImageTextToText.from_pretrained(tiny_paths[family])
 
 
 def _packed_row(lengths, seed=0):
@@ -159,8 +124,8 @@ def _packed_row(lengths, seed=0):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
-def test_a_packed_row_equals_its_samples_alone_only_once_installed(model_type):
-    model = _tiny_hybrid(model_type).eval()
+def test_a_packed_row_equals_its_samples_alone_only_once_installed(tiny_paths, model_type):
+    model = _tiny_hybrid(tiny_paths, model_type).eval()
     lengths = [7, 70, 13]
     ids, positions = _packed_row(lengths)
     with torch.no_grad():
@@ -193,7 +158,7 @@ def test_install_is_a_no_op_without_linear_attention_and_packing_problems_are_na
     linear_attention.install(dense)
     assert not linear_attention.is_hybrid(dense.config) and not dense._forward_pre_hooks
     assert linear_attention.packing_problem(dense) is None
-    hybrid = _tiny_hybrid()
+    hybrid = _tiny_hybrid(tiny_paths)
     assert linear_attention.is_hybrid(hybrid.config) and linear_attention.packing_problem(hybrid) is None
     layer = linear_attention.linear_attention_layers(hybrid)[0]
     layer.forward = lambda *args, **kwargs: None  # what a hub kernel's replacement looks like from outside
