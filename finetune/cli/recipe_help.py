@@ -1,9 +1,9 @@
-"""`./launch.sh --help` and the README's key reference, from the sources the program itself runs on: the recipe
-groups and options on disk, the table of commands (finetune/cli/commands.py) and each schema key's default, choices
-and help from its field metadata (finetune/recipe/keys.py). Nothing here restates what a key or a command does.
+"""`./launch.sh --help` and the key reference (docs/recipe-keys.md), from the sources the program itself runs on: the
+recipe groups and options on disk, the table of commands (finetune/cli/commands.py) and each schema key's default,
+choices and help from its field metadata (finetune/recipe/keys.py). Nothing here restates what a key or a command does.
 
-    .venv/bin/python -m finetune.cli.recipe_help --markdown   # the README's "Recipe keys" section
-    .venv/bin/python -m finetune.cli.recipe_help --readme     # rewrite that section of README.md in place
+    .venv/bin/python -m finetune.cli.recipe_help --markdown   # the key reference, printed
+    .venv/bin/python -m finetune.cli.recipe_help --write      # rewrite it between the markers of docs/recipe-keys.md
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ MOST_USED = (
     "evaluation.steps",
     "export.dtype",
 )
-README = REPO_ROOT / "README.md"
+KEYS_DOC = REPO_ROOT / "docs" / "recipe-keys.md"
 MARKERS = ("<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->")
 
 
@@ -158,7 +158,7 @@ def _described(doc: KeyDoc) -> str:
 
 def help_text() -> str:
     lines = [
-        "Fine-tune Qwen2-VL / Qwen2.5-VL: ./launch.sh [--help] [--cfg job] [--dry-run] [-m] [overrides]",
+        "Fine-tune Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE): ./launch.sh [--help] [--cfg job] [--dry-run] [-m] [overrides]",
         "",
         *commands_text(),
         "",
@@ -169,14 +169,14 @@ def help_text() -> str:
         lines += [f"    {name:<28} {doc}" for name, doc in options]
     lines += [
         "",
-        "Most used keys (group.key=value; [choices]; every key: README, Recipe keys; the composed values: "
+        "Most used keys (group.key=value; [choices]; every key: docs/recipe-keys.md; the composed values: "
         "./launch.sh --cfg job):",
     ]
     docs = key_docs()
     for key in MOST_USED:
         doc = docs[key]
         wrapped = textwrap.wrap(_described(doc), 64) or [""]
-        if len(wrapped) > 3:  # the whole text is in the README; three lines keep the list readable
+        if len(wrapped) > 3:  # the whole text is in docs/recipe-keys.md; three lines keep the list readable
             wrapped = wrapped[:2] + [textwrap.shorten(" ".join(wrapped[2:]), 60, placeholder=" ...")]
         lines.append(f"  {key:<37} {doc.default[:20]:<20} {wrapped[0]}")
         lines += [f"  {'':<37} {'':<20} {more}" for more in wrapped[1:]]
@@ -196,11 +196,11 @@ def _markdown_item(key: str, doc: KeyDoc) -> str:
 
 
 def keys_markdown() -> str:
-    """The README's key reference: every key by group, with its default, choices and help."""
+    """The key reference of docs/recipe-keys.md: every key by group, with its default, choices and help."""
     docs = key_docs()
     lines = [
         "Generated from the schema (`finetune/recipe/schema.py`) by "
-        "`.venv/bin/python -m finetune.cli.recipe_help --readme`; a unit test checks that it is current.",
+        "`.venv/bin/python -m finetune.cli.recipe_help --write`; a unit test checks that it is current.",
         "",
     ]
     lines += [_markdown_item(key, doc) for key, doc in docs.items() if "." not in key]
@@ -210,24 +210,24 @@ def keys_markdown() -> str:
     return "\n".join(lines)
 
 
-def _split_readme(text: str) -> tuple[str, str, str]:
-    """The README as (up to the start marker, between the markers, from the end marker)."""
+def _split_keys_doc(text: str) -> tuple[str, str, str]:
+    """The key reference's file as (up to the start marker, between the markers, from the end marker)."""
     start, end = MARKERS
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"the README needs one {start} ... {end} section")
+        raise ValueError(f"the key reference needs one {start} ... {end} section")
     before, rest = text.split(start)
     inside, after = rest.split(end)
     return before + start, inside.strip("\n"), end + after
 
 
-def readme_section(text: str) -> str:
-    """What stands between the markers of the README's key reference."""
-    return _split_readme(text)[1]
+def keys_section(text: str) -> str:
+    """What stands between the markers of the key reference."""
+    return _split_keys_doc(text)[1]
 
 
-def update_readme(path: Path = README) -> bool:
+def update_keys_doc(path: Path = KEYS_DOC) -> bool:
     """Rewrite the key reference of `path` from the schema; whether it changed."""
-    before, old, after = _split_readme(path.read_text())
+    before, old, after = _split_keys_doc(path.read_text())
     new = keys_markdown()
     if old != new:
         path.write_text(f"{before}\n{new}\n{after}")
@@ -238,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args == ["--markdown"]:
         print(keys_markdown())
-    elif args[:1] == ["--readme"]:
-        path = Path(args[1]) if len(args) > 1 else README
-        print(f"{path}: {'updated' if update_readme(path) else 'already current'}")
+    elif args[:1] == ["--write"]:
+        path = Path(args[1]) if len(args) > 1 else KEYS_DOC
+        print(f"{path}: {'updated' if update_keys_doc(path) else 'already current'}")
     elif not args:
         print(help_text())
     else:
-        print("usage: python -m finetune.cli.recipe_help [--markdown | --readme [README.md]]", file=sys.stderr)
+        print("usage: python -m finetune.cli.recipe_help [--markdown | --write [docs/recipe-keys.md]]", file=sys.stderr)
         return 2
     return 0
 

@@ -2,8 +2,8 @@
 
 The schema's fields (finetune/recipe/schema.py) carry help and choices in `dataclasses.field(metadata=...)`, the
 one place each key is documented: the checks (`check_choices`), `./launch.sh --help`, tab completion and the
-README's key reference read them from there. Each vocabulary is spelled once, here or in the layer below (the
-data layer's enums); the modules that act on a value import it from here.
+key reference (docs/recipe-keys.md) read them from there. Each vocabulary is spelled once, here or in the layer below
+(the data layer's enums); the modules that act on a value import it from here.
 
 Values stay plain strings rather than Enums: OmegaConf would write an Enum's name into a saved config.yaml, and
 the refusal below names the choices the way the recipes spell them.

@@ -51,7 +51,7 @@ def _both_values(key: str) -> str:
 
 _GUIDE = (
     f"What trains is one mode per part: parts.llm, parts.vision_tower, parts.merger = {' | '.join(PART_MODES)} "
-    "(README, What trains)."
+    "(docs/fidelity.md, What trains)."
 )
 
 

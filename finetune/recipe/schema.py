@@ -59,8 +59,9 @@ class ModelConfig:
     )
     rope_rule: str = option(
         "qwen",
-        help="Where text resumes after an image or video in the M-RoPE positions (finetune/model/rope.py, README "
-        '"Positions"). qwen: (largest position so far) + 1, as Qwen pre-trained these models and vLLM/SGLang serve '
+        help="Where text resumes after an image or video in the M-RoPE positions (finetune/model/rope.py, "
+        "docs/fidelity.md, Positions). qwen: (largest position so far) + 1, as Qwen pre-trained these models and "
+        "vLLM/SGLang serve "
         "them; transformers: the rule of the installed transformers (5.3+), for models served with its `generate`.",
         choices=ROPE_RULES,
     )
@@ -138,8 +139,8 @@ class DataConfig:
     streaming: bool = option(
         False,
         help="true: read the records as a stream (sets too large to index, 10M+): sharded by rank and DataLoader "
-        "worker, counted and packed on the fly from a look-ahead buffer; needs trainer.max_steps. See README, Data "
-        "at scale.",
+        "worker, counted and packed on the fly from a look-ahead buffer; needs trainer.max_steps. See "
+        "docs/data.md, Streaming.",
     )
     stream_buffer: int = option(
         4096, help="Samples packed together in streaming mode (the indexed mode's packing window)."

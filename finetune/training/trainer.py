@@ -211,7 +211,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             logs["tokens_per_second_per_device"] = round((real - last_real) / elapsed, 1)
             logs["trained_tokens_per_second_per_device"] = round((trained - last_trained) / elapsed, 1)
             logs["data_wait_fraction"] = round(min(self._waited / elapsed, 1.0), 4)
-            if torch.cuda.is_available():  # this rank's peaks since the start (README, Performance)
+            if torch.cuda.is_available():  # this rank's peaks since the start (docs/performance.md)
                 logs["peak_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 logs["peak_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             self._last_log, self._waited = (now, real, trained), 0.0

@@ -8,7 +8,7 @@ pinned sha256 digests (a failed fetch or a wrong digest raises with what to do; 
   stand-in `self` carrying the config fields it reads. 4.57.0's method is the algorithm of Qwen's fine-tuning code
   (`get_rope_index_3` of QwenLM/Qwen3-VL `qwen-vl-finetune/qwenvl/data/rope2d.py`); that file is on GitHub only,
   which CI cannot reach, so `python -m tests.helpers.rope2d_crosscheck FILE` runs it against 4.57.0 on the position
-  tests' random sequences wherever a copy of it is at hand (README, "Qwen3-VL").
+  tests' random sequences wherever a copy of it is at hand (docs/fidelity.md, "Qwen3-VL").
 - vLLM's Qwen3-VL positions: `Qwen3VLForConditionalGeneration._get_mrope_input_positions` (with `_iter_mm_grid_hw`)
   of the vLLM 0.33.0 source distribution on the package index (files.pythonhosted.org, the tarball pinned by its
   sha256). Only those two static methods are taken from the file; vLLM is never imported or built.

@@ -1,6 +1,6 @@
 """The demo as a user runs it (`./launch.sh` execs `python -m finetune`): train -> evaluate -> export,
 for both model families; the held-out accuracy must clear 80 % where chance is 25 %, and the merged model,
-loaded by plain transformers with the trained position rule installed (README, Positions), must answer
+loaded by plain transformers with the trained position rule installed (docs/fidelity.md, Positions), must answer
 held-out video questions exactly as our evaluation did.
 
 The Qwen2-VL demo runs where torchcodec cannot load (no system FFmpeg and no root: the usual GPU cluster), with
@@ -23,8 +23,8 @@ PYAV_LINE = f"video decoder: PyAV, because torchcodec cannot load here (ImportEr
 
 def ask_about_videos(model_dir, records):
     """transformers' own processor (with the budgets the export carries) and generate; the only project code is the
-    README's one line that makes generate use the trained M-RoPE rule (transformers >= 5.3 has another one; vLLM
-    and SGLang need nothing)."""
+    guide's one line (docs/export-and-serving.md) that makes generate use the trained M-RoPE rule (transformers >= 5.3
+    has another one; vLLM and SGLang need nothing)."""
     from finetune.model.rope import PositionRule, install_position_rule
 
     processor = AutoProcessor.from_pretrained(model_dir)

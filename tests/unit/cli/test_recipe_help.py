@@ -1,17 +1,17 @@
-"""--help, tab completion and the README's key reference read one source: the schema's field metadata and the table
+"""--help, tab completion and the key reference (docs/recipe-keys.md) read one source: the schema's field metadata and the table
 of commands."""
 
 from finetune.cli.commands import COMMANDS
 from finetune.cli.completion import candidates
-from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS, MOST_USED, help_text, key_docs, keys_markdown, readme_section
+from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS, MOST_USED, help_text, key_docs, keys_markdown, keys_section
 from tests.helpers import REPO
 
 
-def test_the_readme_key_reference_is_what_the_schema_generates():
-    current = readme_section((REPO / "README.md").read_text())
+def test_the_key_reference_is_what_the_schema_generates():
+    current = keys_section((REPO / "docs" / "recipe-keys.md").read_text())
     assert current == keys_markdown(), (
-        "README.md's Recipe keys differ from the schema; regenerate them with "
-        ".venv/bin/python -m finetune.cli.recipe_help --readme"
+        "docs/recipe-keys.md differs from the schema; regenerate it with "
+        ".venv/bin/python -m finetune.cli.recipe_help --write"
     )
 
 

@@ -128,7 +128,7 @@ def test_transformers_rule_equals_the_installed_get_rope_index_and_differs_from_
         assert torch.equal(got[:, real], expected[:, real]) and torch.equal(deltas, expected_deltas)
         differ += not torch.equal(_ours(rules["qwen"], batch)[0][:, real], expected[:, real])
     if family in FRAMES:
-        assert differ == 0, differ  # every block has one temporal index: the rules agree (README, Qwen3-VL)
+        assert differ == 0, differ  # every block has one temporal index: the rules agree (docs/fidelity.md, Qwen3-VL)
     else:
         assert differ > SEQUENCES // 8, differ  # most batches hold a video longer than it is wide
 
