@@ -53,7 +53,10 @@ def find_model(path: str) -> tuple[Config, str | None]:
         raise ConfigError(f"--model {path}: no such directory.")
     if (folder / "finetune_config.yaml").is_file():  # an export
         return load_saved_config(folder / "finetune_config.yaml"), str(folder)
-    run_dir = folder.parent if (folder / "adapter_config.json").is_file() else folder
+    # the adapter folder of a run: its LoRA adapter, or the whole model of a run with no LoRA part (then the run's
+    # recipe, not Qwen's default budgets, says how to ask it)
+    in_run = (folder / "adapter_config.json").is_file() or folder == RunDir(folder.parent).adapter
+    run_dir = folder.parent if in_run else folder
     if RunDir(run_dir).is_trained():
         config = load_saved_config(RunDir(run_dir).config_file)
         config.trainer.output_dir = str(run_dir)  # the run may have moved since it was trained

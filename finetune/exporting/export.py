@@ -1,4 +1,6 @@
-"""Export: merge the LoRA adapter into the base weights and prove the result loads, matches and is fed alike.
+"""Export: the trained weights as one model folder, proven to load, match and be fed alike. A LoRA run's adapter is
+merged into the base weights; a run with no LoRA part (`parts.llm=full`, ...) saved its whole model in the run
+directory (`adapter/`, finetune/records/rundir.py), which is exported as it is. Both get everything below.
 
     python -m finetune.export [hydra overrides]       (the same overrides as the training run)
 
@@ -12,11 +14,11 @@ tokenizer, chat template, the processor configs holding the recipe's image/video
 the resolved recipe (`finetune_config.yaml`) and a model card (`README.md`: data, evaluation, how to load and
 serve with transformers or vLLM). Files are readable by everyone (0644).
 
-The merge is checked in memory first (merged vs adapter logits in the training precision). Then a fresh Python
+A LoRA merge is checked in memory first (merged vs adapter logits in the training precision). Then a fresh Python
 process that imports only torch and transformers reloads the folder and
   - computes logits on a real batch from the held-out (or training) split, given the recipe's position ids:
-    they must match the adapter model's (1e-4 in fp32; with half precision on either side 5 % of the logit scale;
-    `export.atol` overrides);
+    they must match the trained model's (the adapter model, or the fully trained one; 1e-4 in fp32; with half
+    precision on either side 5 % of the logit scale; `export.atol` overrides);
   - gives back the merged weights that the published layout stores otherwise than transformers holds them
     (fingerprints of every such tensor, finetune/model/checkpoint_layout.py: transformers' loader must have
     transposed them back or fused them again);
@@ -173,6 +175,25 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def check_trained_dir(trained_dir: Path, config: Config) -> None:
+    """The run directory must hold what the recipe trains: a LoRA adapter, or (no part in LoRA) the whole model."""
+    has_adapter, has_model = (trained_dir / "adapter_config.json").exists(), (trained_dir / "config.json").exists()
+    parts = " ".join(f"parts.{part}={mode}" for part, mode in config.parts.modes().items())
+    if config.parts.uses_lora and not has_adapter and has_model:
+        raise ConfigError(
+            f"{trained_dir} holds a fully trained model, but the recipe trains LoRA ({parts}); export with the "
+            "overrides the run was trained with (e.g. parts.llm=full)."
+        )
+    if not config.parts.uses_lora and has_adapter:
+        raise ConfigError(
+            f"{trained_dir} holds a LoRA adapter, but the recipe trains no part with LoRA ({parts}); export with "
+            "the overrides the run was trained with (e.g. parts.llm=lora)."
+        )
+    if not (has_adapter if config.parts.uses_lora else has_model):
+        what = "LoRA adapter" if config.parts.uses_lora else f"trained model ({parts})"
+        raise ConfigError(f"No {what} at {trained_dir}; train first (./launch.sh with the same overrides).")
+
+
 def check_adapter_base(adapter_dir: Path, base_path: str) -> None:
     """The adapter must have been trained on the recipe's base model: same name, or the same config.json."""
     trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -281,8 +302,22 @@ def save_published(model, out_dir: Path, max_shard_size) -> dict[str, list]:
     return {name: weight_fingerprint(params[name]) for name in names}
 
 
+def merge_adapter(model, inputs: dict, trained_logits: torch.Tensor, mask: torch.Tensor, atol: float):
+    """(the adapter merged into the base weights, max |logit difference| to the adapter model), checked in memory in
+    the training precision before any cast: a merge that changes the logits stops the export here."""
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+        diff = (merged(**inputs).logits.float().cpu() - trained_logits).abs()[mask].max().item()
+    if diff > atol:
+        raise RuntimeError(
+            f"merging changed the logits by {diff:.2e} > {atol:.0e}: the adapter did not merge cleanly into the base "
+            "weights"
+        )
+    return merged, diff
+
+
 def tolerances(config: Config, precision: str, export_dtype: str, logits: torch.Tensor) -> tuple[float, float]:
-    """Max |logit difference| allowed (merge in memory, reload in the export dtype), both against the adapter model.
+    """Max |logit difference| allowed (merge in memory, reload in the export dtype), both against the trained model.
     fp32 throughout: 1e-4. Half precision on either side: 5 % of the logit scale (bf16 keeps 8 bits of mantissa;
     measured 1.3 % on the tiny model), the merge itself being checked before the cast. `export.atol` sets both."""
     if config.export.atol is not None:
@@ -328,30 +363,26 @@ def export(config: Config) -> Path:
     from finetune.recipe.data_settings import conversation_encoder
 
     run_dir, out_dir = Path(config.trainer.output_dir), Path(config.export.output_dir)
-    adapter_dir = RunDir(run_dir).adapter
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise ConfigError(f"No LoRA adapter at {adapter_dir}; train first (./launch.sh with the same overrides).")
+    trained_dir, lora = RunDir(run_dir).adapter, config.parts.uses_lora
+    check_trained_dir(trained_dir, config)
     check_output_dir(out_dir, config.export.overwrite)
-    check_adapter_base(adapter_dir, resolve_model_path(config.model.name_or_path))
+    if lora:
+        check_adapter_base(trained_dir, resolve_model_path(config.model.name_or_path))
     precision = recipe_precision(config)
     export_dtype = precision if config.export.dtype == "auto" else config.export.dtype
-    model, processor = load_trained_model(config)  # base + adapter, on the recipe's devices in `precision`
+    # base + adapter, or the fully trained model (no LoRA part), on the recipe's devices in `precision`
+    model, processor = load_trained_model(config)
     encoder = conversation_encoder(processor, config, for_training=False)
     samples = reference_samples(config)
     batch = reference_batch(samples, encoder, position_rule(model, config.model))
     expected_grids = training_grids(samples, encoder)
     inputs = {k: v.to(model.device) for k, v in batch.items()}
+    mask = batch["attention_mask"].bool()
     with torch.no_grad():
-        adapter_logits = model(**inputs).logits.float().cpu()
-        merged = model.merge_and_unload()
-        in_memory_logits = merged(**inputs).logits.float().cpu()
-    merge_diff = (in_memory_logits - adapter_logits).abs()[batch["attention_mask"].bool()].max()
-    merge_atol, reload_atol = tolerances(config, precision, export_dtype, adapter_logits)
-    if merge_diff > merge_atol:
-        raise RuntimeError(
-            f"merging changed the logits by {merge_diff:.2e} > {merge_atol:.0e}: the adapter did not "
-            "merge cleanly into the base weights"
-        )
+        trained_logits = model(**inputs).logits.float().cpu()
+    merge_atol, reload_atol = tolerances(config, precision, export_dtype, trained_logits)
+    # A run with no LoRA part trained the weights themselves: nothing to merge, its model is the export.
+    merged, merge_diff = merge_adapter(model, inputs, trained_logits, mask, merge_atol) if lora else (model, None)
     merged = merged.to(DTYPES[export_dtype])
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an earlier export (check_output_dir): no stale shard may survive
@@ -366,8 +397,7 @@ def export(config: Config) -> Path:
     merged_logits, served, (videos_checked, from_files), reloaded = reload_check(
         out_dir, batch, expected_grids, DTYPES[export_dtype], device_map, list(rewritten)
     )
-    mask = batch["attention_mask"].bool()
-    max_diff = (merged_logits - adapter_logits).abs()[mask].max().item()
+    max_diff = (merged_logits - trained_logits).abs()[mask].max().item()
     mismatches = grid_mismatches(expected_grids, served)
     layout_problems = [
         f"{name}: merged {rewritten[name][0]}, reloaded {reloaded.get(name, [None])[0]}"
@@ -380,9 +410,12 @@ def export(config: Config) -> Path:
         "merged_dir": str(out_dir.resolve()),
         "precision": precision,
         "dtype": export_dtype,
-        "merge_max_abs_logit_diff": float(merge_diff),  # in memory, training precision
-        "merge_atol": merge_atol,
-        "max_abs_logit_diff": max_diff,  # reloaded by plain transformers in `dtype`
+        # what was exported: LoRA merged into the base weights, or the fully trained weights (no merge: null)
+        "trained": "lora-merged" if lora else "full",
+        "parts": config.parts.modes(),
+        "merge_max_abs_logit_diff": merge_diff,  # in memory, training precision
+        "merge_atol": merge_atol if lora else None,
+        "max_abs_logit_diff": max_diff,  # reloaded by plain transformers in `dtype`, against the trained model
         "atol": reload_atol,
         "batch": {
             "samples": int(batch["input_ids"].shape[0]),
@@ -410,7 +443,7 @@ def export(config: Config) -> Path:
         raise RuntimeError(f"export to {out_dir} is missing {', '.join(missing)}")
     if max_diff > reload_atol:
         raise RuntimeError(
-            f"the reloaded export's logits differ from the adapter model's by {max_diff:.2e} > {reload_atol:.1e}"
+            f"the reloaded export's logits differ from the trained model's by {max_diff:.2e} > {reload_atol:.1e}"
         )
     if layout_problems:
         raise RuntimeError(

@@ -142,7 +142,7 @@ def model_card(config, info: dict) -> str:
 base_model: {info.get("base_model", m.name_or_path)}
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [{m.family}, qwen-vl-finetune, lora-merged]
+tags: [{m.family}, qwen-vl-finetune, {"lora-merged" if config.parts.uses_lora else "full-finetune"}]
 ---
 
 # {config.name}

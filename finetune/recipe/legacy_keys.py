@@ -22,7 +22,7 @@ def _mode(part: str, when_true: str, when_false: str):
 
 
 def _method(value) -> list[str]:
-    return ["parts.llm=lora"] if value == "lora" else ["parts.llm=full", "export.after_training=false"]
+    return ["parts.llm=lora"] if value == "lora" else ["parts.llm=full"]
 
 
 # old key -> the new overrides for one of its values
@@ -63,7 +63,7 @@ def check_overrides(overrides: list[str]) -> str | None:
         if key in REPLACED:
             found.append(_spelling(key, value))
         elif key == "peft" and value == "none":
-            found.append("peft=none is now `parts.llm=full export.after_training=false`")
+            found.append("peft=none is now `parts.llm=full`")
     return "; ".join(found) + ". " + _GUIDE if found else None
 
 

@@ -490,11 +490,6 @@ class Config:
         for prefix, group in self.groups().items():
             check_choices(prefix, group)  # choices live in the fields' metadata, checked alike for every key
             group.check()
-        if not self.parts.uses_lora and self.export.after_training:
-            raise ConfigError(
-                "export.after_training=true merges a LoRA adapter, but no part has parts.<part>=lora: the weights "
-                "train directly and the run directory already holds a full checkpoint. Set export.after_training=false."
-            )
         if self.evaluation.after_training and not self.data.eval:
             raise ConfigError(
                 "evaluation.after_training=true needs a held-out split: set data.eval=PATH or "

@@ -74,7 +74,6 @@ def test_command_line_group_beats_experiment_default():
         (["trainer.learning_rate=fast"], "could not be converted to Float"),
         (["model.family=llava"], "choose one of " + ", ".join(FAMILIES)),
         (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),
-        (["parts.llm=full"], "Set export.after_training=false"),
         (["data.eval=null"], "set data.eval=PATH or evaluation.after_training=false"),
         (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], "nothing would be trained"),
         (["peft.target_modules='(unclosed'"], "not a valid regular expression"),
