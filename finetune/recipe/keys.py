@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # finetune/model/load.py (recipe_
 LABEL_MODES = tuple(mode.value for mode in LabelMode)
 OVER_LENGTH = tuple(policy.value for policy in OverLength)
 NONFINITE_LOSS = ("stop", "skip")  # finetune/training/faults.py
-ACCELERATE_MODES = ("cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
+ACCELERATE_MODES = ("auto", "cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
 REPORT_TO = ("wandb", "tensorboard", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 

@@ -389,8 +389,9 @@ class AccelerateConfig:
     """How `./launch.sh` starts the training processes (see finetune/runs/launch.py)."""
 
     mode: str = option(
-        "cpu",
-        help="Where the processes run: on the CPU, one GPU, every GPU of this machine, or several machines.",
+        "auto",
+        help="Where the processes run: on the CPU, one GPU, every GPU of this machine, or several machines; auto: "
+        "by the machine (NNODES>1: multi_node, several GPUs: multi_gpu, one: single_gpu, none: cpu).",
         choices=ACCELERATE_MODES,
     )
     processes_per_node: int | None = option(

@@ -107,3 +107,34 @@ def test_validate_names_a_missing_file_before_it_loads_the_processor(capsys, mon
         f"train: Dataset file 'missing.json' not found (looked at {tmp_path / 'missing.json'}, {REPO / 'missing.json'}).",
         "FAILED: 1 problems would stop training.",
     ]
+
+
+def _no_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_several_nodes_on_single_gpu_name_the_modes_that_join_machines(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    for name, value in {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "GPUS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert _refused(capsys, ["--dry-run", "accelerate=single_gpu"]) == (
+        "error: NNODES=2 with accelerate=single_gpu: use accelerate=multi_node (or auto) for several machines."
+    )
+
+
+def test_a_dry_run_on_a_machine_without_gpus_prints_the_gpu_commands(capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    monkeypatch.delenv("NNODES", raising=False)
+    monkeypatch.setenv("GPUS_PER_NODE", "8")
+    assert main(["--dry-run", "accelerate=multi_gpu", "logger=none"]) == 0
+    out = capsys.readouterr().out
+    assert "--num_processes 8 --num_machines 1 --dynamo_backend no --mixed_precision bf16 --multi_gpu" in out
+    assert "(no GPU visible here: laid out for GPUS_PER_NODE=8 GPUs per node)" in out
+    monkeypatch.delenv("GPUS_PER_NODE")
+    assert _refused(capsys, ["--dry-run", "accelerate=multi_gpu"]) == (
+        "error: accelerate.mode=multi_gpu needs a GPU and none is visible; use accelerate=cpu (or, to see the "
+        "commands on a machine without GPUs: GPUS_PER_NODE=<GPUs per node> ./launch.sh --dry-run ...)."
+    )
