@@ -175,6 +175,7 @@ def prepare_launch(overrides: list[str], dry_run: bool = False) -> tuple[Config,
     from finetune.model.load import recipe_precision
 
     config = load_config(overrides)  # fail here, before any process starts
+    config.logger.require_backend()
     env, gpus = dict(os.environ), torch.cuda.device_count()
     precision = recipe_precision(config)
     if dry_run and gpus == 0 and gpus_declared(env) and resolve_mode(config.accelerate.mode, env, gpus) != "cpu":
