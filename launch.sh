@@ -7,6 +7,7 @@
 #   ./launch.sh setup                 only set up
 # Environment: FINETUNE_VENV (default ./.venv), PYTHON (default python3), FINETUNE_CACHE_DIR (tiny models,
 # default ~/.cache/finetune); multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE.
+# Many tasks may start it at once on one venv (srun): the set-up is locked ($FINETUNE_VENV.lock), the others wait.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -78,10 +79,45 @@ ensure_ffmpeg() {
   fi
 }
 
-setup() {
+setup_done() {
+  [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(setup_key)" ] \
+    && { ldconfig -p 2>/dev/null | grep -q 'libavutil\.so' || [ -f "$VENV/.ffmpeg-notice" ]; }
+}
+
+with_setup_lock() {
+  # Every task of `srun ./launch.sh ...` starts this at once, on several nodes, on one shared venv: one sets up while
+  # the others wait, then find the work done (each step re-checks its stamp). flock (util-linux, essential on
+  # Debian) where it exists, else mkdir, which is atomic on local and network file systems alike.
+  local lock="$VENV.lock"
+  mkdir -p "$(dirname "$VENV")"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$lock"
+    flock -n 9 || { log "another task is setting up $VENV; waiting for it (lock: $lock)"; flock 9; }
+    "$@"
+    flock -u 9
+    exec 9>&-
+  else
+    if ! mkdir "$lock.d" 2>/dev/null; then
+      log "another task is setting up $VENV; waiting for it (lock: $lock.d, held by $(cat "$lock.d/owner" 2>/dev/null); remove it if that task is gone)"
+      until mkdir "$lock.d" 2>/dev/null; do sleep 1; done
+    fi
+    echo "$(hostname) $$" >"$lock.d/owner"
+    trap 'rm -rf "$lock.d"' EXIT
+    "$@"
+    rm -rf "$lock.d"
+    trap - EXIT
+  fi
+}
+
+setup_steps() {
   ensure_venv
   install_packages
   ensure_ffmpeg
+}
+
+setup() {
+  setup_done && return 0  # the usual case: nothing to do, no lock to take
+  with_setup_lock setup_steps
 }
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"

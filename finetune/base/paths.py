@@ -17,7 +17,7 @@ def resolve_data_file(path: str) -> Path:
     if candidate.is_absolute():
         tried = [candidate]
     else:
-        tried = [Path.cwd() / candidate, REPO_ROOT / candidate]
+        tried = list(dict.fromkeys([Path.cwd() / candidate, REPO_ROOT / candidate]))  # one entry when cwd is the repo
     for p in tried:
         if p.exists():
             return p

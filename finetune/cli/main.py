@@ -8,7 +8,9 @@ call `run_command` here.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import re
 import sys
 
 from finetune.base.errors import ConfigError
@@ -86,10 +88,31 @@ def run_recipe_command(argv: list[str]) -> int:
     return run_recipe(overrides, flags.get("dry_run", False))
 
 
+def not_a_command(word: str) -> str | None:
+    """Why a bare first word (no `=`, no leading `-`) that names no command, group or key cannot run, or None."""
+    if not re.fullmatch(r"[A-Za-z][\w-]*", word) or word in COMMANDS:
+        return None
+    from finetune.cli.recipe_help import LAUNCH_SH_COMMANDS
+    from finetune.recipe.overrides import GROUPS, schema_keys
+
+    if word in GROUPS or word in schema_keys():
+        return None  # an override without its value: the recipe's check says so
+    if word in LAUNCH_SH_COMMANDS:
+        return f"'{word}' is a command of ./launch.sh itself: ./launch.sh {word}."
+    close = difflib.get_close_matches(word, [*COMMANDS, *LAUNCH_SH_COMMANDS], n=1)
+    if close:
+        return f"'{word}' is not a command; did you mean '{close[0]}'?"
+    return f"'{word}' is not a command, flag or override (key=value); see ./launch.sh --help."
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         return run_command(argv[0], argv[1:])
+    problem = not_a_command(argv[0]) if argv else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return run_command(DEFAULT_COMMAND, argv)
 
 

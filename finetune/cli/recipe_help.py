@@ -24,7 +24,11 @@ from finetune.recipe.schema import Config
 # The default command's flags (finetune/cli/main.py:parse_flags), one form each.
 RUN_FLAGS = (
     ("--cfg job", "print the composed, checked recipe and exit"),
-    ("--dry-run", "also print the accelerate command and the process layout; start nothing"),
+    (
+        "--dry-run",
+        "also print the accelerate command and the process layout; start nothing (on a machine without GPUs: "
+        "GPUS_PER_NODE=N lays out N per node)",
+    ),
     (
         "-m a=1,2 b=x,y",
         "a sweep (Hydra's syntax: a=1,2  a=range(1,4)  a=choice(x,y)  experiment=demo,demo_qwen2_vl): one run "

@@ -12,6 +12,7 @@ the refusal below names the choices the way the recipes spell them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 from finetune.base.errors import ConfigError
@@ -25,8 +26,27 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # finetune/model/load.py (recipe_
 LABEL_MODES = tuple(mode.value for mode in LabelMode)
 OVER_LENGTH = tuple(policy.value for policy in OverLength)
 NONFINITE_LOSS = ("stop", "skip")  # finetune/training/faults.py
-ACCELERATE_MODES = ("cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
-REPORT_TO = ("wandb", "tensorboard", "none")
+ACCELERATE_MODES = ("auto", "cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
+# transformers' reporting integrations (its INTEGRATION_TO_CALLBACK; tests/unit/recipe/test_loggers.py keeps the two
+# equal), each with what it needs here: {report_to: (modules that must import, what to install)}. Checked before any
+# process starts (finetune/runs/launch.py, finetune/training/workflow.py); wandb, the default, is installed.
+LOGGERS = {
+    "wandb": (("wandb",), "wandb"),
+    "tensorboard": (("tensorboard",), "tensorboard"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "clearml": (("clearml",), "clearml"),
+    "trackio": (("trackio",), "trackio"),
+    "neptune": (("neptune",), "neptune"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "dagshub": (("dagshub", "mlflow"), "dagshub mlflow"),
+    "azure_ml": (("azureml.core.run",), "azureml-sdk"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+    "flyte": (("flytekit",), "flytekit"),
+    "kubeflow": ((), ""),  # no package: the variables a Kubeflow TrainJob sets (KUBEFLOW_TRAINER_SERVER_URL)
+}
+REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -46,7 +66,11 @@ def choices_of(f: dataclasses.Field) -> tuple[str, ...]:
 def refuse_outside(name: str, value, choices) -> None:
     """The one wording of a value outside its choices: the key, the value and what to choose instead."""
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, choices))}.")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        raise ConfigError(
+            f"{name}={value!r} is not supported; choose one of {', '.join(map(str, choices))}"
+            + (f"; did you mean '{close[0]}'?" if close else ".")
+        )
 
 
 def check_choices(prefix: str, group) -> None:

@@ -1,14 +1,13 @@
 """Hydra composition of a recipe onto the schemas (finetune/recipe/schema.py), saved recipes read back, and
 `load_config`, the one way a command gets its checked `Config`.
 
-A misspelt key or a wrong type fails while composing (with a "did you mean" hint); every group's `check()` runs
-on the result, so what a command receives is a recipe that can run.
+A misspelt key or group option fails before composing, in one line with a "did you mean" hint
+(finetune/recipe/overrides.py), a wrong type while composing; every group's `check()` runs on the result, so what a command receives is a recipe that can run.
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import fields
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,10 +15,11 @@ from omegaconf import OmegaConf
 from finetune.base.errors import ConfigError
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe import legacy_keys
+from finetune.recipe import overrides as overrides_check
 from finetune.recipe.schema import Config
 
 RECIPES_DIR = REPO_ROOT / "recipes"
-GROUPS = ("model", "data", "peft", "trainer", "deepspeed", "accelerate", "logger", "experiment")
+GROUPS = overrides_check.GROUPS
 
 
 def _register_schema() -> None:
@@ -28,28 +28,18 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def _explain_override_error(err: Exception, overrides: list[str]) -> str:
-    """Add 'did you mean' hints to Hydra's message for misspelt keys."""
+def _hydra_message(err: Exception) -> str:
+    """Hydra's refusal of what `overrides.check_overrides` let through (a value of the wrong type, an experiment
+    naming a missing option), without its advice for Hydra applications: no "+key" to append, no search path."""
     message = str(err)
     if err.__cause__ is not None:  # Hydra's own text hides the OmegaConf reason (e.g. a type error)
         message += "\n" + str(err.__cause__).splitlines()[0]
-    known = {f"{f.name}" for f in fields(Config)}
-    for group_field in fields(Config):
-        sub = getattr(Config(), group_field.name, None) if group_field.name != "name" else None
-        if sub is not None and hasattr(sub, "__dataclass_fields__"):
-            known |= {f"{group_field.name}.{f.name}" for f in fields(sub)}
-    hints = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if "." in key and key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"'{key}' is not a recipe key" + (f"; did you mean '{close[0]}'?" if close else "."))
-        elif "." not in key and key not in known and key not in GROUPS:
-            close = difflib.get_close_matches(key, list(GROUPS) + sorted(known), n=1)
-            hints.append(f"'{key}' is not a recipe group or key" + (f"; did you mean '{close[0]}'?" if close else "."))
-    if hints:
-        message += "\n" + "\n".join(hints)
-    return message
+    message = message.split("\nAvailable options", 1)[0].split("\nConfig search path", 1)[0]
+    kept = [line for line in message.splitlines() if line.strip() and not line.startswith("To append to your config")]
+    first = re.fullmatch(r"(?:Error merging override |Could not override ')(.+?)'?\.?", kept[0]) if kept else None
+    if first and len(kept) > 1:  # "Error merging override k=v" + the reason -> "k=v: the reason", on one line
+        return f"{first.group(1)}: " + "; ".join(kept[1:])
+    return "\n".join(kept)
 
 
 def compose(overrides: list[str] | None = None):
@@ -62,13 +52,14 @@ def compose(overrides: list[str] | None = None):
     replaced = legacy_keys.check_overrides(overrides)
     if replaced:
         raise ConfigError(replaced)
+    overrides_check.check_overrides(overrides, RECIPES_DIR)
     _register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
     except Exception as err:  # Hydra wraps the real cause; keep its text and add our hints
-        message = _explain_override_error(err, overrides)
+        message = _hydra_message(err)
         hint = legacy_keys.hint_for_error(message)
         raise ConfigError(message + ("\n" + hint if hint else "")) from None
 
@@ -107,6 +98,7 @@ def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
             f"{' '.join(groups)}: a saved recipe ({path}) takes key overrides only (a.b=value), not "
             "groups; compose a new recipe instead."
         )
+    overrides_check.check_overrides(overrides, RECIPES_DIR, groups_allowed=False)
     try:
         saved = _read_saved(path)
         cfg = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(overrides))

@@ -20,6 +20,7 @@ from finetune.recipe.keys import (
     ACCELERATE_MODES,
     ATTENTION_CHOICES,
     LABEL_MODES,
+    LOGGERS,
     NONFINITE_LOSS,
     OVER_LENGTH,
     PART_MODES,
@@ -390,8 +391,9 @@ class AccelerateConfig:
     """How `./launch.sh` starts the training processes (see finetune/runs/launch.py)."""
 
     mode: str = option(
-        "cpu",
-        help="Where the processes run: on the CPU, one GPU, every GPU of this machine, or several machines.",
+        "auto",
+        help="Where the processes run: on the CPU, one GPU, every GPU of this machine, or several machines; auto: "
+        "by the machine (NNODES>1: multi_node, several GPUs: multi_gpu, one: single_gpu, none: cpu).",
         choices=ACCELERATE_MODES,
     )
     processes_per_node: int | None = option(
@@ -409,8 +411,16 @@ class AccelerateConfig:
 class LoggerConfig:
     """Where the training metrics go (none: the console only)."""
 
-    report_to: str = option("wandb", help="The metrics backend; none: the console only.", choices=REPORT_TO)
-    project: str = option("qwen-vl-finetune", help="The wandb project (WANDB_PROJECT, unless already set).")
+    report_to: str = option(
+        "wandb",
+        help="The metrics backend: any of transformers' integrations (its package installed); none: the console only.",
+        choices=REPORT_TO,
+    )
+    project: str = option(
+        "qwen-vl-finetune",
+        help="The project the run is logged under (wandb, trackio, mlflow's experiment, swanlab, clearml, comet_ml); "
+        "the backend's own variable (e.g. WANDB_PROJECT) wins when set.",
+    )
     wandb_mode: str = option(
         "auto",
         help="wandb only: auto = online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`).",
@@ -418,7 +428,30 @@ class LoggerConfig:
     )
 
     def check(self) -> None:
-        """Nothing beyond its keys' choices, which `Config.check` checks for every group."""
+        """Nothing beyond its keys' choices, which `Config.check` checks for every group (whether the backend is
+        installed is asked where training starts, `require_backend`: a saved run's export needs no logger)."""
+
+    def require_backend(self) -> None:
+        """Refuse, before any process starts, a backend whose package is missing, naming what to install."""
+        import importlib.util
+        import os
+
+        if self.report_to == "kubeflow" and not os.environ.get("KUBEFLOW_TRAINER_SERVER_URL"):
+            raise ConfigError(
+                "logger.report_to=kubeflow reports to a Kubeflow TrainJob, which sets KUBEFLOW_TRAINER_SERVER_URL; "
+                "it is not set here (or logger=none)."
+            )
+        modules, install = LOGGERS.get(self.report_to, ((), ""))
+        for module in modules:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # a dotted name whose parent package is missing
+                found = False
+            if not found:
+                package = "the " + " and ".join(install.split()) + " package" + ("s" if " " in install else "")
+                raise ConfigError(
+                    f"logger.report_to={self.report_to} needs {package}: pip install {install} (or logger=none)."
+                )
 
 
 @dataclass

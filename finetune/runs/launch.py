@@ -1,13 +1,17 @@
 """What `./launch.sh [overrides]` runs: train under `accelerate launch`, then evaluate and export.
 
 The recipe's `accelerate` group and the environment decide the processes:
+  auto         (the default) by the machine: NNODES > 1 -> multi_node; several GPUs (or GPUS_PER_NODE > 1) ->
+               multi_gpu; one GPU -> single_gpu; no GPU -> cpu
   cpu          one process on the CPU (processes_per_node > 1 starts a gloo process group)
   single_gpu   one process on one GPU
   multi_gpu    one process per visible GPU (or processes_per_node) on this machine
   multi_node   NNODES machines, this one being NODE_RANK; MASTER_ADDR/MASTER_PORT reach node 0;
                GPUS_PER_NODE (default: the visible GPUs) processes on each
-NNODES > 1 also works with cpu and multi_gpu (e.g. two `accelerate=cpu` launches on one machine).
-The exact command is printed before it runs. Evaluation and export run once, on node 0, after training.
+NNODES > 1 also joins machines with cpu and multi_gpu (e.g. two `accelerate=cpu` launches on one machine); only
+single_gpu refuses it. `--dry-run` on a machine without GPUs (a login node) prints the commands for GPUS_PER_NODE
+GPUs per node; a real launch there is refused. The exact command is printed before it runs. Evaluation and export
+run once, on node 0, after training.
 """
 
 from __future__ import annotations
@@ -35,17 +39,39 @@ def _int_env(env: dict, name: str, default: int) -> int:
         raise ConfigError(f"{name}={value!r} must be a whole number.") from None
 
 
-def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -> list[str]:
-    """`accelerate launch` options for the recipe on this machine (pure: testable without launching)."""
+def resolve_mode(mode: str, env: dict, gpu_count: int) -> str:
+    """The accelerate mode `auto` stands for on this machine (any other mode is itself)."""
+    if mode != "auto":
+        return mode
+    if _int_env(env, "NNODES", 1) > 1:
+        return "multi_node"
+    gpus = _int_env(env, "GPUS_PER_NODE", gpu_count)
+    return "multi_gpu" if gpus > 1 else "single_gpu" if gpus == 1 else "cpu"
+
+
+def gpus_declared(env: dict) -> bool:
+    """GPUS_PER_NODE is given: what a `--dry-run` on a machine without GPUs lays the processes out for."""
+    return env.get("GPUS_PER_NODE", "") != ""
+
+
+def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str, dry_run: bool = False) -> list[str]:
+    """`accelerate launch` options for the recipe on this machine (pure: testable without launching). With
+    `dry_run`, a machine without GPUs may stand for one with GPUS_PER_NODE of them (a login node)."""
     acc = config.accelerate
-    if acc.mode != "cpu" and gpu_count == 0:
-        raise ConfigError(f"accelerate.mode={acc.mode} needs a GPU and none is visible; use accelerate=cpu.")
+    mode = resolve_mode(acc.mode, env, gpu_count)
+    if mode != "cpu" and gpu_count == 0 and not (dry_run and gpus_declared(env)):
+        raise ConfigError(
+            f"accelerate.mode={mode} needs a GPU and none is visible; use accelerate=cpu (or, to see the commands "
+            "on a machine without GPUs: GPUS_PER_NODE=<GPUs per node> ./launch.sh --dry-run ...)."
+        )
     # NNODES > 1 joins several machines in any mode but single_gpu (cpu: a CPU cluster, or two launches on one
     # machine to rehearse a multi-node run); multi_node is multi_gpu that insists on the variables.
     nodes, node_rank = _int_env(env, "NNODES", 1), _int_env(env, "NODE_RANK", 0)
-    if acc.mode == "single_gpu" and nodes > 1:
-        raise ConfigError(f"NNODES={nodes} with accelerate=single_gpu: use accelerate=multi_node for several machines.")
-    if acc.mode == "multi_node" and "NNODES" not in env:
+    if mode == "single_gpu" and nodes > 1:
+        raise ConfigError(
+            f"NNODES={nodes} with accelerate=single_gpu: use accelerate=multi_node (or auto) for several machines."
+        )
+    if mode == "multi_node" and "NNODES" not in env:
         raise ConfigError(
             "accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node (see README, Multi-node)."
         )
@@ -53,7 +79,7 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
         raise ConfigError(f"NODE_RANK={node_rank} must be in [0, NNODES={nodes}).")
     if nodes > 1 and not env.get("MASTER_ADDR"):
         raise ConfigError(f"NNODES={nodes} needs MASTER_ADDR (node 0's address) on every node.")
-    if acc.mode in ("cpu", "single_gpu"):
+    if mode in ("cpu", "single_gpu"):
         per_node = acc.processes_per_node or 1
     else:
         per_node = acc.processes_per_node or _int_env(env, "GPUS_PER_NODE", gpu_count)
@@ -67,7 +93,7 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str) -
         args += ["--mixed_precision", mixed]
         if total > 1:
             args.append("--multi_gpu")  # also the multi-process path on CPU (gloo), see ../shared/STACK.md
-    if acc.mode == "cpu":
+    if mode == "cpu":
         # Several CPU processes go through --multi_gpu (gloo; the trainer sets use_cpu): accelerate refuses
         # --cpu together with --multi_gpu, and `--cpu --num_processes 2` would start a single process.
         args += (["--cpu"] if total == 1 else []) + [
@@ -142,15 +168,20 @@ def replace_own_export(config: Config) -> list[str]:
     return ["export.overwrite=true"] if run_dir in out_dir.parents and not config.export.overwrite else []
 
 
-def prepare_launch(overrides: list[str]) -> tuple[Config, list[str]]:
+def prepare_launch(overrides: list[str], dry_run: bool = False) -> tuple[Config, list[str]]:
     """The checked recipe and the `accelerate launch` options for it on this machine; ConfigError otherwise."""
     import torch
 
     from finetune.model.load import recipe_precision
 
     config = load_config(overrides)  # fail here, before any process starts
+    config.logger.require_backend()
+    env, gpus = dict(os.environ), torch.cuda.device_count()
     precision = recipe_precision(config)
-    args = accelerate_args(config, dict(os.environ), torch.cuda.device_count(), precision)
+    if dry_run and gpus == 0 and gpus_declared(env) and resolve_mode(config.accelerate.mode, env, gpus) != "cpu":
+        # The commands as the GPU machine will run them: the recipe's precision there (auto: bf16 on current GPUs).
+        precision = "bf16" if config.trainer.precision == "auto" else config.trainer.precision
+    args = accelerate_args(config, env, gpus, precision, dry_run)
     # A resume that cannot work fails here, once, rather than in every started process.
     from finetune.records.rundir import check_checkpoint_fits, resolve_checkpoint
 
@@ -179,10 +210,22 @@ def layout(config: Config, args: list[str]) -> str:
         if config.deepspeed.config_file
         else ("DDP" if total > 1 else "one process")
     )
-    node_rank = _int_env(dict(os.environ), "NODE_RANK", 0)
+    env = dict(os.environ)
+    node_rank = _int_env(env, "NODE_RANK", 0)
+    mode = config.accelerate.mode
+    if mode == "auto":
+        import torch
+
+        mode = f"auto -> {resolve_mode(mode, env, torch.cuda.device_count())}"
+    joined = (
+        f"{nodes} machines joined at {args[args.index('--main_process_ip') + 1]}:"
+        f"{args[args.index('--main_process_port') + 1]}, this one NODE_RANK={node_rank}"
+        if nodes > 1
+        else "this machine only"
+    )
     return (
-        f"{nodes} node(s) x {total // nodes} process(es) = {total} ({engine}, accelerate={config.accelerate.mode}); "
-        f"this node is NODE_RANK={node_rank}; evaluation and export run on node 0 after training"
+        f"{nodes} node(s) x {total // nodes} process(es) = {total} ({engine}, accelerate={mode}); {joined}; "
+        "evaluation and export run on node 0 after training"
     )
 
 
@@ -215,13 +258,17 @@ def execute(config: Config, args: list[str], overrides: list[str]) -> int:
 
 def run_recipe(overrides: list[str], dry_run: bool = False) -> int:
     try:
-        config, args = prepare_launch(overrides)
+        config, args = prepare_launch(overrides, dry_run)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if dry_run:
+        import torch
+
         print(to_yaml(config))
         print("process layout: " + layout(config, args))
+        if not torch.cuda.is_available() and "--cpu" not in args and "--num_cpu_threads_per_process" not in args:
+            print(f"(no GPU visible here: laid out for GPUS_PER_NODE={os.environ['GPUS_PER_NODE']} GPUs per node)")
         try:
             print(video_decoder_env(dict(os.environ))[0])
         except ConfigError as err:

@@ -19,10 +19,21 @@ from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary,
 from finetune.training.periodic_eval import as_logs, evaluate_in_training
 from finetune.training.vision_sync import OneVisionCall
 
+# The variable each integration reads its project from (transformers.integrations.integration_utils); trackio
+# takes SFTConfig's `project`, set below. A variable the user set wins.
+PROJECT_VARIABLES = {
+    "mlflow": "MLFLOW_EXPERIMENT_NAME",
+    "swanlab": "SWANLAB_PROJECT",
+    "clearml": "CLEARML_PROJECT",
+    "comet_ml": "COMET_PROJECT_NAME",
+}
+
 
 def configure_logger_backend(config: Config, run_dir: Path) -> list[str]:
     """Environment for the chosen logger; wandb runs offline (never blocks on a login) without an API key."""
     if config.logger.report_to != "wandb":
+        if config.logger.report_to in PROJECT_VARIABLES:
+            os.environ.setdefault(PROJECT_VARIABLES[config.logger.report_to], config.logger.project)
         return [] if config.logger.report_to == "none" else [config.logger.report_to]
     mode = config.logger.wandb_mode
     if mode == "auto":
@@ -64,6 +75,7 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         # the Trainer decode and drop them.
         ignore_data_skip=config.data.streaming,
         report_to=configure_logger_backend(config, run_dir),
+        project=config.logger.project,  # trackio's project (the others read it from the environment, above)
         deepspeed=config.deepspeed.config_file and str(repo_path(config.deepspeed.config_file)),
         # Our collator does all preprocessing (video included): TRL must not touch the dataset, drop columns or
         # truncate. Lengths are checked by the encoder, which refuses (never cuts) a sample over data.max_length.

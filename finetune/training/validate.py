@@ -25,6 +25,7 @@ from finetune.base.errors import DataError
 from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
+from finetune.data.sources import parse_sources
 from finetune.recipe.data_settings import conversation_encoder, split_settings
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
@@ -104,13 +105,22 @@ def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> s
 def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
     from finetune.model.load import load_processor
 
-    processor = load_processor(config.model)
-    encoder = conversation_encoder(processor, config)
     problems = 0
-    for name in split_names:
+    readable = []
+    for name in split_names:  # the dataset files first: for a real model the processor is a download
         value = getattr(config.data, name)
         if value is None:
             continue
+        try:
+            parse_sources(value, config.data.media_root, resolve_data_file)
+        except DataError as err:  # missing, or an entry that is not a path / {path, weight, media_root}
+            print(f"{name}: {err}", flush=True)
+            problems += 1
+            continue
+        readable.append((name, value))
+    # A missing file stops the check here: the other splits' counts can wait until the files are right.
+    encoder = conversation_encoder(load_processor(config.model), config) if readable and not problems else None
+    for name, value in readable if encoder else []:
         try:
             split = prepare_split(value, split_settings(config), encoder, resolve_data_file)
         except DataError as err:  # the file itself: missing, not JSON, not UTF-8

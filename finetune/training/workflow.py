@@ -196,6 +196,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
 
 
 def train(config: Config, overrides: list[str]) -> Path:
+    config.logger.require_backend()  # `finetune train` started by hand: before the model loads
     run_dir = Path(config.trainer.output_dir)
     checkpoint = resolve_checkpoint(config.trainer.resume_from_checkpoint, run_dir)
     if checkpoint:  # WORLD_SIZE: set by `accelerate launch` for every rank, before any process group exists

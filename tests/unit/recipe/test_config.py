@@ -70,7 +70,7 @@ def test_command_line_group_beats_experiment_default():
     [
         (["trainer.max_stpes=3"], "did you mean 'trainer.max_steps'"),
         (["modle=tiny_qwen2_vl"], "did you mean 'model'"),
-        (["model=qwen3"], "Could not find 'model/qwen3'"),
+        (["model=qwen3"], "'qwen3' is not a model (recipes/model/); did you mean"),
         (["trainer.learning_rate=fast"], "could not be converted to Float"),
         (["model.family=llava"], "choose one of " + ", ".join(FAMILIES)),
         (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),

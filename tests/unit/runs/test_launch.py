@@ -118,3 +118,55 @@ def test_zero_on_a_single_gpu_is_refused_with_the_fix(stage):
         _opt(_args([f"deepspeed={stage}", "accelerate=multi_gpu"], env={}, gpus=8, precision="bf16"), "--num_processes")
         == "8"
     )
+
+
+MULTI_NODE = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"}
+
+
+@pytest.mark.parametrize(
+    "env,gpus,processes,machines",
+    [
+        ({}, 0, "1", "1"),  # cpu
+        ({}, 1, "1", "1"),  # single_gpu
+        ({}, 8, "8", "1"),  # multi_gpu
+        ({"GPUS_PER_NODE": "4"}, 8, "4", "1"),  # multi_gpu, as many as told
+        (MULTI_NODE, 8, "16", "2"),  # multi_node
+    ],
+)
+def test_auto_picks_the_mode_by_the_machine(env, gpus, processes, machines):
+    from finetune.runs.launch import resolve_mode
+
+    args = _args(["accelerate=auto"], env=env, gpus=gpus, precision="bf16" if gpus else "fp32")
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines")) == (processes, machines)
+    assert ("--cpu" in args) == (gpus == 0)
+    expected = "cpu" if not gpus else "multi_node" if "NNODES" in env else "single_gpu" if gpus == 1 else "multi_gpu"
+    assert resolve_mode("auto", env, gpus) == expected
+
+
+def test_auto_is_the_default_and_the_demos_stay_on_the_cpu():
+    from finetune.recipe.load import compose
+
+    assert compose(["experiment=demo", "accelerate=auto"]).accelerate.mode == "auto"
+    assert load_config([]).accelerate.mode == "cpu"  # the demo experiments override it
+
+
+@pytest.mark.parametrize("mode", ["multi_gpu", "multi_node", "auto"])
+def test_a_dry_run_without_gpus_lays_out_the_gpus_it_is_told_of(mode):
+    """A login node has no GPU: `GPUS_PER_NODE=8 ./launch.sh --dry-run` shows the commands of the GPU nodes."""
+    env = {**MULTI_NODE, "GPUS_PER_NODE": "8"}
+    config = load_config([f"accelerate={mode}"])
+    args = accelerate_args(config, env, 0, "bf16", dry_run=True)
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), "--cpu" in args) == ("16", "2", False)
+    with pytest.raises(ConfigError, match="needs a GPU and none is visible"):
+        accelerate_args(config, env, 0, "bf16")  # the real launch on that machine is still refused
+    with pytest.raises(ConfigError, match="GPUS_PER_NODE="):
+        accelerate_args(config, MULTI_NODE, 0, "bf16", dry_run=True)  # no count given: nothing to lay out
+
+
+def test_multi_gpu_with_several_nodes_joins_the_machines():
+    args = _args(["accelerate=multi_gpu"], env=MULTI_NODE, gpus=8, precision="bf16")
+    assert (_opt(args, "--num_processes"), _opt(args, "--machine_rank"), _opt(args, "--main_process_ip")) == (
+        "16",
+        "0",
+        "10.0.0.1",
+    )
