@@ -477,9 +477,13 @@ class EvaluationConfig:
 
 @dataclass
 class ExportConfig:
-    """Merge the adapter into the base weights after training, and verify the reloaded result."""
+    """Write the trained model as one folder after training (a LoRA adapter merged into the base weights, or the
+    fully trained weights of a run with no LoRA part), and verify the reloaded result."""
 
-    after_training: bool = option(True, help="Merge, verify and write the export when training has finished.")
+    after_training: bool = option(
+        True,
+        help="Export (merge a LoRA adapter, or write the fully trained weights), verify and write it after training.",
+    )
     output_dir: str = option("${trainer.output_dir}/merged", help="Where the merged model is written.")
     overwrite: bool = option(False, help="Replace an earlier export in output_dir (never any other folder).")
     dtype: str = option(
@@ -488,7 +492,7 @@ class ExportConfig:
     max_shard_size: str = option("5GB", help="Safetensors shards of at most this size (e.g. 5GB, 500MB).")
     atol: float | None = option(
         None,
-        help="Max |logit difference| allowed between the adapter model and the reloaded merged model; null = 1e-4 "
+        help="Max |logit difference| allowed between the trained model (adapter or fully trained) and the reloaded export; null = 1e-4 "
         "for fp32 weights, 5e-2 for bf16/fp16 weights.",
     )
     push_to_hub: str | None = option(
