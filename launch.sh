@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point. Sets up whatever is missing (idempotent; a no-op when nothing changed), then:
 #   ./launch.sh [hydra overrides]     train -> evaluate -> export the recipe (default: the CPU demo)
-#   ./launch.sh --help | --cfg job | --dry-run | -m a=1,2 ... | rerun runs/<run>   (see README, Experiments)
+#   ./launch.sh --help | --cfg job | --dry-run | -m a=1,2 ... | rerun runs/<run>   (docs/recipes.md)
 #   ./launch.sh <command> [args]      validate, evaluate, export, predict, ... (the table: finetune/cli/commands.py)
 #   ./launch.sh test [pytest args]    run the test suite
 #   ./launch.sh setup                 only set up

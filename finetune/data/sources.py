@@ -132,7 +132,7 @@ def to_sample(record, index: int, where: str, root: Path) -> Sample:
         raise
     except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
         raise DataError(
-            f"{where}: malformed record ({type(err).__name__}: {err}). See README, Your data, for the formats read.",
+            f"{where}: malformed record ({type(err).__name__}: {err}). See docs/data.md for the formats read.",
             "format",
         ) from None
 

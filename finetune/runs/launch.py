@@ -73,7 +73,7 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str, d
         )
     if mode == "multi_node" and "NNODES" not in env:
         raise ConfigError(
-            "accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node (see README, Multi-node)."
+            "accelerate=multi_node needs NNODES, NODE_RANK and MASTER_ADDR set on every node (docs/multi-gpu.md)."
         )
     if nodes < 1 or not 0 <= node_rank < nodes:
         raise ConfigError(f"NODE_RANK={node_rank} must be in [0, NNODES={nodes}).")
