@@ -28,6 +28,7 @@ NONFINITE_LOSS = ("stop", "skip")  # finetune/training/faults.py
 ACCELERATE_MODES = ("cpu", "single_gpu", "multi_gpu", "multi_node")  # finetune/runs/launch.py
 REPORT_TO = ("wandb", "tensorboard", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+AFTER_TRAINING = ("auto", "true", "false")  # evaluation.after_training: auto = whenever data.eval is set
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str, ...] = ()) -> Any:

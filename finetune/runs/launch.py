@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from finetune.base.errors import ConfigError
+from finetune.recipe.budgets import summary_lines
 from finetune.recipe.load import load_config, to_yaml
 from finetune.recipe.schema import Config, repo_path
 from finetune.records.rundir import RunDir
@@ -164,7 +165,7 @@ def commands(config: Config, args: list[str], overrides: list[str]) -> list[list
     """The commands a run is: training under `accelerate launch`, then (on node 0) evaluation and export."""
     python = sys.executable
     steps = [[python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides]]
-    if config.evaluation.after_training and not config.evaluation.steps:  # with steps, training ended with it
+    if config.evaluates_after_training() and not config.evaluation.steps:  # with steps, training ended with it
         steps.append([python, "-m", "finetune.evaluate", *overrides])
     if config.export.after_training:
         steps.append([python, "-m", "finetune.export", *overrides, *replace_own_export(config)])
@@ -221,6 +222,7 @@ def run_recipe(overrides: list[str], dry_run: bool = False) -> int:
         return 2
     if dry_run:
         print(to_yaml(config))
+        print("\n".join(summary_lines(config)))
         print("process layout: " + layout(config, args))
         try:
             print(video_decoder_env(dict(os.environ))[0])

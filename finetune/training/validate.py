@@ -25,6 +25,7 @@ from finetune.base.errors import DataError
 from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
+from finetune.recipe.budgets import summary_lines
 from finetune.recipe.data_settings import conversation_encoder, split_settings
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
@@ -104,6 +105,7 @@ def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> s
 def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
     from finetune.model.load import load_processor
 
+    print("\n".join(summary_lines(config)), flush=True)  # before the processor loads (for a real model: a download)
     processor = load_processor(config.model)
     encoder = conversation_encoder(processor, config)
     problems = 0
