@@ -36,12 +36,13 @@ TIMESTAMP_TEXT = 4  # `<`, `.`, ` seconds`, `>` besides the digits of `<{s:.1f} 
 # Room for the conversation's text beside the largest item: Qwen's chat scaffolding (the default system prompt and
 # the turn markers, ~30 tokens), a question and an answer of a few hundred tokens, the size of VQA, caption and
 # video-QA samples. Longer text is still counted exactly by the pre-pass (and `validate`), which names any sample
-# that does not fit. Recipes with short rows (the CPU demo's 256 tokens, one-word answers) keep a quarter of a row.
+# that does not fit. Recipes with short rows (the CPU demo's 256 tokens, the tests' 128: tiny media, one-word answers)
+# keep an eighth of a row.
 CONVERSATION_ALLOWANCE = 512
 
 
 def conversation_allowance(max_length: int) -> int:
-    return min(CONVERSATION_ALLOWANCE, max_length // 4)
+    return min(CONVERSATION_ALLOWANCE, max_length // 8)
 
 
 @dataclass(frozen=True)
