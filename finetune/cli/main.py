@@ -72,9 +72,12 @@ def run_recipe_command(argv: list[str]) -> int:
         if flags.get("cfg"):
             if flags.get("multirun"):
                 raise ConfigError("--cfg job shows one recipe; drop -m (or give single values).")
+            from finetune.recipe.budgets import comment_lines
             from finetune.recipe.load import load_config, to_yaml
 
-            print(to_yaml(load_config(overrides)), end="")
+            config = load_config(overrides)
+            print(to_yaml(config), end="")
+            print(comment_lines(config))  # YAML comments: the output stays a recipe
             return 0
         if flags.get("multirun"):
             from finetune.runs.sweep import run_sweep

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 PATCH, MERGE, FRAME_FACTOR = 14, 2, 2  # Qwen2-VL / Qwen2.5-VL; Qwen3-VL: patch 16 (all: merge 2, frame pairs)
 FACTOR = PATCH * MERGE
 MAX_RATIO = 200
@@ -189,6 +187,8 @@ class VideoSpec:
         start, end = self.frame_range(total, fps)
         in_range = end - start + 1
         n = self.nframes_for(in_range, fps)
+        import torch  # here, not at the top: the recipe's worst-case sizing (finetune/recipe/budgets.py) runs without it
+
         # float32 torch.linspace as qwen-vl-utils: numpy's float64 rounds some indices of long videos differently.
         indices = torch.linspace(start, end, n).round().long().tolist()
         h, w = smart_resize(height, width, self.min_pixels, self.frame_max_pixels(n), self.patch * self.merge)

@@ -4,12 +4,16 @@ reads a config object: this module is the one place that turns a recipe into a `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from finetune.base.families import family_of
-from finetune.data.encode import ConversationEncoder
 from finetune.data.modes import LabelMode
-from finetune.data.prepare import SplitSettings
 from finetune.data.vision import VisionSettings
 from finetune.recipe.schema import Config
+
+if TYPE_CHECKING:  # the encoder and the pre-pass import torch: a recipe's checks (finetune/recipe/budgets.py) do not
+    from finetune.data.encode import ConversationEncoder
+    from finetune.data.prepare import SplitSettings
 
 
 def vision_settings(config: Config) -> VisionSettings:
@@ -32,6 +36,8 @@ def conversation_encoder(processor, config: Config, for_training: bool = True) -
     """The encoder the recipe describes, rendering videos as the recipe's model family does; training and validation
     also apply its label mode and length limit (inference encodes prompts, which have no labels and are never refused
     for length)."""
+    from finetune.data.encode import ConversationEncoder
+
     layout = family_of(config.model.family).video_layout
     if not for_training:
         return ConversationEncoder(processor, vision_settings(config), video_layout=layout)
@@ -45,6 +51,8 @@ def conversation_encoder(processor, config: Config, for_training: bool = True) -
 
 
 def split_settings(config: Config) -> SplitSettings:
+    from finetune.data.prepare import SplitSettings
+
     d = config.data
     return SplitSettings(
         max_length=d.max_length,

@@ -48,6 +48,7 @@ LOGGERS = {
 }
 REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+AFTER_TRAINING = ("auto", "true", "false")  # evaluation.after_training: auto = whenever data.eval is set
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, choices: tuple[str, ...] = ()) -> Any:

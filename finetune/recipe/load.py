@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from finetune.base.errors import ConfigError
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe import legacy_keys
 from finetune.recipe import overrides as overrides_check
+from finetune.recipe.budgets import check_fits
+from finetune.recipe.experiments import refuse_demo_with_real_model
 from finetune.recipe.schema import Config
 
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -42,8 +44,9 @@ def _hydra_message(err: Exception) -> str:
     return "\n".join(kept)
 
 
-def compose(overrides: list[str] | None = None):
-    """Compose `recipes/config.yaml` with Hydra overrides; returns the (unresolved) DictConfig."""
+def compose(overrides: list[str] | None = None, choices: dict | None = None):
+    """Compose `recipes/config.yaml` with Hydra overrides; returns the (unresolved) DictConfig. `choices`, when
+    given, receives the group options composed (Hydra's runtime choices: experiment, model, ...)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -57,11 +60,16 @@ def compose(overrides: list[str] | None = None):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as err:  # Hydra wraps the real cause; keep its text and add our hints
         message = _hydra_message(err)
         hint = legacy_keys.hint_for_error(message)
         raise ConfigError(message + ("\n" + hint if hint else "")) from None
+    if choices is not None:
+        choices.update(OmegaConf.to_container(cfg.hydra.runtime.choices))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 RECIPE_FILE = "recipe_file="  # `recipe_file=runs/x/config.yaml`: a saved, resolved recipe instead of composing
@@ -75,12 +83,15 @@ def load_config(overrides: list[str] | None = None) -> Config:
     saved = [o[len(RECIPE_FILE) :] for o in overrides if o.startswith(RECIPE_FILE)]
     if saved:
         return _load_recipe_file(Path(saved[-1]), [o for o in overrides if not o.startswith(RECIPE_FILE)])
-    cfg = compose(overrides)
+    choices: dict = {}
+    cfg = compose(overrides, choices)
     try:
         config = OmegaConf.to_object(cfg)  # resolves interpolations; fails on MISSING values
     except Exception as err:
         raise ConfigError(str(err)) from None
+    refuse_demo_with_real_model(config, choices, overrides)  # before the checks: the demo's values are not the user's
     config.check()
+    check_fits(config)
     return config
 
 
@@ -106,6 +117,7 @@ def _load_recipe_file(path: Path, overrides: list[str]) -> Config:
     except Exception as err:
         raise ConfigError(f"{path} with {overrides}: {str(err).splitlines()[0]}") from None
     config.check()
+    check_fits(config)
     return config
 
 

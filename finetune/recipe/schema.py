@@ -18,6 +18,7 @@ from finetune.base.families import FAMILIES
 from finetune.base.paths import REPO_ROOT
 from finetune.recipe.keys import (
     ACCELERATE_MODES,
+    AFTER_TRAINING,
     ATTENTION_CHOICES,
     LABEL_MODES,
     LOGGERS,
@@ -459,14 +460,22 @@ class EvaluationConfig:
     """Generation-based evaluation on `data.eval`: during training every `steps` optimizer steps and at the end
     (sharded across the ranks, logged to the logger), and/or after training in one process (`./launch.sh`)."""
 
-    after_training: bool = option(
-        True, help="The standalone evaluation after training (skipped when `steps` already ran it)."
+    after_training: str = option(
+        "auto",
+        help="The standalone evaluation after training (skipped when `steps` already ran it). auto: whenever "
+        "data.eval is set; true: always (data.eval required); false: never (the end-of-run summary says so when "
+        "data.eval is set).",
+        choices=AFTER_TRAINING,
     )
     steps: int | None = option(
         None, help="Evaluate every N steps during training and once at its end; null: never during training."
     )
     max_new_tokens: int = option(16, help="Tokens generated per answer at most.")
     batch_size: int = option(8, help="Questions per generate call (per rank during training).")
+
+    def __post_init__(self) -> None:
+        # A YAML or command-line true/false arrives as OmegaConf's str() of a bool ("True"/"False"): one spelling.
+        self.after_training = str(self.after_training).lower()
 
     def check(self) -> None:
         if self.steps is not None and self.steps <= 0:
@@ -519,6 +528,10 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    def evaluates_after_training(self) -> bool:
+        """Whether the run evaluates data.eval after training (`evaluation.after_training`: auto, true or false)."""
+        return bool(self.data.eval) and self.evaluation.after_training in ("auto", "true")
+
     def groups(self) -> dict[str, Any]:
         """The groups of keys by their prefix (`model`, `data`, ...), in the schema's order."""
         return {f.name: getattr(self, f.name) for f in fields(self) if is_dataclass(getattr(self, f.name))}
@@ -527,10 +540,10 @@ class Config:
         for prefix, group in self.groups().items():
             check_choices(prefix, group)  # choices live in the fields' metadata, checked alike for every key
             group.check()
-        if self.evaluation.after_training and not self.data.eval:
+        if self.evaluation.after_training == "true" and not self.data.eval:
             raise ConfigError(
                 "evaluation.after_training=true needs a held-out split: set data.eval=PATH or "
-                "evaluation.after_training=false."
+                "evaluation.after_training=auto (evaluate when data.eval is set) or false."
             )
         if self.evaluation.steps and not self.data.eval:
             raise ConfigError("evaluation.steps needs a held-out split: set data.eval=PATH or evaluation.steps=null.")

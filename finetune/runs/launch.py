@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from finetune.base.errors import ConfigError
+from finetune.recipe.budgets import summary_lines
 from finetune.recipe.load import load_config, to_yaml
 from finetune.recipe.schema import Config, repo_path
 from finetune.records.rundir import RunDir
@@ -195,7 +196,7 @@ def commands(config: Config, args: list[str], overrides: list[str]) -> list[list
     """The commands a run is: training under `accelerate launch`, then (on node 0) evaluation and export."""
     python = sys.executable
     steps = [[python, "-m", "accelerate.commands.launch", *args, "-m", "finetune.train", *overrides]]
-    if config.evaluation.after_training and not config.evaluation.steps:  # with steps, training ended with it
+    if config.evaluates_after_training() and not config.evaluation.steps:  # with steps, training ended with it
         steps.append([python, "-m", "finetune.evaluate", *overrides])
     if config.export.after_training:
         steps.append([python, "-m", "finetune.export", *overrides, *replace_own_export(config)])
@@ -266,6 +267,7 @@ def run_recipe(overrides: list[str], dry_run: bool = False) -> int:
         import torch
 
         print(to_yaml(config))
+        print("\n".join(summary_lines(config)))
         print("process layout: " + layout(config, args))
         if not torch.cuda.is_available() and "--cpu" not in args and "--num_cpu_threads_per_process" not in args:
             print(f"(no GPU visible here: laid out for GPUS_PER_NODE={os.environ['GPUS_PER_NODE']} GPUs per node)")

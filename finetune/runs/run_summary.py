@@ -31,6 +31,17 @@ def skip_lines(label: str, entries: list[dict], what: str, where: Path) -> list[
     return lines
 
 
+def not_evaluated(config: Config) -> list[str]:
+    """A given data.eval that the run did not evaluate, with why and the key to change."""
+    if not config.data.eval or config.evaluates_after_training() or config.evaluation.steps:
+        return []
+    return [
+        f"  evaluation:  not run: data.eval={config.data.eval} was given but evaluation.after_training=false; set "
+        "evaluation.after_training=auto to evaluate it after training (or run `./launch.sh evaluate` with this run's "
+        "overrides now)"
+    ]
+
+
 def summary(config: Config, skipped_from: int = 0) -> str:
     """The end-of-run summary; the skipped training samples are those bad_samples.jsonl lists from byte
     `skipped_from` (what this launch appended)."""
@@ -49,6 +60,7 @@ def summary(config: Config, skipped_from: int = 0) -> str:
         f"training sample{'s' if plural else ''} failed to decode and {'were' if plural else 'was'} left out",
         run.bad_samples_file,
     )
+    lines += not_evaluated(config)
     m = run.metrics()
     if m is not None:
         lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")

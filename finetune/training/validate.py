@@ -26,6 +26,7 @@ from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.data.sources import parse_sources
+from finetune.recipe.budgets import summary_lines
 from finetune.recipe.data_settings import conversation_encoder, split_settings
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
@@ -119,6 +120,8 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
             continue
         readable.append((name, value))
     # A missing file stops the check here: the other splits' counts can wait until the files are right.
+    if readable and not problems:  # the recipe's worst case, before the processor loads (a real model: a download)
+        print("\n".join(summary_lines(config)), flush=True)
     encoder = conversation_encoder(load_processor(config.model), config) if readable and not problems else None
     for name, value in readable if encoder else []:
         try:

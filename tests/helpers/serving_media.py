@@ -29,8 +29,10 @@ VIDEOS = [  # (suffix, seconds, fps, width, height)
 
 
 # A recipe with other budgets than the demo's: larger images, 1 fps, up to 32 frames, and a total pixel budget that
-# lowers the per-frame cap (882000 = 250 x 3528 pixels: expressible exactly by transformers' max_video_tokens).
+# lowers the per-frame cap (882000 = 250 x 3528 pixels: expressible exactly by transformers' max_video_tokens); rows
+# long enough for their worst case (finetune/recipe/budgets.py: a 10-minute video plans to 1,058 tokens at factor 28).
 OTHER_BUDGETS = [
+    "data.max_length=2048",
     "model.min_pixels=12544",
     "model.max_pixels=200704",
     "model.video_fps=1.0",

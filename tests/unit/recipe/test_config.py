@@ -1,12 +1,14 @@
 """Every recipe composes and passes its checks; mistakes fail at start-up with the fix in the message."""
 
 import json
+import re
 
 import pytest
 from omegaconf import OmegaConf
 
 from finetune.base.errors import ConfigError
 from finetune.base.families import FAMILIES
+from finetune.recipe.experiments import experiments_for
 from finetune.recipe.load import GROUPS, RECIPES_DIR, load_config
 
 
@@ -23,15 +25,18 @@ def test_every_experiment_composes(experiment):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)])
 def test_every_group_option_composes(group, option):
-    # Options that the demo experiment cannot take alone need the override their error message asks for.
-    companions = {("data", "custom"): ["evaluation.after_training=false"]}
-    overrides = [f"{group}={option}", *companions.get((group, option), [])]
-    composed = OmegaConf.structured(load_config(overrides))
-    # every value the option file sets is what the checked recipe holds, unless the default experiment sets it
+    # A real model takes a GPU experiment of its family (the demo experiment is for tiny models only).
     written = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / group / f"{option}.yaml"))
+    experiment = "demo"
+    if group == "model" and not written["name_or_path"].startswith("tiny://"):
+        experiment = experiments_for(written["family"])[0]
+    composed = OmegaConf.structured(load_config([f"experiment={experiment}", f"{group}={option}"]))
+    # every value the option file sets is what the checked recipe holds, unless the experiment sets it
     written.pop("defaults", None)
     leaves = [(f"{group}.{k}", v) for k, v in _flatten(written)]
-    by_experiment = dict(_flatten(OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "experiment" / "demo.yaml"))))
+    by_experiment = dict(
+        _flatten(OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "experiment" / f"{experiment}.yaml")))
+    )
     assert leaves
     for key, value in leaves:
         if key in by_experiment:
@@ -57,7 +62,7 @@ def test_experiment_files_start_with_command_and_hardware():
 def test_demo_is_the_default_recipe():
     config = load_config([])
     assert (config.name, config.model.name_or_path, config.accelerate.mode) == ("demo", "tiny://qwen2_5_vl", "cpu")
-    assert config.evaluation.after_training and config.export.after_training
+    assert config.evaluates_after_training() and config.export.after_training
 
 
 def test_command_line_group_beats_experiment_default():
@@ -74,7 +79,8 @@ def test_command_line_group_beats_experiment_default():
         (["trainer.learning_rate=fast"], "could not be converted to Float"),
         (["model.family=llava"], "choose one of " + ", ".join(FAMILIES)),
         (["model.min_pixels=5000", "model.max_pixels=4000"], "must be positive and <= model.max_pixels"),
-        (["data.eval=null"], "set data.eval=PATH or evaluation.after_training=false"),
+        (["data.eval=null", "evaluation.after_training=true"], "set data.eval=PATH or evaluation.after_training=auto"),
+        (["evaluation.after_training=maybe"], "choose one of auto, true, false"),
         (["trainer.max_steps=-1", "trainer.num_train_epochs=0"], "nothing would be trained"),
         (["peft.target_modules='(unclosed'"], "not a valid regular expression"),
         (["deepspeed.config_file=missing.json"], "does not exist"),
@@ -98,10 +104,12 @@ def test_deepspeed_files_are_valid_json_with_auto_values(name):
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_each_recipe_states_its_hardware_and_a_fitting_deepspeed_stage(experiment):
     """Every experiment says what hardware it needs, with a measured figure or the word "estimate"; ZeRO-3 where the
-    weights are too big for one GPU (32B, 72B), no ZeRO-3 for models that fit (its sharding then costs speed)."""
+    weights are too big for one GPU (30B and more: 32B, 72B, the 30B-A3B and 35B-A3B MoE), no ZeRO-3 for models that
+    fit (its sharding then costs speed)."""
     header = (RECIPES_DIR / "experiment" / f"{experiment}.yaml").read_text().split("defaults:")[0]
     hardware = header[header.index("# Hardware:") :]
     assert "measured" in hardware.lower() or "estimate" in hardware, hardware
-    config = load_config([f"experiment={experiment}"])
-    big = any(size in config.model.name_or_path for size in ("32B", "72B"))
+    config = load_config([f"experiment={experiment}", "data.train=my.json"])
+    size = re.search(r"-(\d+(?:\.\d+)?)B\b", config.model.name_or_path)
+    big = size is not None and float(size.group(1)) >= 30
     assert (config.deepspeed.zero_stage == 3) == big, (experiment, config.deepspeed.config_file)

@@ -48,3 +48,35 @@ def test_the_summary_lists_skipped_training_samples_and_unanswered_questions(tmp
     assert f"  unanswered:  1 evaluation sample could not be asked (its media failed to decode): {run.eval_dir}" in text
     assert "    e2: (id e2) corrupt or truncated video" in text
     assert "    old: " in summary(config)  # from the start of the file: a resumed run counts its earlier skips too
+
+
+def _evaluates(overrides: list[str]) -> bool:
+    """Whether the run's commands end with the standalone evaluation."""
+    from finetune.runs.launch import commands
+
+    config = load_config(["logger=none", *overrides])
+    return any("finetune.evaluate" in command for command in commands(config, [], []))
+
+
+def test_evaluation_after_training_auto_evaluates_whenever_an_eval_set_is_given():
+    assert load_config([]).evaluation.after_training == "auto"  # the default
+    assert _evaluates([])  # the demo gives data.eval
+    assert not _evaluates(["data.eval=null"])  # auto without an eval set: nothing to evaluate, no error
+    assert _evaluates(["evaluation.after_training=true"])
+    assert not _evaluates(["evaluation.after_training=false"])
+    # with evaluation.steps, training ends with an evaluation: no second one
+    assert not _evaluates(["evaluation.steps=10"]) and load_config(["evaluation.steps=10"]).evaluates_after_training()
+    assert not load_config(["data.eval=null"]).evaluates_after_training()
+
+
+def test_a_given_eval_set_left_unevaluated_is_named_in_the_summary_with_the_key(tmp_path):
+    base = [f"trainer.output_dir={tmp_path}", "logger=none"]
+    config = load_config([*base, "evaluation.after_training=false"])
+    line = (
+        f"  evaluation:  not run: data.eval={config.data.eval} was given but evaluation.after_training=false; set "
+        "evaluation.after_training=auto to evaluate it after training (or run `./launch.sh evaluate` with this run's "
+        "overrides now)"
+    )
+    assert line in summary(config).splitlines()
+    for evaluated in ([], ["evaluation.after_training=false", "data.eval=null"], ["evaluation.after_training=true"]):
+        assert "not run" not in summary(load_config([*base, *evaluated])), evaluated
