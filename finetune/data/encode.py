@@ -25,6 +25,7 @@ from finetune.data.conversation import Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
 from finetune.data.media_errors import media_error
 from finetune.data.modes import LabelMode
+from finetune.data.shapes import keeps_texts, render_by_shape
 from finetune.data.vision import FRAME_FACTOR, MERGE, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
@@ -117,6 +118,7 @@ class ConversationEncoder:
         self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end_id = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self._timestamp_ids: dict[str, list[int]] = {}
+        self._shapes: dict = {}  # conversation shape -> its render cut at the texts (finetune/data/shapes.py)
 
     # ----- media plans (headers only) -----
     def image_plans(self, sample: Sample) -> list[ImagePlan]:
@@ -251,7 +253,7 @@ class ConversationEncoder:
         marked = list(messages)
         for k, i in enumerate(assistant_turns):
             marked[i] = {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(k)}]}
-        layout = self._render(marked, generation_prompt, sample)
+        layout = self._layout(marked, generation_prompt, sample)
         pieces, pos = [], 0
         for k, i in enumerate(assistant_turns):
             mark = _REPLY_MARK.format(k)
@@ -267,6 +269,21 @@ class ConversationEncoder:
         if "".join(text for text, _ in pieces) != self._render(messages, generation_prompt, sample):
             return None  # the template changes replies (trims, escapes): render turn by turn
         return pieces
+
+    def _layout(self, marked: list[dict], generation_prompt: bool, sample: Sample) -> str:
+        """The render of a conversation whose replies are markers: from its shape's one render when the template
+        writes replies and texts verbatim (both probed once), else rendered."""
+        if getattr(self, "_keeps_replies", False) and self._template_keeps_texts():
+            return render_by_shape(self._shapes, self._render, marked, generation_prompt, sample)
+        return self._render(marked, generation_prompt, sample)
+
+    def _template_keeps_texts(self) -> bool:
+        if not hasattr(self, "_keeps_texts"):
+            try:
+                self._keeps_texts = keeps_texts(self._render, _REPLY_MARK)
+            except Exception:  # a template that cannot render the probe: render every conversation
+                self._keeps_texts = False
+        return self._keeps_texts
 
     def _segments_turn_by_turn(self, sample, assistant_turns, trained_turns, generation_prompt):
         """Each assistant turn as the difference between renders with and without it (quadratic in turns)."""
