@@ -96,8 +96,15 @@ def clear_store(data: Path) -> None:
     shutil.rmtree(data.parent / ".finetune-store" / data.name, ignore_errors=True)
 
 
-def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of a one-step training run in a fresh process."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that ended: on a shared machine the figure
+    that other work does not stretch."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def train_once(data: Path, run_dir: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS GB) of a one-step training run in a fresh process."""
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
         "experiment=demo",
@@ -116,7 +123,7 @@ def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
         "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
         "file=sys.stderr)); runpy.run_module('finetune.train', run_name='__main__')"
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = subprocess.run(
         [sys.executable, "-c", code, *overrides],
         cwd=REPO,
@@ -124,11 +131,11 @@ def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
         text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)},
     )
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if result.returncode:
         raise SystemExit(f"training failed:\n{result.stderr[-4000:]}")
     peak = int(re.search(r"PEAK_RSS_KB (\d+)", result.stderr).group(1))
-    return wall, peak / 1024**2
+    return wall, cpu, peak / 1024**2
 
 
 def private_kb() -> int:
@@ -189,16 +196,20 @@ def compare(args, root: Path) -> None:
     print(f"\n{'':38s}{old['commit']:>16s}{new['commit']:>16s}")
     rows = [
         ("start to first step, cold (s)", "cold_s", "{:.1f}"),
+        ("  CPU seconds", "cold_cpu_s", "{:.1f}"),
         ("  peak RSS (GB)", "cold_rss_gb", "{:.2f}"),
         ("start to first step, warm (s)", "warm_s", "{:.1f}"),
+        ("  CPU seconds", "warm_cpu_s", "{:.1f}"),
         ("  peak RSS (GB)", "warm_rss_gb", "{:.2f}"),
     ]
     for label, key, form in rows:
         if key in old and key in new:
             print(f"{label:38s}{form.format(old[key]):>16s}{form.format(new[key]):>16s}")
-    for procs in old.get("rates", {}):
-        r0, r1 = old["rates"][procs], new["rates"][procs]
-        print(f"{'token pre-pass, ' + procs + ' process(es) (samples/s)':38s}{r0:16,.0f}{r1:16,.0f}   {r1 / r0:.2f}x")
+    for key, unit in (("rates", "samples/s"), ("cpu_rates", "samples/CPU s")):
+        for procs in old.get(key, {}):
+            r0, r1 = old[key][procs], new[key][procs]
+            label = f"token pre-pass, {procs} proc. ({unit})"
+            print(f"{label:38s}{r0:16,.0f}{r1:16,.0f}   {r1 / r0:.2f}x")
     if "counts_sha" in old:
         same = old["counts_sha"] == new["counts_sha"]
         print(f"token counts per sample: {'identical' if same else 'DIFFERENT'} (text/image/video {new['tokens']})")
@@ -247,11 +258,16 @@ def main() -> None:
     # 1. cold and warm start of a training process
     if 1 in only:
         clear_store(data)
-        cold, cold_rss = train_once(data, root / "run")
-        warm, warm_rss = train_once(data, root / "run")
-        print(f"start to first step, cold (no store):  {cold:6.1f} s   peak RSS {cold_rss:.2f} GB")
-        print(f"start to first step, warm (store):     {warm:6.1f} s   peak RSS {warm_rss:.2f} GB")
-        figures.update(cold_s=cold, cold_rss_gb=cold_rss, warm_s=warm, warm_rss_gb=warm_rss)
+        cold, cold_cpu, cold_rss = train_once(data, root / "run")
+        warm, warm_cpu, warm_rss = train_once(data, root / "run")
+        print(
+            f"start to first step, cold (no store):  {cold:6.1f} s ({cold_cpu:.1f} CPU s)   peak RSS {cold_rss:.2f} GB"
+        )
+        print(
+            f"start to first step, warm (store):     {warm:6.1f} s ({warm_cpu:.1f} CPU s)   peak RSS {warm_rss:.2f} GB"
+        )
+        figures.update(cold_s=cold, cold_cpu_s=cold_cpu, cold_rss_gb=cold_rss)
+        figures.update(warm_s=warm, warm_cpu_s=warm_cpu, warm_rss_gb=warm_rss)
 
     config = load_config(["experiment=demo", f"data.train={data}", "data.max_length=1024"])
     encoder = conversation_encoder(load_processor(config.model), config)
@@ -259,20 +275,26 @@ def main() -> None:
 
     # 2. pre-pass on 1 and N processes (reading the records is not part of it: the store is kept, counts dropped)
     if 2 in only:
-        rates, counts = {}, {}
+        rates, cpu_rates, counts = {}, {}, {}
         for procs in sorted({1, cpus}):
             for f in (data.parent / ".finetune-store" / data.name).glob("counts-*"):
                 f.unlink()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
             stored = load_source(source, encoder, num_proc=procs)
             rates[procs] = stored.counted / (time.perf_counter() - start)
+            cpu_rates[procs] = stored.counted / (cpu_seconds() - cpu)
             counts[procs] = np.stack([stored.text, stored.image, stored.video]).astype(np.int64)
         assert len({c.tobytes() for c in counts.values()}) == 1, "counts differ between process counts"
         line = ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f} samples/s" for p, r in rates.items())
         speedup = f" ({rates[cpus] / rates[1]:.2f}x)" if cpus > 1 else ""
         print(f"token pre-pass: {line}{speedup}; identical counts")
+        print(
+            "  per CPU second: "
+            + ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f}" for p, r in cpu_rates.items())
+        )
         figures.update(
             rates={str(p): r for p, r in rates.items()},
+            cpu_rates={str(p): r for p, r in cpu_rates.items()},
             counts_sha=hashlib.sha256(counts[1].tobytes()).hexdigest()[:16],
             tokens=counts[1].sum(axis=1).tolist(),
         )
