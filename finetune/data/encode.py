@@ -307,17 +307,18 @@ class ConversationEncoder:
         pieces.append((tail[len(done) :], False))
         return pieces
 
-    def _tokens(self, sample: Sample, generation_prompt: bool) -> tuple[list[int], list[int]]:
-        """Token ids with ONE pad per image/video, and their labels."""
-        ids, labels = [], []
+    def _tokens(self, sample: Sample, generation_prompt: bool, labels: bool = True) -> tuple[list[int], list[int]]:
+        """Token ids with ONE pad per image/video, and their labels (none when `labels` is false: the pre-pass)."""
+        ids, out = [], []
         pieces = self.segments(sample, generation_prompt)
         tokenized = self._tokenize([text for text, _ in pieces])
         for (_, trained), piece in zip(pieces, tokenized):
             ids += piece
-            labels += [
-                t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
-            ]
-        return ids, labels
+            if labels:
+                out += [
+                    t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
+                ]
+        return ids, out
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added (the fast tokenizer's backend, in one call)."""
@@ -326,7 +327,9 @@ class ConversationEncoder:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21): the same ids without the character offsets nothing here reads.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
     def _check_pads(self, sample: Sample, ids: list[int], n_images: int, n_videos: int) -> None:
         found = (ids.count(self.image_pad_id), ids.count(self.video_pad_id))
@@ -375,7 +378,7 @@ class ConversationEncoder:
     # ----- the pre-pass -----
     def count_tokens(self, sample: Sample) -> TokenCount:
         """Exact token count from media headers (no pixel is decoded); raises DataError like `encode`."""
-        ids, _ = self._tokens(sample, generation_prompt=False)
+        ids, _ = self._tokens(sample, generation_prompt=False, labels=False)
         images, videos = self.image_plans(sample), self.video_plans(sample)
         self._check_pads(sample, ids, len(images), len(videos))
         count = TokenCount(
