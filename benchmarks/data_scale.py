@@ -44,8 +44,11 @@ HERE = Path(__file__).resolve().parent
 REPO = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
+import finetune  # noqa: E402  (now, from REPO: data_pipeline puts this checkout first on the path)
 
 from data_pipeline import write_video  # noqa: E402
+
+assert Path(finetune.__file__).resolve().is_relative_to(REPO), f"finetune imported from {finetune.__file__}, not {REPO}"
 
 WORDS = "what is shown in this picture the red dot moves left right up down and then stops twice quickly".split()
 
