@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -44,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 REPO = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-import finetune  # noqa: E402  (now, from REPO: data_pipeline puts this checkout first on the path)
+# finetune from REPO now, before data_pipeline puts this checkout first on the path (a statement: isort keeps it here)
+finetune = importlib.import_module("finetune")
 
 from data_pipeline import write_video  # noqa: E402
 
