@@ -1,6 +1,12 @@
 """Data at scale, measured side by side in one run on one generated LLaVA-style set.
 
     .venv/bin/python benchmarks/data_scale.py [--samples 100000] [--images 5000] [--videos 300] [--root DIR]
+        [--compare REV] [--only 1,2]
+
+`--compare REV` measures the commit REV too, in the same run on the same set: REV is checked out into a temporary
+`git worktree` and this script measures it there (its code first on the path, its training process started there),
+then both sets of figures are printed side by side, with whether the two commits' token counts are identical.
+`--only` runs some of the numbered measurements below (default: all).
 
 The set (generated once into --root, default $FINETUNE_CACHE_DIR/bench/data_scale-<samples>): JPEGs and MP4s,
 LLaVA records (`image`/`video` + `conversations`), 40 % of them multi-turn (2-4 rounds), in one JSON file.
@@ -19,6 +25,8 @@ Reported (the tiny Qwen2.5-VL of the demo recipe, so the model costs little next
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import os
 import random
@@ -32,12 +40,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+# The code measured: this checkout, or the tree `--tree` names (a `--compare` worktree), first on the path.
+REPO = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+# finetune from REPO now, before data_pipeline puts this checkout first on the path (a statement: isort keeps it here)
+finetune = importlib.import_module("finetune")
 
 from data_pipeline import write_video  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+assert Path(finetune.__file__).resolve().is_relative_to(REPO), f"finetune imported from {finetune.__file__}, not {REPO}"
+
 WORDS = "what is shown in this picture the red dot moves left right up down and then stops twice quickly".split()
 
 
@@ -87,8 +101,15 @@ def clear_store(data: Path) -> None:
     shutil.rmtree(data.parent / ".finetune-store" / data.name, ignore_errors=True)
 
 
-def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of a one-step training run in a fresh process."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that ended: on a shared machine the figure
+    that other work does not stretch."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def train_once(data: Path, run_dir: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS GB) of a one-step training run in a fresh process."""
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
         "experiment=demo",
@@ -107,19 +128,19 @@ def train_once(data: Path, run_dir: Path) -> tuple[float, float]:
         "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
         "file=sys.stderr)); runpy.run_module('finetune.train', run_name='__main__')"
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = subprocess.run(
         [sys.executable, "-c", code, *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)},
     )
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if result.returncode:
         raise SystemExit(f"training failed:\n{result.stderr[-4000:]}")
     peak = int(re.search(r"PEAK_RSS_KB (\d+)", result.stderr).group(1))
-    return wall, peak / 1024**2
+    return wall, cpu, peak / 1024**2
 
 
 def private_kb() -> int:
@@ -145,6 +166,62 @@ def touched_in_child(samples) -> int:
     return value
 
 
+def commit_of(tree: Path) -> str:
+    result = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return result.stdout.strip() + ("+edits" if dirty.stdout.strip() else "") if result.returncode == 0 else "?"
+
+
+def compare(args, root: Path) -> None:
+    """This checkout and REV measured one after the other (REV first) by this very script, then side by side."""
+    import tempfile
+
+    only = ",".join(sorted(set(args.only.split(",")) & {"1", "2"})) or "2"  # the figures compared
+    keep = ["--samples", str(args.samples), "--images", str(args.images), "--videos", str(args.videos)]
+    keep += ["--root", str(root), "--only", only]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="data_scale-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.compare],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            for name, where in ((args.compare, tree), ("this checkout", REPO)):
+                out = Path(tmp) / f"{len(results)}.json"
+                print(f"--- {name} ({where})", flush=True)
+                subprocess.run([sys.executable, __file__, *keep, "--tree", str(where), "--json", str(out)], check=True)
+                results[name] = json.loads(out.read_text())
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    (a, old), (b, new) = results.items()
+    print(f"\n{'':38s}{old['commit']:>16s}{new['commit']:>16s}")
+    rows = [
+        ("start to first step, cold (s)", "cold_s", "{:.1f}"),
+        ("  CPU seconds", "cold_cpu_s", "{:.1f}"),
+        ("  peak RSS (GB)", "cold_rss_gb", "{:.2f}"),
+        ("start to first step, warm (s)", "warm_s", "{:.1f}"),
+        ("  CPU seconds", "warm_cpu_s", "{:.1f}"),
+        ("  peak RSS (GB)", "warm_rss_gb", "{:.2f}"),
+    ]
+    for label, key, form in rows:
+        if key in old and key in new:
+            print(f"{label:38s}{form.format(old[key]):>16s}{form.format(new[key]):>16s}")
+    for key, unit in (("rates", "samples/s"), ("cpu_rates", "samples/CPU s")):
+        for procs in old.get(key, {}):
+            r0, r1 = old[key][procs], new[key][procs]
+            label = f"token pre-pass, {procs} proc. ({unit})"
+            print(f"{label:38s}{r0:16,.0f}{r1:16,.0f}   {r1 / r0:.2f}x")
+    if "counts_sha" in old:
+        same = old["counts_sha"] == new["counts_sha"]
+        print(f"token counts per sample: {'identical' if same else 'DIFFERENT'} (text/image/video {new['tokens']})")
+        if not same:
+            raise SystemExit(f"the token counts differ: {old['tokens']} at {a}")
+
+
 def main() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in every training process and pre-pass worker
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +229,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--videos", type=int, default=300)
     parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--compare", metavar="REV", help="also measure this commit, in a temporary git worktree")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="the measurements to run (comma-separated numbers)")
+    parser.add_argument("--tree", type=Path, help=argparse.SUPPRESS)  # the code measured (set by --compare)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # where a --compare child writes its figures
     args = parser.parse_args()
+    only = {int(n) for n in args.only.split(",")}
+    figures: dict = {"commit": commit_of(REPO)}
 
     from finetune.base.paths import cache_root
     from finetune.data.packing import pack_rows
@@ -165,33 +248,65 @@ def main() -> None:
 
     root = args.root or cache_root() / "bench" / f"data_scale-{args.samples}"
     data = generate(root, args.samples, args.images, args.videos)
+    if args.compare:
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {load} (1/5/15 min)")
+        compare(args, root)
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{time.strftime('%Y-%m-%d %H:%M')}, load average {load} (1/5/15 min)")
+        return
     cpus = default_num_proc()
-    print(f"{args.samples:,} samples, {cpus} CPUs; {data} ({data.stat().st_size / 1e6:.0f} MB)\n")
+    print(
+        f"{REPO} at {figures['commit']}: {args.samples:,} samples, {cpus} CPUs; {data} ({data.stat().st_size / 1e6:.0f} MB)\n"
+    )
 
     # 1. cold and warm start of a training process
-    clear_store(data)
-    cold, cold_rss = train_once(data, root / "run")
-    warm, warm_rss = train_once(data, root / "run")
-    print(f"start to first step, cold (no store):  {cold:6.1f} s   peak RSS {cold_rss:.2f} GB")
-    print(f"start to first step, warm (store):     {warm:6.1f} s   peak RSS {warm_rss:.2f} GB")
+    if 1 in only:
+        clear_store(data)
+        cold, cold_cpu, cold_rss = train_once(data, root / "run")
+        warm, warm_cpu, warm_rss = train_once(data, root / "run")
+        print(
+            f"start to first step, cold (no store):  {cold:6.1f} s ({cold_cpu:.1f} CPU s)   peak RSS {cold_rss:.2f} GB"
+        )
+        print(
+            f"start to first step, warm (store):     {warm:6.1f} s ({warm_cpu:.1f} CPU s)   peak RSS {warm_rss:.2f} GB"
+        )
+        figures.update(cold_s=cold, cold_cpu_s=cold_cpu, cold_rss_gb=cold_rss)
+        figures.update(warm_s=warm, warm_cpu_s=warm_cpu, warm_rss_gb=warm_rss)
 
     config = load_config(["experiment=demo", f"data.train={data}", "data.max_length=1024"])
     encoder = conversation_encoder(load_processor(config.model), config)
     source = DatasetSource(data)
 
     # 2. pre-pass on 1 and N processes (reading the records is not part of it: the store is kept, counts dropped)
-    rates, counts = {}, {}
-    for procs in sorted({1, cpus}):
-        for f in (data.parent / ".finetune-store" / data.name).glob("counts-*"):
-            f.unlink()
-        start = time.perf_counter()
-        stored = load_source(source, encoder, num_proc=procs)
-        rates[procs] = stored.counted / (time.perf_counter() - start)
-        counts[procs] = (stored.text + stored.image + stored.video).tolist()
-    assert len({tuple(c) for c in counts.values()}) == 1, "counts differ between process counts"
-    line = ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f} samples/s" for p, r in rates.items())
-    speedup = f" ({rates[cpus] / rates[1]:.2f}x)" if cpus > 1 else ""
-    print(f"token pre-pass: {line}{speedup}; identical counts")
+    if 2 in only:
+        rates, cpu_rates, counts = {}, {}, {}
+        for procs in sorted({1, cpus}):
+            for f in (data.parent / ".finetune-store" / data.name).glob("counts-*"):
+                f.unlink()
+            start, cpu = time.perf_counter(), cpu_seconds()
+            stored = load_source(source, encoder, num_proc=procs)
+            rates[procs] = stored.counted / (time.perf_counter() - start)
+            cpu_rates[procs] = stored.counted / (cpu_seconds() - cpu)
+            counts[procs] = np.stack([stored.text, stored.image, stored.video]).astype(np.int64)
+        assert len({c.tobytes() for c in counts.values()}) == 1, "counts differ between process counts"
+        line = ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f} samples/s" for p, r in rates.items())
+        speedup = f" ({rates[cpus] / rates[1]:.2f}x)" if cpus > 1 else ""
+        print(f"token pre-pass: {line}{speedup}; identical counts")
+        print(
+            "  per CPU second: "
+            + ", ".join(f"{p} process{'es' if p > 1 else ''} {r:,.0f}" for p, r in cpu_rates.items())
+        )
+        figures.update(
+            rates={str(p): r for p, r in rates.items()},
+            cpu_rates={str(p): r for p, r in cpu_rates.items()},
+            counts_sha=hashlib.sha256(counts[1].tobytes()).hexdigest()[:16],
+            tokens=counts[1].sum(axis=1).tolist(),
+        )
+    if args.json:
+        args.json.write_text(json.dumps(figures))
+    if not only & {3, 4, 5, 6}:
+        return
 
     # 3. private memory of a forked worker that touches every sample
     split = prepare_split(str(data), split_settings(config), encoder, Path)

@@ -25,6 +25,7 @@ from finetune.data.conversation import Sample
 from finetune.data.media import decode_frames, load_image, probe_image, probe_video
 from finetune.data.media_errors import media_error
 from finetune.data.modes import LabelMode
+from finetune.data.shapes import keeps_texts, render_by_shape
 from finetune.data.vision import FRAME_FACTOR, MERGE, PATCH, VideoPlan, VisionSettings, tokens_for
 
 IGNORE_INDEX = -100
@@ -117,6 +118,7 @@ class ConversationEncoder:
         self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end_id = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self._timestamp_ids: dict[str, list[int]] = {}
+        self._shapes: dict = {}  # conversation shape -> its render cut at the texts (finetune/data/shapes.py)
 
     # ----- media plans (headers only) -----
     def image_plans(self, sample: Sample) -> list[ImagePlan]:
@@ -251,7 +253,7 @@ class ConversationEncoder:
         marked = list(messages)
         for k, i in enumerate(assistant_turns):
             marked[i] = {"role": "assistant", "content": [{"type": "text", "text": _REPLY_MARK.format(k)}]}
-        layout = self._render(marked, generation_prompt, sample)
+        layout = self._layout(marked, generation_prompt, sample)
         pieces, pos = [], 0
         for k, i in enumerate(assistant_turns):
             mark = _REPLY_MARK.format(k)
@@ -267,6 +269,21 @@ class ConversationEncoder:
         if "".join(text for text, _ in pieces) != self._render(messages, generation_prompt, sample):
             return None  # the template changes replies (trims, escapes): render turn by turn
         return pieces
+
+    def _layout(self, marked: list[dict], generation_prompt: bool, sample: Sample) -> str:
+        """The render of a conversation whose replies are markers: from its shape's one render when the template
+        writes replies and texts verbatim (both probed once), else rendered."""
+        if getattr(self, "_keeps_replies", False) and self._template_keeps_texts():
+            return render_by_shape(self._shapes, self._render, marked, generation_prompt, sample)
+        return self._render(marked, generation_prompt, sample)
+
+    def _template_keeps_texts(self) -> bool:
+        if not hasattr(self, "_keeps_texts"):
+            try:
+                self._keeps_texts = keeps_texts(self._render, _REPLY_MARK)
+            except Exception:  # a template that cannot render the probe: render every conversation
+                self._keeps_texts = False
+        return self._keeps_texts
 
     def _segments_turn_by_turn(self, sample, assistant_turns, trained_turns, generation_prompt):
         """Each assistant turn as the difference between renders with and without it (quadratic in turns)."""
@@ -290,17 +307,18 @@ class ConversationEncoder:
         pieces.append((tail[len(done) :], False))
         return pieces
 
-    def _tokens(self, sample: Sample, generation_prompt: bool) -> tuple[list[int], list[int]]:
-        """Token ids with ONE pad per image/video, and their labels."""
-        ids, labels = [], []
+    def _tokens(self, sample: Sample, generation_prompt: bool, labels: bool = True) -> tuple[list[int], list[int]]:
+        """Token ids with ONE pad per image/video, and their labels (none when `labels` is false: the pre-pass)."""
+        ids, out = [], []
         pieces = self.segments(sample, generation_prompt)
         tokenized = self._tokenize([text for text, _ in pieces])
         for (_, trained), piece in zip(pieces, tokenized):
             ids += piece
-            labels += [
-                t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
-            ]
-        return ids, labels
+            if labels:
+                out += [
+                    t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
+                ]
+        return ids, out
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added (the fast tokenizer's backend, in one call)."""
@@ -309,7 +327,9 @@ class ConversationEncoder:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21): the same ids without the character offsets nothing here reads.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
     def _check_pads(self, sample: Sample, ids: list[int], n_images: int, n_videos: int) -> None:
         found = (ids.count(self.image_pad_id), ids.count(self.video_pad_id))
@@ -358,7 +378,7 @@ class ConversationEncoder:
     # ----- the pre-pass -----
     def count_tokens(self, sample: Sample) -> TokenCount:
         """Exact token count from media headers (no pixel is decoded); raises DataError like `encode`."""
-        ids, _ = self._tokens(sample, generation_prompt=False)
+        ids, _ = self._tokens(sample, generation_prompt=False, labels=False)
         images, videos = self.image_plans(sample), self.video_plans(sample)
         self._check_pads(sample, ids, len(images), len(videos))
         count = TokenCount(
