@@ -1,8 +1,35 @@
+import os
 from pathlib import Path
 
 import pytest
 
 INTEGRATION = Path(__file__).parent / "integration"
+WORKERS = 2  # the 2-core machine the suite is timed on; `-n N` chooses, `-n 0` or `-p no:xdist` runs one process
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite, or a -m/-k selection of it (no paths named), runs on WORKERS pytest-xdist workers, a module
+    per worker at a time (`--dist loadscope`): a module's fixtures (a trained run several tests read) are built once,
+    and the multi-process tests, which rendezvous on accelerate's fixed port, all sit in one module
+    (tests/integration/test_scale_out.py) and so never run two at once. Naming files or tests runs them in this process,
+    as does `-n 0` or `-p no:xdist`. Most tests here hold one core (tiny models: Python, not matrix sizes, is the
+    cost) or wait on a subprocess, so two workers share the two cores well."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is None and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        workers = min(WORKERS, os.cpu_count() or 1)
+        if workers > 1 and not config.getoption("usepdb", False) and not config.getoption("collectonly", False):
+            config.option.numprocesses = workers
+            if config.option.dist == "no":
+                config.option.dist = "loadscope"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # an xdist worker: one torch thread, so two workers do not oversubscribe 2 cores
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
