@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 INTEGRATION = Path(__file__).parent / "integration"
+# The modules that take minutes (multi-process runs, the whole demo twice): started first, so that on two workers the
+# short ones fill in around them instead of one of them running alone at the end.
+LONGEST_FIRST = ("test_scale_out.py", "test_demo_end_to_end.py")
 WORKERS = 2  # the 2-core machine the suite is timed on; `-n N` chooses, `-n 0` or `-p no:xdist` runs one process
 
 
@@ -23,6 +26,7 @@ def pytest_cmdline_main(config):
             config.option.numprocesses = workers
             if config.option.dist == "no":
                 config.option.dist = "loadscope"
+                config.option.loadscopereorder = False  # xdist would order modules by test count: keep ours
 
 
 def pytest_configure(config):
@@ -42,6 +46,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if INTEGRATION in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath).name, len(rank)))  # stable: otherwise collection order
 
 
 @pytest.fixture(scope="session")
