@@ -25,9 +25,11 @@ import ast
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import urllib.request
 import zipfile
@@ -68,6 +70,8 @@ def reference_wheel(version: str = "4.49.0") -> Path:
     wheel = cache / f"transformers-{version}-py3-none-any.whl"
     if not wheel.is_file():
         cache.mkdir(parents=True, exist_ok=True)
+        # into a folder of this process's own, then moved: a concurrent test process never reads a partial wheel
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
         cmd = [
             sys.executable,
             "-m",
@@ -78,9 +82,12 @@ def reference_wheel(version: str = "4.49.0") -> Path:
             "--disable-pip-version-check",
             f"transformers=={version}",
             "-d",
-            str(cache),
+            str(staging),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 0 and (staging / wheel.name).is_file():
+            os.replace(staging / wheel.name, wheel)
+        shutil.rmtree(staging, ignore_errors=True)
         if result.returncode != 0 or not wheel.is_file():
             raise RuntimeError(
                 f"could not fetch the reference wheel {wheel.name} from the package index:\n{result.stderr[-2000:]}"
@@ -186,8 +193,11 @@ def vllm_source(member: str) -> str:
                 extracted = tar.extractfile(f"vllm-0.33.0/vllm/model_executor/{name}")
                 if extracted is None:
                     raise RuntimeError(f"{VLLM_SDIST} has no vllm/model_executor/{name}")
-                _vllm_cached(name).parent.mkdir(parents=True, exist_ok=True)
-                _vllm_cached(name).write_bytes(extracted.read())
+                target = _vllm_cached(name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{target.name}.{os.getpid()}")  # moved into place whole: see above
+                partial.write_bytes(extracted.read())
+                os.replace(partial, target)
     return _checked(path, VLLM_MEMBERS[member]).decode()
 
 

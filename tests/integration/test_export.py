@@ -22,15 +22,29 @@ def held_out_video_inputs(processor):
     return processor(text=[text], videos=[str(DEMO / record["videos"][0])], return_tensors="pt")
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A family's demo recipe trained 5 steps on 4 images and 4 videos, evaluated and exported: once per family for
+    the tests of this module that read the export (run_dir, train_file, overrides)."""
+    runs = {}
+
+    def run(family):
+        if family not in runs:
+            root = tmp_path_factory.mktemp(f"export-{family}")
+            train_file = mini_dataset(root / "train.json")
+            overrides = tiny_run_overrides(family, root / "run", train_file, steps=5)
+            run_in_process(overrides)
+            runs[family] = root / "run", train_file, overrides
+        return runs[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_export_round_trip(tmp_path, family):
+def test_export_round_trip(tmp_path, exported, family):
     from peft import PeftModel
 
-    train_file = mini_dataset(tmp_path / "train.json")
-    run_dir = tmp_path / "run"
-    overrides = tiny_run_overrides(family, run_dir, train_file, steps=5)
-    run_in_process(overrides)
-
+    run_dir, train_file, overrides = exported(family)
     merged = run_dir / "merged"
     report = json.loads((merged / "export_report.json").read_text())
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["merge_max_abs_logit_diff"] <= 1e-4
@@ -75,8 +89,8 @@ def test_export_round_trip(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen3")])  # vLLM's qwen3_vl*/qwen3_5.py
-def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
-    """2 steps of LoRA (MoE: on attention and every expert), then the export: every key maps onto a module of vLLM
+def test_the_export_is_in_the_layout_vllm_loads(exported, family):
+    """5 steps of LoRA (MoE: on attention and every expert), then the export: every key maps onto a module of vLLM
     0.33.0's Qwen3-VL or Qwen3.5 loaders (mappers read from its source, tests/helpers/vllm_weights.py), tied
     embeddings leave lm_head.weight out, and the experts are stored as the published checkpoints store them (Qwen3-VL-
     MoE: fused and transposed; Qwen3.5-MoE: one tensor per expert and projection): computed the way vLLM loads them,
@@ -92,9 +106,7 @@ def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
         vllm_per_expert_output,
     )
 
-    train_file = mini_dataset(tmp_path / "train.json", per_task=2)
-    run_dir = tmp_path / "run"
-    run_in_process(tiny_run_overrides(family, run_dir, train_file, steps=2) + ["evaluation.after_training=false"])
+    run_dir, _, _ = exported(family)  # the round trip's run
     merged_dir = run_dir / "merged"
     merged = load_file(str(merged_dir / "model.safetensors"))
     base = load_file(f"{report_base_path(run_dir)}/model.safetensors")
@@ -125,7 +137,7 @@ def test_the_export_is_in_the_layout_vllm_loads(tmp_path, family):
             assert all(
                 merged[f"{prefix}.experts.{e}.down_proj.weight"].shape == (hidden, inter) for e in range(experts)
             )
-            # the experts' LoRA merged in (an expert no token was routed to in 2 steps keeps its weights)
+            # the experts' LoRA merged in (an expert no token was routed to in 5 steps keeps its weights)
             assert any(f"{prefix}.experts." in n and not torch.equal(merged[n], base[n]) for n in merged)
         else:
             gate_up, down = merged[f"{prefix}.experts.gate_up_proj"], merged[f"{prefix}.experts.down_proj"]

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from finetune.base.errors import ConfigError
-from finetune.base.families import FAMILIES
 from finetune.evaluation.predict import find_model, question_sample
 from tests.helpers import DEMO
+from tests.helpers.family_paths import FAMILY_PER_PATH
 from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
 
 
@@ -60,8 +60,11 @@ def _assert_same_answers_as_evaluation(trained, capsys):
     return run_dir, records, image
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_5_vl"])  # Qwen2.5-VL: the test below
-def test_every_family_answers_from_run_adapter_and_export_as_evaluation(tmp_path, family, capsys):
+# One family per distinct path (tests/helpers/family_paths.py; Qwen2.5-VL: the test below). Every family's export
+# answers as its adapter does (tests/integration/test_export.py) and its evaluation sees training's positions
+# (tests/unit/model/test_positions_paths.py).
+@pytest.mark.parametrize("family", [f for f in FAMILY_PER_PATH if f != "qwen2_5_vl"])
+def test_each_path_answers_from_run_adapter_and_export_as_evaluation(tmp_path, family, capsys):
     _assert_same_answers_as_evaluation(train_evaluate_export(tmp_path, family), capsys)
 
 

@@ -3,8 +3,10 @@ DDP and DeepSpeed ZeRO-3 reproduce the single-process losses, a rehearsed 2-node
 adapter and exports, ranks with different modalities do not hang, and killed runs resume exactly.
 
 Every run: the tiny Qwen2.5-VL, 8 image + 8 video samples packed into rows of <= 128 tokens, 2 rows per step
-(one per rank, or both on the single process), 6 steps, so 2 epochs. The per-family tests (every entry of
-finetune/base/families.py) train each family's tiny model on text, image and video samples together.
+(one per rank, or both on the single process), 6 steps, so 2 epochs. The per-family tests train on text, image and
+video samples together, one family per distinct path (tests/helpers/family_paths.py: one-block and timestamped
+videos, DeepStack, both expert layouts, linear attention); what differs between families inside a rank is tested for
+every family in this process (tests/unit: packing, positions, one vision call per forward, the saved adapter).
 """
 
 import json
@@ -18,6 +20,7 @@ import pytest
 
 from finetune.base.families import FAMILIES
 from tests.helpers import REPO
+from tests.helpers.family_paths import FAMILY_PER_PATH
 from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 KILL_AT, STEPS = 4, 6
@@ -66,6 +69,14 @@ def losses(run_dir):
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
+def train_here(overrides):
+    """A one-process reference run in this process: what is compared is the multi-process run, started as users start
+    it; the one-process launch has tests of its own (tests/integration/test_demo_end_to_end.py, test_experiments.py)."""
+    from finetune.cli.main import run_command
+
+    assert run_command("train", overrides) == 0
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return mini_dataset(tmp_path_factory.mktemp("scale_out") / "train.json", per_task=8)
@@ -101,7 +112,7 @@ def single_process(tmp_path_factory, data):
     def losses_for(*extra):
         if extra not in runs:
             run_dir = tmp_path_factory.mktemp("single")
-            launch_sh(recipe(run_dir, data, 1, *extra))
+            train_here(recipe(run_dir, data, 1, *extra))
             runs[extra] = losses(run_dir)
         return runs[extra]
 
@@ -155,14 +166,16 @@ def mixed_data(tmp_path_factory):
 FAMILY_TRAINING = ("trainer.gradient_checkpointing=true", "parts.merger=full")
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Qwen2.5-VL (the one-block path): test_two_processes_match_the_single_process_losses; its text-only rows on a rank of
+# their own: test_every_rank_computes_every_trained_gradient.
+@pytest.mark.parametrize("family", [f for f in FAMILY_PER_PATH if f != "qwen2_5_vl"])
 def test_two_zero3_processes_match_one_on_mixed_rows(tmp_path, mixed_data, family):
-    """Each family: the same global batch of packed text/image/video rows on one process (no DeepSpeed) and split
+    """Each path: the same global batch of packed text/image/video rows on one process (no DeepSpeed) and split
     over 2 ZeRO-3 ranks gives the same losses; the trained mergers (DeepStack's included) end up in the adapter."""
     from safetensors import safe_open
 
     single, two = tmp_path / "single", tmp_path / "two"
-    launch_sh(recipe(single, mixed_data, 1, *FAMILY_TRAINING, family=family))
+    train_here(recipe(single, mixed_data, 1, *FAMILY_TRAINING, family=family))
     _, out, err = launch_sh(recipe(two, mixed_data, 2, "deepspeed=zero3", *FAMILY_TRAINING, family=family))
     assert "--use_deepspeed" in out and "activation checkpointing (reentrant) on the LLM" in err
     expected = losses(single)
@@ -177,13 +190,15 @@ def test_two_zero3_processes_match_one_on_mixed_rows(tmp_path, mixed_data, famil
         assert any(".experts." in k and "lora_" in k for k in saved)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILY_PER_PATH)
 def test_every_rank_computes_every_trained_gradient(tmp_path, family):
     """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with LoRA (Qwen3-VL-MoE: on the experts
-    too), every merger trained and both towers checkpointed: at every step each rank's own backward computes the
-    gradient of every trainable weight (the DeepStack mergers' on the text-only rank included: one vision call per
-    rank, finetune/training/vision_sync.py), and the LoRA and merger gradients are non-zero where the rank's data
-    reaches them."""
+    too), every merger trained and both towers checkpointed: every collective pairs up (bounded: fails, never hangs),
+    at every step each rank's own backward computes the gradient of every trainable weight (the DeepStack mergers'
+    on the text-only rank included: one vision call per rank, finetune/training/vision_sync.py), and the LoRA and
+    merger gradients are non-zero where the rank's data reaches them."""
+    from safetensors import safe_open
+
     from finetune.model.tiny import TEXT_DIMS
     from tests.helpers import DEMO
 
@@ -203,9 +218,18 @@ def test_every_rank_computes_every_trained_gradient(tmp_path, family):
     )
     grads = tmp_path / "grads"
     grads.mkdir()
-    harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1", "HARNESS_GRADS_DIR": str(grads)}, timeout=300)
+    _, _, err = harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1", "HARNESS_GRADS_DIR": str(grads)}, timeout=300)
+    # A new dataset: each rank counts half of its records (finetune/data/store.py) and they exchange the counts.
+    assert "token pre-pass mixed.json (rank 0: 4 of 8)" in err and "token pre-pass mixed.json (rank 1: 4 of 8)" in err
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     entry = FAMILIES[family]
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    # ViT LoRA B starts at zero: non-zero means gradients reached it through reentrant-checkpointed ViT blocks.
+    vit_lora_b = [t for k, t in weights.items() if f".{entry.vision_tower}.blocks." in k and "lora_B" in k]
+    assert vit_lora_b and all(t.abs().max() > 0 for t in vit_lora_b)
+    for merger in entry.mergers:
+        assert any(f".{entry.vision_tower}.{merger}." in k for k in weights), merger
     for rank, modality in ((0, "text"), (1, "video")):
         steps = [json.loads(line) for line in (grads / f"rank-{rank}.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2]
@@ -284,55 +308,12 @@ def test_rehearsed_two_node_zero3_run_saves_a_loadable_adapter_and_exports(tmp_p
     assert report["max_abs_logit_diff"] < 1e-4
 
 
-def test_ranks_with_different_modalities_do_not_hang(tmp_path):
-    """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with a trainable merger, LoRA on the
-    ViT and checkpointing of both towers: every collective must still pair up. Bounded: fails, never hangs."""
-    from safetensors import safe_open
-
-    from tests.helpers import DEMO
-
-    records = json.loads((DEMO / "train.json").read_text())
-    videos = [r for r in records if r["task"] == "direction"][:4]
-    texts = [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is {i} plus {i}?"},
-                {"role": "assistant", "content": str(2 * i)},
-            ]
-        }
-        for i in range(4)
-    ]
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps(texts + videos))
-    overrides = recipe(
-        tmp_path / "run",
-        data,
-        2,
-        "deepspeed=zero3",
-        "trainer.max_steps=2",
-        "parts.merger=full",
-        "parts.vision_tower=lora",
-        "trainer.gradient_checkpointing=true",
-        "trainer.gradient_checkpointing_vision_tower=true",
-    )
-    _, _, err = harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1"}, timeout=300)
-    # A new dataset: each rank counts half of its records (finetune/data/store.py) and they exchange the counts.
-    assert "token pre-pass mixed.json (rank 0: 4 of 8)" in err and "token pre-pass mixed.json (rank 1: 4 of 8)" in err
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
-    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        weights = {k: f.get_tensor(k) for k in f.keys()}
-    # ViT LoRA B starts at zero: non-zero means gradients reached it through reentrant-checkpointed ViT blocks.
-    vit_lora_b = [t for k, t in weights.items() if ".visual.blocks." in k and "lora_B" in k]
-    assert vit_lora_b and all(t.abs().max() > 0 for t in vit_lora_b)
-    assert any(".merger." in k for k in weights)
-
-
-@pytest.mark.parametrize("processes,backend", [(1, "none"), (2, "zero3")])
-def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, processes, backend):
-    """SIGKILL right after checkpoint-4, resume with trainer.resume_from_checkpoint=latest: steps 5-6 equal an
-    uninterrupted run's. Dropout is on, so the RNG state must be restored too; step 4 is mid-epoch, so is the
-    data position."""
-    extra = [f"deepspeed={backend}", "peft.dropout=0.1"]
+def test_a_killed_zero3_run_resumes_with_the_uninterrupted_losses(tmp_path, data):
+    """2 ranks under ZeRO-3: SIGKILL right after checkpoint-4, resume with trainer.resume_from_checkpoint=latest:
+    steps 5-6 equal an uninterrupted run's. Dropout is on, so the RNG state must be restored too; step 4 is
+    mid-epoch, so is the data position. (One process killed and resumed, with dropout and mid-epoch:
+    tests/integration/test_faults.py, test_a_kill_while_a_checkpoint_is_written_never_leaves_one_that_resume_loads.)"""
+    processes, extra = 2, ["deepspeed=zero3", "peft.dropout=0.1"]
     uninterrupted = tmp_path / "uninterrupted"
     launch_sh(recipe(uninterrupted, data, processes, *extra))
     run_dir = tmp_path / "killed"
@@ -349,9 +330,9 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data, proc
     assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILY_PER_PATH)
 def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data, family):
-    """evaluation.steps under 2-rank ZeRO-3, each family: each rank generates for its share of the held-out images
+    """evaluation.steps under 2-rank ZeRO-3, each path: each rank generates for its share of the held-out images
     and videos in lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered
     predictions equal those of the standalone single-process evaluation of the saved adapter."""
     from tests.helpers.recipe_runs import run_module

@@ -12,7 +12,7 @@ from finetune.data.sources import DatasetSource
 from finetune.data.streaming import shard_records
 from finetune.recipe.data_settings import conversation_encoder
 from tests.helpers import DEMO
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 
 def losses(run_dir):
@@ -26,9 +26,12 @@ def seen_tokens(run_dir):
 
 
 def _train(run_dir, train_file, steps, *extra):
+    """The training command in this process (its command line is tested elsewhere)."""
+    from finetune.cli.main import run_command
+
     overrides = tiny_run_overrides("qwen2_5_vl", run_dir, train_file, steps)
     overrides = [o for o in overrides if not o.startswith(("data.eval", "trainer.per_device"))]
-    run_module("finetune.train", overrides + ["trainer.per_device_train_batch_size=1", *extra])
+    assert run_command("train", overrides + ["trainer.per_device_train_batch_size=1", *extra]) == 0
     return losses(run_dir)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune.training.periodic_eval import shard
-from tests.helpers.recipe_runs import mini_dataset, run_module, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
 
 
 def test_shards_cover_every_sample_with_equal_counts():
@@ -18,8 +18,11 @@ def test_shards_cover_every_sample_with_equal_counts():
             assert sorted({i for s in shards for i in s}) == list(range(n))
 
 
-def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path):
+def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path, caplog):
+    """The train and evaluate commands in this process (their command lines are tested elsewhere)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.cli.main import run_command
 
     train_file = mini_dataset(tmp_path / "train.json")
     run_dir = tmp_path / "run"
@@ -28,8 +31,9 @@ def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path
         "logger=tensorboard",
         "evaluation.batch_size=3",
     ]
-    result = run_module("finetune.train", overrides)
-    assert "evaluating on 8 held-out samples every 2 steps and at the end" in result.stderr
+    with caplog.at_level("INFO", logger="finetune.train"):
+        assert run_command("train", overrides) == 0
+    assert "evaluating on 8 held-out samples every 2 steps and at the end" in caplog.text
 
     history = json.loads((run_dir / "log_history.json").read_text())
     evaluated = [h["step"] for h in history if "eval_exact_match" in h]
@@ -50,7 +54,7 @@ def test_metrics_are_logged_mid_run_and_match_the_standalone_evaluation(tmp_path
     final = [json.loads(line) for line in open(run_dir / "eval" / "predictions.jsonl")]
     assert final == [json.loads(line) for line in open(run_dir / "eval" / "step-5" / "predictions.jsonl")]
 
-    run_module("finetune.evaluate", overrides)  # the saved adapter, loaded afresh in one process
+    assert run_command("evaluate", overrides) == 0  # the saved adapter, loaded afresh
     standalone = [json.loads(line) for line in open(run_dir / "eval" / "predictions.jsonl")]
     assert [r["prediction"] for r in standalone] == [r["prediction"] for r in final]
     assert len({r["prediction"] for r in final}) > 1  # a test of equal answers needs answers that differ

@@ -1,16 +1,15 @@
-"""`python -m finetune.validate` finds every problem class, and training refuses the same samples at start-up."""
+"""`validate` finds every problem class, and training refuses the same samples at start-up (the commands run in this
+process: their command lines are tested in tests/unit/cli/test_commands.py)."""
 
-import subprocess
-import sys
 from fractions import Fraction
+from types import SimpleNamespace
 
 import av
 import pytest
 
 from finetune.recipe.data_settings import conversation_encoder, split_settings
-from tests.helpers import DEMO, REPO
+from tests.helpers import DEMO
 from tests.helpers.media_factory import write_dataset, write_image, write_video
-from tests.helpers.recipe_runs import run_module
 
 GOOD = {
     "messages": [
@@ -55,13 +54,22 @@ def bad_dataset(tmp_path_factory):
     return write_dataset(root / "bad.jsonl", records)
 
 
-def _validate(overrides):
-    return subprocess.run(
-        [sys.executable, "-m", "finetune.validate", *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+def _run(command, overrides, capsys):
+    """A command in this process (the module forms' command lines: tests/unit/cli/test_commands.py): its exit status
+    and what it printed."""
+    from finetune.cli.main import run_command
+
+    capsys.readouterr()
+    code = run_command(command, overrides)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
-def test_validate_reports_every_problem_class(bad_dataset):
+def _validate(overrides, capsys):
+    return _run("validate", overrides, capsys)
+
+
+def test_validate_reports_every_problem_class(bad_dataset, capsys):
     result = _validate(
         [
             f"data.train={bad_dataset}",
@@ -70,7 +78,8 @@ def test_validate_reports_every_problem_class(bad_dataset):
             "data.max_length=128",
             "--split",
             "train",
-        ]
+        ],
+        capsys,
     )
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
@@ -92,8 +101,8 @@ def test_validate_reports_every_problem_class(bad_dataset):
     assert "over data.max_length=128" in out and "FAILED: 10 problems" in out
 
 
-def test_validate_passes_the_demo():
-    result = _validate([])
+def test_validate_passes_the_demo(capsys):
+    result = _validate([], capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train: 1200 records, 1200 usable samples, 0 with problems" in result.stdout
     assert "OK: every sample can be trained on." in result.stdout
@@ -111,7 +120,7 @@ def test_validate_passes_the_demo():
     assert f"packed into rows of {config.data.max_length} tokens as training packs them: {rows} rows" in result.stdout
 
 
-def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp_path, bad_dataset):
+def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp_path, bad_dataset, capsys, caplog):
     base = [
         "logger=none",
         f"data.train={bad_dataset}",
@@ -122,19 +131,18 @@ def test_training_refuses_bad_samples_at_start_up_or_skips_them_with_a_count(tmp
         "trainer.max_steps=1",
         "trainer.per_device_train_batch_size=2",
     ]
-    refused = subprocess.run(
-        [sys.executable, "-m", "finetune.train", *base], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    refused = _run("train", base, capsys)
     assert refused.returncode == 2
     assert "10 of 12 training samples cannot be trained on" in refused.stderr and "finetune.validate" in refused.stderr
     assert not (tmp_path / "run" / "adapter").exists()
-    skipped = run_module("finetune.train", base + ["data.skip_invalid=true"])
-    assert "skipping 10 of 12 training samples" in skipped.stderr
+    with caplog.at_level("INFO", logger="finetune.train"):
+        assert _run("train", base + ["data.skip_invalid=true"], capsys).returncode == 0
+    assert "skipping 10 of 12 training samples" in caplog.text
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_demo_validates_with_full_decoding():
-    result = _validate(["--decode", "--split", "eval"])
+def test_demo_validates_with_full_decoding(capsys):
+    result = _validate(["--decode", "--split", "eval"], capsys)
     assert result.returncode == 0 and "eval: 200 records, 200 usable samples" in result.stdout, (
         result.stdout + result.stderr
     )
