@@ -409,3 +409,26 @@ def test_qwen3_golden_rendering_of_a_four_frame_video(processors, tmp_path, fami
     assert (count.video, count.text + count.video) == (8, len(encoded.input_ids))
     untrained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX]
     assert processors[family].tokenizer.decode(untrained).count("seconds>") == 2
+
+
+def test_a_per_item_pixel_range_that_is_empty_names_both_values_and_the_key(processors, media_pool):
+    """A per-item min_pixels above the max_pixels in force is the item's options' fault, not the file's: the error
+    names both values, where each comes from and what to change (it used to read "the file is truncated")."""
+    root, images, videos = media_pool
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
+    cases = [
+        ({"type": "image", "image": str(root / images[0]), "min_pixels": 50000, "max_pixels": 40000}, "this item's"),
+        ({"type": "image", "image": str(root / images[0]), "min_pixels": 300 * 784}, "model.max_pixels"),
+        ({"type": "video", "video": str(root / videos[0]), "max_pixels": 1000}, "model.video_min_pixels"),
+    ]
+    for block, source in cases:
+        sample = Sample("b", _user(block), "x.json[3]")
+        low = block.get("min_pixels", SETTINGS.min_pixels if block["type"] == "image" else SETTINGS.video_min_pixels)
+        high = block.get("max_pixels", SETTINGS.max_pixels)
+        for run in (encoder.count_tokens, encoder.encode):
+            with pytest.raises(DataError) as info:
+                run(sample)
+            message = str(info.value)
+            assert message.startswith(f"x.json[3]: {block['type']} ") and info.value.kind == "format", message
+            assert f"min_pixels={low} " in message and f"max_pixels={high} " in message, message
+            assert source in message and "truncated" not in message, message
