@@ -1,10 +1,10 @@
 """Turn a canonical conversation into model inputs, or count its tokens from media metadata alone.
 
-Text is rendered with the processor's own chat template one assistant turn at a time, so the trained tokens
-are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
+Text is rendered with the processor's own chat template and tokenized whole, as serving tokenizes it, so the
+trained tokens are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
 `<|im_start|>assistant\\n` header or a vision pad. Vision follows qwen-vl-utils: every image and video is
 resized by us to its `smart_resize` target (so the processor's own resize is the identity), videos are
-sampled with the real source fps, and the processor only normalises and patchifies; the sizing factor (patch x
+sampled with the container's fps, and the processor only normalises and patchifies; the sizing factor (patch x
 merge) is the processor's, as the checkpoint configures it. Each `<|image_pad|>` expands to the plan's token count;
 each `<|video_pad|>` as the family's `video_layout` says (finetune/base/families.py): to the plan's tokens, or
 (Qwen3-VL) per frame pair to `<{s:.1f} seconds><|vision_start|>` + its tokens + `<|vision_end|>`, the ids
@@ -291,16 +291,30 @@ class ConversationEncoder:
         return pieces
 
     def _tokens(self, sample: Sample, generation_prompt: bool) -> tuple[list[int], list[int]]:
-        """Token ids with ONE pad per image/video, and their labels."""
-        ids, labels = [], []
+        """Token ids with ONE pad per image/video, and their labels. The rendered conversation is tokenized whole,
+        as the processor and vLLM tokenize a prompt (Qwen's tokenizers merge whitespace runs, so pieces tokenized
+        apart can give other ids: `assistant\\n` + `\\nreply` is `\\n\\n` whole). A token is trained when its first
+        character is in a trained piece: a token that joins the header's newline to a reply's leading whitespace
+        belongs to the header and is not trained (docs/fidelity.md, "Reply tokens")."""
         pieces = self.segments(sample, generation_prompt)
-        tokenized = self._tokenize([text for text, _ in pieces])
-        for (_, trained), piece in zip(pieces, tokenized):
-            ids += piece
-            labels += [
-                t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
-            ]
-        return ids, labels
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer gives no offsets: each piece on its own
+            ids, labels = [], []
+            for (_, trained), piece in zip(pieces, self._tokenize([text for text, _ in pieces])):
+                ids += piece
+                labels += [t if trained else IGNORE_INDEX for t in piece]
+        else:
+            encoding = backend.encode("".join(text for text, _ in pieces), add_special_tokens=False)
+            ids, labels, ends, k, end = encoding.ids, [], [], 0, 0
+            for text, _ in pieces:
+                end += len(text)
+                ends.append(end)
+            for token, (start, _) in zip(ids, encoding.offsets):
+                while start >= ends[k]:
+                    k += 1
+                labels.append(token if pieces[k][1] else IGNORE_INDEX)
+        pads = (self.image_pad_id, self.video_pad_id)
+        return ids, [IGNORE_INDEX if t in pads else label for t, label in zip(ids, labels)]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added (the fast tokenizer's backend, in one call)."""

@@ -432,3 +432,66 @@ def test_a_per_item_pixel_range_that_is_empty_names_both_values_and_the_key(proc
             assert message.startswith(f"x.json[3]: {block['type']} ") and info.value.kind == "format", message
             assert f"min_pixels={low} " in message and f"max_pixels={high} " in message, message
             assert source in message and "truncated" not in message, message
+
+
+# ---------------------------------------------------------------- reply tokens under a whitespace-merging tokenizer
+WHITESPACE_REPLIES = ["\nSeen.", "Seen.\n", "\n\nSeen.  ", " \nSeen. \n\n", "  Seen.", "Seen.\t", "\n  - a\n  - b\n"]
+
+
+def _text_conversation(replies, system=True):
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] if system else []
+    for k, reply in enumerate(replies):
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": f"Look {k}?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+        ]
+    return messages
+
+
+def test_replies_with_leading_and_trailing_whitespace_tokenize_as_the_processor(processors):
+    """With Qwen's whitespace merges (the tiny Qwen3-VL tokenizer has them: "\\n\\n" is one token), the ids are the
+    processor's whole-string ones for replies that begin or end with spaces and newlines, alone and in multi-turn
+    conversations, with and without a generation prompt (what vLLM renders and tokenizes for a request). Labels: the
+    reply's tokens and <|im_end|>; a token joining the header's newline to the reply's leading whitespace is the
+    header's, never trained."""
+    from finetune.model.tiny import WHITESPACE_MERGING_FAMILIES
+
+    family = sorted(WHITESPACE_MERGING_FAMILIES)[0]
+    processor, tokenizer = processors[family], processors[family].tokenizer
+    assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1  # the merge this test is about
+    merged = 0
+    for mode in ("assistant", "last_assistant"):
+        encoder = ConversationEncoder(processor, SETTINGS, label_mode=mode)
+        for n in (1, 2, 3):
+            for start in range(len(WHITESPACE_REPLIES)):
+                replies = [WHITESPACE_REPLIES[(start + k) % len(WHITESPACE_REPLIES)] for k in range(n)]
+                messages = _text_conversation(replies, system=start % 2 == 0)
+                sample = Sample("w", messages, "w.json[0]")
+                ours = encoder.encode(sample)
+                text = processor.apply_chat_template(messages, tokenize=False)
+                assert ours.input_ids == processor(text=[text])["input_ids"][0], (mode, replies)
+                assert encoder.count_tokens(sample).total == len(ours.input_ids)
+                pieces = sum(
+                    tokenizer([t for t, _ in encoder.segments(sample)], add_special_tokens=False)["input_ids"], []
+                )
+                merged += pieces != ours.input_ids
+                # Labels: per trained turn, the reply without the leading whitespace the header's token took.
+                trained = replies if mode == "assistant" else replies[-1:]
+                spans, current = [], []
+                for token, label in zip(ours.input_ids, ours.labels):
+                    if label == IGNORE_INDEX:
+                        spans, current = spans + ([current] if current else []), []
+                    else:
+                        assert label == token
+                        current.append(token)
+                spans += [current] if current else []
+                got = [tokenizer.decode(s) for s in spans]
+                for reply, span in zip(trained, got, strict=True):
+                    assert span.endswith("<|im_end|>") and reply.endswith(span[: -len("<|im_end|>")]), (reply, span)
+                    assert reply[: len(reply) - len(span) + len("<|im_end|>")].isspace() or span == reply + "<|im_end|>"
+                # The prompt of the last turn: what a server renders (generation prompt) and tokenizes at once.
+                prompt = Sample("p", messages[:-1], "w.json[0]")
+                text = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                prompt_ids = encoder.encode(prompt, generation_prompt=True).input_ids
+                assert prompt_ids == processor(text=[text])["input_ids"][0], (mode, replies)
+    assert merged > 10  # tokenizing in pieces would have given other ids for these
