@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
+import os
 import shutil
 import subprocess
 from fractions import Fraction
@@ -67,3 +71,30 @@ def torchcodec_fps(path: str) -> float:
     from torchcodec.decoders import VideoDecoder
 
     return float(VideoDecoder(path, seek_mode="exact").metadata.average_fps)
+
+
+@functools.lru_cache(maxsize=None)
+def _container_fps_cached(path: str) -> float:
+    return container_fps(path)
+
+
+@contextlib.contextmanager
+def torchcodec_reads_the_container_rate():
+    """Within it, torchcodec's VideoDecoder (what qwen-vl-utils and transformers' loader decode with) reports the
+    container's average rate as its `average_fps`: the reference flows then sample and time frames with the rate
+    training (and vLLM) use, so they compare the rest of the pipeline."""
+    import torchcodec.decoders
+    from torchcodec.decoders import VideoDecoder
+
+    class ContainerRate(VideoDecoder):
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            if isinstance(source, (str, os.PathLike)):
+                fps = _container_fps_cached(os.fspath(source))
+                self.metadata = dataclasses.replace(self.metadata, average_fps=fps)
+
+    torchcodec.decoders.VideoDecoder = ContainerRate
+    try:
+        yield
+    finally:
+        torchcodec.decoders.VideoDecoder = VideoDecoder

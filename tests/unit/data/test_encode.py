@@ -1,6 +1,6 @@
 """Our encoding equals the reference flow (qwen-vl-utils' process_vision_info + the transformers processor) on
 hundreds of random samples for every model family (Qwen3-VL: qwen-vl-utils at `image_patch_size=16`, its timestamps
-written by transformers' Qwen3VLProcessor), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
+written by transformers' Qwen3VLProcessor; videos read at the container's frame rate, as vLLM reads them), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
 rendering also equals the processor's on real media (the demo's and other containers, frame rates and lengths), fed
 the same frames and metadata. Labels cover exactly the assistant replies."""
 
@@ -19,6 +19,7 @@ from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
 from finetune.recipe.data_settings import vision_settings
+from tests.helpers.frame_rates import torchcodec_reads_the_container_rate
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.random_data import build_media_pool, random_record
 
@@ -82,12 +83,13 @@ def _reference(processor, sample):
                 item.update({"nframes": spec.nframes} if spec.nframes is not None else {"fps": spec.fps})
                 item.update({k: block[k] for k in ("max_pixels", "video_start", "video_end") if k in block})
                 content.append(item)
-    images, videos, _ = process_vision_info(
-        [{"role": "user", "content": content}],
-        return_video_kwargs=True,
-        return_video_metadata=True,
-        image_patch_size=patch_of(processor),
-    )
+    with torchcodec_reads_the_container_rate():  # the frame rate vLLM reads (docs/fidelity.md, "Frame rate")
+        images, videos, _ = process_vision_info(
+            [{"role": "user", "content": content}],
+            return_video_kwargs=True,
+            return_video_metadata=True,
+            image_patch_size=patch_of(processor),
+        )
     kwargs = {"images": images, "images_kwargs": {"do_resize": False}}
     if videos:
         kwargs.update(
