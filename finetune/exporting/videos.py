@@ -52,7 +52,12 @@ def how_videos_were_checked(from_files: bool, other_rate: list[dict] = ()) -> st
 
 def rate_differences(paths: list[str]) -> list[dict]:
     """The videos transformers' own loader (torchcodec, exact mode) reads with another frame count or frame rate than
-    training: [{path, trained_fps, transformers_fps, trained_frames, transformers_frames}]."""
+    training: [{path, trained_fps, transformers_fps, trained_frames, transformers_frames}]. Empty where transformers
+    does not decode with torchcodec (an old torchvision's `read_video`: not compared)."""
+    from transformers.utils.import_utils import is_torchcodec_usable
+
+    if not is_torchcodec_usable(decode="video"):
+        return []
     from torchcodec.decoders import VideoDecoder
 
     from finetune.data.media import probe_video
