@@ -25,7 +25,8 @@ process that imports only torch and transformers reloads the folder and
   - runs the folder's own processor on real images and videos of the data: the grids it gives must be the
     ones training used (a mismatch is reported and stops the export). Where transformers cannot decode a video
     file here (it needs torchcodec, which needs the system FFmpeg), the processor is given the frames and metadata
-    it would have read from the file, decoded by our loader (finetune/exporting/videos.py).
+    it would have read from the file, decoded by our loader (finetune/exporting/videos.py); so is a video its loader
+    reads at another frame rate than training (`served_grids.other_frame_rate` names them, as the model card does).
 Both results go to `export_report.json`, with how the videos were checked (`served_grids.video_input`: file or
 frames). `export.push_to_hub=user/name` uploads the folder afterwards.
 """
