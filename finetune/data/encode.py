@@ -1,10 +1,10 @@
 """Turn a canonical conversation into model inputs, or count its tokens from media metadata alone.
 
-Text is rendered with the processor's own chat template one assistant turn at a time, so the trained tokens
-are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
+Text is rendered with the processor's own chat template and tokenized whole, as serving tokenizes it, so the
+trained tokens are known exactly: each assistant reply and its end-of-turn token; never the system or user turns, the
 `<|im_start|>assistant\\n` header or a vision pad. Vision follows qwen-vl-utils: every image and video is
 resized by us to its `smart_resize` target (so the processor's own resize is the identity), videos are
-sampled with the real source fps, and the processor only normalises and patchifies; the sizing factor (patch x
+sampled with the container's fps, and the processor only normalises and patchifies; the sizing factor (patch x
 merge) is the processor's, as the checkpoint configures it. Each `<|image_pad|>` expands to the plan's token count;
 each `<|video_pad|>` as the family's `video_layout` says (finetune/base/families.py): to the plan's tokens, or
 (Qwen3-VL) per frame pair to `<{s:.1f} seconds><|vision_start|>` + its tokens + `<|vision_end|>`, the ids
@@ -308,17 +308,35 @@ class ConversationEncoder:
         return pieces
 
     def _tokens(self, sample: Sample, generation_prompt: bool, labels: bool = True) -> tuple[list[int], list[int]]:
-        """Token ids with ONE pad per image/video, and their labels (none when `labels` is false: the pre-pass)."""
-        ids, out = [], []
+        """Token ids with ONE pad per image/video, and their labels (none when `labels` is false: the pre-pass counts
+        ids only). The rendered conversation is tokenized whole, as the processor and vLLM tokenize a prompt (Qwen's
+        tokenizers merge whitespace runs, so pieces tokenized apart can give other ids: `assistant\\n` + `\\nreply` is
+        `\\n\\n` whole). A token is trained when its first character is in a trained piece: a token that joins the
+        header's newline to a reply's leading whitespace belongs to the header and is not trained (docs/fidelity.md,
+        "Reply tokens")."""
         pieces = self.segments(sample, generation_prompt)
-        tokenized = self._tokenize([text for text, _ in pieces])
-        for (_, trained), piece in zip(pieces, tokenized):
-            ids += piece
-            if labels:
-                out += [
-                    t if trained and t not in (self.image_pad_id, self.video_pad_id) else IGNORE_INDEX for t in piece
-                ]
-        return ids, out
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer gives no offsets: each piece on its own
+            ids, trained = [], []
+            for (_, is_trained), piece in zip(pieces, self._tokenize([text for text, _ in pieces])):
+                ids += piece
+                trained += [is_trained] * len(piece)
+        elif not labels:  # the same ids without the offsets (encode_batch_fast: no offsets computed)
+            return self._tokenize(["".join(text for text, _ in pieces)])[0], []
+        else:
+            encoding = backend.encode("".join(text for text, _ in pieces), add_special_tokens=False)
+            ids, trained, ends, k, end = encoding.ids, [], [], 0, 0
+            for text, _ in pieces:
+                end += len(text)
+                ends.append(end)
+            for start, _ in encoding.offsets:
+                while start >= ends[k]:
+                    k += 1
+                trained.append(pieces[k][1])
+        if not labels:
+            return ids, []
+        pads = (self.image_pad_id, self.video_pad_id)
+        return ids, [t if keep and t not in pads else IGNORE_INDEX for t, keep in zip(ids, trained)]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens added (the fast tokenizer's backend, in one call)."""

@@ -131,14 +131,15 @@ def _probe_video_file(video: str, size: int, mtime_ns: int) -> VideoInfo:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
+        # The container's average frame rate (FFmpeg's `avg_frame_rate`): what vLLM's default video loader reads
+        # (OpenCV's CAP_PROP_FPS) and hands the processor as the metadata's fps, for the timestamps and
+        # second_per_grid_ts. Not torchcodec's `average_fps` (transformers, qwen-vl-utils), which is frames over the
+        # decoded timestamps' span and differs for some files (docs/fidelity.md, "Frame rate").
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         total = stream.frames
         width, height = stream.codec_context.width, stream.codec_context.height
         if not total:  # MKV/WebM headers carry no frame count: count packets (demuxing only)
-            total, span = _count_packets(container, stream)
-            # The rate qwen-vl-utils and transformers read (torchcodec's exact-mode `average_fps`): frames over the
-            # timestamp span. Matroska stores milliseconds, so a 24 fps clip is 24.002 fps there, not the header's 24.
-            fps = total / span if span > 0 else fps
+            total, _ = _count_packets(container, stream)
     if total <= 0 or fps <= 0:
         raise ValueError(f"the video has {total} frames at {fps:g} fps")
     return VideoInfo(video, total, fps, width, height)

@@ -35,7 +35,7 @@ from finetune.data.sources import DatasetSource, duplicate_id, iter_records, to_
 
 logger = logging.getLogger(__name__)
 STORE_VERSION = 1  # of the records file layout and of reading (finetune/data/conversation.py)
-COUNT_VERSION = 3  # of counting: 2 = MKV/WebM frame rates from the timestamp span (finetune/data/media.py)
+COUNT_VERSION = 4  # of counting: 2 = MKV/WebM rates from the timestamp span; 4 = container rates, text tokenized whole
 _BATCH = 8192  # records per Arrow record batch
 
 RECORD_SCHEMA = pa.schema(

@@ -211,14 +211,17 @@ class VisionSettings:
     frames_fps: float | None = None
 
     def image_spec(self, block: dict, patch: int = PATCH, merge: int = MERGE) -> ImageSpec:
-        return ImageSpec(
-            int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels)), patch, merge
-        )
+        low, high = int(block.get("min_pixels", self.min_pixels)), int(block.get("max_pixels", self.max_pixels))
+        _check_budget(block, low, high, "model.min_pixels", "model.max_pixels")
+        return ImageSpec(low, high, patch, merge)
 
     def video_spec(self, block: dict, patch: int = PATCH, merge: int = MERGE) -> VideoSpec:
         if "fps" in block and "nframes" in block:
             raise ValueError("a video takes either fps or nframes, not both")
         nframes = block.get("nframes")
+        if "max_pixels" in block:  # a per-item cap only ever lowers the frame size: it must leave room for the floor
+            low = int(block.get("min_pixels", self.video_min_pixels))
+            _check_budget(block, low, int(block["max_pixels"]), "model.video_min_pixels", "model.video_max_pixels")
         return VideoSpec(
             fps=None if nframes is not None else float(block.get("fps", self.video_fps)),
             nframes=int(nframes) if nframes is not None else None,
@@ -234,6 +237,19 @@ class VisionSettings:
             patch=patch,
             merge=merge,
         )
+
+
+def _check_budget(block: dict, low: int, high: int, low_key: str, high_key: str) -> None:
+    """A media item's pixel range must not be empty; the message names both values and where each comes from (the
+    item's own key, or the recipe's), so the user knows which one to change."""
+    if low <= high:
+        return
+    low_from = "this item's min_pixels" if "min_pixels" in block else low_key
+    high_from = "this item's max_pixels" if "max_pixels" in block else high_key
+    raise ValueError(
+        f"min_pixels={low} ({low_from}) is larger than max_pixels={high} ({high_from}): lower {low_from} to at most "
+        f"{high} or raise {high_from} to at least {low}"
+    )
 
 
 def _opt_float(value) -> float | None:

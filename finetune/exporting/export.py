@@ -25,7 +25,8 @@ process that imports only torch and transformers reloads the folder and
   - runs the folder's own processor on real images and videos of the data: the grids it gives must be the
     ones training used (a mismatch is reported and stops the export). Where transformers cannot decode a video
     file here (it needs torchcodec, which needs the system FFmpeg), the processor is given the frames and metadata
-    it would have read from the file, decoded by our loader (finetune/exporting/videos.py).
+    it would have read from the file, decoded by our loader (finetune/exporting/videos.py); so is a video its loader
+    reads at another frame rate than training (`served_grids.other_frame_rate` names them, as the model card does).
 Both results go to `export_report.json`, with how the videos were checked (`served_grids.video_input`: file or
 frames). `export.push_to_hub=user/name` uploads the folder afterwards.
 """
@@ -236,11 +237,14 @@ def reload_check(
     from finetune.exporting.videos import (
         frames_for_transformers,
         how_videos_were_checked,
+        rate_differences,
         transformers_decodes_video_files,
     )
 
     videos = list(expected_grids["video"])
     from_files = not videos or transformers_decodes_video_files()
+    # Videos transformers' own loader reads at another rate than training: checked on the trained metadata (frames).
+    other_rate = rate_differences(videos) if videos and from_files else []
     with tempfile.TemporaryDirectory() as tmp:
         names = ("batch.safetensors", "media.json", "frames.safetensors", "logits.safetensors", "grids.json")
         files = {name: Path(tmp) / name for name in (*names, "weights.json")}
@@ -249,12 +253,13 @@ def reload_check(
             {k: (torch.tensor(v) if isinstance(v, list) else v).contiguous() for k, v in batch.items()},
             str(files["batch.safetensors"]),
         )
-        if from_files:
-            entries = [{"path": path, "frames": None} for path in videos]
-        else:
-            frames, entries = frames_for_transformers(out_dir, videos)
+        as_frames = [d["path"] for d in other_rate] if from_files else videos
+        frames, entries = frames_for_transformers(out_dir, as_frames) if as_frames else ({}, [])
+        if frames:
             save_file(frames, str(files["frames.safetensors"]))
-        media = {"image": list(expected_grids["image"]), "video": entries, "frames": not from_files}
+        by_path = {entry["path"]: entry for entry in entries}
+        entries = [by_path.get(path, {"path": path, "frames": None}) for path in videos]
+        media = {"image": list(expected_grids["image"]), "video": entries, "frames": bool(frames)}
         files["media.json"].write_text(json.dumps(media))
         cmd = [
             sys.executable,
@@ -273,7 +278,8 @@ def reload_check(
             json.loads(files["grids.json"].read_text()),
         )
         reloaded = json.loads(files["weights.json"].read_text())
-    return logits, served, (how_videos_were_checked(from_files) if videos else None, from_files), reloaded
+    checked = (how_videos_were_checked(from_files, other_rate) if videos else None, from_files, other_rate)
+    return logits, served, checked, reloaded
 
 
 def save_published(model, out_dir: Path, max_shard_size) -> dict[str, list]:
@@ -394,7 +400,7 @@ def export(config: Config) -> Path:
     (out_dir / "README.md").write_text("(written after the reload check)\n")
 
     device_map = inference_device_map(config)
-    merged_logits, served, (videos_checked, from_files), reloaded = reload_check(
+    merged_logits, served, (videos_checked, from_files, other_rate), reloaded = reload_check(
         out_dir, batch, expected_grids, DTYPES[export_dtype], device_map, list(rewritten)
     )
     max_diff = (merged_logits - trained_logits).abs()[mask].max().item()
@@ -428,6 +434,9 @@ def export(config: Config) -> Path:
             "mismatches": mismatches,
             "videos": videos_checked,  # how: transformers decoded the files, or was given frames we decoded
             "video_input": None if videos_checked is None else ("file" if from_files else "frames"),
+            # videos transformers' own loader reads at another frame rate (or frame count) than training and vLLM:
+            # served with their frames and the trained metadata to render as trained (docs/fidelity.md)
+            "other_frame_rate": other_rate,
         },
         # the tensors stored transposed or split per expert (the published layout): transformers' loader gave back
         # the merged weights

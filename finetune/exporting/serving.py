@@ -38,6 +38,13 @@ SERVING_DIFFERENCES = """\
 - Small frames (Qwen3-VL): training scales each frame up to `video_min_pixels` (qwen-vl-utils); Qwen3VLVideoProcessor
   holds the whole clip (frames x height x width) to `size.shortest_edge`, so a clip of frames smaller than that is
   served at its own, smaller size. Feed frames already resized to the trained size to serve what was trained.
+- Frame rate: training reads a video's frame rate from its container (FFmpeg's average rate), as vLLM's default
+  video loader does (OpenCV); transformers' own loader and qwen-vl-utils read torchcodec's `average_fps` (frames over
+  the decoded timestamps' span), which differs for variable-rate files, some files with B-frames and Matroska/WebM
+  (millisecond timestamps). Given such a file, transformers writes other Qwen3-VL timestamps (`<x.x seconds>`) and
+  Qwen2.5-VL `second_per_grid_ts` (and may sample another frame count). Serve with vLLM's default loader, or give
+  transformers the frames plus `video_metadata` with the container's rate (`fps`, `total_num_frames`,
+  `frames_indices`) and `do_sample_frames=False`. The export lists the checked videos this concerns.
 - Frame folders and frame lists are a training input only; serve the video file.
 - The total video pixel budget is expressed as `max_video_tokens` (transformers computes
   `int(max_video_tokens * 28 * 28 * 0.9)` pixels). Qwen's default (128000 tokens) and any multiple of 3528
@@ -130,6 +137,18 @@ def model_card(config, info: dict) -> str:
         if served
         else ""
     )
+    other_rate = served.get("other_frame_rate") or []
+    if other_rate:
+        listed = "; ".join(
+            f"`{Path(d['path']).name}` ({d['trained_fps']:.6g} fps, {d['trained_frames']} frames trained; "
+            f"{d['transformers_fps']:.6g} fps, {d['transformers_frames']} frames read by transformers)"
+            for d in other_rate
+        )
+        grid_line += (
+            f" {len(other_rate)} checked videos render differently when transformers reads the file itself (another "
+            f"frame rate: see Known differences, Frame rate): {listed}. vLLM's default loader reads them as trained; "
+            "with transformers, pass their frames and `video_metadata` with the trained rate."
+        )
     limit, kwargs = json.dumps(settings["limit_mm_per_prompt"]), json.dumps(settings["mm_processor_kwargs"])
     rule_note = (
         "vLLM and SGLang use the same M-RoPE rule as training (`qwen`: text after an image or video "

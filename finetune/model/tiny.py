@@ -24,7 +24,12 @@ from finetune.base.families import FAMILIES
 
 TINY_SCHEME = "tiny://"
 # Bump when anything below changes what gets built: the cache key includes it (and the family's entry).
-BUILD_VERSION = 5  # 4: fused MoE experts written in the published layout; 5: or split per expert
+BUILD_VERSION = 6  # 4: fused MoE experts written in the published layout; 5: or split per expert; 6: whitespace merges
+# Families whose tiny tokenizer also learns Qwen's merged whitespace tokens ("\n\n", "  ", ...): its pre-tokenizer
+# already groups whitespace runs as Qwen2's does, but the plain corpus has no runs, so the plain vocabulary has no
+# such token and tokenizing in pieces or whole gives the same ids. One family shows the difference (finetune/data/
+# encode.py tokenizes the whole rendered conversation, as serving does); the others keep their pinned losses.
+WHITESPACE_MERGING_FAMILIES = frozenset({"qwen3_vl"})
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -99,8 +104,26 @@ def _tokenizer_corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer():
-    """Train a small byte-level BPE with Qwen2's pre-tokenizer and wrap it in the real Qwen2 tokenizer class."""
+# Text with the whitespace runs Qwen's published vocabularies hold as single tokens: blank lines, indents, spaces before
+# a line break, runs of spaces between words (Qwen2's pre-tokenizer splits them off as `\s*[\r\n]+` and `\s+(?!\S)`).
+WHITESPACE_CORPUS = [
+    "one\n\ntwo",
+    "one\n\n\nthree",
+    "a  b",
+    "a   b",
+    "    indented",
+    "end \nnext",
+    "end  \n\nnext",
+    "list:\n  item\n    sub",
+    "\n\n",
+    "\t\tdeep",
+]
+
+
+def build_tokenizer(whitespace_merges: bool = False):
+    """Train a small byte-level BPE with Qwen2's pre-tokenizer and wrap it in the real Qwen2 tokenizer class; with
+    `whitespace_merges`, on a corpus with whitespace runs too, so that (as in Qwen's vocabularies) "\n\n", "  " and
+    the like are single tokens."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -116,7 +139,8 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=640, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    corpus = _tokenizer_corpus() + (WHITESPACE_CORPUS * 40 if whitespace_merges else [])
+    bpe.train_from_iterator(corpus, trainer=trainer)
     vocab = bpe.get_vocab()
     merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -166,7 +190,7 @@ def build_tiny_checkpoint(family: str, out_dir: Path, seed: int = 0) -> Path:
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}.")
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(whitespace_merges=family in WHITESPACE_MERGING_FAMILIES)
     config = _model_config(family, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

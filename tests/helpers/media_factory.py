@@ -47,9 +47,12 @@ def write_video(
     gop: int = 12,
     bframes: int = 0,
     faststart: bool = False,
+    frame_times: list[float] | None = None,
 ) -> Path:
     """A clip whose container and codec follow the suffix (mp4/mkv/mov: H.264, avi: MPEG-4, webm: VP9). `bframes`
-    > 0 gives an MP4 a composition-offset (ctts) table; `faststart` puts its index (moov) before the frames."""
+    > 0 gives an MP4 a composition-offset (ctts) table; `faststart` puts its index (moov) before the frames.
+    `frame_times` (seconds, one per frame): a variable frame rate, each frame stamped at its time (1/90000 s ticks)
+    in a stream that declares `fps`; the container's average rate is then frames over duration, not `fps`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = codec or CODECS[path.suffix]
     options = {"movflags": "faststart"} if faststart else {}
@@ -57,10 +60,15 @@ def write_video(
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.gop_size = gop
+        if frame_times is not None:
+            stream.codec_context.time_base = Fraction(1, 90000)
         if codec == "libx264":
             stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}", "crf": "20"}
-        for frame in video_frames(frames, width, height, seed):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for i, frame in enumerate(video_frames(frames, width, height, seed)):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if frame_times is not None:
+                picture.pts, picture.time_base = round(frame_times[i] * 90000), Fraction(1, 90000)
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

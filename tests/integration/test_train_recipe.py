@@ -46,7 +46,7 @@ def base_model_loss(family, train_file):
 PINNED_LOSSES = {  # model.rope_rule=qwen (the default)
     "qwen2_vl": [7.217561, 6.551856, 6.003342],
     "qwen2_5_vl": [6.224277, 5.674113, 5.214046],
-    "qwen3_vl": [7.440778, 6.749091, 6.188509],
+    "qwen3_vl": [6.671459, 6.039811, 5.558943],  # a tokenizer with whitespace merges (tiny build 6)
     "qwen3_vl_moe": [6.341320, 5.815294, 5.380457],
     "qwen3_5": [6.937286, 6.354898, 5.915173],
     "qwen3_5_moe": [6.273433, 5.675084, 5.245707],
@@ -204,11 +204,13 @@ def test_gradient_accumulation_normalises_by_all_trained_tokens(tmp_path, family
     encoded = [encoder.encode(s) for s in load_samples(train_file, DEMO)]
     lengths = [len(e.input_ids) for e in encoded]
     budget = max(max(lengths), math.ceil(sum(lengths) / 2))
-    while len(pack_rows(lengths, budget, seed=42)) != 2:
+    while True:  # the first budget giving 2 rows whose trained counts differ (equal ones can happen by chance)
+        rows = pack_rows(lengths, budget, seed=42)
+        trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
+        if len(rows) == 2 and trained[0] != trained[1]:
+            break
+        assert len(rows) >= 2, (budget, trained)  # no budget left that splits the samples into two rows
         budget += 8
-    rows = pack_rows(lengths, budget, seed=42)
-    trained = [sum(sum(label != -100 for label in encoded[i].labels) for i in row) for row in rows]
-    assert trained[0] != trained[1], trained
     losses = {}
     for name, rows_per_step, accumulation in [("one_step", 2, 1), ("accumulated", 1, 2)]:
         run_dir = tmp_path / name

@@ -1,6 +1,6 @@
 """Our encoding equals the reference flow (qwen-vl-utils' process_vision_info + the transformers processor) on
 hundreds of random samples for every model family (Qwen3-VL: qwen-vl-utils at `image_patch_size=16`, its timestamps
-written by transformers' Qwen3VLProcessor), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
+written by transformers' Qwen3VLProcessor; videos read at the container's frame rate, as vLLM reads them), and the metadata-only pre-pass counts exactly its tokens. Qwen3-VL's
 rendering also equals the processor's on real media (the demo's and other containers, frame rates and lengths), fed
 the same frames and metadata. Labels cover exactly the assistant replies."""
 
@@ -19,6 +19,7 @@ from finetune.data.encode import IGNORE_INDEX, ConversationEncoder
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
 from finetune.recipe.data_settings import vision_settings
+from tests.helpers.frame_rates import torchcodec_reads_the_container_rate
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.random_data import build_media_pool, random_record
 
@@ -82,12 +83,13 @@ def _reference(processor, sample):
                 item.update({"nframes": spec.nframes} if spec.nframes is not None else {"fps": spec.fps})
                 item.update({k: block[k] for k in ("max_pixels", "video_start", "video_end") if k in block})
                 content.append(item)
-    images, videos, _ = process_vision_info(
-        [{"role": "user", "content": content}],
-        return_video_kwargs=True,
-        return_video_metadata=True,
-        image_patch_size=patch_of(processor),
-    )
+    with torchcodec_reads_the_container_rate():  # the frame rate vLLM reads (docs/fidelity.md, "Frame rate")
+        images, videos, _ = process_vision_info(
+            [{"role": "user", "content": content}],
+            return_video_kwargs=True,
+            return_video_metadata=True,
+            image_patch_size=patch_of(processor),
+        )
     kwargs = {"images": images, "images_kwargs": {"do_resize": False}}
     if videos:
         kwargs.update(
@@ -409,3 +411,89 @@ def test_qwen3_golden_rendering_of_a_four_frame_video(processors, tmp_path, fami
     assert (count.video, count.text + count.video) == (8, len(encoded.input_ids))
     untrained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE_INDEX]
     assert processors[family].tokenizer.decode(untrained).count("seconds>") == 2
+
+
+def test_a_per_item_pixel_range_that_is_empty_names_both_values_and_the_key(processors, media_pool):
+    """A per-item min_pixels above the max_pixels in force is the item's options' fault, not the file's: the error
+    names both values, where each comes from and what to change (it used to read "the file is truncated")."""
+    root, images, videos = media_pool
+    encoder = ConversationEncoder(processors["qwen2_5_vl"], SETTINGS)
+    cases = [
+        ({"type": "image", "image": str(root / images[0]), "min_pixels": 50000, "max_pixels": 40000}, "this item's"),
+        ({"type": "image", "image": str(root / images[0]), "min_pixels": 300 * 784}, "model.max_pixels"),
+        ({"type": "video", "video": str(root / videos[0]), "max_pixels": 1000}, "model.video_min_pixels"),
+    ]
+    for block, source in cases:
+        sample = Sample("b", _user(block), "x.json[3]")
+        low = block.get("min_pixels", SETTINGS.min_pixels if block["type"] == "image" else SETTINGS.video_min_pixels)
+        high = block.get("max_pixels", SETTINGS.max_pixels)
+        for run in (encoder.count_tokens, encoder.encode):
+            with pytest.raises(DataError) as info:
+                run(sample)
+            message = str(info.value)
+            assert message.startswith(f"x.json[3]: {block['type']} ") and info.value.kind == "format", message
+            assert f"min_pixels={low} " in message and f"max_pixels={high} " in message, message
+            assert source in message and "truncated" not in message, message
+
+
+# ---------------------------------------------------------------- reply tokens under a whitespace-merging tokenizer
+WHITESPACE_REPLIES = ["\nSeen.", "Seen.\n", "\n\nSeen.  ", " \nSeen. \n\n", "  Seen.", "Seen.\t", "\n  - a\n  - b\n"]
+
+
+def _text_conversation(replies, system=True):
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] if system else []
+    for k, reply in enumerate(replies):
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": f"Look {k}?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+        ]
+    return messages
+
+
+def test_replies_with_leading_and_trailing_whitespace_tokenize_as_the_processor(processors):
+    """With Qwen's whitespace merges (the tiny Qwen3-VL tokenizer has them: "\\n\\n" is one token), the ids are the
+    processor's whole-string ones for replies that begin or end with spaces and newlines, alone and in multi-turn
+    conversations, with and without a generation prompt (what vLLM renders and tokenizes for a request). Labels: the
+    reply's tokens and <|im_end|>; a token joining the header's newline to the reply's leading whitespace is the
+    header's, never trained."""
+    from finetune.model.tiny import WHITESPACE_MERGING_FAMILIES
+
+    family = sorted(WHITESPACE_MERGING_FAMILIES)[0]
+    processor, tokenizer = processors[family], processors[family].tokenizer
+    assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1  # the merge this test is about
+    merged = 0
+    for mode in ("assistant", "last_assistant"):
+        encoder = ConversationEncoder(processor, SETTINGS, label_mode=mode)
+        for n in (1, 2, 3):
+            for start in range(len(WHITESPACE_REPLIES)):
+                replies = [WHITESPACE_REPLIES[(start + k) % len(WHITESPACE_REPLIES)] for k in range(n)]
+                messages = _text_conversation(replies, system=start % 2 == 0)
+                sample = Sample("w", messages, "w.json[0]")
+                ours = encoder.encode(sample)
+                text = processor.apply_chat_template(messages, tokenize=False)
+                assert ours.input_ids == processor(text=[text])["input_ids"][0], (mode, replies)
+                assert encoder.count_tokens(sample).total == len(ours.input_ids)
+                pieces = sum(
+                    tokenizer([t for t, _ in encoder.segments(sample)], add_special_tokens=False)["input_ids"], []
+                )
+                merged += pieces != ours.input_ids
+                # Labels: per trained turn, the reply without the leading whitespace the header's token took.
+                trained = replies if mode == "assistant" else replies[-1:]
+                spans, current = [], []
+                for token, label in zip(ours.input_ids, ours.labels):
+                    if label == IGNORE_INDEX:
+                        spans, current = spans + ([current] if current else []), []
+                    else:
+                        assert label == token
+                        current.append(token)
+                spans += [current] if current else []
+                got = [tokenizer.decode(s) for s in spans]
+                for reply, span in zip(trained, got, strict=True):
+                    assert span.endswith("<|im_end|>") and reply.endswith(span[: -len("<|im_end|>")]), (reply, span)
+                    assert reply[: len(reply) - len(span) + len("<|im_end|>")].isspace() or span == reply + "<|im_end|>"
+                # The prompt of the last turn: what a server renders (generation prompt) and tokenizes at once.
+                prompt = Sample("p", messages[:-1], "w.json[0]")
+                text = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                prompt_ids = encoder.encode(prompt, generation_prompt=True).input_ids
+                assert prompt_ids == processor(text=[text])["input_ids"][0], (mode, replies)
+    assert merged > 10  # tokenizing in pieces would have given other ids for these

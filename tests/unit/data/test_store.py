@@ -86,9 +86,9 @@ def test_store_is_read_once_and_recounts_only_what_changed(tmp_path, processors)
     )
     assert load_source(source, other).counted == 6  # other budgets: counted afresh, in a file of their own
     assert load_source(source, encoder).counted == 0  # ... and switching back costs nothing
-    # The same budgets, tokenizer and chat template (the tiny checkpoints share them), another family: Qwen3-VL sizes
-    # at factor 32 and writes timestamps, so its counts are its own.
-    qwen3 = ConversationEncoder(processors["qwen3_vl"], SETTINGS)
+    # The same budgets, tokenizer and chat template (the tiny checkpoints share them, but for tiny Qwen3-VL's whitespace
+    # merges), another family: Qwen3-VL-MoE sizes at factor 32 and writes timestamps, so its counts are its own.
+    qwen3 = ConversationEncoder(processors["qwen3_vl_moe"], SETTINGS)
     assert qwen3.tokenizer.backend_tokenizer.to_str() == encoder.tokenizer.backend_tokenizer.to_str()
     counted, now = load_source(source, qwen3), read_source(source)[0]
     assert counted.counted == 6 and counted.text[1] > changed.text[1]  # the video's timestamps are text
