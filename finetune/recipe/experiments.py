@@ -3,12 +3,14 @@
 `recipes/config.yaml` defaults to `experiment: demo` (a tiny model on the CPU: learning rate 3e-3, batch 16, rows of
 256 tokens, the demo's eval set and run name). Swapping only the model (`model=qwen2_5_vl_7b`) would train a real
 model with those settings, so a demo experiment takes tiny:// checkpoints only and names the GPU experiments of the
-model's family instead.
+model's family instead. A local folder holding a tiny checkpoint counts as tiny (its config.json's width).
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -55,11 +57,30 @@ def experiments_for(family: str) -> list[str]:
     return [name for name, (_, fam) in gpu_experiments().items() if fam == family]
 
 
+TINY_HIDDEN_SIZE = 512  # the tiny checkpoints' LLMs are 64 wide; the smallest published Qwen-VL LLM is 1,024 wide
+
+
+def is_tiny_checkpoint(name_or_path: str) -> bool:
+    """A tiny:// checkpoint, or a local folder holding one (a copy of it, a test's variant): its config.json says an
+    LLM at most TINY_HIDDEN_SIZE wide. A hub id or any other folder counts as a real model."""
+    if name_or_path.startswith("tiny://"):
+        return True
+    config_file = Path(name_or_path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    hidden = (values.get("text_config") or {}).get("hidden_size", values.get("hidden_size"))
+    return isinstance(hidden, int) and hidden <= TINY_HIDDEN_SIZE
+
+
 def refuse_demo_with_real_model(config: Config, choices: dict, overrides: list[str]) -> None:
     """A demo experiment trains tiny:// checkpoints only; anything else is refused naming the experiments to use.
     `choices`: the group options Hydra composed (`experiment`, `model`, ...)."""
     experiment = choices.get("experiment")
-    if not is_demo(experiment) or config.model.name_or_path.startswith("tiny://"):
+    if not is_demo(experiment) or is_tiny_checkpoint(config.model.name_or_path):
         return
     option = choices.get("model")
     real_option = option is not None and not str(option).startswith("tiny_")

@@ -70,11 +70,16 @@ def _under_open_key(key: str, keys: dict[str, Any]) -> bool:
     return any(keys.get(".".join(parts[:n])) is Any for n in range(1, len(parts)))
 
 
+OPTIONAL_GROUP = "experiment"  # the one group a recipe may go without (`~experiment`, benchmarks/gpu_train.py)
+
+
 def _check_group(group: str, prefix: str, value: str, recipes_dir: Path) -> None:
     options = group_options(recipes_dir, group)
     if prefix in ("+", "++"):
         raise ConfigError(f"'{prefix}{group}={value}': {group} is already in the recipe; drop the '{prefix}'.")
     if prefix == "~":
+        if group == OPTIONAL_GROUP:  # no experiment: the other groups' defaults and the overrides are the recipe
+            return
         raise ConfigError(f"'~{group}': a recipe group cannot be removed; choose one of its options ({group}=...).")
     if value in options or "," in value:  # "a,b" is a sweep's list, expanded before each job composes
         return

@@ -247,7 +247,7 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     from safetensors import safe_open
 
     from finetune.base.errors import ConfigError
-    from finetune.exporting.export import export
+    from finetune.exporting.export import check_adapter_base, export
     from finetune.recipe.load import load_config
     from tests.helpers.serving_media import OTHER_BUDGETS
 
@@ -264,7 +264,9 @@ def test_export_refuses_clearly_and_exports_bf16(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "error: No LoRA adapter" in result.stderr
     run_in_process(overrides, export=False)
     refused([f"model.name_or_path={_other_base_model(tmp_path / 'other')}"], "a different model from the recipe's")
-    refused(["model.name_or_path=someone/another-model"], "was trained on .*, but the recipe's base model is")
+    # Another base by name only (a hub id: the recipe itself refuses one with the demo, so the check is asked alone)
+    with pytest.raises(ConfigError, match="was trained on .*, but the recipe's base model is someone/another-model"):
+        check_adapter_base(run_dir / "adapter", "someone/another-model")
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "notes.txt").write_text("mine")
     refused([f"export.output_dir={tmp_path / 'occupied'}"], "already exists and is not empty")

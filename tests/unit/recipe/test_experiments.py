@@ -1,6 +1,7 @@
 """A real model never composes the CPU demo's trainer: a demo experiment with a checkpoint that is not tiny:// is
 refused in one line naming the family's GPU experiments; a GPU experiment takes another size of its family."""
 
+import json
 import re
 
 import pytest
@@ -63,3 +64,25 @@ def test_every_family_has_a_gpu_experiment():
     assert {family for _, family in gpu_experiments().values()} == set(FAMILIES)
     for family in FAMILIES:
         assert experiments_for(family) == _family_experiments(family)
+
+
+def test_a_local_copy_of_a_tiny_checkpoint_runs_the_demo_and_a_local_real_one_is_refused(tmp_path):
+    from finetune.model.tiny import tiny_checkpoint
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text((tiny_checkpoint("qwen2_5_vl") / "config.json").read_text())
+    assert load_config([f"model.name_or_path={tiny}"]).model.name_or_path == str(tiny)
+    real = tmp_path / "real"
+    real.mkdir()
+    config = json.loads((tiny / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 3584  # Qwen2.5-VL-7B's width
+    (real / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"model.name_or_path={real} with the CPU demo's settings"):
+        load_config([f"model.name_or_path={real}"])
+
+
+def test_no_experiment_composes_the_groups_defaults():
+    budgets = ["model.video_max_frames=128", "model.video_total_pixels=9633792", "data.max_length=16384"]
+    config = load_config(["~experiment", "name=bench", "model=qwen2_5_vl_7b", "data=custom", *budgets])
+    assert config.name == "bench" and config.trainer.learning_rate == 1e-4 and config.accelerate.mode == "auto"
