@@ -112,6 +112,18 @@ def _torchcodec_works(path) -> bool:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def trained_spans(input_ids, labels) -> list[list[int]]:
+    """The runs of trained tokens (each label equal to its token), in order."""
+    spans, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label == IGNORE_INDEX:
+            spans, current = spans + ([current] if current else []), []
+        else:
+            assert label == token
+            current.append(token)
+    return spans + ([current] if current else [])
+
+
 def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, media_pool, random_samples, family):
     root, _, videos = media_pool
     if not _torchcodec_works(str(root / videos[0])):
@@ -174,15 +186,7 @@ def test_labels_cover_exactly_the_assistant_replies(processors, random_samples, 
         ("last_assistant", ["Yes, 0 times.<|im_end|>"]),
     ]:
         encoded = ConversationEncoder(processor, SETTINGS, label_mode=mode).encode(sample)
-        spans, current = [], []
-        for token, label in zip(encoded.input_ids, encoded.labels):
-            if label == IGNORE_INDEX:
-                spans, current = spans + ([current] if current else []), []
-            else:
-                assert label == token
-                current.append(token)
-        spans += [current] if current else []
-        assert [decode(s) for s in spans] == expected, mode
+        assert [decode(s) for s in trained_spans(encoded.input_ids, encoded.labels)] == expected, mode
     with_media = next(s for s in random_samples if s.media("image") and s.media("video"))
     everything = ConversationEncoder(processor, SETTINGS, label_mode="all").encode(with_media)
     # Untrained: what stands inside a vision block: the pads and, where videos are timestamped frames (Qwen3-VL),
@@ -479,15 +483,7 @@ def test_replies_with_leading_and_trailing_whitespace_tokenize_as_the_processor(
                 merged += pieces != ours.input_ids
                 # Labels: per trained turn, the reply without the leading whitespace the header's token took.
                 trained = replies if mode == "assistant" else replies[-1:]
-                spans, current = [], []
-                for token, label in zip(ours.input_ids, ours.labels):
-                    if label == IGNORE_INDEX:
-                        spans, current = spans + ([current] if current else []), []
-                    else:
-                        assert label == token
-                        current.append(token)
-                spans += [current] if current else []
-                got = [tokenizer.decode(s) for s in spans]
+                got = [tokenizer.decode(s) for s in trained_spans(ours.input_ids, ours.labels)]
                 for reply, span in zip(trained, got, strict=True):
                     assert span.endswith("<|im_end|>") and reply.endswith(span[: -len("<|im_end|>")]), (reply, span)
                     assert reply[: len(reply) - len(span) + len("<|im_end|>")].isspace() or span == reply + "<|im_end|>"
