@@ -111,7 +111,6 @@ def _torchcodec_works(path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
 def trained_spans(input_ids, labels) -> list[list[int]]:
     """The runs of trained tokens (each label equal to its token), in order."""
     spans, current = [], []
@@ -124,6 +123,7 @@ def trained_spans(input_ids, labels) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_matches_qwen_vl_utils_and_the_processor_on_random_samples(processors, media_pool, random_samples, family):
     root, _, videos = media_pool
     if not _torchcodec_works(str(root / videos[0])):
