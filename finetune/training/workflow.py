@@ -57,6 +57,16 @@ RULE_NOTES = {
 }
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed on CPUs compiles its shared-memory all-reduce (a C++ op: about a minute of both cores, and again for
+    every new virtual environment path) when it opens its process group. Only tensor-parallel inference (AutoTP's
+    `inference_all_reduce`) calls that op, never ZeRO training, so a CPU run marks it unavailable and skips the build;
+    on GPUs DeepSpeed's CUDA accelerator has no such op."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the probed table DeepSpeed consults
+
+
 def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
     """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
     run_dir = Path(config.trainer.output_dir)
@@ -73,6 +83,8 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
     # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
     # take turns below, and under ZeRO-3 make from_pretrained load each weight partitioned (deepspeed.zero.Init).
+    if config.deepspeed.zero_stage and not uses_gpu(config):
+        skip_deepspeed_shm_build()
     PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
     args = build_sft_config(config, precision, run_dir)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
