@@ -26,10 +26,19 @@ Shipped (`SHIPPED`; recipe keywords in brackets):
 - `exact_match`, `f1`: the evaluation metrics (finetune/evaluation/metrics.py: normalised equality; SQuAD token F1).
   A solution that is a list of acceptable answers scores the best of them (also `edit_distance`).
 - `edit_distance`: 1 - Levenshtein(answer, solution) / max(len) on characters, whitespace runs collapsed (OCR).
-  [`normalise`: compare metrics.normalise'd text (case, surrounding punctuation) instead.]
-- `box_iou`: IoU of the answer's first box [x1, y1, x2, y2] with the solution's, in the family's frame (`BOX_FRAMES`).
-  NoScore: no box of four numbers.
+  [`normalise_text`: compare metrics.normalise'd text (case, surrounding punctuation) instead.]
+- `box_iou`: IoU of the answer's first box [x1, y1, x2, y2] with the solution's, in the family's frame (`BOX_FRAMES`:
+  Qwen2.5-VL pixels of the resized image, the others 0-1000). [`solution_frame`: "original" (default; the solution
+  in the image file's pixels, converted with the extras `family`, `image_size` and, for Qwen2.5-VL, `resized_size`,
+  each (width, height)) or "model" (the solution already in the family's frame).] NoScore: no box of four numbers.
 - `temporal_iou`: IoU of the answer's [start, end] seconds with the solution's (video grounding). NoScore: no span.
+
+Users' rewards (`load_reward`): `module.path:function` (imported by name from the Python path) or
+`path/to/file.py:function` (that file, by path, relative to the recipe's base directory or the working one). Only the
+module or file the recipe names is imported: no scanning, no entry points.
+
+Arguments: a reward gets the sample's extras as keywords, then the recipe's keywords for it (`rel_tol`, ...), which
+win over a column of the same name; a user's function without `**extras` gets only the columns it names.
 
 Combination (`RewardTable`): each completion's reward is the weighted sum of its rewards' scores, a NoScore adding
 0; per reward, the table counts the completions it could not score (the trainer logs them per step, the run
@@ -246,10 +255,14 @@ def f1(completion: str, solution, **extras) -> float | _NoScore:
 
 def levenshtein(a: str, b: str) -> int:
     """Characters inserted, deleted or substituted to turn a into b (two-row dynamic programme, O(len a * len b))."""
-    while a and b and a[0] == b[0]:  # a shared prefix and suffix cost nothing; OCR answers are mostly right
-        a, b = a[1:], b[1:]
-    while a and b and a[-1] == b[-1]:
-        a, b = a[:-1], b[:-1]
+    # A shared prefix and suffix cost nothing (OCR answers are mostly right): only the middle needs the table.
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    a, b = a[start : len(a) - end], b[start : len(b) - end]
     if len(a) < len(b):
         a, b = b, a
     previous = list(range(len(b) + 1))
@@ -509,7 +522,13 @@ class Reward:
         if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
             raise ConfigError(f"reward {self.name}: weight {self.weight!r} is not a finite number; give e.g. 1.0.")
         self.weight = float(self.weight)
-        params = inspect.signature(self.fn).parameters
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError) as err:  # some builtins and C extensions have none
+            raise ConfigError(
+                f"reward {self.name}: its signature cannot be read ({_one_line(err)}); wrap it in "
+                "`def reward(completion, solution, **extras)`."
+            ) from err
         self._takes_extras = any(p.kind is p.VAR_KEYWORD for p in params.values())
         positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
@@ -529,6 +548,7 @@ class Reward:
             )
 
     def __call__(self, completion: str, solution, extras: dict):
+        extras = {k: v for k, v in extras.items() if k not in ("completion", "solution")}  # passed as arguments
         if not self._takes_extras:  # a user's function without **extras gets the columns it names
             extras = {k: v for k, v in extras.items() if k in self._named}
         return self.fn(completion, solution, **{**extras, **self.kwargs})  # the recipe's keywords win

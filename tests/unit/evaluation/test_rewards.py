@@ -446,3 +446,11 @@ def test_user_reward_with_too_few_arguments(tmp_path):
     path.write_text("def score(completion):\n    return 1.0\n")
     with pytest.raises(ConfigError, match=r"takes 1 positional argument\(s\); a reward is `def reward"):
         build_rewards([f"{path}:score"])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "distance"),
+    [("abcXdef", "abcdef", 1), ("abc", "abd", 1), ("aaaa", "aa", 2), ("ab", "ba", 2), ("same", "same", 0)],
+)
+def test_levenshtein_with_shared_ends(a, b, distance):
+    assert levenshtein(a, b) == levenshtein(b, a) == distance
