@@ -12,6 +12,7 @@ chance: 1 / (distinct normalised references in the task), the accuracy of guessi
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -22,9 +23,6 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _CHOICE_PREFIX = re.compile(  # "Answer:", "The answer is", "The correct option:"
     r"(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answer|option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE
 )
-_PAREN_LETTER = re.compile(r"\(([A-Ja-j])\)")  # "(B)", "(B) cat", "(b)."
-_BARE_LETTER = re.compile(r"([A-Ja-j])[.:)]?")  # the whole text: "B", "b", "B.", "B)", "B:"
-_DELIMITED_LETTER = re.compile(r"([A-J])[.:)]\s")  # "B. cat", "B) cat", "B: cat" (upper case only)
 _CHOICE_REFERENCE = re.compile(r"\s*(?:\([A-J]\)|[A-J][.)]?)\s*")
 
 
@@ -49,14 +47,26 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def choice_letter(text: str) -> str | None:
-    """The option letter (A-J, upper case) a text states, e.g. "B", "(B) cat", "B: cat", "The answer is (C).";
-    None when it states none. A leading capital word is not an option: "A dog" -> None, "A) dog" -> "A"."""
+@functools.cache
+def _letter_patterns(last: str) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    both = f"A-{last}a-{last.lower()}"
+    return (
+        re.compile(rf"\(([{both}])\)"),  # "(B)", "(B) cat", "(b)."
+        re.compile(rf"([{both}])[.:)]?"),  # the whole text: "B", "b", "B.", "B)", "B:"
+        re.compile(rf"([A-{last}])[.:)]\s"),  # "B. cat", "B) cat", "B: cat" (upper case only)
+    )
+
+
+def choice_letter(text: str, last: str = "J") -> str | None:
+    """The option letter (A to `last`, upper case) a text states, e.g. "B", "(B) cat", "B: cat", "The answer is (C).";
+    None when it states none. A leading capital word is not an option: "A dog" -> None, "A) dog" -> "A".
+    Evaluation reads A-J; the `choice` reward (finetune/evaluation/rewards.py) reads A-Z."""
     rest = text.strip()
     prefix = _CHOICE_PREFIX.match(rest)
     if prefix:
         rest = rest[prefix.end() :]
-    match = _PAREN_LETTER.match(rest) or _BARE_LETTER.fullmatch(rest) or _DELIMITED_LETTER.match(rest)
+    paren, bare, delimited = _letter_patterns(last)
+    match = paren.match(rest) or bare.fullmatch(rest) or delimited.match(rest)
     return match.group(1).upper() if match else None
 
 
