@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.base.errors import DataError
+from finetune.base.errors import ConfigError, DataError
 from finetune.data.conversation import PLACEHOLDER, ROLE_ALIASES, Sample, record_to_sample
 from finetune.data.encode import ConversationEncoder, EncodedSample, TokenCount
 from finetune.data.modes import LabelMode
@@ -299,11 +299,17 @@ def record_to_unpaired(record, index: int, where: str, root: Path) -> UnpairedCo
     record = _record(record, where)
     named = _named(record, where)
     key = "label" if "label" in record else "kto_tag"
-    label = record.get(key)
+    if key not in record:
+        raise DataError(
+            f"{named}: no 'label' (TRL) or 'kto_tag' (LLaMA-Factory); KTO needs each completion marked desirable "
+            "(true) or undesirable (false). Add it as a JSON boolean.",
+            "bad_label",
+        )
+    label = record[key]
     if not isinstance(label, bool):
         raise DataError(
-            f"{named}: '{key}' is {label!r}, not true or false; KTO needs each completion marked desirable (true) "
-            "or undesirable (false) as a JSON boolean ('label' in TRL's format, 'kto_tag' in LLaMA-Factory's).",
+            f"{named}: '{key}' is {label!r}, not true or false; KTO needs each completion marked desirable (true) or "
+            "undesirable (false) as a JSON boolean.",
             "bad_label",
         )
     ends = "it must end with the user's turn that the completion answers. Move the last reply into 'completion'."
@@ -504,3 +510,34 @@ def count_item(encoder: ConversationEncoder, item: Item, decode: bool = False) -
         if longest is None or count.total > longest.total:
             longest = count
     return longest
+
+
+# ----- checking a whole split -----
+METHOD_KINDS = {
+    "sft": None,
+    **dict.fromkeys(("dpo", "ipo", "orpo", "simpo"), "pairs"),
+    "kto": "unpaired",
+    **dict.fromkeys(("grpo", "dapo", "dr_grpo", "gspo", "rloo"), "prompts"),
+}
+
+
+def data_kind(method: str) -> str | None:
+    """The data a training method reads: "pairs", "unpaired", "prompts", or None (SFT: conversations)."""
+    if method not in METHOD_KINDS:
+        raise ConfigError(f"method {method!r} has no data format; expected one of {', '.join(METHOD_KINDS)}.")
+    return METHOD_KINDS[method]
+
+
+def count_items(data: PreferenceData, encoder: ConversationEncoder, decode: bool = False) -> list[TokenCount]:
+    """Count every item's conversations as SFT counts its samples (`count_item`); the items that cannot be trained on
+    move into `data.problems`. Returns the kept items' counts (their longest conversation), in order."""
+    kept, counts = [], []
+    for item in data.items:
+        try:
+            counts.append(count_item(encoder, item, decode))
+        except DataError as err:
+            data.problems.setdefault(err.kind, []).append(err)
+            continue
+        kept.append(item)
+    data.items = kept
+    return counts
