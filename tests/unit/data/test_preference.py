@@ -221,6 +221,19 @@ def test_each_bad_input_is_its_class_named_with_the_fix(media, tmp_path, problem
     assert "\n" not in message and problem in PROBLEM_CLASSES
 
 
+def test_images_stored_inside_a_parquet_dataset_are_named_not_dumped(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = write_image(tmp_path / "a.png", 32, 32).read_bytes()
+    row = {"prompt": "Q", "chosen": "A", "rejected": "B", "images": [{"bytes": png, "path": None}]}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "rlaif.parquet")
+    items, problems = read_preference_file(tmp_path / "rlaif.parquet", "pairs")
+    [error] = problems["format"]
+    assert not items and "rlaif.parquet[0]: an image stored inside the dataset" in str(error)
+    assert "list its path" in str(error) and len(str(error)) < 300
+
+
 def test_duplicate_ids_and_empty_files_are_problems(media, tmp_path):
     items, problems = _read(tmp_path, [{"id": "x", "prompt": "Q", "solution": "1"}] * 2, "prompts")
     assert len(items) == 1 and "id 'x' is used again" in str(problems["duplicate_id"][0])
