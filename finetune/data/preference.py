@@ -7,9 +7,11 @@ rules), ending with the user's turn the reply answers; the replies are plain tex
   TRL: `prompt` (a string or messages) with `chosen` / `rejected` (strings, or one assistant message each);
   TRL's implicit prompt: `chosen` / `rejected` as whole conversations sharing their first turns (the prompt);
   LLaMA-Factory ShareGPT (`"ranking": true`): `conversations` / `messages` ending with the user's turn, and `chosen` /
-  `rejected` as `{"from": "gpt", "value": ...}` (or `{"role", "content"}`, or plain strings).
+  `rejected` as `{"from": "gpt", "value": ...}` (or `{"role", "content"}`, or plain strings); LLaMA-Factory alpaca:
+  `instruction` (+ `input`, `history`) with `chosen` / `rejected` strings.
 - `unpaired` (KTO): TRL: `prompt`, `completion`, `label` (true: desirable); LLaMA-Factory: `messages` /
-  `conversations` ending with the assistant's reply, and `kto_tag` (true / false).
+  `conversations` ending with the assistant's reply (or alpaca's `instruction` + `output`), and `kto_tag` (true /
+  false).
 - `prompts` (GRPO, DAPO, Dr.GRPO, GSPO, RLOO): `prompt` (a string or messages), or `messages` / `conversations` ending
   with the user's turn; `solution` (or `answer`); every other top-level column goes to the rewards as `extras`.
 
@@ -237,6 +239,18 @@ def _turns(record: dict) -> list | None:
     return record.get("conversations", record.get("messages"))
 
 
+def _alpaca_turns(record: dict, where: str) -> list[dict]:
+    """LLaMA-Factory's alpaca format: `history` ([question, answer] pairs), then `instruction` and `input` joined by a
+    newline as the user's turn (its AlpacaDatasetConverter)."""
+    turns = []
+    for pair in record.get("history") or []:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise DataError(f"{where}: each 'history' entry must be a [question, answer] pair, got {pair!r}.")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = [record[k] for k in ("instruction", "input") if record.get(k)]
+    return [*turns, {"role": "user", "content": "\n".join(query)}]
+
+
 def _implicit_prompt(record: dict, where: str) -> tuple[list, dict]:
     """TRL's implicit prompt: `chosen` and `rejected` are whole conversations; their shared first turns are the
     prompt, and what follows must be one assistant reply on each side."""
@@ -269,6 +283,8 @@ def record_to_pair(record, index: int, where: str, root: Path) -> PreferencePair
         turns, trl = record["prompt"], True
     elif _turns(record) is not None:
         turns, trl = _turns(record), False
+    elif "instruction" in record:
+        turns, trl = _alpaca_turns(record, named), False
     elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
         turns, record = _implicit_prompt(record, named)
         trl = True
@@ -280,8 +296,8 @@ def record_to_pair(record, index: int, where: str, root: Path) -> PreferencePair
                 "missing_side",
             )
         raise DataError(
-            f"{named}: no prompt: expected 'prompt' + 'chosen' + 'rejected' (TRL) or 'conversations' + 'chosen' + "
-            "'rejected' (LLaMA-Factory).",
+            f"{named}: no prompt: expected 'prompt' + 'chosen' + 'rejected' (TRL), or 'conversations' (or "
+            "'instruction') + 'chosen' + 'rejected' (LLaMA-Factory).",
             "format",
         )
     chosen, rejected = _reply(record, "chosen", named), _reply(record, "rejected", named)
@@ -316,6 +332,9 @@ def record_to_unpaired(record, index: int, where: str, root: Path) -> UnpairedCo
     if "prompt" in record:
         completion = _reply(record, "completion", named)
         prompt = _prompt(record, record["prompt"], index, where, root, True, ends)
+    elif "instruction" in record:
+        completion = _reply(record, "output", named)
+        prompt = _prompt(record, _alpaca_turns(record, named), index, where, root, False, ends)
     elif isinstance(_turns(record), list) and _turns(record):
         turns = _turns(record)
         last = turns[-1] if isinstance(turns[-1], dict) else {}
@@ -329,8 +348,8 @@ def record_to_unpaired(record, index: int, where: str, root: Path) -> UnpairedCo
         prompt = _prompt(record, turns[:-1], index, where, root, False, ends)
     else:
         raise DataError(
-            f"{named}: no prompt: expected 'prompt' + 'completion' + 'label' (TRL) or 'messages' + 'kto_tag' "
-            "(LLaMA-Factory).",
+            f"{named}: no prompt: expected 'prompt' + 'completion' + 'label' (TRL), or 'messages' (or "
+            "'instruction' + 'output') + 'kto_tag' (LLaMA-Factory).",
             "format",
         )
     return UnpairedCompletion(prompt.id, prompt, completion, label)
@@ -430,27 +449,50 @@ def read_preference_file(path, kind: str, media_root=None) -> tuple[list[Item], 
 
 @dataclass
 class PreferenceData:
+    """The usable items of a split, their token counts (when counted: each item's longest conversation), and the
+    problems by class; `prepare.require_clean` stops on them or reports the skip, as for SFT data."""
+
     items: list
     problems: dict[str, list[DataError]]
     read: int  # records read across sources
+    counts: list[TokenCount] | None = None
+    shortened: int = 0  # never: a pair is not cut back to an earlier turn (require_clean reads it)
 
     @property
     def num_problems(self) -> int:
         return sum(len(v) for v in self.problems.values())
 
 
-def read_preference_split(value, kind: str, media_root: str | None, resolve, seed: int = 0) -> PreferenceData:
+def read_source_data(source: DatasetSource, kind: str) -> PreferenceData:
+    """One dataset read as `kind`, with the number of records read (an empty file reads none)."""
+    items, found = read_preference_source(source, kind)
+    return PreferenceData(items, found, len(items) + sum(len(v) for k, v in found.items() if k != "empty_dataset"))
+
+
+def read_preference_split(
+    value,
+    kind: str,
+    media_root: str | None,
+    resolve,
+    seed: int = 0,
+    encoder: ConversationEncoder | None = None,
+    decode: bool = False,
+) -> PreferenceData:
     """`data.train` / `data.eval` as a recipe writes it (a path, or a list of paths / {path, weight, media_root}):
-    each source read, problems collected, the sources mixed by weight as SFT mixes them."""
+    each source read, problems collected, and with an `encoder` every item counted as SFT counts its samples (those
+    that cannot be trained on join the problems), before the sources are mixed by weight as SFT mixes them."""
     sources = parse_sources(value, media_root, resolve)
     per_source, problems, read = [], defaultdict(list), 0
     for source in sources:
-        items, found = read_preference_source(source, kind)
-        per_source.append(items)
-        read += len(items) + sum(len(errors) for name, errors in found.items() if name != "empty_dataset")
-        for name, errors in found.items():
+        part = read_source_data(source, kind)
+        counts = count_items(part, encoder, decode) if encoder is not None else [None] * len(part.items)
+        per_source.append(list(zip(part.items, counts)))
+        read += part.read
+        for name, errors in part.problems.items():
             problems[name] += errors
-    return PreferenceData(mix(per_source, [s.weight for s in sources], seed), dict(problems), read)
+    mixed = mix(per_source, [s.weight for s in sources], seed)
+    counts = [count for _, count in mixed] if encoder is not None else None
+    return PreferenceData([item for item, _ in mixed], dict(problems), read, counts)
 
 
 # ----- encoding -----

@@ -28,7 +28,7 @@ import numpy as np
 from finetune.base.errors import DataError
 from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
-from finetune.data.preference import PreferenceData, count_items, read_preference_source
+from finetune.data.preference import count_items, read_source_data
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.data.sources import DatasetSource, parse_sources
 from finetune.recipe.budgets import summary_lines
@@ -139,9 +139,8 @@ def check_preference_source(
     """Every record of one dataset read as `kind` ("pairs" | "unpaired" | "prompts"; finetune/data/preference.py),
     its conversations counted (or, with `decode`, encoded) as SFT samples are: the problems by class, each named with
     its fix, and the token lengths (a pair's longer side)."""
-    items, problems = read_preference_source(source, kind)
-    read = len(items) + sum(len(v) for k, v in problems.items() if k != "empty_dataset")
-    data = PreferenceData(items, problems, read)
+    data = read_source_data(source, kind)
+    read = data.read
     counts = count_items(data, encoder, decode)
     noun = NOUNS[kind]
     lines = [

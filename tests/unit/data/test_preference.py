@@ -4,6 +4,7 @@ sides encode exactly as SFT encodes their conversations, for every family, with 
 sides."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from finetune.data.preference import (
     read_preference_file,
     read_preference_split,
 )
-from finetune.data.prepare import PROBLEM_CLASSES
+from finetune.data.prepare import PROBLEM_CLASSES, require_clean
 from finetune.data.sources import load_samples
 from finetune.data.vision import VisionSettings
 from tests.helpers.media_factory import write_dataset, write_image, write_video
@@ -94,6 +95,7 @@ PAIRS = {
         "chosen": {"from": "gpt", "value": "A gradient."},
         "rejected": {"from": "gpt", "value": "A cat."},
     },
+    "llamafactory_alpaca": {"instruction": "<image>What is this?", "chosen": "A gradient.", "rejected": "A cat."},
     "llamafactory_openai_strings": {
         "messages": IMAGE_PROMPT,
         "chosen": "A gradient.",
@@ -131,6 +133,19 @@ def test_a_multi_turn_prompt_keeps_its_turns_and_system(media):
     assert pair.prompt.media("image")[0]["max_pixels"] == 8192  # record-level media options, as in SFT
 
 
+def test_alpaca_history_and_input_join_as_llamafactory_joins_them(media):
+    record = {"instruction": "Translate:", "input": "chat", "history": [["Hi", "Hello"]], "system": "Be brief."}
+    pair = _one(media, {**record, "chosen": "cat", "rejected": "dog"}, "pairs")
+    assert [(m["role"], m["content"][0]["text"]) for m in pair.prompt.messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+        ("assistant", "Hello"),
+        ("user", "Translate:\nchat"),
+    ]
+    item = _one(media, {**record, "output": "chat", "kto_tag": False}, "unpaired")
+    assert item.prompt.messages == pair.prompt.messages and (item.completion, item.desirable) == ("chat", False)
+
+
 def test_kto_formats(media):
     trl = {"id": "k1", "prompt": "<image>Is it red?", "completion": "Yes.", "label": False, "images": ["a.png"]}
     factory = {
@@ -163,6 +178,22 @@ def test_rl_prompt_formats_and_extras(media):
         media, {"messages": [{"role": "user", "content": "<video>Which way?"}], "videos": ["v.mp4"]}
     )
     assert [m["role"] for i in items for m in i.prompt.messages] == ["user"] * 3
+
+
+def test_a_split_counted_by_the_encoder_stops_or_skips_as_sft_data(processors, media):
+    records = [
+        {"id": "ok", "prompt": "<image>Q", "chosen": "A", "rejected": "B", "images": ["a.png"]},
+        {"id": "gone", "prompt": "<image>Q", "chosen": "A", "rejected": "B", "images": ["gone.png"]},
+    ]
+    path = write_dataset(media / "split.json", records)
+    encoder = ConversationEncoder(processors["qwen2_vl"], SETTINGS)
+    data = read_preference_split(str(path), "pairs", None, Path, encoder=encoder)
+    assert [i.id for i in data.items] == ["ok"] and list(data.problems) == ["missing_media"] and data.read == 2
+    [count] = data.counts
+    assert count == encoder.count_tokens(data.items[0].conversation("chosen"))  # "A" and "B": one token each
+    with pytest.raises(DataError, match="1 of 2 train samples cannot be trained on"):
+        require_clean(data, "train", False, logging.getLogger("test"))
+    require_clean(data, "train", True, logging.getLogger("test"))  # data.skip_invalid: reported, not raised
 
 
 def test_jsonl_files_and_weighted_sources(media):
