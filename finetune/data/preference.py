@@ -45,6 +45,11 @@ KINDS = ("pairs", "unpaired", "prompts")
 MEDIA_KEYS = ("images", "image", "videos", "video")
 # Columns that make the prompt (and so are not extras of an RL prompt).
 PROMPT_KEYS = {"id", "prompt", "messages", "conversations", "system", *MEDIA_KEYS, *IMAGE_KEYS, *VIDEO_KEYS}
+# The replies, labels and answers of every format (and alpaca's prompt columns): not a prompt's extra columns.
+REPLY_KEYS = {
+    *("chosen", "rejected", "completion", "label", "kto_tag", "solution", "answer"),
+    *("instruction", "input", "history", "output"),
+}
 
 
 def _reply_turn(text: str) -> dict:
@@ -192,11 +197,11 @@ def _listed(record: dict, plural: str, single: str, where: str) -> list:
     return list(value)
 
 
-def _leading_media(record: dict, turns: list) -> list:
+def _leading_media(record: dict, turns: list, where: str) -> list:
     """TRL's rule for string turns with listed files and no placeholder: the files go before the first user text."""
     counts = {
-        "image": len(_listed(record, "images", "image", "")),
-        "video": len(_listed(record, "videos", "video", "")),
+        "image": len(_listed(record, "images", "image", where)),
+        "video": len(_listed(record, "videos", "video", where)),
     }
     texts = [t.get("content", t.get("value")) for t in turns if isinstance(t, dict)]
     if not any(counts.values()) or not all(isinstance(t, str) for t in texts):
@@ -224,7 +229,7 @@ def _prompt(record: dict, turns, index: int, where: str, root: Path, trl: bool, 
     if any(isinstance(t, dict) and isinstance(t.get("content", t.get("value")), list) for t in turns):
         turns, synthetic = _fill_blocks(synthetic, turns, named)
     elif trl:
-        turns = _leading_media(synthetic, turns)
+        turns = _leading_media(synthetic, turns, named)
     synthetic["messages"] = turns
     sample = record_to_sample(synthetic, index, where, root, require_answer=False)
     last = sample.messages[-1]["role"]
@@ -232,7 +237,9 @@ def _prompt(record: dict, turns, index: int, where: str, root: Path, trl: bool, 
         raise DataError(
             f"{named}: the prompt ends with a{'n' if last == 'assistant' else ''} {last} turn; {ends}", "prompt_end"
         )
-    return Sample(sample.id, sample.messages, sample.source)
+    # The record's other columns (a task name, ...) ride along for reports, as SFT keeps them.
+    extra = {k: v for k, v in record.items() if k not in PROMPT_KEYS and k not in REPLY_KEYS}
+    return Sample(sample.id, sample.messages, sample.source, extra)
 
 
 def _turns(record: dict) -> list | None:

@@ -127,8 +127,11 @@ def test_a_multi_turn_prompt_keeps_its_turns_and_system(media):
         {"from": "human", "value": "Which colours?"},
     ]
     record = {"conversations": turns, "system": "Be brief.", "images": ["a.png"], "max_pixels": 8192}
-    pair = _one(media, {**record, "chosen": {"from": "gpt", "value": "Red."}, "rejected": "Blue."}, "pairs")
+    pair = _one(
+        media, {**record, "chosen": {"from": "gpt", "value": "Red."}, "rejected": "Blue.", "task": "colour"}, "pairs"
+    )
     assert pair.prompt.messages == _sft(media, record)
+    assert pair.prompt.extra == {"task": "colour"}  # other columns ride along for reports, as in SFT
     assert [m["role"] for m in pair.prompt.messages] == ["system", "user", "assistant", "user"]
     assert pair.prompt.media("image")[0]["max_pixels"] == 8192  # record-level media options, as in SFT
 
