@@ -180,7 +180,11 @@ def validate_preference_split(
     return problems
 
 
-def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
+def validate(
+    config: Config, split_names: list[str], decode: bool, row_tokens: int | None, kind: str | None = None
+) -> int:
+    """`kind`: the data of a preference or RL method ("pairs" | "unpaired" | "prompts": `preference.data_kind` of the
+    recipe's method); None: SFT conversations."""
     from finetune.model.load import load_processor
 
     problems = 0
@@ -201,6 +205,9 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
         print("\n".join(summary_lines(config)), flush=True)
     encoder = conversation_encoder(load_processor(config.model), config) if readable and not problems else None
     for name, value in readable if encoder else []:
+        if kind is not None:
+            problems += validate_preference_split(name, value, kind, encoder, config.data.media_root, decode)
+            continue
         try:
             split = prepare_split(value, split_settings(config), encoder, resolve_data_file)
         except DataError as err:  # the file itself: missing, not JSON, not UTF-8

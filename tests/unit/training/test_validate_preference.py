@@ -89,3 +89,19 @@ def test_decode_finds_what_headers_cannot(root, encoder):
     assert validate_preference_file(path, "pairs", encoder).num_problems == 0
     check = validate_preference_file(path, "pairs", encoder, decode=True)
     assert check.num_problems == 1 and "(id cut), chosen reply" in check.text
+
+
+def test_the_validate_command_checks_a_preference_recipe(root, capsys):
+    from finetune.recipe.load import load_config
+    from finetune.training.validate import validate
+
+    records = [
+        {"id": "ok", "prompt": "<image>Q", "chosen": "A", "rejected": "B", "images": ["a.png"]},
+        {"id": "same", "prompt": "<image>Q", "chosen": "A", "rejected": "A", "images": ["a.png"]},
+    ]
+    path = write_dataset(root / "cmd.json", records)
+    config = load_config([f"data.train={path}", "data.eval=null"])
+    assert validate(config, ["train"], False, None, kind="pairs") == 1
+    out = capsys.readouterr().out
+    assert "2 records, 1 usable pairs, 1 with problems" in out and "(id same)" in out
+    assert "FAILED: 1 problems would stop training." in out
