@@ -77,7 +77,7 @@ def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
     ]
 
 
-def token_lines(title: str, tokens: dict) -> list[str]:
+def token_lines(title: str, tokens: dict, unit: str = "sample") -> list[str]:
     """The token-length table (text / image / video / total: min, median, p95, max, sum) and the total's histogram."""
     totals = (np.asarray(tokens["text"]) + np.asarray(tokens["image"]) + np.asarray(tokens["video"])).tolist()
     if not totals:
@@ -90,7 +90,7 @@ def token_lines(title: str, tokens: dict) -> list[str]:
             f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
             f"{sum(values):>10,}"
         )
-    lines.append("total tokens per sample (histogram):")
+    lines.append(f"total tokens per {unit} (histogram):")
     return lines + histogram(totals)
 
 
@@ -150,7 +150,7 @@ def check_preference_source(
         lines += ["problems:", format_problems(data.problems)]
     tokens = {part: [getattr(c, part) for c in counts] for part in ("text", "image", "video")}
     title = "tokens per pair (longer)" if kind == "pairs" else f"tokens per {noun[:-1]}"
-    lines += token_lines(title, tokens)
+    lines += token_lines(title, tokens, "pair" if kind == "pairs" else noun[:-1])
     return PreferenceCheck("\n".join(lines), read, len(data.items), data.problems)
 
 
