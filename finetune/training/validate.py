@@ -7,6 +7,9 @@ pre-pass training uses), and reports per problem class the count and the first s
 unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media count mismatches, unknown
 roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
 `--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
+A preference or RL recipe's data (pairs, KTO completions, RL prompts: finetune/data/preference.py) is checked the
+same way, each pair's both sides counted, plus its own classes (chosen equal to rejected, a missing side, a prompt not
+ending with the user's turn, no solution, no true/false label).
 Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
 when packed into rows of `--row-tokens` (default: the row budget training uses) by the trainer's own packing.
 
@@ -140,18 +143,17 @@ def check_preference_source(
     its conversations counted (or, with `decode`, encoded) as SFT samples are: the problems by class, each named with
     its fix, and the token lengths (a pair's longer side)."""
     data = read_source_data(source, kind)
-    read = data.read
     counts = count_items(data, encoder, decode)
     noun = NOUNS[kind]
     lines = [
-        f"{name} ({source.path}): {read} records, {len(data.items)} usable {noun}, {data.num_problems} with problems"
+        f"{name} ({source.path}): {data.read} records, {len(data.items)} usable {noun}, {data.num_problems} with problems"
     ]
     if data.num_problems:
         lines += ["problems:", format_problems(data.problems)]
     tokens = {part: [getattr(c, part) for c in counts] for part in ("text", "image", "video")}
     title = "tokens per pair (longer)" if kind == "pairs" else f"tokens per {noun[:-1]}"
     lines += token_lines(title, tokens, "pair" if kind == "pairs" else noun[:-1])
-    return PreferenceCheck("\n".join(lines), read, len(data.items), data.problems)
+    return PreferenceCheck("\n".join(lines), data.read, len(data.items), data.problems)
 
 
 def validate_preference_file(
