@@ -66,6 +66,14 @@ def resolve_media(path, media_root: Path, where: str):
     """Absolute, symlink-free path (or list of paths for frame lists) inside `media_root`."""
     if isinstance(path, (list, tuple)):
         return [resolve_media(p, media_root, where) for p in path]
+    if isinstance(path, dict) and "bytes" in path or hasattr(path, "getpixel"):
+        # HF datasets' Image feature (parquet: {bytes, path}; save_to_disk: a decoded PIL image), as TRL's vision
+        # datasets ship: named in one line, never the bytes' repr.
+        raise DataError(
+            f"{where}: an image stored inside the dataset (bytes or a decoded image), not a file path. Save each "
+            "image as a file under the media root and list its path instead.",
+            "format",
+        )
     if not isinstance(path, str) or not path:
         raise DataError(f"{where}: media path must be a non-empty string, got {path!r}.")
     if re.match(r"^[a-z][a-z0-9+.-]*://", path) and not path.startswith("file://"):

@@ -32,6 +32,12 @@ PROBLEM_CLASSES = {
     "too_few_frames": "video with fewer than 2 frames",
     "aspect_ratio": "image or frame over the 200:1 aspect ratio",
     "empty_dataset": "no samples at all",
+    # preference tuning and RL (finetune/data/preference.py)
+    "same_reply": "chosen and rejected are the same reply",
+    "missing_side": "missing or empty chosen / rejected / completion",
+    "prompt_end": "prompt that does not end with the user's turn",
+    "no_solution": "RL prompt without a solution",
+    "bad_label": "KTO record without a true/false label",
 }
 
 

@@ -7,6 +7,9 @@ pre-pass training uses), and reports per problem class the count and the first s
 unreadable media, corrupt / zero-frame / zero-duration videos, placeholder/media count mismatches, unknown
 roles, empty assistant turns, samples over data.max_length (and by how much), media outside the media root.
 `--decode` also decodes every image and video (slower; finds corrupt packets a header check cannot).
+A preference or RL recipe's data (pairs, KTO completions, RL prompts: finetune/data/preference.py) is checked the
+same way, each pair's both sides counted, plus its own classes (chosen equal to rejected, a missing side, a prompt not
+ending with the user's turn, no solution, no true/false label).
 Prints the token-length distribution (text / image / video) and the number of rows the samples would fill
 when packed into rows of `--row-tokens` (default: the row budget training uses) by the trainer's own packing.
 
@@ -20,12 +23,17 @@ import argparse
 import logging
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from finetune.base.errors import DataError
 from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
+from finetune.data.preference import count_items, read_source_data
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
-from finetune.data.sources import parse_sources
+from finetune.data.sources import DatasetSource, parse_sources
 from finetune.recipe.budgets import summary_lines
 from finetune.recipe.data_settings import conversation_encoder, split_settings
 from finetune.recipe.load import load_config
@@ -72,6 +80,23 @@ def histogram(values: list[int], width: int = 40, bins: int = 8) -> list[str]:
     ]
 
 
+def token_lines(title: str, tokens: dict, unit: str = "sample") -> list[str]:
+    """The token-length table (text / image / video / total: min, median, p95, max, sum) and the total's histogram."""
+    totals = (np.asarray(tokens["text"]) + np.asarray(tokens["image"]) + np.asarray(tokens["video"])).tolist()
+    if not totals:
+        return []
+    lines = [f"{title:<24} min   median      p95      max      total"]
+    for part in ("text", "image", "video", "total"):
+        values = sorted(totals if part == "total" else np.asarray(tokens[part]).tolist())
+        p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
+        lines.append(
+            f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
+            f"{sum(values):>10,}"
+        )
+    lines.append(f"total tokens per {unit} (histogram):")
+    return lines + histogram(totals)
+
+
 def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> str:
     lines = [f"{name}: {split.read} records, {len(split.samples)} usable samples, {split.num_problems} with problems"]
     if split.shortened:
@@ -81,18 +106,9 @@ def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> s
         )
     if split.num_problems:
         lines += ["problems:", format_problems(split.problems)]
+    lines += token_lines("tokens per sample", split.tokens)
     totals = split.totals.tolist()
     if totals:
-        lines.append("tokens per sample        min   median      p95      max      total")
-        for part in ("text", "image", "video", "total"):
-            values = sorted((split.totals if part == "total" else split.tokens[part]).tolist())
-            p95 = values[min(len(values) - 1, int(0.95 * len(values)))]
-            lines.append(
-                f"  {part:<18} {values[0]:>8} {int(statistics.median(values)):>8} {p95:>8} {values[-1]:>8} "
-                f"{sum(values):>10,}"
-            )
-        lines.append("total tokens per sample (histogram):")
-        lines += histogram(totals)
         fits = [t for t in totals if t <= row_tokens]
         rows = packed_rows(fits, row_tokens, seed)
         lines.append(
@@ -103,7 +119,74 @@ def report(name: str, split: PreparedSplit, row_tokens: int, seed: int = 0) -> s
     return "\n".join(lines)
 
 
-def validate(config: Config, split_names: list[str], decode: bool, row_tokens: int | None) -> int:
+NOUNS = {"pairs": "pairs", "unpaired": "completions", "prompts": "prompts"}
+
+
+@dataclass
+class PreferenceCheck:
+    """One preference / RL dataset checked as `validate` checks SFT data: the report and its figures."""
+
+    text: str
+    read: int
+    usable: int
+    problems: dict[str, list[DataError]]
+
+    @property
+    def num_problems(self) -> int:
+        return sum(len(v) for v in self.problems.values())
+
+
+def check_preference_source(
+    name: str, source: DatasetSource, kind: str, encoder: ConversationEncoder, decode: bool = False
+) -> PreferenceCheck:
+    """Every record of one dataset read as `kind` ("pairs" | "unpaired" | "prompts"; finetune/data/preference.py),
+    its conversations counted (or, with `decode`, encoded) as SFT samples are: the problems by class, each named with
+    its fix, and the token lengths (a pair's longer side)."""
+    data = read_source_data(source, kind)
+    counts = count_items(data, encoder, decode)
+    noun = NOUNS[kind]
+    lines = [
+        f"{name} ({source.path}): {data.read} records, {len(data.items)} usable {noun}, {data.num_problems} with problems"
+    ]
+    if data.num_problems:
+        lines += ["problems:", format_problems(data.problems)]
+    tokens = {part: [getattr(c, part) for c in counts] for part in ("text", "image", "video")}
+    title = "tokens per pair (longer)" if kind == "pairs" else f"tokens per {noun[:-1]}"
+    lines += token_lines(title, tokens, "pair" if kind == "pairs" else noun[:-1])
+    return PreferenceCheck("\n".join(lines), data.read, len(data.items), data.problems)
+
+
+def validate_preference_file(
+    path, kind: str, encoder: ConversationEncoder, media_root=None, decode: bool = False
+) -> PreferenceCheck:
+    """One dataset file (media under `media_root`, default the file's folder) checked as `kind`."""
+    return check_preference_source(
+        str(path), DatasetSource(Path(path), 1.0, Path(media_root) if media_root else None), kind, encoder, decode
+    )
+
+
+def validate_preference_split(
+    name: str, value, kind: str, encoder: ConversationEncoder, media_root: str | None, decode: bool = False
+) -> int:
+    """`data.train` / `data.eval` of a preference or RL recipe: each source checked and reported; the problem count."""
+    problems = 0
+    for source in parse_sources(value, media_root, resolve_data_file):
+        try:
+            check = check_preference_source(name, source, kind, encoder, decode)
+        except DataError as err:  # the file itself: missing, not JSON, not UTF-8
+            print(f"{name}: {err}", flush=True)
+            problems += 1
+            continue
+        print(check.text, flush=True)
+        problems += check.num_problems
+    return problems
+
+
+def validate(
+    config: Config, split_names: list[str], decode: bool, row_tokens: int | None, kind: str | None = None
+) -> int:
+    """`kind`: the data of a preference or RL method ("pairs" | "unpaired" | "prompts": `preference.data_kind` of the
+    recipe's method); None: SFT conversations."""
     from finetune.model.load import load_processor
 
     problems = 0
@@ -124,6 +207,9 @@ def validate(config: Config, split_names: list[str], decode: bool, row_tokens: i
         print("\n".join(summary_lines(config)), flush=True)
     encoder = conversation_encoder(load_processor(config.model), config) if readable and not problems else None
     for name, value in readable if encoder else []:
+        if kind is not None:
+            problems += validate_preference_split(name, value, kind, encoder, config.data.media_root, decode)
+            continue
         try:
             split = prepare_split(value, split_settings(config), encoder, resolve_data_file)
         except DataError as err:  # the file itself: missing, not JSON, not UTF-8
