@@ -31,7 +31,7 @@ from finetune.data.conversation import Sample
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.evaluation.evaluate import generation_inputs
 from finetune.model.batching import training_batch
-from finetune.model.media_features import MEDIA, model_media_features, repeat_media_features
+from finetune.model.media_features import MEDIA, model_media_features, repeat_media_features, split_media_features
 from finetune.model.rope import PositionRule, model_position_rule
 
 PIXEL_KEYS = tuple(pixels for _, pixels, _ in MEDIA)
@@ -62,13 +62,15 @@ def _end_ids(model, encoder) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def _check_sampling(num_generations: int, temperature: float, top_p: float, top_k: int) -> None:
+def _check_sampling(num_generations: int, temperature: float, top_p: float, top_k: int, prompts_per_call: int) -> None:
     if num_generations < 1:
         raise ConfigError(f"num_generations={num_generations}: a prompt needs at least 1 completion (GRPO: 2 or more).")
     if not temperature > 0:
         raise ConfigError(f"temperature={temperature}: rollouts sample; set a temperature above 0 (e.g. 1.0).")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p}: set a value in (0, 1] (1 keeps the whole distribution).")
+    if prompts_per_call < 1:
+        raise ConfigError(f"prompts_per_call={prompts_per_call}: set 1 or more prompts per generate call.")
     if top_k < 0:
         raise ConfigError(f"top_k={top_k}: set 0 (off) or a positive number of tokens.")
 
@@ -84,14 +86,16 @@ def generate_rollouts(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    prompts_per_call: int = 1,
 ) -> list[Rollout]:
-    """`num_generations` sampled completions of each prompt (a conversation ending before the reply), one `generate`
-    call and one vision-tower call per prompt. `model` was loaded by `finetune.model.load.load_model` (its position
+    """`num_generations` sampled completions of each prompt (a conversation ending before the reply). Prompts go to
+    `generate` `prompts_per_call` at a time (left-padded, as evaluation batches them), with one vision-tower call
+    for all of their media. `model` was loaded by `finetune.model.load.load_model` (its position
     rule installed). The sampling settings are passed whole, so a checkpoint's generation_config.json (Qwen ships
     temperature 0.1, top_k 1, repetition_penalty 1.05) changes nothing; top_k=0 and top_p=1 are off. `seed` makes the
     draws repeatable without touching the caller's random state. A prompt whose media fail to decode raises its
     DataError (named by the prompt's source)."""
-    _check_sampling(num_generations, temperature, top_p, top_k)
+    _check_sampling(num_generations, temperature, top_p, top_k, prompts_per_call)
     tokenizer = encoder.tokenizer
     rule = model_position_rule(model)
     device = next(model.parameters()).device
@@ -120,24 +124,33 @@ def generate_rollouts(
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        for prompt in prompts:
-            encoded = encoder.encode(prompt, generation_prompt=True)
-            batch = generation_inputs([encoded], tokenizer.pad_token_id, rule, device)
-            features = model_media_features(model, batch)
+        for start in range(0, len(prompts), prompts_per_call):
+            chunk = prompts[start : start + prompts_per_call]
+            encoded = [encoder.encode(prompt, generation_prompt=True) for prompt in chunk]
+            batch = generation_inputs(encoded, tokenizer.pad_token_id, rule, device)
+            features = model_media_features(model, batch)  # the chunk's one tower call
             inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
             out = model.generate(**inputs, mm_encoder_outputs=repeat_media_features(features, 1), **settings)
-            rollouts.append(_rollout(prompt.id, encoded, out, batch["input_ids"].shape[1], end_ids, temperature))
-            rollouts[-1].texts = tokenizer.batch_decode(rollouts[-1].completion_ids, skip_special_tokens=True)
-            rollouts[-1].features = features
+            length = batch["input_ids"].shape[1]  # left-padded: every row's completion starts here
+            for i, (prompt, e, own) in enumerate(zip(chunk, encoded, split_media_features(features, encoded))):
+                rows = slice(i * num_generations, (i + 1) * num_generations)
+                logits = [step[rows] for step in out.logits]
+                rollout = _rollout(prompt.id, e, out.sequences[rows], logits, length, end_ids, temperature)
+                rollout.texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+                rollout.features = own
+                rollouts.append(rollout)
     return rollouts
 
 
-def _rollout(prompt_id, encoded, out, prompt_length: int, end_ids: list[int], temperature: float) -> Rollout:
-    sampled = out.sequences[:, prompt_length:]
-    logits = torch.stack(out.logits, dim=1)  # (G, steps, vocab): the model's logits before any processor
-    reported = token_logprobs(logits, sampled, temperature).cpu()
+def _rollout(
+    prompt_id, encoded, sequences, logits, prompt_length: int, end_ids: list[int], temperature: float
+) -> Rollout:
+    """One prompt's G completions (`sequences` and the per-step `logits` of its G rows), cut at their first end token."""
+    sampled = sequences[:, prompt_length:]
+    # (G, steps, vocab): the model's logits before any processor (`output_logits`), scaled as the trainer scales them
+    reported = token_logprobs(torch.stack(logits, dim=1), sampled, temperature).cpu()
     ids, logprobs, finished = [], [], []
-    for row, tokens in enumerate(sampled.cpu().tolist()):
+    for row, tokens in enumerate(sampled.tolist()):
         ends = [k for k, t in enumerate(tokens) if t in end_ids]
         n = ends[0] + 1 if ends else len(tokens)
         ids.append(tokens[:n])

@@ -71,3 +71,23 @@ def repeat_media_features(features: dict, times: int) -> dict:
             fields["deepstack_features"] = [tuple(layer) * times for layer in out.deepstack_features]
         repeated[name] = type(out)(**fields)
     return repeated
+
+
+def split_media_features(features: dict, samples: list) -> list[dict]:
+    """The features of a batch's media (`encode_media_once` of the samples' media in sample order) cut per sample:
+    `samples` are EncodedSamples, whose grids say how many images and videos each holds."""
+    parts = [{} for _ in samples]
+    for name, _, grid in MEDIA:
+        out, start = features.get(name), 0
+        if out is None:
+            continue
+        for part, sample in zip(parts, samples):
+            count = 0 if getattr(sample, grid) is None else len(getattr(sample, grid))
+            if count:
+                items = slice(start, start + count)
+                fields = {"pooler_output": tuple(out.pooler_output[items])}
+                if getattr(out, "deepstack_features", None) is not None:
+                    fields["deepstack_features"] = [tuple(layer[items]) for layer in out.deepstack_features]
+                part[name] = type(out)(**fields)
+            start += count
+    return parts

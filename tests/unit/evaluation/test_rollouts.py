@@ -8,8 +8,6 @@ rule and transformers' own rule place the text after it differently (finetune/mo
 log-probs under transformers' rule must miss generation's, or the agreement above would prove nothing about positions.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from trl.trainer.utils import selective_log_softmax
@@ -62,10 +60,14 @@ def prompts(tmp_path_factory):
         ],
         "test (image_and_video)",
     )
+    text = Sample(
+        "text", [{"role": "user", "content": [{"type": "text", "text": "Name a colour, then a direction."}]}], "test"
+    )
     return [
         ask("image", "image", image, "What colour is it?"),
         ask("video", "video", video, "Which way does it move?"),
         both,
+        text,
     ]
 
 
@@ -106,7 +108,7 @@ def test_generation_reports_the_trainers_logprobs_with_one_tower_call_per_prompt
     calls = TowerCalls(model)
     try:
         rollouts = []
-        for prompt in prompts:  # one prompt at a time, to count its own tower calls
+        for prompt in prompts[:3]:  # one prompt at a time, to count its own tower calls
             rollouts += generate_rollouts(model, encoder, [prompt], G, NEW_TOKENS, TEMPERATURE, seed=0)
             assert calls.take() == 1, prompt.id  # G completions, images and videos together: one call
         trainer = [completion_logprobs(model, r, TEMPERATURE) for r in rollouts]
@@ -125,6 +127,29 @@ def test_generation_reports_the_trainers_logprobs_with_one_tower_call_per_prompt
             assert torch.equal(recomputed[k], teacher_forced)  # the same features, whoever computed them
         gap = logprob_gap([rollout], [theirs])
         assert gap["max"] <= 1e-5 * max(float(r.abs().max()) for r in rollout.logprobs)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompts_generated_together_keep_their_own_media_and_positions(tiny, prompts, family):
+    """All prompts in one `generate` call, left-padded (a text-only one among them): one tower call for the lot, each
+    prompt's rollout holds its own features, and generation's log-probs still equal the trainer's (which sees no
+    padding: a prompt's completions are a batch of their own there)."""
+    model, encoder = tiny(family)
+    calls = TowerCalls(model)
+    try:
+        rollouts = generate_rollouts(
+            model, encoder, prompts, G, NEW_TOKENS, TEMPERATURE, seed=1, prompts_per_call=len(prompts)
+        )
+        assert calls.take() == 1
+        trainer = [completion_logprobs(model, r, TEMPERATURE) for r in rollouts]
+        assert calls.take() == 0
+    finally:
+        calls.handle.remove()
+    assert [r.prompt_id for r in rollouts] == [p.id for p in prompts]
+    assert [sorted(r.features) for r in rollouts] == [["image"], ["video"], ["image", "video"], []]
+    for rollout, theirs in zip(rollouts, trainer):
+        for k, (reported, teacher_forced) in enumerate(zip(rollout.logprobs, theirs)):
+            assert_close_to_scale(teacher_forced, reported, rel=1e-5, name=f"{family} {rollout.prompt_id} {k}")
 
 
 @pytest.mark.parametrize("family", sorted(RULES_DIFFER))
@@ -192,8 +217,7 @@ def test_a_completion_ends_at_its_first_end_token_or_is_truncated():
     prompt = [7, 8]
     sequences = torch.tensor([prompt + [5, 2, 6, 2], prompt + [5, 6, 5, 6], prompt + [9, 9, 9, 3]])
     logits = torch.randn(3, 4, 10)
-    out = SimpleNamespace(sequences=sequences, logits=tuple(logits.unbind(1)))
-    rollout = _rollout("p", None, out, len(prompt), end_ids=[2, 3], temperature=1.0)
+    rollout = _rollout("p", None, sequences, logits.unbind(1), len(prompt), end_ids=[2, 3], temperature=1.0)
     assert rollout.completion_ids == [[5, 2], [5, 6, 5, 6], [9, 9, 9, 3]]  # the end token kept, as TRL keeps it
     assert rollout.finished == [True, False, True]
     assert [len(lp) for lp in rollout.logprobs] == [2, 4, 4]
@@ -213,9 +237,10 @@ def test_the_gap_is_the_mean_and_max_absolute_difference_over_every_completion_t
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"top_p": 0.0}, "top_p=0.0"),
         ({"top_k": -1}, "top_k=-1"),
+        ({"prompts_per_call": 0}, "prompts_per_call=0"),
     ],
 )
 def test_bad_sampling_settings_are_refused_by_name(settings, named):
-    args = {"num_generations": 2, "temperature": 1.0, "top_p": 1.0, "top_k": 0} | settings
+    args = {"num_generations": 2, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompts_per_call": 1} | settings
     with pytest.raises(ConfigError, match=named):
         generate_rollouts(None, None, [], args.pop("num_generations"), 4, **args)
