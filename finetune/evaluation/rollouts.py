@@ -31,7 +31,13 @@ from finetune.data.conversation import Sample
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.evaluation.evaluate import generation_inputs
 from finetune.model.batching import training_batch
-from finetune.model.media_features import MEDIA, model_media_features, repeat_media_features, split_media_features
+from finetune.model.media_features import (
+    MEDIA,
+    model_media_features,
+    repeat_media_features,
+    split_media_features,
+    vision_tower,
+)
 from finetune.model.rope import PositionRule, model_position_rule
 
 PIXEL_KEYS = tuple(pixels for _, pixels, _ in MEDIA)
@@ -87,6 +93,7 @@ def generate_rollouts(
     top_k: int = 0,
     seed: int | None = None,
     prompts_per_call: int = 1,
+    synced_gpus: bool = False,
 ) -> list[Rollout]:
     """`num_generations` sampled completions of each prompt (a conversation ending before the reply). Prompts go to
     `generate` `prompts_per_call` at a time (left-padded, as evaluation batches them), with one vision-tower call
@@ -94,7 +101,8 @@ def generate_rollouts(
     rule installed). The sampling settings are passed whole, so a checkpoint's generation_config.json (Qwen ships
     temperature 0.1, top_k 1, repetition_penalty 1.05) changes nothing; top_k=0 and top_p=1 are off. `seed` makes the
     draws repeatable without touching the caller's random state. A prompt whose media fail to decode raises its
-    DataError (named by the prompt's source)."""
+    DataError (named by the prompt's source). `synced_gpus` (ZeRO-3): every rank keeps stepping until all have
+    finished, and a chunk without media still calls the tower (on a dummy input), so every rank calls it alike."""
     _check_sampling(num_generations, temperature, top_p, top_k, prompts_per_call)
     tokenizer = encoder.tokenizer
     rule = model_position_rule(model)
@@ -118,6 +126,7 @@ def generate_rollouts(
         suppress_tokens=placeholders,
         output_logits=True,
         return_dict_in_generate=True,
+        synced_gpus=synced_gpus,
     )
     rollouts = []
     devices = [device] if device.type == "cuda" else []
@@ -128,7 +137,7 @@ def generate_rollouts(
             chunk = prompts[start : start + prompts_per_call]
             encoded = [encoder.encode(prompt, generation_prompt=True) for prompt in chunk]
             batch = generation_inputs(encoded, tokenizer.pad_token_id, rule, device)
-            features = model_media_features(model, batch)  # the chunk's one tower call
+            features, _ = model_media_features(model, batch, always=synced_gpus)  # the chunk's one tower call
             inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
             out = model.generate(**inputs, mm_encoder_outputs=repeat_media_features(features, 1), **settings)
             length = batch["input_ids"].shape[1]  # left-padded: every row's completion starts here
@@ -145,7 +154,7 @@ def generate_rollouts(
 def _rollout(
     prompt_id, encoded, sequences, logits, prompt_length: int, end_ids: list[int], temperature: float
 ) -> Rollout:
-    """One prompt's G completions (`sequences` and the per-step `logits` of its G rows), cut at their first end token."""
+    """One prompt's G completions (its rows of `sequences` and of the per-step `logits`), cut at their first end."""
     sampled = sequences[:, prompt_length:]
     # (G, steps, vocab): the model's logits before any processor (`output_logits`), scaled as the trainer scales them
     reported = token_logprobs(torch.stack(logits, dim=1), sampled, temperature).cpu()
@@ -180,18 +189,29 @@ def completion_logprobs(
     temperature: float,
     reuse_features: bool = True,
     rule: PositionRule | None = None,
+    synced_gpus: bool = False,
 ) -> list[torch.Tensor]:
     """The trainer's per-token log-probs of a rollout's completions: one forward over the G sequences laid out as
     training lays out rows (`training_batch`: the rule's 4-row position ids, each row its own block, no attention
     mask), log_softmax(logits / temperature) in fp32 at each completion token. Gradients flow when enabled.
-    `reuse_features`: the features generation computed (a frozen tower: no tower call here); otherwise the tower runs
-    once on the prompt's media and its features serve all G rows. `rule`: the model's installed one unless given."""
+    `reuse_features`: the features generation computed, for a vision side that does not train (no tower call here;
+    refused if any vision parameter trains: it would get no gradient). Otherwise the tower runs once on the prompt's
+    media and its features serve all G rows; with `synced_gpus` it runs on a text-only prompt too (a dummy input whose
+    0 x features join the result), so every rank calls it alike. `rule`: the model's installed one unless given."""
     rule = rule or model_position_rule(model)
     device = next(model.parameters()).device
     sequences = completion_sequences(rollout)
     pad_id = model.generation_config.pad_token_id or 0  # the padding is a block of its own: its id is never seen
     batch = training_batch([[s] for s in sequences], pad_id, rule)
-    features = rollout.features if reuse_features else model_media_features(model, rollout_media(rollout, device))
+    if reuse_features:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in vision_tower(model).parameters()):
+            raise ConfigError(
+                "the vision tower or merger trains, so generation's features (computed without gradients) cannot "
+                "serve the trainer's forward; use reuse_features=False, or freeze the vision parts."
+            )
+        features, padding = rollout.features, None
+    else:
+        features, padding = model_media_features(model, rollout_media(rollout, device), always=synced_gpus)
     longest = max(len(c) for c in rollout.completion_ids)
     inputs = {
         "input_ids": batch["input_ids"].to(device),
@@ -209,7 +229,8 @@ def completion_logprobs(
     for row, tokens in enumerate(rollout.completion_ids):
         n = len(tokens)
         target = torch.tensor(tokens, device=device)
-        result.append(token_logprobs(logits[row, :n], target, temperature))
+        logprobs = token_logprobs(logits[row, :n], target, temperature)
+        result.append(logprobs if padding is None else logprobs + padding)
     return result
 
 

@@ -47,23 +47,29 @@ def encode_media_once(visual, vision_config, inputs: dict) -> tuple[dict, torch.
     return outputs, None
 
 
-def model_media_features(model, inputs: dict) -> dict:
-    """`encode_media_once` on `model`'s own vision tower (a Qwen-VL model, under PEFT or not): the features of the
-    images and videos in `inputs` ({} when there are none; the tower is then not called)."""
+def vision_tower(model):
+    """The vision tower of `model` (a Qwen-VL model, under PEFT or not): the family's `vision_tower` path."""
     from finetune.base.families import family_of
     from finetune.model.rope import inner_model
 
     inner = inner_model(model)
-    if not any(inputs.get(pixels) is not None for _, pixels, _ in MEDIA):
-        return {}
-    visual = inner.get_submodule(family_of(inner.config.model_type).vision_tower)
-    features, _ = encode_media_once(visual, inner.config.vision_config, inputs)
-    return features
+    return inner.get_submodule(family_of(inner.config.model_type).vision_tower)
+
+
+def model_media_features(model, inputs: dict, always: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """`encode_media_once` on `model`'s own vision tower: the features of the images and videos in `inputs`, and
+    for inputs without media None (the tower is not called) or, with `always` (every rank must call the tower alike:
+    ZeRO-3, DDP with a vision part that trains), the dummy call's 0 x features to add into the result."""
+    if not always and not any(inputs.get(pixels) is not None for _, pixels, _ in MEDIA):
+        return {}, None
+    from finetune.model.rope import inner_model
+
+    return encode_media_once(vision_tower(model), inner_model(model).config.vision_config, inputs)
 
 
 def repeat_media_features(features: dict, times: int) -> dict:
-    """The features of one sequence's media for `times` copies of that sequence, in row order (new objects: transformers'
-    `generate` rewrites the fields of what it is given when it expands them)."""
+    """The features of one sequence's media for `times` copies of that sequence, in row order (new objects:
+    transformers' `generate` rewrites the fields of what it is given when it expands them)."""
     repeated = {}
     for name, out in features.items():
         fields = {"pooler_output": tuple(out.pooler_output) * times}

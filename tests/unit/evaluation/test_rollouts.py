@@ -1,5 +1,5 @@
-"""Rollouts (finetune/evaluation/rollouts.py) on the tiny models of every family, for an image prompt and a video prompt:
-the log-probs `generate` reports for its sampled tokens equal the trainer's teacher-forced log-probs of the same tokens
+"""Rollouts (finetune/evaluation/rollouts.py) on the tiny models of every family, for image and video prompts: the
+log-probs `generate` reports for its sampled tokens equal the trainer's teacher-forced log-probs of the same tokens
 (fp32, 1e-5 of their scale), which holds only if decoding put every token at the position training gives it; the G
 completions of a prompt cost one vision-tower call, and the trainer's forward none more; a seed repeats the draws.
 
@@ -25,6 +25,7 @@ from finetune.evaluation.rollouts import (
 )
 from finetune.model.batching import sample_positions
 from finetune.model.load import load_model, load_processor
+from finetune.model.media_features import vision_tower
 from finetune.model.rope import PositionRule, inner_model
 from finetune.recipe.data_settings import conversation_encoder
 from finetune.recipe.load import load_config
@@ -80,6 +81,7 @@ def tiny(tiny_paths):
         if family not in loaded:
             config = load_config([f"experiment={EXPERIMENT[family]}"])
             model = load_model(config.model, "fp32", path=str(tiny_paths[family])).eval()
+            vision_tower(model).requires_grad_(False)  # parts.vision=frozen: generation's features serve training
             processor = load_processor(config.model, path=str(tiny_paths[family]))
             loaded[family] = model, conversation_encoder(processor, config, for_training=False)
         return loaded[family]
@@ -180,6 +182,39 @@ def test_transformers_own_path_would_call_the_tower_once_per_modality(tiny, prom
         model.generate(**batch, do_sample=True, num_return_sequences=G, max_new_tokens=1, pad_token_id=0)
         assert calls.take() == 2
     finally:
+        calls.handle.remove()
+
+
+def test_a_vision_side_that_trains_gets_its_own_call_and_its_gradients(tiny, prompts):
+    """Generation's features carry no gradient: reusing them while the tower trains is refused. Without reuse the
+    tower runs once per prompt inside the trainer's forward and gets gradients; with `synced_gpus` a text-only prompt
+    still calls it (a dummy input, 0 x its features): the same log-probs, and every tower parameter in the graph."""
+    model, encoder = tiny("qwen2_5_vl")
+    tower = vision_tower(model)
+    image, text = generate_rollouts(model, encoder, [prompts[0], prompts[3]], G, NEW_TOKENS, TEMPERATURE, seed=0)
+    calls = TowerCalls(model)
+    tower.requires_grad_(True)
+    try:
+        with pytest.raises(ConfigError, match="reuse_features=False"):
+            completion_logprobs(model, image, TEMPERATURE)
+        model.zero_grad(set_to_none=True)
+        sum(lp.sum() for lp in completion_logprobs(model, image, TEMPERATURE, reuse_features=False)).backward()
+        assert calls.take() == 1
+        assert all(p.grad is not None for p in tower.parameters()) and any(
+            p.grad.abs().sum() > 0 for p in tower.parameters()
+        )
+
+        model.zero_grad(set_to_none=True)
+        plain = completion_logprobs(model, text, TEMPERATURE, reuse_features=False)
+        assert calls.take() == 0
+        synced = completion_logprobs(model, text, TEMPERATURE, reuse_features=False, synced_gpus=True)
+        assert calls.take() == 1
+        assert all(torch.equal(a, b) for a, b in zip(plain, synced))
+        sum(lp.sum() for lp in synced).backward()
+        assert all(p.grad is not None and float(p.grad.abs().sum()) == 0.0 for p in tower.parameters())
+    finally:
+        tower.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
         calls.handle.remove()
 
 
