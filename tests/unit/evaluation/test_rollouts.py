@@ -218,6 +218,24 @@ def test_a_vision_side_that_trains_gets_its_own_call_and_its_gradients(tiny, pro
         calls.handle.remove()
 
 
+def test_a_lora_model_in_training_mode_gets_generations_logprobs_and_its_gradients(tiny_paths, prompts):
+    """What the trainer holds: the base under a PEFT adapter, in training mode, gradients on."""
+    from peft import LoraConfig, get_peft_model
+
+    config = load_config([f"experiment={EXPERIMENT['qwen2_5_vl']}"])
+    base = load_model(config.model, "fp32", path=str(tiny_paths["qwen2_5_vl"]))
+    adapter = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    model = get_peft_model(base, adapter)
+    encoder = conversation_encoder(load_processor(config.model, path=str(tiny_paths["qwen2_5_vl"])), config, False)
+    [rollout] = generate_rollouts(model.eval(), encoder, prompts[1:2], G, NEW_TOKENS, TEMPERATURE, seed=0)
+    trainer = completion_logprobs(model.train(), rollout, TEMPERATURE)
+    for reported, teacher_forced in zip(rollout.logprobs, trainer):
+        assert_close_to_scale(teacher_forced, reported, rel=1e-5)
+    sum(lp.sum() for lp in trainer).backward()
+    lora = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(g is not None for g in lora) and any(float(g.abs().sum()) > 0 for g in lora)
+
+
 def test_a_seed_repeats_the_draws_and_leaves_the_callers_random_state(tiny, prompts):
     model, encoder = tiny("qwen2_5_vl")
     state = torch.random.get_rng_state()
