@@ -6,9 +6,9 @@ Prompts take evaluation's path (`generation_inputs`, finetune/evaluation/evaluat
 sampling, pixel budgets and grids, and the model's installed position rule (`qwen`: text after a vision block resumes
 at max + 1, decoding continues at max + 1 + k), so a rollout is generated on what SFT trains and serving sees.
 
-One vision-tower call per prompt: transformers' `num_return_sequences` would call the tower once per modality (an
-image and a video prompt: twice) and then repeat the features for the G rows. Here the prompt's images and videos go
-through the tower together once (`model_media_features`, finetune/model/media_features.py) and `generate` is handed
+One vision-tower call per `generate` call (at most one per prompt): transformers' `num_return_sequences` would call
+the tower once per modality (an image and a video prompt: twice) and then repeat the features for the G rows. Here
+the prompts' images and videos go through the tower together once (`model_media_features`, finetune/model/media_features.py) and `generate` is handed
 the features (`mm_encoder_outputs`), which it repeats for the G rows itself. The rollout keeps them: with a frozen
 tower the trainer's forward reuses them (`completion_logprobs(..., reuse_features=True)`) instead of a second call.
 
@@ -124,8 +124,6 @@ def generate_rollouts(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=end_ids,
         suppress_tokens=placeholders,
-        output_logits=True,
-        return_dict_in_generate=True,
         synced_gpus=synced_gpus,
     )
     rollouts = []
@@ -139,33 +137,64 @@ def generate_rollouts(
             batch = generation_inputs(encoded, tokenizer.pad_token_id, rule, device)
             features, _ = model_media_features(model, batch, always=synced_gpus)  # the chunk's one tower call
             inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
-            out = model.generate(**inputs, mm_encoder_outputs=repeat_media_features(features, 1), **settings)
+            with StepLogprobs(model, temperature) as recorded:
+                sequences = model.generate(**inputs, mm_encoder_outputs=repeat_media_features(features, 1), **settings)
             length = batch["input_ids"].shape[1]  # left-padded: every row's completion starts here
+            logprobs = recorded.result(sequences[:, length:])
             for i, (prompt, e, own) in enumerate(zip(chunk, encoded, split_media_features(features, encoded))):
                 rows = slice(i * num_generations, (i + 1) * num_generations)
-                logits = [step[rows] for step in out.logits]
-                rollout = _rollout(prompt.id, e, out.sequences[rows], logits, length, end_ids, temperature)
+                rollout = _rollout(prompt.id, e, sequences[rows, length:], logprobs[rows], end_ids)
                 rollout.texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
                 rollout.features = own
                 rollouts.append(rollout)
     return rollouts
 
 
-def _rollout(
-    prompt_id, encoded, sequences, logits, prompt_length: int, end_ids: list[int], temperature: float
-) -> Rollout:
-    """One prompt's G completions (its rows of `sequences` and of the per-step `logits`), cut at their first end."""
-    sampled = sequences[:, prompt_length:]
-    # (G, steps, vocab): the model's logits before any processor (`output_logits`), scaled as the trainer scales them
-    reported = token_logprobs(torch.stack(logits, dim=1), sampled, temperature).cpu()
-    ids, logprobs, finished = [], [], []
+class StepLogprobs:
+    """While `generate` runs: the log-prob of each sampled token, log_softmax(logits / temperature) in fp32 of the
+    model's own logits (before any logits processor), kept one step at a time. A forward hook on the model holds the
+    last step's log-softmax (rows x vocabulary) until the next forward's input, the token sampled from it, says which
+    entry to keep; `result` takes the last step's from the sequences. (`output_logits` would hold every step's logits
+    until the end: G x new tokens x vocabulary, gigabytes for a 150k vocabulary.)"""
+
+    def __init__(self, model, temperature: float):
+        self.module = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []
+        self.pending: torch.Tensor | None = None
+
+    def __enter__(self) -> "StepLogprobs":
+        self.handle = self.module.register_forward_hook(self._after, with_kwargs=True)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.handle.remove()
+
+    def _after(self, module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids")
+        if self.pending is not None:  # a decoding step: its input is the token sampled from the pending step
+            self.steps.append(self.pending.gather(-1, ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(output.logits[:, -1].float() / self.temperature, dim=-1)
+
+    def result(self, sampled: torch.Tensor) -> torch.Tensor:
+        """(rows, steps) log-probs of `sampled` (rows x steps, the generated part of the sequences). Under
+        `synced_gpus` a rank that finished keeps stepping: its first extra forward still takes its last sampled token
+        (and so records that token's log-prob), the later ones are cut off."""
+        steps = self.steps + [self.pending.gather(-1, sampled[:, -1:]).squeeze(-1)]
+        return torch.stack(steps[: sampled.shape[1]], dim=1).cpu()
+
+
+def _rollout(prompt_id, encoded, sampled: torch.Tensor, logprobs: torch.Tensor, end_ids: list[int]) -> Rollout:
+    """One prompt's G completions (its rows of the generated tokens and of their log-probs), cut at their first end
+    token."""
+    ids, kept, finished = [], [], []
     for row, tokens in enumerate(sampled.tolist()):
         ends = [k for k, t in enumerate(tokens) if t in end_ids]
         n = ends[0] + 1 if ends else len(tokens)
         ids.append(tokens[:n])
-        logprobs.append(reported[row, :n])
+        kept.append(logprobs[row, :n])
         finished.append(bool(ends))
-    return Rollout(prompt_id, encoded, ids, [], logprobs, finished)
+    return Rollout(prompt_id, encoded, ids, [], kept, finished)
 
 
 def completion_sequences(rollout: Rollout) -> list[EncodedSample]:
