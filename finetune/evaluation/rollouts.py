@@ -8,9 +8,12 @@ at max + 1, decoding continues at max + 1 + k), so a rollout is generated on wha
 
 One vision-tower call per `generate` call (at most one per prompt): transformers' `num_return_sequences` would call
 the tower once per modality (an image and a video prompt: twice) and then repeat the features for the G rows. Here
-the prompts' images and videos go through the tower together once (`model_media_features`, finetune/model/media_features.py) and `generate` is handed
-the features (`mm_encoder_outputs`), which it repeats for the G rows itself. The rollout keeps them: with a frozen
-tower the trainer's forward reuses them (`completion_logprobs(..., reuse_features=True)`) instead of a second call.
+the prompts' images and videos go through the tower together once (`model_media_features`,
+finetune/model/media_features.py) and `generate` is handed the features (`mm_encoder_outputs`), which it repeats for
+the G rows itself. Each rollout keeps its prompt's: with a frozen vision side the trainer's forward reuses them
+(`completion_logprobs(..., reuse_features=True)`) instead of a second call.
+
+Generation's log-probs are recorded as it samples (`StepLogprobs`), from the model's own logits.
 
 Log-probs follow TRL's convention (trl/trainer/utils.py `selective_log_softmax`, GRPOTrainer's fused LM head):
 log_softmax(logits / temperature) in fp32 over the whole vocabulary, at the sampled token. top-k / top-p truncation and
