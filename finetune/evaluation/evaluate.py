@@ -47,6 +47,17 @@ def question_of(prompt: Sample) -> str:
     return "".join(b["text"] for b in user[-1]["content"] if b["type"] == "text").strip() if user else ""
 
 
+def generation_inputs(encoded: list, pad_token_id: int, rule, device) -> dict:
+    """What `generate` is given for encoded prompts (evaluation and rollouts alike): left-padded (generation continues
+    every row), without labels or position ids (generate derives the positions itself, through the installed rule)."""
+    from finetune.model.batching import inference_batch
+
+    batch = inference_batch(encoded, pad_token_id, rule, padding_side="left")
+    for key in ("labels", "position_ids"):
+        batch.pop(key)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -63,7 +74,6 @@ def generate_answers(
     `synced_gpus`: every rank keeps stepping until all have finished (needed under ZeRO-3)."""
     from tqdm import tqdm
 
-    from finetune.model.batching import inference_batch
     from finetune.model.rope import model_position_rule
 
     device = next(model.parameters()).device
@@ -85,10 +95,7 @@ def generate_answers(
             continue
         stand_in = not encoded  # every rank must still call generate: ask a text-only question, keep no answer
         encoded = encoded or [encoder.encode(STAND_IN, generation_prompt=True)]
-        batch = inference_batch(encoded, pad_id, rule, padding_side="left")  # left: generation continues every row
-        for key in ("labels", "position_ids"):  # generate derives the positions itself, through the installed rule
-            batch.pop(key)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = generation_inputs(encoded, pad_id, rule, device)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -210,6 +210,11 @@ def model_position_rule(model) -> PositionRule:
     return rule
 
 
+def inner_model(model):
+    """The Qwen-VL model under `model` that holds the towers and computes positions (for callers outside this module)."""
+    return _inner_model(model)
+
+
 def _inner_model(model):
     """The Qwen-VL model that owns `get_rope_index` (its family's `inner_model`, `<ForConditionalGeneration>.model`),
     under PEFT or not."""

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from finetune.base.errors import DataError
+from finetune.model.media_features import MEDIA
 from finetune.records.rundir import RunDir
-from finetune.training.vision_sync import MEDIA
 
 logger = logging.getLogger("finetune.faults")
 
@@ -94,7 +94,7 @@ def batch_summary(inputs: dict) -> dict:
     """What a training batch asks of memory, taken before its forward: rows x tokens, and vision patches."""
     rows, tokens = inputs["input_ids"].shape
     summary = {"rows": rows, "tokens_per_row": tokens}
-    for kind, pixels, grid in MEDIA:  # the batch keys of each modality (finetune/training/vision_sync.py)
+    for kind, pixels, grid in MEDIA:  # the batch keys of each modality (finetune/model/media_features.py)
         if inputs.get(pixels) is not None:
             summary[f"{kind}_patches"] = int(inputs[pixels].shape[0])
             summary[f"{kind}s"] = int(inputs[grid].shape[0])

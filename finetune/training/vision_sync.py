@@ -29,49 +29,8 @@ video call's (tests/integration/test_scale_out.py trains ViT LoRA on a rank with
 
 from __future__ import annotations
 
-import torch
-
 from finetune.base.families import family_of
-
-MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
-
-
-def dummy_vision_input(vision_config, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches for the smallest grid the tower accepts: 1 frame of merge x merge patches -> 1 LLM token."""
-    merge = vision_config.spatial_merge_size
-    channels = getattr(vision_config, "in_channels", None) or vision_config.in_chans
-    patch = channels * vision_config.temporal_patch_size * vision_config.patch_size**2
-    pixels = torch.zeros(merge * merge, patch, device=device, dtype=dtype)
-    return pixels, torch.tensor([[1, merge, merge]], device=device)
-
-
-def encode_media_once(visual, vision_config, inputs: dict) -> tuple[dict, torch.Tensor | None]:
-    """Features of all images and videos in `inputs` from one tower call, as transformers' `mm_encoder_outputs`
-    ({"image"/"video": the tower's output type whose per-token fields hold per-item tuples}). Per-token fields are
-    the merged features (`pooler_output`) and, for Qwen3-VL, the DeepStack features of some ViT layers
-    (`deepstack_features`, one tensor per layer), which the language model adds into its first layers. Without
-    media: ({}, 0 x the sum of the dummy call's features, DeepStack included, so that every merger takes part)."""
-    weight = next(visual.parameters())
-    present = [(name, inputs[pixels], inputs[grid]) for name, pixels, grid in MEDIA if inputs.get(pixels) is not None]
-    if not present:
-        pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
-        out = visual(pixels, grid_thw=grid)
-        features = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
-        return {}, sum(f.float().sum() for f in features) * 0.0
-    pixels = torch.cat([p.type(weight.dtype) for _, p, _ in present])
-    grid = torch.cat([g for _, _, g in present])
-    out = visual(pixels, grid_thw=grid)
-    deepstack = getattr(out, "deepstack_features", None)
-    outputs, start = {}, 0
-    for name, _, item_grid in present:
-        sizes = (item_grid.prod(-1) // vision_config.spatial_merge_size**2).tolist()
-        span = slice(start, start + sum(sizes))
-        fields = {"pooler_output": torch.split(out.pooler_output[span], sizes)}
-        if deepstack is not None:
-            fields["deepstack_features"] = [torch.split(layer[span], sizes) for layer in deepstack]
-        outputs[name] = type(out)(**fields)
-        start += sum(sizes)
-    return outputs, None
+from finetune.model.media_features import encode_media_once
 
 
 class OneVisionCall:
