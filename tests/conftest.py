@@ -7,6 +7,10 @@ INTEGRATION = Path(__file__).parent / "integration"
 # The modules that take minutes (multi-process runs, the whole demo twice): started first, so that on two workers the
 # short ones fill in around them instead of one of them running alone at the end.
 LONGEST_FIRST = ("test_scale_out.py", "test_demo_end_to_end.py")
+# Modules that run one after the other on one worker (one xdist scope), never beside each other: beside the
+# multi-rank runs of test_scale_out.py, the demo's single training process ran 6x slower than alone (398 s against
+# 65 s, fresh clone of a8ef5ce), while beside the unit tests it runs about 2x slower, as two processes on two cores do.
+ONE_AFTER_ANOTHER = ("test_scale_out.py", "test_demo_end_to_end.py")
 WORKERS = 2  # the 2-core machine the suite is timed on; `-n N` chooses, `-n 0` or `-p no:xdist` runs one process
 
 
@@ -27,6 +31,20 @@ def pytest_cmdline_main(config):
             if config.option.dist == "no":
                 config.option.dist = "loadscope"
                 config.option.loadscopereorder = False  # xdist would order modules by test count: keep ours
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with the ONE_AFTER_ANOTHER modules in a single scope (so on one worker, in turn)."""
+    if config.option.dist != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "one-after-another" if Path(module).name in ONE_AFTER_ANOTHER else super()._split_scope(nodeid)
+
+    return Scheduling(config, log)
 
 
 def pytest_configure(config):
