@@ -36,3 +36,18 @@ def encoder(processor) -> ConversationEncoder:
 def encoded_pairs(processor, kind: str, count: int):
     enc = encoder(processor)
     return [(enc.encode(c), enc.encode(r)) for c, r in demo_pairs(kind, count)]
+
+
+def text_only(processor, count: int):
+    """`count` encoded pairs whose prompt has no media (the demo image prompts with the image left out)."""
+    enc = encoder(processor)
+    pairs = []
+    for chosen, rejected in demo_pairs("img", count):
+        strip = lambda s: Sample(  # noqa: E731
+            id=s.id,
+            messages=[{**m, "content": [b for b in m["content"] if b["type"] == "text"]} for m in s.messages],
+            source=s.source,
+            extra=s.extra,
+        )
+        pairs.append((enc.encode(strip(chosen)), enc.encode(strip(rejected))))
+    return pairs
