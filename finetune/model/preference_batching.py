@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from finetune.base.errors import DataError
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
 from finetune.model.batching import training_batch, vision_inputs
 from finetune.model.rope import PositionRule
@@ -121,3 +122,53 @@ def _offsets(counts: list[int]) -> list[int]:
 
 def _shape(grid) -> str:
     return "none" if grid is None else str(grid.tolist())
+
+
+class PairCollator:
+    """For the preference DataLoader: a list of pair indices -> `preference_batch`. `pairs[i]` is a (chosen, rejected)
+    pair of Samples (finetune/data/preference.py), each encoded by the SFT encoder with the last reply trained.
+
+    A pair whose side fails to encode (media corrupt past the header) is left out and reported in `bad_samples`, as
+    RowCollator does; a batch that loses every pair is replaced by a stand-in (a pair that encoded, with no trained
+    tokens: zero gradient), so every rank still takes every step."""
+
+    def __init__(self, encoder, pairs, rule: PositionRule, budget: int | None = None, boundaries: bool = False):
+        self.encoder, self.pairs, self.rule = encoder, pairs, rule
+        self.budget, self.boundaries = budget, boundaries
+        self.pad_token_id = encoder.tokenizer.pad_token_id
+        self._stand_in: tuple[EncodedSample, EncodedSample] | None = None
+
+    def _encode(self, pair, bad: list[dict]):
+        try:
+            encoded = tuple(self.encoder.encode(side) for side in pair)
+        except DataError as err:
+            sample = pair[0]
+            bad.append({"id": sample.id, "source": sample.source, "kind": err.kind, "error": str(err)})
+            return None
+        if self._stand_in is None:
+            self._stand_in = tuple(replace(e, labels=[IGNORE_INDEX] * len(e.labels)) for e in encoded)
+        return encoded
+
+    def __call__(self, indices) -> dict:
+        return self.batch([self.pairs[i] for i in _flat(indices)])
+
+    def batch(self, pairs: list) -> dict:
+        bad: list[dict] = []
+        kept = [(e, p[0].id) for p in pairs if (e := self._encode(p, bad)) is not None]
+        if not kept:
+            for pair in self.pairs:
+                if self._stand_in is not None:
+                    break
+                self._encode(pair, [])
+            if self._stand_in is None:
+                raise DataError("no preference pair can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
+            kept = [(self._stand_in, None)]
+        batch = preference_batch([e for e, _ in kept], self.pad_token_id, self.rule, self.budget, self.boundaries)
+        batch["sample_ids"] = [[sid] for _, sid in kept if sid is not None]
+        batch["bad_samples"] = bad
+        return batch
+
+
+def _flat(indices) -> list[int]:
+    """Pair indices from a batch sampler: ints, or rows (tuples) of them."""
+    return [i for item in indices for i in (item if isinstance(item, (tuple, list)) else (item,))]

@@ -52,6 +52,7 @@ class CompletionLogProbs:
     entropy: torch.Tensor
     mean_logits: torch.Tensor
     is_top1: torch.Tensor
+    log_sum_sq_probs: torch.Tensor | None = None  # log sum_v p_v^2 (TRL's WPO weighting)
     aux_loss: torch.Tensor | None = None
     features: dict | None = None  # the unique items' features, for a reference forward to reuse
 
@@ -128,6 +129,7 @@ def completion_log_probs(
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         mean_logits = logits.mean(-1)
         is_top1 = logits.argmax(-1) == tokens
+        log_sum_sq = torch.logsumexp(2 * log_probs, -1)
     sequence = batch["sequence_index"][:, 1:][trained]
     count = 2 * int(batch["num_pairs"])
     place = _left_aligned(sequence, count)
@@ -137,6 +139,7 @@ def completion_log_probs(
         entropy=place(entropy),
         mean_logits=place(mean_logits),
         is_top1=place(is_top1),
+        log_sum_sq_probs=place(log_sum_sq),
         aux_loss=getattr(out, "aux_loss", None),
         features=features,
     )
