@@ -217,3 +217,23 @@ class VisionLanguageDPOTrainer(DPOTrainer):
             logs["tokens_seen"] = self._tokens["seen"]
             self._last_log = (now, real)
         super().log(logs, start_time)
+
+
+def pair_loader_factory(config: Config, encoder, pairs, rule, boundaries: bool):
+    """A function of the world size returning the preference DataLoader: `trainer.per_device_train_batch_size` pairs
+    per step and device (2x as many sequences), reshuffled every epoch, equal steps on every rank; the sequences of a
+    step packed into rows of `trainer.max_tokens_per_row` (or data.max_length) tokens with trainer.packing."""
+    from finetune.model.batching import training_loader
+    from finetune.model.preference_batching import PairCollator
+
+    t = config.trainer
+    budget = (t.max_tokens_per_row or config.data.max_length) if t.packing else None
+    collator = PairCollator(encoder, pairs, rule, budget, boundaries)
+    rows = [(i,) for i in range(len(pairs))]
+
+    def build(world_size: int):
+        return training_loader(
+            rows, collator, t.per_device_train_batch_size, t.seed, world_size, t.dataloader_num_workers
+        )
+
+    return build, collator

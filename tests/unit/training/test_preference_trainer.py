@@ -1,0 +1,132 @@
+"""The DPO trainer (finetune/training/preference_trainer.py): TRL's loss on the log-probs of our forward, the reference
+being the same model with the LoRA adapter off; a few steps train with finite loss and log rewards and margins."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.data.encode import IGNORE_INDEX
+from finetune.model.load import load_model, load_processor, position_rule
+from finetune.model.trainable import make_trainable
+from finetune.recipe.load import load_config
+from finetune.training.preference_forward import completion_log_probs, vision_parts
+from finetune.training.preference_trainer import (
+    VisionLanguageDPOTrainer,
+    build_dpo_config,
+    pair_loader_factory,
+    sequence_log_probs,
+)
+from tests.helpers.preference_pairs import demo_pairs, encoder
+
+
+def _trainer(tmp_path, *overrides):
+    config = load_config(
+        [
+            "method=dpo",
+            "logger=none",
+            f"trainer.output_dir={tmp_path}",
+            "trainer.per_device_train_batch_size=2",
+            "trainer.gradient_accumulation_steps=1",
+            "trainer.max_steps=3",
+            "trainer.logging_steps=1",
+            "trainer.save_steps=1000",
+            "trainer.dataloader_num_workers=0",
+            "trainer.learning_rate=1e-3",
+            "trainer.packing=false",
+            "trainer.gradient_checkpointing=false",
+            *overrides,
+        ]
+    )
+    processor = load_processor(config.model)
+    model = make_trainable(load_model(config.model, "fp32"), config)
+    pairs = demo_pairs("img", 2) + demo_pairs("vid", 2)
+    build, collator = pair_loader_factory(config, encoder(processor), pairs, position_rule(model, config.model), False)
+    trainer = VisionLanguageDPOTrainer(
+        model=model,
+        args=build_dpo_config(config, "fp32", tmp_path),
+        processing_class=processor,
+        train_loader=build,
+        recipe=config,
+        train_size=len(pairs),
+    )
+    return trainer, collator, pairs
+
+
+def _move_lora(model):
+    """A trained-looking adapter: LoRA's B starts at zero (policy = reference); random B makes them differ."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+
+def _by_hand(model, batch, beta, loss_type):
+    """TRL's formula on our per-token log-probs, the reference with the adapter off."""
+    with torch.no_grad():
+        policy = completion_log_probs(model, batch)
+        with model.disable_adapter():
+            ref = completion_log_probs(model, batch)
+    pol = sequence_log_probs(policy.log_probs, policy.mask, None)
+    ref_sum = sequence_log_probs(ref.log_probs, ref.mask, None)
+    (pc, pr), (rc, rr) = pol.chunk(2), ref_sum.chunk(2)
+    chosen, rejected = pc - rc, pr - rr
+    if loss_type == "sigmoid":
+        return (-F.logsigmoid(beta * (chosen - rejected))).mean(), beta * chosen, beta * rejected
+    nc, nr = policy.mask.sum(1).chunk(2)
+    return ((chosen / nc - rejected / nr - 1 / (2 * beta)) ** 2).mean(), beta * chosen, beta * rejected
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_the_loss_is_trls_formula_on_our_log_probs(tmp_path, loss_type):
+    trainer, collator, pairs = _trainer(tmp_path, f"method.loss_type={loss_type}", "method.beta=0.3")
+    model = trainer.model
+    _move_lora(model)
+    batch = collator(list(range(len(pairs))))  # images and videos in one batch
+    batch.pop("sample_ids"), batch.pop("bad_samples")
+    expected, chosen_rewards, rejected_rewards = _by_hand(model, batch, 0.3, loss_type)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+    assert math.isfinite(loss.item()) and expected.item() != pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    metrics = trainer._metrics["train"]
+    assert metrics["rewards/chosen"][-1] == pytest.approx(chosen_rewards.mean().item(), rel=1e-4, abs=1e-7)
+    margin = (chosen_rewards - rejected_rewards).mean().item()
+    assert metrics["rewards/margins"][-1] == pytest.approx(margin, rel=1e-4, abs=1e-7)
+
+
+def test_a_few_steps_train_and_log_rewards_and_margins(tmp_path):
+    trainer, _, _ = _trainer(tmp_path)
+    reference = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    visual, _ = vision_parts(trainer.model)
+    calls = []
+    handle = visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # one tower call per step: the policy reuses the reference forward's features
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert math.isfinite(h[key]), (key, h)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # the first step: policy = reference
+    moved = [n for n, p in trainer.model.named_parameters() if n in reference and not torch.equal(p, reference[n])]
+    assert moved  # the adapter trained
+    assert logs[-1]["rewards/margins"] != 0
+    assert "ref" not in trainer.model.peft_config  # the reference is the adapter off, not a copy
+
+
+def test_a_pair_with_no_completion_tokens_adds_nothing(tmp_path):
+    """The stand-in batch (every pair failed to decode): no trained token, loss log 2, zero gradient."""
+    trainer, collator, pairs = _trainer(tmp_path)
+    _move_lora(trainer.model)
+    batch = collator([0])
+    for key in ("labels",):
+        batch[key] = torch.full_like(batch[key], IGNORE_INDEX)
+    batch.pop("sample_ids"), batch.pop("bad_samples")
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
