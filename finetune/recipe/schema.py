@@ -466,12 +466,14 @@ class EvaluationConfig:
     after_training: str = option(
         "auto",
         help="The standalone evaluation after training (skipped when `steps` already ran it). auto: whenever "
-        "data.eval is set; true: always (data.eval required); false: never (the end-of-run summary says so when "
+        "data.eval is set and method=sft (a preference method's data.eval holds pairs); true: always (data.eval required); false: never (the end-of-run summary says so when "
         "data.eval is set).",
         choices=AFTER_TRAINING,
     )
     steps: int | None = option(
-        None, help="Evaluate every N steps during training and once at its end; null: never during training."
+        None,
+        help="Evaluate every N steps during training and once at its end; null: never during training. With "
+        "method=dpo: the held-out pairs' loss, preference accuracy and reward margins (eval_rewards/*).",
     )
     max_new_tokens: int = option(16, help="Tokens generated per answer at most.")
     batch_size: int = option(8, help="Questions per generate call (per rank during training).")
@@ -609,6 +611,8 @@ class Config:
 
     def evaluates_after_training(self) -> bool:
         """Whether the run evaluates data.eval after training (`evaluation.after_training`: auto, true or false)."""
+        if self.method.name != "sft":  # data.eval holds pairs: scored during training (evaluation.steps)
+            return False
         return bool(self.data.eval) and self.evaluation.after_training in ("auto", "true")
 
     def groups(self) -> dict[str, Any]:
@@ -668,10 +672,10 @@ class Config:
             )
         if self.data.streaming:
             raise ConfigError(f"method={self.method.name} reads its pairs whole: set data.streaming=false.")
-        if self.evaluation.steps:
+        if self.evaluation.after_training == "true":
             raise ConfigError(
-                f"evaluation.steps (generation during training) is for SFT; with method={self.method.name} set "
-                "evaluation.steps=null (the held-out pairs' preference accuracy and margins are logged instead)."
+                f"evaluation.after_training=true evaluates SFT answers; with method={self.method.name} data.eval holds "
+                "pairs, scored during training (evaluation.steps). Set evaluation.after_training=auto or false."
             )
 
     def _check_experts(self) -> None:

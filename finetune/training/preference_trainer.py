@@ -45,6 +45,8 @@ def build_dpo_config(config: Config, precision: str, run_dir: Path) -> DPOConfig
         f_alpha_divergence_coef=m.f_alpha_divergence_coef,
         use_weighting=m.use_weighting,
         discopop_tau=m.discopop_tau,
+        # Held-out pairs scored before the first step too: the policy equals the reference there (margins 0).
+        eval_on_start=bool(config.evaluation.steps),
         # Checkpointing is ours (finetune/model/trainable.py); DPOConfig would otherwise turn it on model-wide.
         gradient_checkpointing=False,
     )
@@ -109,18 +111,32 @@ class VisionLanguageDPOTrainer(DPOTrainer):
     """DPOTrainer with our preference loader, forward and reference (adapter off), per-part learning rates, the fault
     guards and the SFT trainer's checkpoint marking."""
 
-    def __init__(self, *, model, args: DPOConfig, processing_class, train_loader, recipe: Config, train_size: int):
+    def __init__(
+        self,
+        *,
+        model,
+        args: DPOConfig,
+        processing_class,
+        train_loader,
+        recipe: Config,
+        train_size: int,
+        eval_loader=None,
+        eval_size: int = 0,
+    ):
         if not hasattr(model, "disable_adapter"):
             raise ConfigError(
                 "method=dpo takes its reference as the model with the LoRA adapter off: train LoRA parts "
                 "(parts.llm=lora), not a full copy."
             )
         self._recipe = recipe
-        self._train_loader = train_loader
+        self._train_loader, self._eval_loader = train_loader, eval_loader
         # TRL tokenizes a text dataset itself and skips that for a vision one (an `images` column): ours is only an
         # index (the pairs come from our loader), marked as vision so that TRL leaves it alone.
         index = datasets.Dataset.from_dict({"images": [None] * train_size})
-        super().__init__(model=model, args=args, train_dataset=index, processing_class=processing_class)
+        held_out = datasets.Dataset.from_dict({"images": [None] * eval_size}) if eval_loader else None
+        super().__init__(
+            model=model, args=args, train_dataset=index, eval_dataset=held_out, processing_class=processing_class
+        )
         # With a PEFT model TRL copies the adapter as "ref" (the reference when re-training an adapter); ours is the
         # base model with the adapter off.
         if "ref" in getattr(self.model, "peft_config", {}):
@@ -138,6 +154,17 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         self._last_log = (time.perf_counter(), 0)
 
     get_train_dataloader = VisionLanguageSFTTrainer.get_train_dataloader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The held-out pairs (data.eval), batched as in training: evaluation logs TRL's preference metrics on them
+        (eval_rewards/accuracies, eval_rewards/margins, eval_loss, ...)."""
+        return self.accelerator.prepare(self._eval_loader(self.accelerator.num_processes))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def create_optimizer(self, model=None):
         """AdamW over one parameter group per (part, weight decay), each at its part's learning rate."""
@@ -161,6 +188,8 @@ class VisionLanguageDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
         features = None
+        for key in ("sample_ids", "bad_samples"):  # bookkeeping (training_step hands it to the guard first)
+            inputs.pop(key, None)
         if "ref_chosen_logps" in inputs:  # precomputed
             ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
         else:

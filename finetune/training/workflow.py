@@ -221,17 +221,18 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     return trainer, processor, size, precision
 
 
-def read_training_pairs(config: Config, encoder) -> list[tuple]:
-    """data.train as (chosen, rejected) Samples: finetune/data/preference.py reads TRL's and LLaMA-Factory's pair
+def read_training_pairs(config: Config, encoder, split: str = "train") -> list[tuple]:
+    """data.train (or data.eval) as (chosen, rejected) Samples: finetune/data/preference.py reads TRL's and LLaMA-Factory's pair
     formats, counts every pair as SFT counts its samples, and stops on (or reports) the bad ones as SFT does."""
     from finetune.data.preference import read_preference_split
 
+    value = getattr(config.data, split)
     data = read_preference_split(
-        config.data.train, "pairs", config.data.media_root, resolve_data_file, config.trainer.seed, encoder
+        value, "pairs", config.data.media_root, resolve_data_file, config.trainer.seed, encoder
     )
-    require_clean(data, "training", config.data.skip_invalid, logger)
+    require_clean(data, "training" if split == "train" else "evaluation", config.data.skip_invalid, logger)
     if not data.items:
-        raise DataError(f"data.train={config.data.train} holds no usable preference pairs.")
+        raise DataError(f"data.{split}={value} holds no usable preference pairs.")
     return [(pair.conversation("chosen"), pair.conversation("rejected")) for pair in data.items]
 
 
@@ -252,6 +253,15 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
     )
     model, rule, boundaries = load_for_training(config, precision)
     build_loader, _ = pair_loader_factory(config, encoder, pairs, rule, boundaries)
+    eval_loader, eval_pairs = None, []
+    if config.evaluation.steps:
+        eval_pairs = read_training_pairs(config, encoder, "eval")
+        eval_loader, _ = pair_loader_factory(config, encoder, eval_pairs, rule, boundaries)
+        logger.info(
+            "preference accuracy and reward margins on %d held-out pairs every %d steps",
+            len(eval_pairs),
+            config.evaluation.steps,
+        )
     trainer = VisionLanguageDPOTrainer(
         model=model,
         args=args,
@@ -259,6 +269,8 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
         train_loader=build_loader,
         recipe=config,
         train_size=len(pairs),
+        eval_loader=eval_loader,
+        eval_size=len(eval_pairs),
     )
     trainer.data_summary = {"num_train_pairs": len(pairs), "method": config.method.name}
     return trainer, processor, len(pairs), precision
@@ -281,7 +293,9 @@ def train(config: Config, overrides: list[str]) -> Path:
         trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError: one message, not a CUDA traceback
         raise RunStopped(out_of_memory_message(config, trainer.state.global_step, trainer.last_batch, err)) from None
-    if config.evaluation.steps:
+    if config.evaluation.steps and config.method.name != "sft":
+        finish_preference_evaluation(trainer, run_dir)
+    elif config.evaluation.steps:
         step = trainer.state.global_step
         if not any(h.get("step") == step and "eval_exact_match" in h for h in trainer.state.log_history):
             trainer.evaluate()  # the trainer evaluates at multiples of the interval (and at the end in some versions)
@@ -297,6 +311,34 @@ def train(config: Config, overrides: list[str]) -> Path:
         logger.info("saved %s to %s", "adapter" if config.parts.uses_lora else "model", adapter_dir)
     leave_process_group()
     return adapter_dir
+
+
+PREFERENCE_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen")
+
+
+def finish_preference_evaluation(trainer, run_dir: Path) -> None:
+    """The held-out pairs scored at the last step too, and every evaluation's preference accuracy and mean reward
+    margin written to eval/preference_metrics.json (what the run reports)."""
+    step = trainer.state.global_step
+    if not any(h.get("step") == step and "eval_rewards/accuracies" in h for h in trainer.state.log_history):
+        trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return
+    history = [
+        {"step": h["step"], **{k: h[k] for k in PREFERENCE_METRICS if k in h}}
+        for h in trainer.state.log_history
+        if "eval_rewards/accuracies" in h
+    ]
+    eval_dir = RunDir(run_dir).eval_dir
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "preference_metrics.json").write_text(json.dumps(history, indent=1))
+    last = history[-1]
+    logger.info(
+        "held-out pairs at step %d: preference accuracy %.3f, mean reward margin %.4f",
+        step,
+        last["eval_rewards/accuracies"],
+        last["eval_rewards/margins"],
+    )
 
 
 def leave_process_group() -> None:
