@@ -19,6 +19,7 @@ from finetune.training.preference_trainer import (
     sequence_log_probs,
 )
 from tests.helpers.preference_pairs import demo_pairs, encoder
+from tests.helpers.tolerance import assert_close_to_scale
 
 
 def _trainer(tmp_path, *overrides):
@@ -40,6 +41,7 @@ def _trainer(tmp_path, *overrides):
         ]
     )
     processor = load_processor(config.model)
+    torch.manual_seed(0)  # the same LoRA initialisation in every trainer a test builds
     model = make_trainable(load_model(config.model, "fp32"), config)
     pairs = demo_pairs("img", 2) + demo_pairs("vid", 2)
     build, collator = pair_loader_factory(config, encoder(processor), pairs, position_rule(model, config.model), False)
@@ -130,3 +132,42 @@ def test_a_pair_with_no_completion_tokens_adds_nothing(tmp_path):
     batch.pop("sample_ids"), batch.pop("bad_samples")
     loss = trainer.compute_loss(trainer.model, batch)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_packed_rows_with_activation_checkpointing_give_the_padded_loss(tmp_path):
+    """trainer.packing=true puts the 2B sequences of a step into shared rows; with LLM activation checkpointing on,
+    the loss and the LoRA gradients equal the padded batch's."""
+    results = []
+    for packing in ("false", "true"):
+        trainer, collator, pairs = _trainer(
+            tmp_path / packing, f"trainer.packing={packing}", "trainer.gradient_checkpointing=true"
+        )
+        model = trainer.model
+        model.train()
+        _move_lora(model)
+        batch = collator(list(range(len(pairs))))
+        assert (batch["input_ids"].shape[0] < 2 * len(pairs)) == (packing == "true")
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert packed.item() == pytest.approx(padded.item(), rel=1e-5)
+    assert padded_grads and set(packed_grads) == set(padded_grads)
+    for name, grad in padded_grads.items():
+        assert_close_to_scale(packed_grads[name], grad, rel=1e-4, name=name)
+
+
+def test_build_trainer_dispatches_method_dpo(tmp_path, monkeypatch):
+    """`finetune train method=dpo`: the same model loading and LoRA as SFT, the DPO trainer, the pairs from the reader
+    (stubbed here with the demo pairs; finetune/data/preference.py reads them in a run)."""
+    from finetune.training import workflow
+
+    monkeypatch.setattr(workflow, "read_training_pairs", lambda config, encoder, split="train": demo_pairs("img", 2))
+    config = load_config(["method=dpo", "logger=none", f"trainer.output_dir={tmp_path}", "trainer.max_steps=1"])
+    trainer, _, size, precision = workflow.build_trainer(config, [])
+    assert isinstance(trainer, VisionLanguageDPOTrainer) and size == 2 and precision == "fp32"
+    assert trainer.model.peft_config["default"].r == config.peft.r
+    assert trainer.beta == config.method.beta and trainer.loss_types == ["sigmoid"]
+    assert trainer._train_loader(1).collate_fn.encoder.label_mode.value == "last_assistant"
