@@ -26,7 +26,7 @@ from finetune.model.batching import training_batch, vision_inputs
 from finetune.model.rope import PositionRule
 
 # Keys this module adds to the SFT training layout; `num_pairs` (B) is an int.
-PREFERENCE_KEYS = ("sequence_index", "image_index", "video_index", "num_pairs")
+PREFERENCE_KEYS = ("sequence_index", "image_index", "video_index", "num_pairs", "pair_index")
 
 
 def pair_media_problem(chosen: EncodedSample, rejected: EncodedSample) -> str | None:
@@ -150,11 +150,15 @@ class PairCollator:
         return encoded
 
     def __call__(self, indices) -> dict:
-        return self.batch([self.pairs[i] for i in _flat(indices)])
+        indices = _flat(indices)
+        return self.batch([self.pairs[i] for i in indices], indices)
 
-    def batch(self, pairs: list) -> dict:
+    def batch(self, pairs: list, indices: list[int] | None = None) -> dict:
+        """`pair_index`: each kept pair's index in `pairs` of the collator (-1: the stand-in, or none given), where
+        precomputed reference log-probs are looked up."""
         bad: list[dict] = []
-        kept = [(e, p[0].id) for p in pairs if (e := self._encode(p, bad)) is not None]
+        indices = [-1] * len(pairs) if indices is None else indices
+        kept = [(e, (p[0].id, i)) for p, i in zip(pairs, indices) if (e := self._encode(p, bad)) is not None]
         if not kept:
             for pair in self.pairs:
                 if self._stand_in is not None:
@@ -162,9 +166,10 @@ class PairCollator:
                 self._encode(pair, [])
             if self._stand_in is None:
                 raise DataError("no preference pair can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
-            kept = [(self._stand_in, None)]
+            kept = [(self._stand_in, (None, -1))]
         batch = preference_batch([e for e, _ in kept], self.pad_token_id, self.rule, self.budget, self.boundaries)
-        batch["sample_ids"] = [[sid] for _, sid in kept if sid is not None]
+        batch["sample_ids"] = [[sid] for _, (sid, _) in kept if sid is not None]
+        batch["pair_index"] = torch.tensor([i for _, (_, i) in kept], dtype=torch.long)
         batch["bad_samples"] = bad
         return batch
 

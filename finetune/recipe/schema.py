@@ -554,6 +554,11 @@ class MethodConfig:
     f_alpha_divergence_coef: float = option(1.0, help="DPO: alpha of f_divergence_type=alpha_divergence.")
     use_weighting: bool = option(False, help="DPO: WPO's weighting of each pair by its probability under the policy.")
     discopop_tau: float = option(0.05, help="DPO: the temperature of loss_type=discopop.")
+    precompute_ref_log_probs: bool = option(
+        False,
+        help="DPO: score every pair (train and held-out) under the reference once, when training starts (the adapter "
+        "off, images and videos included), instead of a reference forward every step.",
+    )
 
     @property
     def loss_types(self) -> list[str]:

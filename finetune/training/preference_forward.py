@@ -30,6 +30,7 @@ NOT_MODEL_INPUTS = (
     "image_index",
     "video_index",
     "num_pairs",
+    "pair_index",
     "num_real_tokens",
     "sample_ids",
     "bad_samples",

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import datasets
 import torch
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from finetune.base.errors import ConfigError, RunStopped
@@ -30,6 +31,16 @@ from finetune.records.rundir import RunDir, mark_complete, rotate
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
 from finetune.training.preference_forward import completion_log_probs, tower_is_frozen, vision_parts
 from finetune.training.trainer import VisionLanguageSFTTrainer, trainer_arguments
+
+
+class PrecomputeReference(TrainerCallback):
+    """Scores the reference once the model is prepared for training (wrapped by DDP or DeepSpeed), before step 1."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.precompute_reference()
 
 
 def build_dpo_config(config: Config, precision: str, run_dir: Path) -> DPOConfig:
@@ -122,7 +133,10 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         train_size: int,
         eval_loader=None,
         eval_size: int = 0,
+        reference_collators: dict | None = None,
     ):
+        """`reference_collators`: {"train": PairCollator, "eval": ...} whose pairs get their reference log-probs
+        computed once, when training starts (method.precompute_ref_log_probs); None: every step computes them."""
         if not hasattr(model, "disable_adapter"):
             raise ConfigError(
                 "method=dpo takes its reference as the model with the LoRA adapter off: train LoRA parts "
@@ -148,6 +162,10 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         # The reference log-probs come with every batch (computed in compute_loss, or precomputed).
         self.precompute_ref_logps = True
         self.last_batch: dict | None = None
+        self._reference_collators = reference_collators or {}
+        self._reference_tables: dict[str, torch.Tensor] = {}
+        if self._reference_collators:
+            self.add_callback(PrecomputeReference(self))
         limit = bad_sample_limit(recipe.data.max_bad_samples, train_size)
         self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
         self._tokens = {"real": 0, "seen": 0}
@@ -190,8 +208,11 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         features = None
         for key in ("sample_ids", "bad_samples"):  # bookkeeping (training_step hands it to the guard first)
             inputs.pop(key, None)
-        if "ref_chosen_logps" in inputs:  # precomputed
-            ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
+        table = self._reference_tables.get("train" if self.model.training else "eval")
+        pair_index = inputs.pop("pair_index", None)
+        if table is not None and pair_index is not None:  # precomputed when training started
+            ref = table[pair_index.clamp(min=0)] * (pair_index >= 0).unsqueeze(1)  # -1: the stand-in, no tokens
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         else:
             ref, features = self.reference_log_probs(model, inputs)
             ref_chosen, ref_rejected = ref.chunk(2)
@@ -207,6 +228,31 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         trained = batch["labels"][:, 1:] != -100
         counts = torch.bincount(batch["sequence_index"][:, 1:][trained], minlength=2 * int(batch["num_pairs"]))
         return int(counts.max())
+
+    def precompute_reference(self) -> None:
+        """The reference log-probs of every pair (train, and eval when scored), once: our forward with the adapter
+        off, images and videos included. Each rank scores every world_size-th pair, in the same number of batches on
+        every rank (under ZeRO-3 each forward gathers weights from all ranks), and the ranks sum their tables."""
+        model, world, rank = self.model_wrapped, self.accelerator.num_processes, self.accelerator.process_index
+        per_step = self.args.per_device_train_batch_size
+        was_training = model.training
+        model.eval()
+        for split, collator in self._reference_collators.items():
+            size = len(collator.pairs)
+            mine = list(range(rank, size, world))
+            steps = -(-(-(-size // world)) // per_step)  # ceil(ceil(size / world) / per_step), alike on every rank
+            table = torch.zeros(size, 2, device=self.accelerator.device)
+            for step in range(steps):
+                indices = mine[step * per_step : (step + 1) * per_step]
+                padded = indices or [0]  # a rank with nothing left still runs a forward (ZeRO-3), written nowhere
+                batch = self._prepare_inputs(collator(padded))
+                ref, _ = self.reference_log_probs(model, batch)
+                written = (
+                    batch["pair_index"] >= 0 if indices else torch.zeros_like(batch["pair_index"], dtype=torch.bool)
+                )
+                table[batch["pair_index"][written]] = torch.stack(ref.chunk(2), 1)[written].float()
+            self._reference_tables[split] = self.accelerator.reduce(table, "sum") if world > 1 else table
+        model.train(was_training)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step

@@ -252,11 +252,12 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
         "%d preference pairs (method=dpo, loss %s, beta %g)", len(pairs), config.method.loss_type, config.method.beta
     )
     model, rule, boundaries = load_for_training(config, precision)
-    build_loader, _ = pair_loader_factory(config, encoder, pairs, rule, boundaries)
+    build_loader, collator = pair_loader_factory(config, encoder, pairs, rule, boundaries)
+    collators = {"train": collator}
     eval_loader, eval_pairs = None, []
     if config.evaluation.steps:
         eval_pairs = read_training_pairs(config, encoder, "eval")
-        eval_loader, _ = pair_loader_factory(config, encoder, eval_pairs, rule, boundaries)
+        eval_loader, collators["eval"] = pair_loader_factory(config, encoder, eval_pairs, rule, boundaries)
         logger.info(
             "preference accuracy and reward margins on %d held-out pairs every %d steps",
             len(eval_pairs),
@@ -271,6 +272,7 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
         train_size=len(pairs),
         eval_loader=eval_loader,
         eval_size=len(eval_pairs),
+        reference_collators=collators if config.method.precompute_ref_log_probs else None,
     )
     trainer.data_summary = {"num_train_pairs": len(pairs), "method": config.method.name}
     return trainer, processor, len(pairs), precision

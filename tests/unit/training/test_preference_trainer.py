@@ -171,3 +171,34 @@ def test_build_trainer_dispatches_method_dpo(tmp_path, monkeypatch):
     assert trainer.model.peft_config["default"].r == config.peft.r
     assert trainer.beta == config.method.beta and trainer.loss_types == ["sigmoid"]
     assert trainer._train_loader(1).collate_fn.encoder.label_mode.value == "last_assistant"
+
+
+def test_precomputed_reference_log_probs_equal_the_per_step_ones(tmp_path):
+    """method.precompute_ref_log_probs: the table scored once (adapter off, images and videos) gives the same loss as
+    the reference forward of every step, and a step then calls the tower once (the policy's)."""
+    trainer, collator, pairs = _trainer(tmp_path)
+    model = trainer.model
+    _move_lora(model)
+    batch = collator(list(range(len(pairs))))
+    batch.pop("sample_ids"), batch.pop("bad_samples")
+    with torch.no_grad():
+        per_step = trainer.compute_loss(model, dict(batch, pair_index=None))
+    trainer._reference_collators = {"train": collator}
+    trainer.model_wrapped = model
+    visual, _ = vision_parts(model)
+    calls = []
+    handle = visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        trainer.precompute_reference()
+        assert len(calls) == 2  # 4 pairs in batches of 2
+        calls.clear()
+        table = trainer._reference_tables["train"]
+        assert table.shape == (len(pairs), 2) and (table < 0).all()  # every pair scored (log-probs are negative)
+        shuffled = collator([3, 1, 0, 2])  # any order: looked up by pair index
+        shuffled.pop("sample_ids"), shuffled.pop("bad_samples")
+        with torch.no_grad():
+            precomputed = trainer.compute_loss(model, shuffled)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    assert precomputed.item() == pytest.approx(per_step.item(), rel=1e-5)
