@@ -534,12 +534,12 @@ class MethodConfig:
     )
     loss_type: str = option(
         "sigmoid",
-        help="DPO: TRL's loss type, or several joined by commas (summed, weighted by loss_weights): sigmoid (DPO), "
+        help="DPO: TRL's loss type, or several joined by + (summed, weighted by loss_weights): sigmoid (DPO), "
         "hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
-        "discopop, sft, sigmoid_norm; e.g. sigmoid,sft (RPO).",
+        "discopop, sft, sigmoid_norm; e.g. sigmoid+sft (RPO).",
     )
     loss_weights: Optional[str] = option(
-        None, help="DPO: one weight per loss type, joined by commas (e.g. 1.0,0.2); null: 1 each."
+        None, help="DPO: one weight per loss type, joined by + (e.g. 1.0+0.2); null: 1 each."
     )
     label_smoothing: float = option(
         0.0, help="DPO: the assumed share of flipped labels (robust, exo_pair, sigmoid: conservative DPO), in [0, 0.5)."
@@ -562,16 +562,16 @@ class MethodConfig:
 
     @property
     def loss_types(self) -> list[str]:
-        return [t.strip() for t in str(self.loss_type).split(",") if t.strip()]
+        return [t.strip() for t in re.split(r"[+,]", str(self.loss_type)) if t.strip()]
 
     @property
     def weights(self) -> list[float] | None:
         if self.loss_weights is None:
             return None
         try:
-            return [float(w) for w in str(self.loss_weights).split(",")]
+            return [float(w) for w in re.split(r"[+,]", str(self.loss_weights))]
         except ValueError:
-            raise ConfigError(f"method.loss_weights={self.loss_weights!r} must be numbers joined by commas.") from None
+            raise ConfigError(f"method.loss_weights={self.loss_weights!r} must be numbers joined by +.") from None
 
     def check(self) -> None:
         if self.name == "sft":
@@ -580,7 +580,7 @@ class MethodConfig:
         if unknown or not self.loss_types:
             raise ConfigError(
                 f"method.loss_type={self.loss_type!r}: {', '.join(unknown) or 'nothing'} is not a DPO loss; choose "
-                f"one or more (joined by commas) of {', '.join(DPO_LOSS_TYPES)}."
+                f"one or more (joined by +) of {', '.join(DPO_LOSS_TYPES)}."
             )
         if self.beta <= 0:
             raise ConfigError(f"method.beta must be positive, got {self.beta}.")
