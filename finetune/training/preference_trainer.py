@@ -25,12 +25,12 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from finetune.base.errors import ConfigError, RunStopped
-from finetune.model.trainable import parameter_groups
+from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, mark_complete, rotate
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
 from finetune.training.preference_forward import completion_log_probs, tower_is_frozen, vision_parts
-from finetune.training.trainer import VisionLanguageSFTTrainer, trainer_arguments
+from finetune.training.trainer import MOE_CONFIG_KEYS, VisionLanguageSFTTrainer, trainer_arguments
 
 
 class PrecomputeReference(TrainerCallback):
@@ -146,11 +146,20 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         self._train_loader, self._eval_loader = train_loader, eval_loader
         # TRL tokenizes a text dataset itself and skips that for a vision one (an `images` column): ours is only an
         # index (the pairs come from our loader), marked as vision so that TRL leaves it alone.
+        text_config = base_model(model).config.get_text_config()
+        checkpoint_values = {k: getattr(text_config, k) for k in MOE_CONFIG_KEYS if hasattr(text_config, k)}
         index = datasets.Dataset.from_dict({"images": [None] * train_size})
         held_out = datasets.Dataset.from_dict({"images": [None] * eval_size}) if eval_loader else None
         super().__init__(
             model=model, args=args, train_dataset=index, eval_dataset=held_out, processing_class=processing_class
         )
+        # A mixture-of-experts LLM: the load-balancing loss weighs as in SFT (finetune/model/trainable.py: 0 with a
+        # frozen router, logged only), not by TRL's choice; what TRL wrote into the model config is undone.
+        coef = router_aux_loss_coef(model, recipe)
+        if coef is not None:
+            self.aux_loss_enabled, self.router_aux_loss_coef = True, coef
+        for key, value in checkpoint_values.items():
+            setattr(text_config, key, value)
         # With a PEFT model TRL copies the adapter as "ref" (the reference when re-training an adapter); ours is the
         # base model with the adapter off.
         if "ref" in getattr(self.model, "peft_config", {}):

@@ -202,3 +202,14 @@ def test_precomputed_reference_log_probs_equal_the_per_step_ones(tmp_path):
     finally:
         handle.remove()
     assert precomputed.item() == pytest.approx(per_step.item(), rel=1e-5)
+
+
+def test_a_mixture_of_experts_model_trains_with_the_recipes_load_balancing_weight(tmp_path):
+    """Qwen3-VL-MoE: our forward returns the router's load-balancing loss; with a frozen router its weight is 0 (as in
+    SFT), so the DPO loss is TRL's alone, and the aux loss is logged."""
+    trainer, _, _ = _trainer(tmp_path, "experiment=demo_qwen3_vl_moe", "trainer.max_steps=2")
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["aux_loss"]) for h in logs)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
