@@ -85,6 +85,50 @@ def repeat_features(unique: dict, batch: dict) -> dict:
     return outputs
 
 
+class MediaOnce:
+    """While a forward runs: a pre-forward hook on the inner Qwen-VL model (the family's `inner_model`) that makes the
+    embeddings and the unique media's features there, inside the forward the training wrapper (DDP, DeepSpeed) runs,
+    as finetune/training/vision_sync.py does for SFT: every rank then calls the embeddings, the tower (or, with
+    `features` given, no tower) and the language model in the same order whatever its batch holds, which ZeRO-3's
+    parameter gathering needs (a rank with only text must not call a module the others do not). The features go in
+    as `mm_encoder_outputs`, repeated by the batch's index; without media, 0 x the dummy call's features is added to
+    the embeddings. The placeholders are found by the input ids (`get_placeholder_mask` given them), never by
+    comparing embeddings (which would call the embedding layer again on ranks with media only)."""
+
+    def __init__(self, unwrapped, batch: dict, features: dict | None):
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        family = family_of(base.config.model_type)
+        self.inner = base.get_submodule(family.inner_model)
+        self.visual = self.inner.get_submodule(family.vision_tower)
+        self.batch, self.features = batch, features
+        self.input_ids = None
+
+    def __enter__(self):
+        self.handle = self.inner.register_forward_pre_hook(self._before, with_kwargs=True)
+        if hasattr(self.inner, "get_placeholder_mask"):
+            self.inner.get_placeholder_mask = self._placeholder_mask
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.inner.__dict__.pop("get_placeholder_mask", None)
+
+    def _placeholder_mask(self, input_ids, inputs_embeds, *args, **kwargs):
+        ids = self.input_ids if input_ids is None else input_ids
+        return type(self.inner).get_placeholder_mask(self.inner, ids, inputs_embeds, *args, **kwargs)
+
+    def _before(self, module, args, kwargs):
+        input_ids = kwargs["input_ids"]
+        embeds = module.get_input_embeddings()(input_ids)
+        if self.features is None:
+            self.features, padding = encode_media_once(self.visual, self.inner.config.vision_config, self.batch)
+            if padding is not None:
+                embeds = embeds + padding.to(embeds.dtype)
+        self.input_ids = input_ids
+        outputs = repeat_features(self.features, self.batch) if self.features else None
+        return args, {**kwargs, "input_ids": None, "inputs_embeds": embeds, "mm_encoder_outputs": outputs}
+
+
 def completion_log_probs(
     model,
     batch: dict,
@@ -96,24 +140,13 @@ def completion_log_probs(
     or transformers model under the wrapper (where the tower is found); `features`: the unique items' features from
     an earlier forward of the same step (a frozen tower), which skips the tower call."""
     unwrapped = model if unwrapped is None else unwrapped
-    visual, vision_config = vision_parts(unwrapped)
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-    padding = None
-    if features is None:
-        features, padding = encode_media_once(visual, vision_config, batch)
-    if padding is not None or not features:
-        # No media: the embeddings go in with 0 x the dummy call's features (every rank calls the same modules).
-        embed = unwrapped.get_input_embeddings()
-        embeds = embed(input_ids)
-        inputs["inputs_embeds"] = embeds if padding is None else embeds + padding.to(embeds.dtype)
-        inputs["input_ids"] = None
-    else:
-        inputs["mm_encoder_outputs"] = repeat_features(features, batch)
-        for key in ("image_grid_thw", "video_grid_thw"):  # per placeholder block; positions come with the batch
-            kind = key.split("_")[0]
-            if batch.get(key) is not None:
-                inputs[key] = batch[key][batch[f"{kind}_index"]]
+    for key in ("image_grid_thw", "video_grid_thw"):  # per placeholder block; the positions come with the batch
+        kind = key.split("_")[0]
+        if batch.get(key) is not None:
+            inputs[key] = batch[key][batch[f"{kind}_index"]]
+    media = MediaOnce(unwrapped, batch, features)
     # Position j predicts token j + 1: keep the positions whose next token is a completion token.
     targets = labels[:, 1:]
     trained = targets != -100
@@ -121,7 +154,9 @@ def completion_log_probs(
     keep[:, :-1] = trained
     if output_router_logits:
         inputs["output_router_logits"] = True
-    out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    with media:
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    features = media.features
     logits = out.logits.float()  # (N, V): the kept positions, row-major
     log_probs = logits.log_softmax(-1)
     tokens = targets[trained]

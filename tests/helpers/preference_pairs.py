@@ -38,16 +38,13 @@ def encoded_pairs(processor, kind: str, count: int):
     return [(enc.encode(c), enc.encode(r)) for c, r in demo_pairs(kind, count)]
 
 
+def strip_media(sample: Sample) -> Sample:
+    """The sample with its images and videos left out (a text-only prompt)."""
+    messages = [{**m, "content": [b for b in m["content"] if b["type"] == "text"]} for m in sample.messages]
+    return Sample(id=sample.id, messages=messages, source=sample.source, extra=sample.extra)
+
+
 def text_only(processor, count: int):
     """`count` encoded pairs whose prompt has no media (the demo image prompts with the image left out)."""
     enc = encoder(processor)
-    pairs = []
-    for chosen, rejected in demo_pairs("img", count):
-        strip = lambda s: Sample(  # noqa: E731
-            id=s.id,
-            messages=[{**m, "content": [b for b in m["content"] if b["type"] == "text"]} for m in s.messages],
-            source=s.source,
-            extra=s.extra,
-        )
-        pairs.append((enc.encode(strip(chosen)), enc.encode(strip(rejected))))
-    return pairs
+    return [(enc.encode(strip_media(c)), enc.encode(strip_media(r))) for c, r in demo_pairs("img", count)]
