@@ -46,8 +46,8 @@ def _harness(run_dir, processes, *extra):
 def test_two_zero3_ranks_text_only_and_video_match_one_process(tmp_path):
     single, two = tmp_path / "single", tmp_path / "two"
     _harness(single, 1)
-    _, out, err = _harness(two, 2, "deepspeed=zero3")
-    assert "--use_deepspeed" in out
+    _, _, err = _harness(two, 2, "deepspeed=zero3")
+    assert "ZeRO-3: loading the weights partitioned" in err  # DeepSpeed ran, over 2 ranks
     expected = losses(single)
     assert len(expected) == STEPS and expected[1] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy = reference
     assert len(set(expected.values())) > 1  # it trained
