@@ -31,5 +31,6 @@ def pairs(records: list[dict], seed: int) -> list[dict]:
 if __name__ == "__main__":
     for split, seed in (("train", 0), ("test", 1)):
         records = json.loads((HERE / f"{split}.json").read_text())
-        (HERE / f"pairs_{split}.json").write_text(json.dumps(pairs(records, seed), indent=1) + "\n")
+        lines = ",\n".join(json.dumps(pair) for pair in pairs(records, seed))  # one pair per line
+        (HERE / f"pairs_{split}.json").write_text(f"[\n{lines}\n]\n")
         print(f"pairs_{split}.json: {len(records)} pairs")
