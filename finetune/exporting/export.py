@@ -108,6 +108,11 @@ def reference_samples(config: Config, max_samples: int = 64) -> list:
     from finetune.data.sources import parse_sources, read_source
 
     source = parse_sources(config.data.eval or config.data.train, config.data.media_root, resolve_data_file)[0]
+    if config.method.name != "sft":  # the data holds preference pairs: check on their prompts with the chosen reply
+        from finetune.data.preference import read_source_data
+
+        pairs = read_source_data(source, "pairs").items[:max_samples]
+        return [pair.conversation("chosen") for pair in pairs]
     return read_source(source)[0][:max_samples]
 
 

@@ -19,6 +19,7 @@ OPTIONS = {
     "accelerate": ("multigpu", "an accelerate mode", "multi_gpu"),
     "logger": ("tensorbord", "a logger", "tensorboard"),
     "experiment": ("qwen25_vl_7b_video_lora", "an experiment", "qwen2_5_vl_7b_video_lora"),
+    "method": ("dppo", "a training method", "dpo"),
 }
 
 
