@@ -33,6 +33,7 @@ def pytest_cmdline_main(config):
                 config.option.loadscopereorder = False  # xdist would order modules by test count: keep ours
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown under -p no:xdist
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadscope` with the ONE_AFTER_ANOTHER modules in a single scope (so on one worker, in turn)."""
     if config.option.dist != "loadscope":

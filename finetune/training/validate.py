@@ -31,7 +31,7 @@ import numpy as np
 from finetune.base.errors import DataError
 from finetune.base.paths import resolve_data_file
 from finetune.data.encode import ConversationEncoder
-from finetune.data.preference import count_items, read_source_data
+from finetune.data.preference import count_items, data_kind, read_source_data
 from finetune.data.prepare import PreparedSplit, format_problems, prepare_split
 from finetune.data.sources import DatasetSource, parse_sources
 from finetune.recipe.budgets import summary_lines
@@ -242,4 +242,5 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--row-tokens", type=int, default=None, help="row budget for the packing estimate")
     args, overrides = parser.parse_known_args(argv)
     splits = ["train", "eval"] if args.split == "all" else [args.split]
-    return validate(load_config(overrides), splits, args.decode, args.row_tokens)
+    config = load_config(overrides)
+    return validate(config, splits, args.decode, args.row_tokens, data_kind(config.method.name))

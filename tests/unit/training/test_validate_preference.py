@@ -105,3 +105,20 @@ def test_the_validate_command_checks_a_preference_recipe(root, capsys):
     out = capsys.readouterr().out
     assert "2 records, 1 usable pairs, 1 with problems" in out and "(id same)" in out
     assert "FAILED: 1 problems would stop training." in out
+
+
+def test_the_validate_command_reads_the_data_of_the_recipes_method(root, capsys):
+    """`./launch.sh validate method=dpo ...` checks pairs (the recipe's method decides the data kind), not
+    conversations: a pair whose sides are equal is named, and the command fails."""
+    from finetune.training.validate import main
+
+    records = [
+        {"id": "ok", "prompt": "<image>Q", "chosen": "A", "rejected": "B", "images": ["a.png"]},
+        {"id": "same", "prompt": "Q", "chosen": "A", "rejected": "A"},
+    ]
+    pairs = write_dataset(root / "cli_pairs.json", records)
+    assert (
+        main(["--split", "train", "method=dpo", f"data.train={pairs}", "data.eval=null", "model=tiny_qwen2_5_vl"]) != 0
+    )
+    out = capsys.readouterr().out
+    assert "2 records, 1 usable pairs, 1 with problems" in out and "cli_pairs.json[1] (id same)" in out
