@@ -8,7 +8,8 @@ rules), ending with the user's turn the reply answers; the replies are plain tex
   TRL's implicit prompt: `chosen` / `rejected` as whole conversations sharing their first turns (the prompt);
   LLaMA-Factory ShareGPT (`"ranking": true`): `conversations` / `messages` ending with the user's turn, and `chosen` /
   `rejected` as `{"from": "gpt", "value": ...}` (or `{"role", "content"}`, or plain strings); LLaMA-Factory alpaca:
-  `instruction` (+ `input`, `history`) with `chosen` / `rejected` strings.
+  `instruction` (+ `input`, `history`) with `chosen` / `rejected` strings; ms-swift: `messages` ending with the
+  chosen reply, and `rejected_response`.
 - `unpaired` (KTO): TRL: `prompt`, `completion`, `label` (true: desirable); LLaMA-Factory: `messages` /
   `conversations` ending with the assistant's reply (or alpaca's `instruction` + `output`), and `kto_tag` (true /
   false).
@@ -47,7 +48,7 @@ MEDIA_KEYS = ("images", "image", "videos", "video")
 PROMPT_KEYS = {"id", "prompt", "messages", "conversations", "system", *MEDIA_KEYS, *IMAGE_KEYS, *VIDEO_KEYS}
 # The replies, labels and answers of every format (and alpaca's prompt columns): not a prompt's extra columns.
 REPLY_KEYS = {
-    *("chosen", "rejected", "completion", "label", "kto_tag", "solution", "answer"),
+    *("chosen", "rejected", "rejected_response", "completion", "label", "kto_tag", "solution", "answer"),
     *("instruction", "input", "history", "output"),
 }
 
@@ -279,6 +280,22 @@ def _implicit_prompt(record: dict, where: str) -> tuple[list, dict]:
     return chosen[:shared], {**record, "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
+def _swift_pair(record: dict, where: str) -> tuple[list, dict]:
+    """ms-swift's format: `messages` end with the chosen assistant reply; `rejected_response` is the other reply."""
+    turns = _turns(record)
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
+        raise DataError(f"{where}: 'rejected_response' without a 'messages' list (ms-swift's format).", "format")
+    last = turns[-1]
+    if last.get("role", last.get("from")) not in ("assistant", "gpt"):
+        raise DataError(
+            f"{where}: ms-swift's format: 'messages' must end with the chosen assistant reply that "
+            "'rejected_response' is the alternative to. Add the chosen reply as the last turn.",
+            "prompt_end",
+        )
+    chosen = last.get("content", last.get("value"))
+    return turns[:-1], {**record, "chosen": chosen, "rejected": record["rejected_response"]}
+
+
 def record_to_pair(record, index: int, where: str, root: Path) -> PreferencePair:
     record = _record(record, where)
     named = _named(record, where)
@@ -286,7 +303,10 @@ def record_to_pair(record, index: int, where: str, root: Path) -> PreferencePair
         "it must end with the user's turn that chosen and rejected answer. Move the last reply into chosen/rejected "
         "or remove it."
     )
-    if "prompt" in record:
+    if "rejected_response" in record and "rejected" not in record:
+        turns, record = _swift_pair(record, named)
+        trl = False
+    elif "prompt" in record:
         turns, trl = record["prompt"], True
     elif _turns(record) is not None:
         turns, trl = _turns(record), False

@@ -96,6 +96,10 @@ PAIRS = {
         "rejected": {"from": "gpt", "value": "A cat."},
     },
     "llamafactory_alpaca": {"instruction": "<image>What is this?", "chosen": "A gradient.", "rejected": "A cat."},
+    "ms_swift": {  # ms-swift's standard format: the chosen reply ends `messages`; the other is `rejected_response`
+        "messages": [*IMAGE_PROMPT, {"role": "assistant", "content": "A gradient."}],
+        "rejected_response": "A cat.",
+    },
     "llamafactory_openai_strings": {
         "messages": IMAGE_PROMPT,
         "chosen": "A gradient.",
@@ -331,3 +335,11 @@ def test_encode_errors_name_the_side(processors, media):
     with pytest.raises(DataError) as err:
         encode_pair(ConversationEncoder(processors["qwen2_vl"], SETTINGS), pair)
     assert "(id p), chosen reply" in str(err.value) and err.value.kind == "missing_media"
+
+
+def test_ms_swift_pairs_need_the_chosen_reply_last(media):
+    record = {"id": "s", "messages": IMAGE_PROMPT, "rejected_response": "A cat.", "images": ["a.png"]}
+    path = write_dataset(media / "swift.json", [record])
+    items, problems = read_preference_file(path, "pairs")
+    assert items == [] and [e.kind for e in problems["prompt_end"]] == ["prompt_end"]
+    assert "must end with the chosen assistant reply" in str(problems["prompt_end"][0])
