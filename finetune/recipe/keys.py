@@ -48,6 +48,26 @@ LOGGERS = {
 }
 REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+METHODS = ("sft", "dpo")  # finetune/training/workflow.py; kto, orpo, simpo, grpo fit the same group later
+# TRL 1.16's DPOTrainer loss types and f-divergences (trl/trainer/dpo_trainer.py `_compute_loss`)
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 AFTER_TRAINING = ("auto", "true", "false")  # evaluation.after_training: auto = whenever data.eval is set
 
 

@@ -29,6 +29,7 @@ GROUP_NOUNS = {
     "accelerate": "an accelerate mode",
     "logger": "a logger",
     "experiment": "an experiment",
+    "method": "a training method",
 }
 GROUPS = tuple(GROUP_NOUNS)
 LISTED = 12  # a group with at most this many options names them all when nothing is close

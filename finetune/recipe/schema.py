@@ -20,8 +20,11 @@ from finetune.recipe.keys import (
     ACCELERATE_MODES,
     AFTER_TRAINING,
     ATTENTION_CHOICES,
+    DPO_LOSS_TYPES,
+    F_DIVERGENCES,
     LABEL_MODES,
     LOGGERS,
+    METHODS,
     NONFINITE_LOSS,
     OVER_LENGTH,
     PART_MODES,
@@ -463,12 +466,14 @@ class EvaluationConfig:
     after_training: str = option(
         "auto",
         help="The standalone evaluation after training (skipped when `steps` already ran it). auto: whenever "
-        "data.eval is set; true: always (data.eval required); false: never (the end-of-run summary says so when "
+        "data.eval is set and method=sft (a preference method's data.eval holds pairs); true: always (data.eval required); false: never (the end-of-run summary says so when "
         "data.eval is set).",
         choices=AFTER_TRAINING,
     )
     steps: int | None = option(
-        None, help="Evaluate every N steps during training and once at its end; null: never during training."
+        None,
+        help="Evaluate every N steps during training and once at its end; null: never during training. With "
+        "method=dpo: the held-out pairs' loss, preference accuracy and reward margins (eval_rewards/*).",
     )
     max_new_tokens: int = option(16, help="Tokens generated per answer at most.")
     batch_size: int = option(8, help="Questions per generate call (per rank during training).")
@@ -515,6 +520,86 @@ class ExportConfig:
 
 
 @dataclass
+class MethodConfig:
+    """The training method: SFT (the default), or preference tuning with TRL's DPO losses on our data path and forward
+    (finetune/training/preference_trainer.py). The reference model of DPO is the LoRA base (the adapter off)."""
+
+    name: str = option(
+        "sft",
+        help="sft: supervised fine-tuning on the replies; dpo: preference pairs (chosen/rejected), TRL's DPO losses.",
+        choices=METHODS,
+    )
+    beta: float = option(
+        0.1, help="DPO: the strength of the tie to the reference model (TRL's beta; IPO's tau). Higher: closer to it."
+    )
+    loss_type: str = option(
+        "sigmoid",
+        help="DPO: TRL's loss type, or several joined by commas (summed, weighted by loss_weights): sigmoid (DPO), "
+        "hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+        "discopop, sft, sigmoid_norm; e.g. sigmoid,sft (RPO).",
+    )
+    loss_weights: Optional[str] = option(
+        None, help="DPO: one weight per loss type, joined by commas (e.g. 1.0,0.2); null: 1 each."
+    )
+    label_smoothing: float = option(
+        0.0, help="DPO: the assumed share of flipped labels (robust, exo_pair, sigmoid: conservative DPO), in [0, 0.5)."
+    )
+    ld_alpha: Optional[float] = option(
+        None,
+        help="DPO: LD-DPO's weight of the longer answer's tokens past the shorter one's length, in [0, 1]; null: off.",
+    )
+    f_divergence_type: str = option(
+        "reverse_kl", help="DPO: the divergence to the reference (f-DPO).", choices=F_DIVERGENCES
+    )
+    f_alpha_divergence_coef: float = option(1.0, help="DPO: alpha of f_divergence_type=alpha_divergence.")
+    use_weighting: bool = option(False, help="DPO: WPO's weighting of each pair by its probability under the policy.")
+    discopop_tau: float = option(0.05, help="DPO: the temperature of loss_type=discopop.")
+    precompute_ref_log_probs: bool = option(
+        False,
+        help="DPO: score every pair (train and held-out) under the reference once, when training starts (the adapter "
+        "off, images and videos included), instead of a reference forward every step.",
+    )
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [t.strip() for t in str(self.loss_type).split(",") if t.strip()]
+
+    @property
+    def weights(self) -> list[float] | None:
+        if self.loss_weights is None:
+            return None
+        try:
+            return [float(w) for w in str(self.loss_weights).split(",")]
+        except ValueError:
+            raise ConfigError(f"method.loss_weights={self.loss_weights!r} must be numbers joined by commas.") from None
+
+    def check(self) -> None:
+        if self.name == "sft":
+            return
+        unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
+        if unknown or not self.loss_types:
+            raise ConfigError(
+                f"method.loss_type={self.loss_type!r}: {', '.join(unknown) or 'nothing'} is not a DPO loss; choose "
+                f"one or more (joined by commas) of {', '.join(DPO_LOSS_TYPES)}."
+            )
+        if self.beta <= 0:
+            raise ConfigError(f"method.beta must be positive, got {self.beta}.")
+        if self.weights is not None and len(self.weights) != len(self.loss_types):
+            raise ConfigError(
+                f"method.loss_weights has {len(self.weights)} weights for {len(self.loss_types)} loss types: "
+                "give one per method.loss_type, or null."
+            )
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if "exo_pair" in self.loss_types and self.label_smoothing == 0:
+            raise ConfigError("method.loss_type=exo_pair needs method.label_smoothing > 0 (the EXO paper uses 1e-3).")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ConfigError(f"method.ld_alpha must be in [0, 1] or null, got {self.ld_alpha}.")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_types):
+            raise ConfigError("method.use_weighting=true cannot weight loss_type aot/aot_unpaired (they sort pairs).")
+
+
+@dataclass
 class Config:
     name: str = option(MISSING, help="The experiment name; names the run directory.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -527,9 +612,12 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def evaluates_after_training(self) -> bool:
         """Whether the run evaluates data.eval after training (`evaluation.after_training`: auto, true or false)."""
+        if self.method.name != "sft":  # data.eval holds pairs: scored during training (evaluation.steps)
+            return False
         return bool(self.data.eval) and self.evaluation.after_training in ("auto", "true")
 
     def groups(self) -> dict[str, Any]:
@@ -565,6 +653,7 @@ class Config:
                 "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
             )
         self._check_experts()
+        self._check_method()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError(
                 "trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
@@ -574,6 +663,25 @@ class Config:
             raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and not self.parts.uses_lora:
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
+
+    def _check_method(self) -> None:
+        """A preference method against the rest of the recipe: what its trainer supports."""
+        if self.method.name == "sft":
+            return
+        full = [part for part, mode in self.parts.modes().items() if mode == "full"]
+        if full or not self.parts.uses_lora:
+            raise ConfigError(
+                f"method={self.method.name} computes the reference as the model with the LoRA adapter off, so every "
+                f"trained part must be lora: parts.{(full or ['llm'])[0]}=full would move the reference too. Use "
+                "parts.llm=lora (and vision_tower=lora or frozen, merger=frozen)."
+            )
+        if self.data.streaming:
+            raise ConfigError(f"method={self.method.name} reads its pairs whole: set data.streaming=false.")
+        if self.evaluation.after_training == "true":
+            raise ConfigError(
+                f"evaluation.after_training=true evaluates SFT answers; with method={self.method.name} data.eval holds "
+                "pairs, scored during training (evaluation.steps). Set evaluation.after_training=auto or false."
+            )
 
     def _check_experts(self) -> None:
         """The mixture-of-experts keys against the family (finetune/base/families.py) and each other."""

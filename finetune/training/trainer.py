@@ -46,8 +46,14 @@ def configure_logger_backend(config: Config, run_dir: Path) -> list[str]:
 
 
 def build_sft_config(config: Config, precision: str, run_dir: Path):
+    return SFTConfig(**trainer_arguments(config, precision, run_dir), dataset_kwargs={"skip_prepare_dataset": True})
+
+
+def trainer_arguments(config: Config, precision: str, run_dir: Path) -> dict:
+    """The TrainingArguments every method's TRL config shares (SFTConfig, DPOConfig: finetune/training/
+    preference_trainer.py)."""
     t = config.trainer
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir),
         run_name=config.name,
         max_steps=t.max_steps,
@@ -84,7 +90,6 @@ def build_sft_config(config: Config, precision: str, run_dir: Path):
         # Every trainable parameter takes part in every step (finetune/training/vision_sync.py runs the vision tower on every
         # rank), so DDP need not search the graph for unused ones each step (HF turns the search on for PEFT).
         ddp_find_unused_parameters=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         disable_tqdm=False,
         # Generation-based evaluation (finetune/training/periodic_eval.py) every evaluation.steps optimizer steps.

@@ -24,8 +24,11 @@ from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from finetune.base.errors import ConfigError, DataError, RunStopped
+from finetune.base.families import family_of
 from finetune.base.paths import resolve_data_file
 from finetune.data import media
+from finetune.data.encode import ConversationEncoder
+from finetune.data.modes import LabelMode
 from finetune.data.prepare import prepare_split, require_clean
 from finetune.evaluation.evaluate import eval_samples as read_eval_samples
 from finetune.evaluation.metrics import format_metrics
@@ -38,7 +41,7 @@ from finetune.model.trainable import (
     part_learning_rates,
     trained_parts,
 )
-from finetune.recipe.data_settings import conversation_encoder, split_settings
+from finetune.recipe.data_settings import conversation_encoder, split_settings, vision_settings
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, check_checkpoint_fits, resolve_checkpoint
@@ -46,6 +49,7 @@ from finetune.records.runinfo import write_run_info
 from finetune.training.faults import out_of_memory_message
 from finetune.training.loaders import loader_factory, streaming_loader
 from finetune.training.periodic_eval import publish_final
+from finetune.training.preference_trainer import VisionLanguageDPOTrainer, build_dpo_config, pair_loader_factory
 from finetune.training.trainer import VisionLanguageSFTTrainer, build_sft_config
 
 logger = logging.getLogger("finetune.train")
@@ -67,49 +71,10 @@ def skip_deepspeed_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the probed table DeepSpeed consults
 
 
-def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
-    """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
-    run_dir = Path(config.trainer.output_dir)
-    precision = recipe_precision(config)
-    # Once, before any DataLoader worker exists: ./launch.sh has decided already and said so; a direct start says
-    # it here when it must fall back to PyAV, and its workers then start with PyAV instead of each warning.
-    announced = media.BACKEND_VARIABLE in os.environ
-    decoder, why = media.settle_video_decoder()
-    if decoder == "pyav" and not announced and os.environ.get("RANK", "0") == "0":
-        logger.warning("video decoder: %s", why)
-    processor = load_processor(config.model)
-    encoder = conversation_encoder(processor, config)
-    # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)
-    # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
-    # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
-    # take turns below, and under ZeRO-3 make from_pretrained load each weight partitioned (deepspeed.zero.Init).
-    if config.deepspeed.zero_stage and not uses_gpu(config):
-        skip_deepspeed_shm_build()
-    PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
-    args = build_sft_config(config, precision, run_dir)
-    # Every sample is read and counted from media metadata before training starts (cached beside the data):
-    # a bad or over-long sample stops the run here, naming it, not hours in. Every rank counts its share of the
-    # records not counted yet (finetune/data/store.py) and the ranks exchange the counts.
-    if config.data.streaming:
-        split, samples = None, None
-        logger.info(
-            "streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
-            "look-ahead buffer",
-            config.data.stream_buffer,
-        )
-    else:
-        split = prepare_split(config.data.train, split_settings(config), encoder, resolve_data_file)
-        require_clean(split, "training", config.data.skip_invalid, logger)
-        if not split.samples:
-            raise DataError(f"data.train={config.data.train} holds no usable samples.")
-        samples = split.samples
-        logger.info(
-            "%d training samples, %s tokens (text/image/video %s/%s/%s)",
-            len(samples),
-            f"{int(split.totals.sum()):,}",
-            *(f"{int(split.tokens[k].sum()):,}" for k in ("text", "image", "video")),
-        )
-
+def load_for_training(config: Config, precision: str):
+    """The model as every method trains it: loaded in the training precision (partitioned under ZeRO-3), frozen and
+    LoRA'd per `parts`, activation checkpointing, the attention implementation; with the position rule and whether
+    batches carry varlen boundaries. Returns (model, rule, boundaries)."""
     stage = config.deepspeed.zero_stage
     if stage in (2, 3) and PartialState().num_processes == 1 and not config.deepspeed.offloads("param"):
         logger.warning(
@@ -160,6 +125,55 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     logger.info("attention: %s%s", note, "; linear attention restarted at every sample boundary" if hybrid else "")
     rule = position_rule(model, config.model)
     logger.info("M-RoPE positions: model.rope_rule=%s (%s)", rule.rule, RULE_NOTES[rule.rule])
+    return model, rule, boundaries
+
+
+def build_trainer(config: Config, overrides: list[str], checkpoint: str | None = None):
+    """Everything up to `trainer.train()`: data checked and counted, model loaded, frozen, LoRA'd, trainer built."""
+    run_dir = Path(config.trainer.output_dir)
+    precision = recipe_precision(config)
+    # Once, before any DataLoader worker exists: ./launch.sh has decided already and said so; a direct start says
+    # it here when it must fall back to PyAV, and its workers then start with PyAV instead of each warning.
+    announced = media.BACKEND_VARIABLE in os.environ
+    decoder, why = media.settle_video_decoder()
+    if decoder == "pyav" and not announced and os.environ.get("RANK", "0") == "0":
+        logger.warning("video decoder: %s", why)
+    processor = load_processor(config.model)
+    encoder = conversation_encoder(processor, config)
+    # Process group first, then the training arguments, in this order: under a DeepSpeed launch (seen on CPUs)
+    # accelerate's state alone counts one process until the arguments exist, and the arguments made first leave
+    # DeepSpeed's communication uninitialised (its engine then sees a world of 1). The arguments let the ranks
+    # take turns below, and under ZeRO-3 make from_pretrained load each weight partitioned (deepspeed.zero.Init).
+    if config.deepspeed.zero_stage and not uses_gpu(config):
+        skip_deepspeed_shm_build()
+    PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
+    if config.method.name == "dpo":
+        return build_preference_trainer(config, processor, encoder, precision, run_dir)
+    args = build_sft_config(config, precision, run_dir)
+    # Every sample is read and counted from media metadata before training starts (cached beside the data):
+    # a bad or over-long sample stops the run here, naming it, not hours in. Every rank counts its share of the
+    # records not counted yet (finetune/data/store.py) and the ranks exchange the counts.
+    if config.data.streaming:
+        split, samples = None, None
+        logger.info(
+            "streaming the training data (data.streaming=true): counted and packed on the fly, %d-sample "
+            "look-ahead buffer",
+            config.data.stream_buffer,
+        )
+    else:
+        split = prepare_split(config.data.train, split_settings(config), encoder, resolve_data_file)
+        require_clean(split, "training", config.data.skip_invalid, logger)
+        if not split.samples:
+            raise DataError(f"data.train={config.data.train} holds no usable samples.")
+        samples = split.samples
+        logger.info(
+            "%d training samples, %s tokens (text/image/video %s/%s/%s)",
+            len(samples),
+            f"{int(split.totals.sum()):,}",
+            *(f"{int(split.tokens[k].sum()):,}" for k in ("text", "image", "video")),
+        )
+
+    model, rule, boundaries = load_for_training(config, precision)
     if config.data.streaming:
         build_loader, collator = streaming_loader(config, encoder, rule, boundaries, checkpoint), None
     else:
@@ -207,6 +221,63 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     return trainer, processor, size, precision
 
 
+def read_training_pairs(config: Config, encoder, split: str = "train") -> list[tuple]:
+    """data.train (or data.eval) as (chosen, rejected) Samples: finetune/data/preference.py reads TRL's and LLaMA-Factory's pair
+    formats, counts every pair as SFT counts its samples, and stops on (or reports) the bad ones as SFT does."""
+    from finetune.data.preference import read_preference_split
+
+    value = getattr(config.data, split)
+    data = read_preference_split(
+        value, "pairs", config.data.media_root, resolve_data_file, config.trainer.seed, encoder
+    )
+    require_clean(data, "training" if split == "train" else "evaluation", config.data.skip_invalid, logger)
+    if not data.items:
+        raise DataError(f"data.{split}={value} holds no usable preference pairs.")
+    return [(pair.conversation("chosen"), pair.conversation("rejected")) for pair in data.items]
+
+
+def build_preference_trainer(config: Config, processor, encoder, precision: str, run_dir: Path):
+    """build_trainer for method=dpo: the pairs read and counted, the same model loading, LoRA, precision and
+    attention as SFT, and the DPO trainer (finetune/training/preference_trainer.py)."""
+    args = build_dpo_config(config, precision, run_dir)
+    encoder = ConversationEncoder(
+        processor,
+        vision_settings(config),
+        LabelMode.LAST_ASSISTANT,  # a pair trains its reply only, never an earlier turn of the prompt
+        config.data.max_length,
+        video_layout=family_of(config.model.family).video_layout,
+    )
+    pairs = read_training_pairs(config, encoder)
+    logger.info(
+        "%d preference pairs (method=dpo, loss %s, beta %g)", len(pairs), config.method.loss_type, config.method.beta
+    )
+    model, rule, boundaries = load_for_training(config, precision)
+    build_loader, collator = pair_loader_factory(config, encoder, pairs, rule, boundaries)
+    collators = {"train": collator}
+    eval_loader, eval_pairs = None, []
+    if config.evaluation.steps:
+        eval_pairs = read_training_pairs(config, encoder, "eval")
+        eval_loader, collators["eval"] = pair_loader_factory(config, encoder, eval_pairs, rule, boundaries)
+        logger.info(
+            "preference accuracy and reward margins on %d held-out pairs every %d steps",
+            len(eval_pairs),
+            config.evaluation.steps,
+        )
+    trainer = VisionLanguageDPOTrainer(
+        model=model,
+        args=args,
+        processing_class=processor,
+        train_loader=build_loader,
+        recipe=config,
+        train_size=len(pairs),
+        eval_loader=eval_loader,
+        eval_size=len(eval_pairs),
+        reference_collators=collators if config.method.precompute_ref_log_probs else None,
+    )
+    trainer.data_summary = {"num_train_pairs": len(pairs), "method": config.method.name}
+    return trainer, processor, len(pairs), precision
+
+
 def train(config: Config, overrides: list[str]) -> Path:
     config.logger.require_backend()  # `finetune train` started by hand: before the model loads
     run_dir = Path(config.trainer.output_dir)
@@ -224,7 +295,9 @@ def train(config: Config, overrides: list[str]) -> Path:
         trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError: one message, not a CUDA traceback
         raise RunStopped(out_of_memory_message(config, trainer.state.global_step, trainer.last_batch, err)) from None
-    if config.evaluation.steps:
+    if config.evaluation.steps and config.method.name != "sft":
+        finish_preference_evaluation(trainer, run_dir)
+    elif config.evaluation.steps:
         step = trainer.state.global_step
         if not any(h.get("step") == step and "eval_exact_match" in h for h in trainer.state.log_history):
             trainer.evaluate()  # the trainer evaluates at multiples of the interval (and at the end in some versions)
@@ -240,6 +313,34 @@ def train(config: Config, overrides: list[str]) -> Path:
         logger.info("saved %s to %s", "adapter" if config.parts.uses_lora else "model", adapter_dir)
     leave_process_group()
     return adapter_dir
+
+
+PREFERENCE_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen")
+
+
+def finish_preference_evaluation(trainer, run_dir: Path) -> None:
+    """The held-out pairs scored at the last step too, and every evaluation's preference accuracy and mean reward
+    margin written to eval/preference_metrics.json (what the run reports)."""
+    step = trainer.state.global_step
+    if not any(h.get("step") == step and "eval_rewards/accuracies" in h for h in trainer.state.log_history):
+        trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return
+    history = [
+        {"step": h["step"], **{k: h[k] for k in PREFERENCE_METRICS if k in h}}
+        for h in trainer.state.log_history
+        if "eval_rewards/accuracies" in h
+    ]
+    eval_dir = RunDir(run_dir).eval_dir
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "preference_metrics.json").write_text(json.dumps(history, indent=1))
+    last = history[-1]
+    logger.info(
+        "held-out pairs at step %d: preference accuracy %.3f, mean reward margin %.4f",
+        step,
+        last["eval_rewards/accuracies"],
+        last["eval_rewards/margins"],
+    )
 
 
 def leave_process_group() -> None:

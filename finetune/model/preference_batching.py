@@ -1,0 +1,179 @@
+"""Preference batches: B pairs (chosen, rejected) -> 2B sequences in the SFT training layout, with each prompt's
+media once.
+
+The sequences are TRL's [chosen..., rejected...] (sequence s < B is pair s's chosen answer, s >= B pair s - B's
+rejected one), laid out by `training_batch` (finetune/model/batching.py) exactly as SFT lays out samples: one
+sequence per row (padded), or several whole sequences per row (packed, `cu_seq_lens_*` for varlen attention), with
+their labels and the recipe's M-RoPE positions. Added to that layout:
+  - `sequence_index` (rows, length): the sequence each token belongs to, -1 on padding; the forward reads each
+    sequence's completion log-probs from it (finetune/training/preference_forward.py).
+  - the pixels of each pair's prompt once (the chosen side's: both sides of a pair share their prompt's media, the
+    grids are checked equal), `image_grid_thw`/`video_grid_thw`/`second_per_grid_ts` of those unique items, and
+    `image_index`/`video_index`: for every image (video) placeholder block in the flattened rows, in order, the unique
+    item whose features fill it. The forward encodes the unique items in one tower call and repeats their features
+    by the index, so the vision tower never sees a prompt's media twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from finetune.base.errors import DataError
+from finetune.data.encode import IGNORE_INDEX, EncodedSample
+from finetune.model.batching import training_batch, vision_inputs
+from finetune.model.rope import PositionRule
+
+# Keys this module adds to the SFT training layout; `num_pairs` (B) is an int.
+PREFERENCE_KEYS = ("sequence_index", "image_index", "video_index", "num_pairs", "pair_index")
+
+
+def pair_media_problem(chosen: EncodedSample, rejected: EncodedSample) -> str | None:
+    """Why the two sides of a pair cannot share their prompt's media (None when they can)."""
+    for key in ("image_grid_thw", "video_grid_thw"):
+        a, b = getattr(chosen, key), getattr(rejected, key)
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            return f"{key} differs between the chosen ({_shape(a)}) and the rejected ({_shape(b)}) side"
+    if (chosen.second_per_grid_ts or None) != (rejected.second_per_grid_ts or None):
+        return "second_per_grid_ts differs between the chosen and the rejected side"
+    return None
+
+
+def pack_sequences(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence indices per row, in order, each row holding whole sequences up to `budget` tokens (first fit in
+    order: a batch is small, and order keeps a pair's two sides close)."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"a {n}-token sequence is longer than the {budget}-token row budget")
+        row = next((r for r, u in enumerate(used) if u + n <= budget), None)
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used[row] += n
+    return rows
+
+
+def preference_batch(
+    pairs: list[tuple[EncodedSample, EncodedSample]],
+    pad_token_id: int,
+    rule: PositionRule,
+    budget: int | None = None,
+    boundaries: bool = False,
+) -> dict:
+    """The batch of `pairs` laid out as the module docstring says: one sequence per row without `budget`, else
+    packed into rows of at most `budget` tokens."""
+    if not pairs:
+        raise ValueError("a preference batch needs at least one pair")
+    for i, (chosen, rejected) in enumerate(pairs):
+        if problem := pair_media_problem(chosen, rejected):
+            raise ValueError(f"pair {i}: {problem}; both answers of a pair must follow the same prompt and media")
+    sequences = [c for c, _ in pairs] + [r for _, r in pairs]
+    lengths = [len(s.input_ids) for s in sequences]
+    layout = [[i] for i in range(len(sequences))] if budget is None else pack_sequences(lengths, budget)
+    # Pixels stay out of the rows (the unique items are added below); grids stay: they give the positions.
+    stripped = [replace(s, pixel_values=None, pixel_values_videos=None) for s in sequences]
+    batch = training_batch([[stripped[i] for i in row] for row in layout], pad_token_id, rule, boundaries)
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        batch.pop(key, None)
+    batch.update(vision_inputs([c for c, _ in pairs]))
+
+    index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    first_item = {kind: _offsets([_count(c, kind) for c, _ in pairs]) for kind in ("image", "video")}
+    media_index: dict[str, list[int]] = {"image": [], "video": []}
+    for r, row in enumerate(layout):
+        offset = 0
+        for s in row:
+            index[r, offset : offset + lengths[s]] = s
+            offset += lengths[s]
+            pair = s % len(pairs)
+            for kind in ("image", "video"):
+                start = first_item[kind][pair]
+                media_index[kind] += range(start, start + _count(sequences[s], kind))
+    batch["sequence_index"] = index
+    for kind in ("image", "video"):
+        if media_index[kind]:
+            batch[f"{kind}_index"] = torch.tensor(media_index[kind], dtype=torch.long)
+    batch["num_pairs"] = len(pairs)
+    return batch
+
+
+def completion_tokens(sequence: EncodedSample) -> int:
+    """The trained (completion) tokens of one sequence, as the batch counts them (never its first token)."""
+    return sum(label != IGNORE_INDEX for label in sequence.labels[1:])
+
+
+def _count(sample: EncodedSample, kind: str) -> int:
+    grid = getattr(sample, f"{kind}_grid_thw")
+    return 0 if grid is None else len(grid)
+
+
+def _offsets(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in counts:
+        out.append(total)
+        total += n
+    return out
+
+
+def _shape(grid) -> str:
+    return "none" if grid is None else str(grid.tolist())
+
+
+class PairCollator:
+    """For the preference DataLoader: a list of pair indices -> `preference_batch`. `pairs[i]` is a (chosen, rejected)
+    pair of Samples (finetune/data/preference.py), each encoded by the SFT encoder with the last reply trained.
+
+    A pair whose side fails to encode (media corrupt past the header) is left out and reported in `bad_samples`, as
+    RowCollator does; a batch that loses every pair is replaced by a stand-in (a pair that encoded, with no trained
+    tokens: zero gradient), so every rank still takes every step."""
+
+    def __init__(self, encoder, pairs, rule: PositionRule, budget: int | None = None, boundaries: bool = False):
+        self.encoder, self.pairs, self.rule = encoder, pairs, rule
+        self.budget, self.boundaries = budget, boundaries
+        self.pad_token_id = encoder.tokenizer.pad_token_id
+        self._stand_in: tuple[EncodedSample, EncodedSample] | None = None
+
+    def _encode(self, pair, bad: list[dict]):
+        try:
+            encoded = tuple(self.encoder.encode(side) for side in pair)
+        except DataError as err:
+            sample = pair[0]
+            bad.append({"id": sample.id, "source": sample.source, "kind": err.kind, "error": str(err)})
+            return None
+        if self._stand_in is None:
+            self._stand_in = tuple(replace(e, labels=[IGNORE_INDEX] * len(e.labels)) for e in encoded)
+        return encoded
+
+    def __call__(self, indices) -> dict:
+        indices = _flat(indices)
+        return self.batch([self.pairs[i] for i in indices], indices)
+
+    def batch(self, pairs: list, indices: list[int] | None = None) -> dict:
+        """`pair_index`: each kept pair's index in `pairs` of the collator (-1: the stand-in, or none given), where
+        precomputed reference log-probs are looked up."""
+        bad: list[dict] = []
+        indices = [-1] * len(pairs) if indices is None else indices
+        kept = [(e, (p[0].id, i)) for p, i in zip(pairs, indices) if (e := self._encode(p, bad)) is not None]
+        if not kept:
+            for pair in self.pairs:
+                if self._stand_in is not None:
+                    break
+                self._encode(pair, [])
+            if self._stand_in is None:
+                raise DataError("no preference pair can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
+            kept = [(self._stand_in, (None, -1))]
+        batch = preference_batch([e for e, _ in kept], self.pad_token_id, self.rule, self.budget, self.boundaries)
+        batch["sample_ids"] = [[sid] for _, (sid, _) in kept if sid is not None]
+        batch["pair_index"] = torch.tensor([i for _, (_, i) in kept], dtype=torch.long)
+        batch["bad_samples"] = bad
+        return batch
+
+
+def _flat(indices) -> list[int]:
+    """Pair indices from a batch sampler: ints, or rows (tuples) of them."""
+    return [i for item in indices for i in (item if isinstance(item, (tuple, list)) else (item,))]

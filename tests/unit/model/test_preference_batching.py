@@ -1,0 +1,75 @@
+"""Preference batches: the 2B sequences are the SFT layout of the chosen then the rejected encodings (ids, labels,
+3-D positions, varlen boundaries when packed), and each prompt's pixels appear once, indexed by every sequence."""
+
+import pytest
+import torch
+
+from finetune.base.families import FAMILIES
+from finetune.data.encode import IGNORE_INDEX
+from finetune.model.batching import training_batch
+from finetune.model.preference_batching import pack_sequences, preference_batch
+from finetune.model.rope import PositionRule
+from tests.helpers.preference_pairs import demo_pairs, encoded_pairs
+
+
+def _rule(family: str) -> PositionRule:
+    entry = FAMILIES[family]
+    return PositionRule(
+        "qwen", 2, 2 if entry.video_seconds_scale else None, frame_blocks=entry.video_layout == "timestamped_frames"
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kind", ["img", "vid"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequences_are_the_sft_layout_and_media_is_there_once(processors, family, kind, packed):
+    pairs = encoded_pairs(processors[family], kind, 2)
+    rule, pad = _rule(family), processors[family].tokenizer.pad_token_id
+    sequences = [c for c, _ in pairs] + [r for _, r in pairs]
+    lengths = [len(s.input_ids) for s in sequences]
+    budget = sum(lengths) // 2 + max(lengths) if packed else None
+    batch = preference_batch(pairs, pad, rule, budget=budget, boundaries=packed)
+    layout = pack_sequences(lengths, budget) if packed else [[i] for i in range(4)]
+    assert (len(layout) < 4) == packed  # packing put several sequences in a row
+    sft = training_batch([[sequences[i] for i in row] for row in layout], pad, rule, boundaries=packed)
+    for key in ("input_ids", "labels", "position_ids", "mm_token_type_ids", "cu_seq_lens_q", "max_length_q"):
+        if key in sft:
+            assert (batch[key] == sft[key]) if isinstance(sft[key], int) else torch.equal(batch[key], sft[key]), key
+    assert ("cu_seq_lens_q" in batch) == packed
+    # each sequence's tokens are marked with its index, chosen ones first
+    for r, row in enumerate(layout):
+        expected = [i for i in row for _ in range(lengths[i])]
+        expected += [-1] * (batch["input_ids"].shape[1] - len(expected))
+        assert batch["sequence_index"][r].tolist() == expected
+    # the pixels of each prompt once: the chosen encodings', in pair order
+    media = "pixel_values" if kind == "img" else "pixel_values_videos"
+    grid = "image_grid_thw" if kind == "img" else "video_grid_thw"
+    assert torch.equal(batch[media], torch.cat([getattr(c, media) for c, _ in pairs]))
+    assert torch.equal(batch[grid], torch.cat([getattr(c, grid) for c, _ in pairs]))
+    other = "pixel_values_videos" if kind == "img" else "pixel_values"
+    assert other not in batch
+    # every placeholder block, in row-major order, names its pair's item
+    index = batch["image_index" if kind == "img" else "video_index"].tolist()
+    assert index == [i % 2 for row in layout for i in row]
+    assert batch["num_pairs"] == 2
+
+
+def test_a_pair_whose_sides_see_different_media_is_refused(processors):
+    (c0, _), (c1, _) = encoded_pairs(processors["qwen2_5_vl"], "img", 2)
+    mismatched = (c0, c1) if not torch.equal(c0.image_grid_thw, c1.image_grid_thw) else None
+    if mismatched is None:  # same-size demo images: make the grids differ
+        import dataclasses
+
+        mismatched = (c0, dataclasses.replace(c1, image_grid_thw=c1.image_grid_thw * torch.tensor([[1, 2, 1]])))
+    with pytest.raises(ValueError, match="pair 0: image_grid_thw differs"):
+        preference_batch([mismatched], 0, _rule("qwen2_5_vl"))
+
+
+def test_completion_labels_are_the_replies_only(processors):
+    ((chosen, rejected),) = encoded_pairs(processors["qwen2_vl"], "img", 1)
+    ((sample, other),) = demo_pairs("img", 1)
+    batch = preference_batch([(chosen, rejected)], 0, _rule("qwen2_vl"))
+    tokenizer = processors["qwen2_vl"].tokenizer
+    for row, source in enumerate((sample, other)):
+        trained = tokenizer.decode(batch["labels"][row][batch["labels"][row] != IGNORE_INDEX])
+        assert trained.startswith(source.messages[-1]["content"][0]["text"]), trained
