@@ -216,9 +216,7 @@ def test_a_few_steps_train_with_one_tower_call_per_prompt_and_log_kl_and_rewards
 
 
 def test_a_reward_without_a_score_is_counted_logged_and_summarised(tmp_path):
-    trainer, config = _trainer(
-        tmp_path, "trainer.max_steps=1", rewards=((by_length, 1.0), (never_readable, 1.0))
-    )
+    trainer, config = _trainer(tmp_path, "trainer.max_steps=1", rewards=((by_length, 1.0), (never_readable, 1.0)))
     trainer.train()
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert log["rewards/never_readable/no_score"] == PROMPTS * G
