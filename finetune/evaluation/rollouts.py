@@ -221,6 +221,7 @@ def completion_forward(
     reuse_features: bool = True,
     rule: PositionRule | None = None,
     synced_gpus: bool = False,
+    wrapped=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's forward over a rollout's G sequences, laid out as training lays out rows (`training_batch`: the
     rule's 4-row position ids, each row its own block, no attention mask): (logits (G, longest + 1, vocabulary) from
@@ -228,7 +229,9 @@ def completion_forward(
     the tower's graph when a text-only prompt called it on a dummy input under `synced_gpus`, else None). Gradients
     flow when enabled. `reuse_features`: the features generation computed, for a vision side that does not train (no
     tower call here; refused if any vision parameter trains: it would get no gradient). Otherwise the tower runs once
-    on the prompt's media and its features serve all G rows. `rule`: the model's installed one unless given."""
+    on the prompt's media and its features serve all G rows. `rule`: the model's installed one unless given.
+    `wrapped`: the model as the trainer wrapped it (DDP, DeepSpeed), which then runs the forward, so that its gradient
+    synchronisation sees it; `model` is the module itself."""
     rule = rule or model_position_rule(model)
     device = next(model.parameters()).device
     sequences = completion_sequences(rollout)
@@ -255,7 +258,7 @@ def completion_forward(
     for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
         if key in batch:
             inputs[key] = batch[key].to(device)
-    return model(**inputs).logits, padding
+    return (wrapped or model)(**inputs).logits, padding
 
 
 def completion_logprobs(

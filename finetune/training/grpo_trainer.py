@@ -152,10 +152,10 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         """A vision side that does not train: generation's features serve the trainer's and the reference forward."""
         return not any(p.requires_grad for p in vision_tower(model).parameters())
 
-    def token_logps(self, model, slots, width: int, entropy: bool = False):
+    def token_logps(self, model, slots, width: int, entropy: bool = False, wrapped=None):
         """(B x width log-probs, B x width entropies or None) of the slots' completions: one forward per rollout,
         the rollout's selected completions only, right-padded with zeros. log_softmax(logits / temperature) in fp32,
-        as TRL's fused head computes them."""
+        as TRL's fused head computes them. `wrapped`: the trainer's wrapped model, which then runs the forward."""
         device = self.accelerator.device
         reuse = self._reuses_features(model)
         groups: dict[int, list[int]] = defaultdict(list)
@@ -167,15 +167,16 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
             rollout = slots[rows[0]][0]
             picked = [slots[i][1] for i in rows]
             sub = replace(rollout, completion_ids=[rollout.completion_ids[k] for k in picked])
-            logits, padding = completion_forward(model, sub, reuse, synced_gpus=self._synced())
+            logits, padding = completion_forward(model, sub, reuse, synced_gpus=self._synced(), wrapped=wrapped)
             for j, i in enumerate(rows):
                 tokens = torch.tensor(sub.completion_ids[j], device=logits.device)
-                scaled = logits[j, : len(tokens)].float() / self.temperature
-                lp = token_logprobs(logits[j, : len(tokens)], tokens, self.temperature)
-                logps[i] = lp if padding is None else lp + padding
-                if entropy:
-                    log_p = torch.log_softmax(scaled, dim=-1)
+                if entropy:  # one log-softmax for both (token_logprobs' convention: fp32, logits / temperature)
+                    log_p = torch.log_softmax(logits[j, : len(tokens)].float() / self.temperature, dim=-1)
+                    lp = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
                     entropies[i] = -(log_p.exp() * log_p).sum(-1)
+                else:
+                    lp = token_logprobs(logits[j, : len(tokens)], tokens, self.temperature)
+                logps[i] = lp if padding is None else lp + padding
         logp_tensor = torch.zeros(len(slots), width, device=device)
         ent_tensor = torch.zeros(len(slots), width, device=device) if entropy else None
         for i in range(len(slots)):
@@ -188,7 +189,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **_ignored
     ):
         """TRL's hook for the policy's log-probs in `_compute_loss`: ours, of the micro-batch's slots."""
-        logps, entropies = self.token_logps(self._unwrapped(), self._slots, logits_to_keep, compute_entropy)
+        logps, entropies = self.token_logps(self._unwrapped(), self._slots, logits_to_keep, compute_entropy, model)
         self._last_logps = logps
         return logps, entropies, None
 

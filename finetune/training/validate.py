@@ -242,4 +242,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--row-tokens", type=int, default=None, help="row budget for the packing estimate")
     args, overrides = parser.parse_known_args(argv)
     splits = ["train", "eval"] if args.split == "all" else [args.split]
-    return validate(load_config(overrides), splits, args.decode, args.row_tokens)
+    from finetune.data.preference import data_kind
+
+    config = load_config(overrides)
+    return validate(config, splits, args.decode, args.row_tokens, data_kind(config.method.name))

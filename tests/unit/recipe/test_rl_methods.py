@@ -67,3 +67,12 @@ def test_the_rl_build_reads_the_recipes_prompts_and_rewards(tmp_path, monkeypatc
     assert isinstance(trainer, VisionLanguageGRPOTrainer)
     assert trainer.reward_table.names == ["exact_match", "data/demo/rewards.py:is_option"]
     assert size == 1200 and trainer.num_generations == 16 and trainer.max_completion_length == 1
+
+
+def test_validate_checks_an_rl_recipes_data_as_prompts_with_solutions(monkeypatch, capsys):
+    from finetune.base.paths import REPO_ROOT
+    from finetune.training.validate import main
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["--split", "train", "experiment=demo_grpo", "logger=none"]) == 0
+    assert "tokens per prompt" in capsys.readouterr().out
