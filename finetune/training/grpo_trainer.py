@@ -209,7 +209,12 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
                 )
         return self._stand_in
 
-    def _rollouts(self, items: list) -> tuple[list[Rollout], list[bool]]:
+    def rollout_seed(self, index: int) -> int:
+        """The draws of prompt `index` at this step: a function of the run's seed, the step and the prompt alone, so
+        a prompt gets the same completions whichever rank samples it, in any number of processes."""
+        return (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + index) % 2**31
+
+    def _rollouts(self, items: list, indices: list[int]) -> tuple[list[Rollout], list[bool]]:
         """One rollout per prompt (one generate call each, on every rank alike); a prompt whose media fail to decode is
         reported and replaced by a stand-in whose completions the loss never sees."""
         m = self._recipe.method
@@ -217,7 +222,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as unwrapped:
-            for item in items:
+            for item, index in zip(items, indices):
                 ok = True
                 try:
                     self._encoder.encode(item.prompt, generation_prompt=True)
@@ -235,6 +240,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
                     m.temperature,
                     m.top_p,
                     m.top_k,
+                    seed=self.rollout_seed(index),
                     synced_gpus=self._synced(),
                 )[0]
                 rollouts.append(rollout)
@@ -291,8 +297,9 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
         device, G = self.accelerator.device, self.num_generations
         # TRL's sampler hands every prompt index G times in a row; a device's batch holds whole groups (checked).
-        items = [self._prompts[x["index"]] for x in inputs[::G]]
-        rollouts, kept = self._rollouts(items)
+        indices = [x["index"] for x in inputs[::G]]
+        items = [self._prompts[i] for i in indices]
+        rollouts, kept = self._rollouts(items, indices)
         slots = [(rollout, k) for rollout in rollouts for k in range(G)]
         completions = [rollout.completion_ids[k] for rollout, k in slots]
         width = max(len(c) for c in completions)
