@@ -135,6 +135,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
         self._pending_bad: list[dict] = []
         self._gap_in_loss = False
+        self._trained_tokens = 0
         self.last_batch: dict | None = None
         self._tokens = {"real": 0, "seen": 0}
         self._last_log = (time.perf_counter(), 0)
@@ -368,6 +369,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._slots = inputs["slots"]
+        self._trained_tokens = int(inputs["completion_mask"].sum())
         loss = super()._compute_loss(model, inputs)
         # Without an old-log-prob pass the policy has not moved since sampling: this forward measures the gap.
         if self._gap_in_loss and self.model.training:
@@ -409,7 +411,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         # Prompts skipped while generating for this step, counted as SFT counts its bad samples.
         self._guard.take({"bad_samples": self._pending_bad}, step)
         self._pending_bad = []
-        real = int(self._buffered_inputs[0]["completion_mask"].sum()) if self._buffered_inputs else 0
+        real = self._trained_tokens  # this micro-batch's completion tokens in the loss (set by _compute_loss)
         self._tokens["real"] += real
         self._tokens["seen"] += self._guard.after_step(loss, real, step, model)
         return loss

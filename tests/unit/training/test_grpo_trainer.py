@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from finetune.base.families import FAMILIES
 from finetune.data.conversation import Sample
 from finetune.data.preference import RewardPrompt, read_preference_file
 from finetune.evaluation.rewards import NoScore, RewardTable
@@ -22,6 +23,7 @@ from finetune.recipe.load import load_config
 from finetune.records.rundir import RunDir
 from finetune.training.grpo_trainer import VisionLanguageGRPOTrainer, build_grpo_config
 from tests.helpers import DEMO
+from tests.helpers.recipe_runs import EXPERIMENT
 from tests.helpers.tolerance import assert_close_to_scale
 
 G, PROMPTS = 4, 2  # a step: one image prompt and one video prompt, 4 completions each
@@ -248,3 +250,20 @@ def test_a_prompt_whose_media_fail_to_decode_is_skipped_and_counted(tmp_path):
     [entry] = [json.loads(line) for line in RunDir(tmp_path).bad_samples_file.read_text().splitlines()]
     assert entry["id"] == "bad-1" and entry["step"] == 1
     assert trainer._guard.bad_total == 1
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_5_vl"])  # qwen2_5_vl: the tests above
+def test_a_step_on_every_family_reuses_generations_features_and_log_probs(tmp_path, family):
+    """An image and a video prompt on each family's tiny model: one tower call per prompt (generation's), and the
+    trainer's forward gives generation's log-probs (the same positions and features)."""
+    trainer, _ = _trainer(tmp_path, f"experiment={EXPERIMENT[family]}", "trainer.max_steps=1")
+    calls = []
+    handle = inner_model(trainer.model).visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert len(calls) == PROMPTS
+    [log] = [h for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(log["loss"]) and math.isfinite(log["reward"]) and log["grad_norm"] > 0
+    assert log["sampling/sampling_logp_difference/max"] < 1e-4
