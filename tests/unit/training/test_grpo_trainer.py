@@ -267,3 +267,22 @@ def test_a_step_on_every_family_reuses_generations_features_and_log_probs(tmp_pa
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert math.isfinite(log["loss"]) and math.isfinite(log["reward"]) and log["grad_norm"] > 0
     assert log["sampling/sampling_logp_difference/max"] < 1e-4
+
+
+@pytest.mark.parametrize("method", ["dapo", "dr_grpo", "gspo"])
+def test_each_preset_trains(tmp_path, method):
+    """The presets as shipped; GSPO's 4 optimizer steps per generation batch keep the sampling-time log-probs (the
+    policy moves between its mini-batches), and its sequence-level ratio then leaves 1."""
+    items, _ = read_preference_file(DEMO / "prompts_train.json", "prompts")
+    trainer, _ = _trainer(tmp_path, f"method={method}", "trainer.max_steps=4", prompts=items[:16])
+    generations = []
+    original = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: generations.append(original(inputs)) or generations[-1]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4 and all(math.isfinite(h["loss"]) for h in logs)
+    if method == "gspo":
+        assert len(generations) == 1 and "old_per_token_logps" in generations[0]  # 4 steps from one generation
+        assert any(h["clip_ratio/region_mean"] > 0 for h in logs[1:])  # the policy moved past GSPO's 3e-4 / 4e-4
+    else:
+        assert len(generations) == 4 and "old_per_token_logps" not in generations[0]
