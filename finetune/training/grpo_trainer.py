@@ -492,5 +492,10 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
         rewards=rewards,
         recipe=config,
     )
-    trainer.data_summary = {"num_train_prompts": len(prompts), "method": m.name, "rewards": rewards.names}
+    trainer.data_summary = {
+        "num_train_prompts": len(prompts),
+        "train_data": {str(config.data.train): len(prompts)},  # the model card's training data
+        "method": m.name,
+        "rewards": rewards.names,
+    }
     return trainer, processor, len(prompts), precision

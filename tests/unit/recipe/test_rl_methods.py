@@ -76,3 +76,14 @@ def test_validate_checks_an_rl_recipes_data_as_prompts_with_solutions(monkeypatc
     monkeypatch.chdir(REPO_ROOT)
     assert main(["--split", "train", "experiment=demo_grpo", "logger=none"]) == 0
     assert "tokens per prompt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_the_model_card_names_the_method(method):
+    from finetune.exporting.serving import model_card
+
+    extra = RL if method != "sft" else []
+    card = model_card(load_config([f"method={method}", *extra, "logger=none"]), {})
+    assert f"(method `{method}`, recipe" in card
+    [tags] = [line for line in card.splitlines() if line.startswith("tags:")]
+    assert tags.endswith(f", {method}]")
