@@ -27,13 +27,13 @@ import json
 import logging
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import torch
 from trl import GRPOConfig, GRPOTrainer
-from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd, split_tensor_dict
 
 from finetune.base.errors import ConfigError, DataError, RunStopped
@@ -70,6 +70,9 @@ def build_grpo_config(config: Config, precision: str, run_dir: Path) -> GRPOConf
         num_iterations=m.num_iterations,
         steps_per_generation=m.steps_per_generation,
         mask_truncated_completions=m.mask_truncated_completions,
+        # Rollouts are sampled without dropout (eval mode): the trainer's forward must see the same policy, or the
+        # importance ratio and the KL would measure dropout noise.
+        disable_dropout=True,
         # Checkpointing is ours (finetune/model/trainable.py); GRPOConfig would otherwise turn it on model-wide.
         gradient_checkpointing=False,
         log_completions=False,
@@ -210,6 +213,30 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
                 )
         return self._stand_in
 
+    @contextmanager
+    def _generation_model(self):
+        """The module `generate` runs: in eval mode (activation checkpointing is off there, which in training mode would
+        also turn the KV cache off), its ZeRO-3 weights gathered as TRL gathers them. (TRL's own context turns
+        checkpointing off and back on with its settings, model-wide: ours is per part, finetune/model/trainable.py.)"""
+        unwrapped = self._unwrapped()
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            if self._synced() and self.args.ds3_gather_for_generation:
+                import deepspeed
+                from trl.models.utils import add_hooks, remove_hooks
+
+                with deepspeed.zero.GatheredParameters(self.model_wrapped.parameters()):
+                    remove_hooks(self.model_wrapped)
+                    try:
+                        yield unwrapped
+                    finally:
+                        add_hooks(self.model_wrapped)
+            else:
+                yield unwrapped
+        finally:
+            unwrapped.train(was_training)
+
     def rollout_seed(self, index: int) -> int:
         """The draws of prompt `index` at this step: a function of the run's seed, the step and the prompt alone, so
         a prompt gets the same completions whichever rank samples it, in any number of processes."""
@@ -220,9 +247,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         reported and replaced by a stand-in whose completions the loss never sees."""
         m = self._recipe.method
         rollouts, kept = [], []
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-        ) as unwrapped:
+        with self._generation_model() as unwrapped:
             for item, index in zip(items, indices):
                 ok = True
                 try:
@@ -481,6 +506,13 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
         m.max_completion_length,
         ", ".join(rewards.names),
     )
+    if config.peft.dropout:
+        logger.warning(
+            "method=%s trains without dropout (peft.dropout=%g is not applied): the rollouts are sampled without it "
+            "and the importance ratio compares the same policy; set peft.dropout=0 to silence this",
+            m.name,
+            config.peft.dropout,
+        )
     args = build_grpo_config(config, precision, run_dir)
     model, _, _ = load_for_training(config, precision)
     trainer = VisionLanguageGRPOTrainer(

@@ -286,3 +286,22 @@ def test_each_preset_trains(tmp_path, method):
         assert any(h["clip_ratio/region_mean"] > 0 for h in logs[1:])  # the policy moved past GSPO's 3e-4 / 4e-4
     else:
         assert len(generations) == 4 and "old_per_token_logps" not in generations[0]
+
+
+def test_generation_leaves_the_recipes_activation_checkpointing_and_dropout_off(tmp_path):
+    """Rollouts are sampled in eval mode (checkpointing in training mode would also turn the KV cache off), and
+    generation does not re-enable checkpointing model-wide as TRL's generation context would: the frozen vision
+    tower stays unchecked, the LLM checked, the training mode restored; dropout is off for the trainer's forward."""
+    from finetune.model.trainable import base_model, enable_activation_checkpointing
+
+    trainer, config = _trainer(tmp_path, "trainer.max_steps=1", "peft.dropout=0.1")
+    enable_activation_checkpointing(trainer.model, config)
+    inner = base_model(trainer.model)
+    checked = {n for n, m in inner.named_modules() if getattr(m, "gradient_checkpointing", False)}
+    assert checked and not any(".visual." in n for n in checked)
+    trainer.train()
+    assert {n for n, m in inner.named_modules() if getattr(m, "gradient_checkpointing", False)} == checked
+    assert trainer.model.training
+    assert all(m.p == 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
+    [log] = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["sampling/sampling_logp_difference/max"] < 1e-4
