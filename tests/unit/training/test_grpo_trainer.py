@@ -305,3 +305,26 @@ def test_generation_leaves_the_recipes_activation_checkpointing_and_dropout_off(
     assert all(m.p == 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert log["sampling/sampling_logp_difference/max"] < 1e-4
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_steps(tmp_path):
+    """Resuming from a checkpoint: the same prompts at the same steps, and (rollouts drawn from the run's seed, the
+    step and the prompt) the same completions, so the steps after the checkpoint log what the uninterrupted run did."""
+    items, _ = read_preference_file(DEMO / "prompts_train.json", "prompts")
+    keys = ("reward", "kl", "loss", "grad_norm")
+
+    def run(out, *extra):
+        trainer, _ = _trainer(
+            out, "trainer.max_steps=4", "trainer.save_steps=2", "trainer.save_total_limit=3", *extra, prompts=items[:8]
+        )
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    whole.train()
+    expected = {h["step"]: [h[k] for k in keys] for h in whole.state.log_history if "loss" in h}
+    again = run(tmp_path / "again")  # a fresh trainer (its own LoRA initialisation, overwritten by the checkpoint's)
+    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    got = {h["step"]: [h[k] for k in keys] for h in again.state.log_history if "loss" in h and h["step"] > 2}
+    assert sorted(got) == [3, 4]
+    for step, values in got.items():
+        assert values == pytest.approx(expected[step], rel=1e-4, abs=1e-7), step
