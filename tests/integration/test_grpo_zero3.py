@@ -58,3 +58,7 @@ def test_two_zero3_ranks_text_only_and_video_match_one_process(tmp_path, prompts
         for key in ("grad_norm", "kl", "loss"):
             assert g[key] == pytest.approx(e[key], rel=1e-3, abs=1e-6), (key, e["step"])
     assert expected[-1]["kl"] > 0 and expected[0]["grad_norm"] > 0
+    # the run's reward counts, summed over the ranks
+    counts = json.loads((two / "rewards.json").read_text())
+    assert counts == json.loads((single / "rewards.json").read_text())
+    assert sum(counts["edit_distance"].values()) == STEPS * 2 * G
