@@ -37,6 +37,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd, split_tensor_dict
 
 from finetune.base.errors import ConfigError, DataError, RunStopped
+from finetune.data.media import probe_image
 from finetune.evaluation.rewards import RewardTable
 from finetune.evaluation.rollouts import Rollout, completion_forward, generate_rollouts, token_logprobs
 from finetune.model.media_features import vision_tower
@@ -273,17 +274,27 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
                 kept.append(ok)
         return rollouts, kept
 
+    def frame_facts(self, item) -> dict:
+        """What `box_iou` needs to read a solution given in the image file's pixels (finetune/evaluation/rewards.py):
+        the family, and for a prompt with images the first image's (width, height) in the file and as the model saw
+        it (the recipe's pixel budgets: Qwen2.5-VL answers in those pixels)."""
+        facts = {"family": self._recipe.model.family}
+        plans = self._encoder.image_plans(item.prompt)  # header reads, cached
+        if plans:
+            facts["image_size"] = probe_image(plans[0].path)
+            facts["resized_size"] = (plans[0].width, plans[0].height)
+        return facts
+
     def _score(self, items, rollouts, kept) -> torch.Tensor:
         """The reward total of every completion (NaN for a stand-in's), and the reward metrics over every rank."""
         device, names = self.accelerator.device, self.reward_table.names
         totals = torch.full((len(rollouts) * self.num_generations,), float("nan"), device=device)
         # per reward: sum of scores, completions scored, completions not scored (summed over ranks below)
         stats = torch.zeros(len(names), 3, device=device)
-        family = self._recipe.model.family
         for g, (item, rollout, ok) in enumerate(zip(items, rollouts, kept)):
             if not ok:
                 continue
-            extras = {**item.extras, "family": family}
+            extras = {**self.frame_facts(item), **item.extras}  # the record's own columns win
             scores = self.reward_table.score_group(rollout.texts, item.solution, item.id, extras)
             start = g * self.num_generations
             totals[start : start + self.num_generations] = torch.tensor(scores.totals, device=device)

@@ -328,3 +328,23 @@ def test_a_resumed_run_repeats_the_uninterrupted_steps(tmp_path):
     assert sorted(got) == [3, 4]
     for step, values in got.items():
         assert values == pytest.approx(expected[step], rel=1e-4, abs=1e-7), step
+
+
+def test_box_rewards_get_the_image_frame_facts(tmp_path):
+    """box_iou reads a solution in the image file's pixels with the family, the file's size and the size the model saw
+    (Qwen2.5-VL answers in the resized image's pixels): the trainer hands them over."""
+    from finetune.evaluation.rewards import build_rewards
+    from tests.helpers.media_factory import write_image
+
+    image = write_image(tmp_path / "wide.png", 224, 112, seed=3)  # resized to the recipe's 3136-pixel budget
+    content = [{"type": "image", "image": str(image)}, {"type": "text", "text": "Where is it?"}]
+    prompt = RewardPrompt("box-1", Sample("box-1", [{"role": "user", "content": content}], "test"), "[0, 0, 112, 56]")
+    trainer, _ = _trainer(tmp_path)
+    facts = trainer.frame_facts(prompt)
+    assert facts["family"] == "qwen2_5_vl" and facts["image_size"] == (224, 112)
+    resized_w, resized_h = facts["resized_size"]
+    assert resized_w * resized_h <= 3136 and resized_w > resized_h  # the budget's size, the aspect kept
+    table = build_rewards(["box_iou"])
+    answer = f"[0, 0, {resized_w / 2:g}, {resized_h / 2:g}]"  # the same box, in the pixels the model saw
+    assert table.score_group([answer], prompt.solution, prompt.id, facts).totals == [pytest.approx(1.0, rel=1e-6)]
+    assert trainer.frame_facts(demo_prompts()[1]) == {"family": "qwen2_5_vl"}  # a video prompt: no image facts
