@@ -215,21 +215,23 @@ def completion_sequences(rollout: Rollout) -> list[EncodedSample]:
     ]
 
 
-def completion_logprobs(
+def completion_forward(
     model,
     rollout: Rollout,
-    temperature: float,
     reuse_features: bool = True,
     rule: PositionRule | None = None,
     synced_gpus: bool = False,
-) -> list[torch.Tensor]:
-    """The trainer's per-token log-probs of a rollout's completions: one forward over the G sequences laid out as
-    training lays out rows (`training_batch`: the rule's 4-row position ids, each row its own block, no attention
-    mask), log_softmax(logits / temperature) in fp32 at each completion token. Gradients flow when enabled.
-    `reuse_features`: the features generation computed, for a vision side that does not train (no tower call here;
-    refused if any vision parameter trains: it would get no gradient). Otherwise the tower runs once on the prompt's
-    media and its features serve all G rows; with `synced_gpus` it runs on a text-only prompt too (a dummy input whose
-    0 x features join the result), so every rank calls it alike. `rule`: the model's installed one unless given."""
+    wrapped=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trainer's forward over a rollout's G sequences, laid out as training lays out rows (`training_batch`: the
+    rule's 4-row position ids, each row its own block, no attention mask): (logits (G, longest + 1, vocabulary) from
+    the prompt's last position on, row g's first n_g predicting its completion's tokens; `padding`, a zero joined to
+    the tower's graph when a text-only prompt called it on a dummy input under `synced_gpus`, else None). Gradients
+    flow when enabled. `reuse_features`: the features generation computed, for a vision side that does not train (no
+    tower call here; refused if any vision parameter trains: it would get no gradient). Otherwise the tower runs once
+    on the prompt's media and its features serve all G rows. `rule`: the model's installed one unless given.
+    `wrapped`: the model as the trainer wrapped it (DDP, DeepSpeed), which then runs the forward, so that its gradient
+    synchronisation sees it; `model` is the module itself."""
     rule = rule or model_position_rule(model)
     device = next(model.parameters()).device
     sequences = completion_sequences(rollout)
@@ -256,7 +258,23 @@ def completion_logprobs(
     for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
         if key in batch:
             inputs[key] = batch[key].to(device)
-    logits = model(**inputs).logits  # (G, longest + 1, vocab): from the prompt's last position on
+    return (wrapped or model)(**inputs).logits, padding
+
+
+def completion_logprobs(
+    model,
+    rollout: Rollout,
+    temperature: float,
+    reuse_features: bool = True,
+    rule: PositionRule | None = None,
+    synced_gpus: bool = False,
+) -> list[torch.Tensor]:
+    """The trainer's per-token log-probs of a rollout's completions: one forward over the G sequences
+    (`completion_forward`, which says what `reuse_features`, `rule` and `synced_gpus` do), log_softmax(logits /
+    temperature) in fp32 at each completion token. Gradients flow when enabled. With `synced_gpus` the tower runs on
+    a text-only prompt too (a dummy input whose 0 x features join the result), so every rank calls it alike."""
+    logits, padding = completion_forward(model, rollout, reuse_features, rule, synced_gpus)
+    device = logits.device
     result = []
     for row, tokens in enumerate(rollout.completion_ids):
         n = len(tokens)

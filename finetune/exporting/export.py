@@ -105,14 +105,13 @@ RELOAD_SCRIPT = inspect.getsource(weight_fingerprint) + RELOAD_SCRIPT  # the one
 
 
 def reference_samples(config: Config, max_samples: int = 64) -> list:
+    from finetune.data.preference import conversations, data_kind, read_source_data
     from finetune.data.sources import parse_sources, read_source
 
     source = parse_sources(config.data.eval or config.data.train, config.data.media_root, resolve_data_file)[0]
-    if config.method.name != "sft":  # the data holds preference pairs: check on their prompts with the chosen reply
-        from finetune.data.preference import read_source_data
-
-        pairs = read_source_data(source, "pairs").items[:max_samples]
-        return [pair.conversation("chosen") for pair in pairs]
+    kind = data_kind(config.method.name)
+    if kind is not None:  # preference or RL data: the first conversation of each item (a pair's chosen, an RL prompt)
+        return [conversations(item)[0] for item in read_source_data(source, kind).items[:max_samples]]
     return read_source(source)[0][:max_samples]
 
 

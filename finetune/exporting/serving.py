@@ -161,12 +161,12 @@ def model_card(config, info: dict) -> str:
 base_model: {info.get("base_model", m.name_or_path)}
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [{m.family}, qwen-vl-finetune, {"lora-merged" if config.parts.uses_lora else "full-finetune"}]
+tags: [{m.family}, qwen-vl-finetune, {"lora-merged" if config.parts.uses_lora else "full-finetune"}, {config.method.name}]
 ---
 
 # {config.name}
 
-`{info.get("base_model", m.name_or_path)}` fine-tuned with qwen-vl-finetune (recipe `{config.name}`,
+`{info.get("base_model", m.name_or_path)}` fine-tuned with qwen-vl-finetune (method `{config.method.name}`, recipe `{config.name}`,
 {"LoRA r=" + str(config.peft.r) + " merged into the weights" if config.parts.uses_lora else "full fine-tuning"}),
 exported in {info.get("dtype", "?")}. The full resolved recipe is `finetune_config.yaml`.
 

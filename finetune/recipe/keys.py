@@ -48,7 +48,15 @@ LOGGERS = {
 }
 REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-METHODS = ("sft", "dpo")  # finetune/training/workflow.py; kto, orpo, simpo, grpo fit the same group later
+# RL with verifiable rewards: presets of TRL's GRPO settings (recipes/method/<name>.yaml), one trainer
+# (finetune/training/grpo_trainer.py)
+RL_METHODS = ("grpo", "dapo", "dr_grpo", "gspo")
+METHODS = ("sft", "dpo", *RL_METHODS)  # finetune/training/workflow.py; kto, orpo, simpo fit the same group later
+# TRL 1.16's GRPOTrainer loss aggregations that take our per-token log-probs as they are (trl/trainer/grpo_trainer.py
+# `_compute_loss`); vespo is left out (its weights read vLLM's importance-sampling ratios)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+SCALE_REWARDS = ("group", "batch", "none")  # TRL's scale_rewards: the std the advantages are divided by
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # sequence: GSPO
 # TRL 1.16's DPOTrainer loss types and f-divergences (trl/trainer/dpo_trainer.py `_compute_loss`)
 DPO_LOSS_TYPES = (
     "sigmoid",

@@ -22,6 +22,8 @@ from finetune.recipe.keys import (
     ATTENTION_CHOICES,
     DPO_LOSS_TYPES,
     F_DIVERGENCES,
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
     LABEL_MODES,
     LOGGERS,
     METHODS,
@@ -30,8 +32,10 @@ from finetune.recipe.keys import (
     PART_MODES,
     PRECISIONS,
     REPORT_TO,
+    RL_METHODS,
     ROPE_RULES,
     ROUTER_MODES,
+    SCALE_REWARDS,
     WANDB_MODES,
     check_choices,
     option,
@@ -526,7 +530,8 @@ class MethodConfig:
 
     name: str = option(
         "sft",
-        help="sft: supervised fine-tuning on the replies; dpo: preference pairs (chosen/rejected), TRL's DPO losses.",
+        help="sft: supervised fine-tuning on the replies; dpo: preference pairs (chosen/rejected), TRL's DPO losses; "
+        "grpo, dapo, dr_grpo, gspo: RL on prompts with a solution, scored by method.rewards (TRL's GRPO losses).",
         choices=METHODS,
     )
     beta: float = option(
@@ -560,6 +565,47 @@ class MethodConfig:
         "off, images and videos included), instead of a reference forward every step.",
     )
 
+    # ----- RL with verifiable rewards (grpo, dapo, dr_grpo, gspo: presets in recipes/method/) -----
+    num_generations: int = option(
+        4, help="RL: completions sampled per prompt (the group whose mean and std make the advantages), 2 or more."
+    )
+    max_completion_length: int = option(64, help="RL: the most tokens a completion is sampled to (then truncated).")
+    temperature: float = option(1.0, help="RL: the sampling temperature (the log-probs are of logits / temperature).")
+    top_p: float = option(1.0, help="RL: nucleus sampling, in (0, 1]; 1: off.")
+    top_k: int = option(0, help="RL: sample from the k likeliest tokens; 0: off.")
+    epsilon: float = option(
+        0.2, help="RL: the clipping range of the importance ratio below 1 (and above, unless epsilon_high)."
+    )
+    epsilon_high: Optional[float] = option(
+        None, help="RL: the clipping range above 1 (DAPO's clip-higher: 0.28); null: epsilon."
+    )
+    scale_rewards: str = option(
+        "group",
+        help="RL: divide the advantages by the std of the group, of the whole batch, or none (Dr.GRPO).",
+        choices=SCALE_REWARDS,
+    )
+    importance_sampling_level: str = option(
+        "token", help="RL: the importance ratio per token, or per sequence (GSPO).", choices=IMPORTANCE_SAMPLING_LEVELS
+    )
+    num_iterations: int = option(1, help="RL: optimisation passes over each batch of rollouts (GRPO's mu).")
+    steps_per_generation: Optional[int] = option(
+        None,
+        help="RL: micro-batches each generation batch is split into (several optimizer steps per generation when above "
+        "trainer.gradient_accumulation_steps, as GSPO does); null: trainer.gradient_accumulation_steps.",
+    )
+    mask_truncated_completions: bool = option(
+        False, help="RL: leave completions cut at max_completion_length out of the loss (DAPO's overlong filtering)."
+    )
+    rewards: Any = option(
+        None,
+        help="RL: the rewards, summed per completion: names (format, choice, number, exact_match, f1, edit_distance, "
+        "box_iou, temporal_iou, module.path:function, file.py:function) or {name, weight, label, keywords}.",
+    )
+
+    @property
+    def is_rl(self) -> bool:
+        return self.name in RL_METHODS
+
     @property
     def loss_types(self) -> list[str]:
         return [t.strip() for t in re.split(r"[+,]", str(self.loss_type)) if t.strip()]
@@ -574,7 +620,15 @@ class MethodConfig:
             raise ConfigError(f"method.loss_weights={self.loss_weights!r} must be numbers joined by +.") from None
 
     def check(self) -> None:
+        if self.rewards and not self.is_rl:
+            raise ConfigError(
+                f"method.rewards is for the RL methods ({', '.join(RL_METHODS)}); method={self.name} does not score "
+                "completions: remove method.rewards."
+            )
         if self.name == "sft":
+            return
+        if self.is_rl:
+            self.check_rl()
             return
         unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
         if unknown or not self.loss_types:
@@ -597,6 +651,47 @@ class MethodConfig:
             raise ConfigError(f"method.ld_alpha must be in [0, 1] or null, got {self.ld_alpha}.")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_types):
             raise ConfigError("method.use_weighting=true cannot weight loss_type aot/aot_unpaired (they sort pairs).")
+
+    def check_rl(self) -> None:
+        """The RL settings, one refusal each (TRL's GRPOConfig would refuse some later, in its own words)."""
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigError(
+                f"method.loss_type={self.loss_type!r} is not a GRPO loss; choose one of {', '.join(GRPO_LOSS_TYPES)} "
+                "(the presets method=grpo, dapo, dr_grpo, gspo set it)."
+            )
+        if not self.rewards or isinstance(self.rewards, str):
+            raise ConfigError(
+                f"method={self.name} needs rewards to score its completions: set method.rewards, e.g. "
+                "method.rewards=[format,choice]."
+            )
+        if self.beta < 0:
+            raise ConfigError(f"method.beta must be 0 (no KL term, no reference forward) or positive, got {self.beta}.")
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"method.num_generations={self.num_generations}: a group needs 2 or more completions (its advantages "
+                "are rewards minus the group's mean)."
+            )
+        if self.max_completion_length < 1:
+            raise ConfigError(f"method.max_completion_length must be 1 or more, got {self.max_completion_length}.")
+        if not self.temperature > 0:
+            raise ConfigError(f"method.temperature must be above 0 (rollouts sample), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"method.top_p must be in (0, 1] (1: off), got {self.top_p}.")
+        if self.top_k < 0:
+            raise ConfigError(f"method.top_k must be 0 (off) or positive, got {self.top_k}.")
+        if not self.epsilon > 0:
+            raise ConfigError(f"method.epsilon must be positive, got {self.epsilon}.")
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon and self.loss_type != "cispo":
+            raise ConfigError(
+                f"method.epsilon_high={self.epsilon_high} is below method.epsilon={self.epsilon}: clip-higher widens "
+                "the range above 1; set it >= epsilon or null."
+            )
+        if self.num_iterations < 1:
+            raise ConfigError(f"method.num_iterations must be 1 or more, got {self.num_iterations}.")
+        if self.steps_per_generation is not None and self.steps_per_generation < 1:
+            raise ConfigError(
+                f"method.steps_per_generation must be 1 or more or null, got {self.steps_per_generation}."
+            )
 
 
 @dataclass
@@ -677,10 +772,27 @@ class Config:
             )
         if self.data.streaming:
             raise ConfigError(f"method={self.method.name} reads its pairs whole: set data.streaming=false.")
+        if self.method.is_rl:
+            self._check_rl_batches()
         if self.evaluation.after_training == "true":
             raise ConfigError(
                 f"evaluation.after_training=true evaluates SFT answers; with method={self.method.name} data.eval holds "
                 "pairs, scored during training (evaluation.steps). Set evaluation.after_training=auto or false."
+            )
+
+    def _check_rl_batches(self) -> None:
+        """An RL method's batches against the trainer: whole groups per device, no held-out scoring yet."""
+        t, m = self.trainer, self.method
+        if t.per_device_train_batch_size % m.num_generations:
+            raise ConfigError(
+                f"trainer.per_device_train_batch_size={t.per_device_train_batch_size} counts completions and must hold "
+                f"whole groups of method.num_generations={m.num_generations}: set it to a multiple of "
+                f"{m.num_generations}."
+            )
+        if self.evaluation.steps:
+            raise ConfigError(
+                f"evaluation.steps: method={m.name} logs its training rewards every step but scores no held-out "
+                "split during training yet; set evaluation.steps=null (and evaluate the adapter afterwards)."
             )
 
     def _check_experts(self) -> None:

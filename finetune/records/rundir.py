@@ -53,6 +53,11 @@ class RunDir:
         return self.path / "bad_samples.jsonl"
 
     @property
+    def rewards_file(self) -> Path:
+        """RL methods: per reward, the completions it scored and those it could not (NoScore), over the whole run."""
+        return self.path / "rewards.json"
+
+    @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
 

@@ -1,6 +1,7 @@
 """The summary `./launch.sh` prints when a run ends: where everything went (run directory, recipe, adapter,
 evaluation, export, logs) and what the run could not use: training samples skipped because their media failed to
-decode (bad_samples.jsonl) and evaluation questions that could not be asked, each with the count, the file that
+decode (bad_samples.jsonl; for RL, prompts), completions an RL reward could not score (rewards.json) and
+evaluation questions that could not be asked, each with the count, the file that
 lists them all and the first few ids and reasons, so that a user who looked away still sees them."""
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def not_evaluated(config: Config) -> list[str]:
     ]
 
 
+def reward_lines(run: RunDir) -> list[str]:
+    """RL methods: how many completions each reward scored, and how many it could not (NoScore: no answer it could
+    read), over the run."""
+    if not run.rewards_file.exists():
+        return []
+    counts = json.loads(run.rewards_file.read_text())
+    lines = [f"  rewards:     {run.rewards_file}"]
+    for name, c in counts.items():
+        total = c["scored"] + c["no_score"]
+        share = f" ({100 * c['no_score'] / total:.0f}%)" if total else ""
+        lines.append(f"    {name}: {c['scored']} completions scored, {c['no_score']} not scored{share}")
+    return lines
+
+
 def summary(config: Config, skipped_from: int = 0) -> str:
     """The end-of-run summary; the skipped training samples are those bad_samples.jsonl lists from byte
     `skipped_from` (what this launch appended)."""
@@ -60,6 +75,7 @@ def summary(config: Config, skipped_from: int = 0) -> str:
         f"training sample{'s' if plural else ''} failed to decode and {'were' if plural else 'was'} left out",
         run.bad_samples_file,
     )
+    lines += reward_lines(run)
     lines += not_evaluated(config)
     m = run.metrics()
     if m is not None:

@@ -149,6 +149,10 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
     if config.method.name == "dpo":
         return build_preference_trainer(config, processor, encoder, precision, run_dir)
+    if config.method.is_rl:
+        from finetune.training.grpo_trainer import build_grpo_trainer
+
+        return build_grpo_trainer(config, processor, precision, run_dir, load_for_training, resolve_data_file)
     args = build_sft_config(config, precision, run_dir)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
     # a bad or over-long sample stops the run here, naming it, not hours in. Every rank counts its share of the

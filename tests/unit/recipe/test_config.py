@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from finetune.base.errors import ConfigError
 from finetune.base.families import FAMILIES
 from finetune.recipe.experiments import experiments_for
+from finetune.recipe.keys import RL_METHODS
 from finetune.recipe.load import GROUPS, RECIPES_DIR, load_config
 
 
@@ -30,7 +31,9 @@ def test_every_group_option_composes(group, option):
     experiment = "demo"
     if group == "model" and not written["name_or_path"].startswith("tiny://"):
         experiment = experiments_for(written["family"])[0]
-    composed = OmegaConf.structured(load_config([f"experiment={experiment}", f"{group}={option}"]))
+    # An RL method's preset leaves the rewards to the recipe (refused without them).
+    rewards = ["method.rewards=[exact_match]"] if group == "method" and option in RL_METHODS else []
+    composed = OmegaConf.structured(load_config([f"experiment={experiment}", f"{group}={option}", *rewards]))
     # every value the option file sets is what the checked recipe holds, unless the experiment sets it
     written.pop("defaults", None)
     leaves = [(f"{group}.{k}", v) for k, v in _flatten(written)]

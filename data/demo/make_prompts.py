@@ -1,0 +1,29 @@
+"""RL prompts for the GRPO demo (recipes/experiment/demo_grpo.yaml), from the SFT demo's questions: the conversation
+ends with the user's question (its image or video), and the SFT answer becomes the `solution` the rewards score a
+completion against; `task` (colour or direction) is handed to the rewards as an extra column.
+
+    python data/demo/make_prompts.py        # writes data/demo/prompts_train.json
+"""
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def prompts(records: list[dict]) -> list[dict]:
+    out = []
+    for record in records:
+        question, answer = record["messages"]
+        prompt = {"id": record["id"], "task": record["task"], "messages": [question], "solution": answer["content"]}
+        for media in ("images", "videos"):
+            if media in record:
+                prompt[media] = record[media]
+        out.append(prompt)
+    return out
+
+
+if __name__ == "__main__":
+    records = json.loads((HERE / "train.json").read_text())
+    (HERE / "prompts_train.json").write_text(json.dumps(prompts(records), indent=1) + "\n")
+    print(f"prompts_train.json: {len(records)} prompts")
