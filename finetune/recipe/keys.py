@@ -48,7 +48,12 @@ LOGGERS = {
 }
 REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-METHODS = ("sft", "dpo")  # finetune/training/workflow.py; kto, orpo, simpo, grpo fit the same group later
+# finetune/training/workflow.py; grpo fits the same group later
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+PAIR_METHODS = ("dpo", "orpo", "simpo")  # read (chosen, rejected) pairs; kto reads unpaired completions
+REFERENCE_FREE = ("orpo", "simpo")  # no reference model: one forward per step
+# TRL 1.16's KTOTrainer loss types (trl/trainer/kto_trainer.py `_compute_loss`)
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 # TRL 1.16's DPOTrainer loss types and f-divergences (trl/trainer/dpo_trainer.py `_compute_loss`)
 DPO_LOSS_TYPES = (
     "sigmoid",
