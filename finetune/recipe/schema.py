@@ -729,6 +729,12 @@ class Config:
         if self.method.name == "sft":
             return
         full = [part for part, mode in self.parts.modes().items() if mode == "full"]
+        if (full or not self.parts.uses_lora) and self.method.name in REFERENCE_FREE:
+            raise ConfigError(
+                f"method={self.method.name} runs on LoRA parts here (the preference trainers are built on the adapter): "
+                f"parts.{(full or ['llm'])[0]}=full is not supported. Use parts.llm=lora (and vision_tower=lora or "
+                "frozen, merger=frozen)."
+            )
         if full or not self.parts.uses_lora:
             raise ConfigError(
                 f"method={self.method.name} computes the reference as the model with the LoRA adapter off, so every "
@@ -736,7 +742,7 @@ class Config:
                 "parts.llm=lora (and vision_tower=lora or frozen, merger=frozen)."
             )
         if self.data.streaming:
-            raise ConfigError(f"method={self.method.name} reads its pairs whole: set data.streaming=false.")
+            raise ConfigError(f"method={self.method.name} reads its data whole: set data.streaming=false.")
         if (
             self.method.name == "kto"
             and self.method.loss_type == "kto"

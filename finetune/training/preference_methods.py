@@ -16,12 +16,16 @@ loader, optimizer, fault guards, checkpoints and logging they share (they subcla
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import torch
 from trl import KTOTrainer
-from trl.experimental.cpo import CPOTrainer
-from trl.experimental.orpo import ORPOTrainer
+
+with warnings.catch_warnings():  # "trl.experimental is unstable": the two loss methods used here are tested
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
 
 from finetune.recipe.schema import Config
 from finetune.training.preference_forward import completion_log_probs, tower_is_frozen, vision_parts
@@ -64,6 +68,8 @@ class KTOForward:
 class VisionLanguageKTOTrainer(VisionLanguageDPOTrainer):
     """KTO (method=kto): completions labelled desirable or not, TRL's KTO loss (loss_type kto or
     apo_zero_unpaired, desirable/undesirable weights, beta), the reference being the adapter off."""
+
+    _compute_kl_logps = KTOTrainer._compute_kl_logps  # called by KTOTrainer._compute_loss on `self`
 
     def __init__(self, *, recipe: Config, **kwargs):
         super().__init__(recipe=recipe, **kwargs)
