@@ -16,6 +16,7 @@ their labels and the recipe's M-RoPE positions. Added to that layout:
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
@@ -64,12 +65,14 @@ def preference_batch(
     rule: PositionRule,
     budget: int | None = None,
     boundaries: bool = False,
+    shared: list[int] | None = None,
 ) -> dict:
     """The batch of `pairs` laid out as the module docstring says: one sequence per row without `budget`, else
     packed into rows of at most `budget` tokens. A "pair" may be any tuple of sequences that follow one prompt (all
     of the same size k): the sequences are then [first of every tuple..., second of every tuple..., ...], k x B of
-    them (`num_sequences`), each tuple's prompt media once (KTO: a completion and its mismatched KL sequence; KTO's
-    sub-batches: 1-tuples)."""
+    them (`num_sequences`), each tuple's prompt media once (KTO: 1-tuples, one completion each). `shared[g]`: the
+    earlier group whose prompt group g repeats (itself when none): its media is not added again, its placeholders
+    index that group's items (KTO's completions of one prompt in one batch)."""
     if not pairs:
         raise ValueError("a preference batch needs at least one pair")
     size = len(pairs[0])
@@ -79,6 +82,13 @@ def preference_batch(
         for other in group[1:]:
             if problem := pair_media_problem(group[0], other):
                 raise ValueError(f"pair {i}: {problem}; both answers of a pair must follow the same prompt and media")
+    shared = list(range(len(pairs))) if shared is None else shared
+    for g, owner in enumerate(shared):
+        if owner > g or shared[owner] != owner:
+            raise ValueError(f"group {g} shares the media of group {owner}, which is not an earlier group of its own")
+        if problem := pair_media_problem(pairs[owner][0], pairs[g][0]):
+            raise ValueError(f"group {g}: {problem} from group {owner}, whose prompt media it was given to share")
+    unique = [g for g, owner in enumerate(shared) if owner == g]
     sequences = [group[j] for j in range(size) for group in pairs]
     lengths = [len(s.input_ids) for s in sequences]
     layout = [[i] for i in range(len(sequences))] if budget is None else pack_sequences(lengths, budget)
@@ -87,10 +97,12 @@ def preference_batch(
     batch = training_batch([[stripped[i] for i in row] for row in layout], pad_token_id, rule, boundaries)
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         batch.pop(key, None)
-    batch.update(vision_inputs([group[0] for group in pairs]))
+    batch.update(vision_inputs([pairs[g][0] for g in unique]))
 
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-    first_item = {kind: _offsets([_count(group[0], kind) for group in pairs]) for kind in ("image", "video")}
+    offsets = {kind: _offsets([_count(pairs[g][0], kind) for g in unique]) for kind in ("image", "video")}
+    position = {g: u for u, g in enumerate(unique)}
+    first_item = {kind: [offsets[kind][position[owner]] for owner in shared] for kind in ("image", "video")}
     media_index: dict[str, list[int]] = {"image": [], "video": []}
     for r, row in enumerate(layout):
         offset = 0
@@ -239,9 +251,10 @@ class UnpairedCollator:
                 raise DataError("no completion can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
             kept = [(self._stand_in[0], self._stand_in[1], -1)]
         matched = [e for _, e, _ in kept]
-        batch = self._layout(matched)
+        shared = shared_prompts([(item, e) for item, e, _ in kept])
+        batch = self._layout(matched, shared)
         if self.kl:
-            batch["kl_batch"] = self._layout([self._mismatched(kept, i) for i in range(len(kept))])
+            batch["kl_batch"] = self._layout([self._mismatched(kept, i) for i in range(len(kept))], shared)
         batch["label"] = torch.tensor([bool(item.desirable) for item, _, _ in kept])
         batch["sample_ids"] = [[item.id] for item, _, i in kept if i >= 0]
         batch["pair_index"] = torch.tensor([i for _, _, i in kept], dtype=torch.long)
@@ -260,5 +273,20 @@ class UnpairedCollator:
             return matched
         return encoded
 
-    def _layout(self, sequences: list[EncodedSample]) -> dict:
-        return preference_batch([(s,) for s in sequences], self.pad_token_id, self.rule, self.budget, self.boundaries)
+    def _layout(self, sequences: list[EncodedSample], shared: list[int]) -> dict:
+        groups = [(s,) for s in sequences]
+        return preference_batch(groups, self.pad_token_id, self.rule, self.budget, self.boundaries, shared)
+
+
+def shared_prompts(encoded: list[tuple]) -> list[int]:
+    """For (item, encoded sequence) in a batch: the first earlier item with the same prompt (its messages, media
+    paths included) and the same media grids, else itself. Its media is then encoded once for all of them."""
+    first: dict[str, int] = {}
+    shared = []
+    for i, (item, sequence) in enumerate(encoded):
+        key = json.dumps(item.prompt.messages, sort_keys=True, default=str)
+        owner = first.setdefault(key, i)
+        if owner != i and pair_media_problem(encoded[owner][1], sequence) is not None:
+            owner = i
+        shared.append(owner)
+    return shared

@@ -103,8 +103,11 @@ def test_kto_batches_are_the_sft_layout_of_each_completion_and_its_kl_sequence(p
             if key in sft:
                 assert torch.equal(part[key], sft[key]), (name, key)
         media = "pixel_values" if kind == "img" else "pixel_values_videos"
-        # each completion's prompt media once, in order; the KL batch holds the very same items
-        assert torch.equal(part[media], torch.cat([getattr(s, media) for s in expected["completions"]])), name
+        # each prompt's media once (completions 0 and 1 share prompt 0), in order; the KL batch holds the same items
+        prompts = [expected["completions"][0], expected["completions"][2]]
+        assert torch.equal(part[media], torch.cat([getattr(s, media) for s in prompts])), name
+        index = part["image_index" if kind == "img" else "video_index"].tolist()
+        assert index == [[0, 0, 1][i] for row in layout for i in row], name
         assert part["num_sequences"] == 3
     trained = processor.tokenizer.decode(batch["kl_batch"]["labels"][0][batch["kl_batch"]["labels"][0] != IGNORE_INDEX])
     assert trained.startswith(items[2].completion)  # prompt 0 with the batch's last completion

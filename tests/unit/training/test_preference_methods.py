@@ -236,3 +236,17 @@ def test_build_trainer_dispatches_each_method(tmp_path, monkeypatch, method):
     assert collator.encoder.label_mode.value == "last_assistant"
     if method == "kto":
         assert (trainer.loss_type, trainer.calculate_KL) == ("kto", True)
+
+
+def test_completions_of_one_prompt_share_its_media_and_score_as_alone(tmp_path):
+    """Two completions of one image prompt (and two of one video prompt) in a KTO batch: the prompt's media is in the
+    batch once, and each completion's log-probs equal those of a batch holding it alone."""
+    trainer, collator, _ = _trainer(tmp_path, "kto")
+    model = trainer.model
+    _move_lora(model)
+    together = _batch(collator, [0, 1, 4, 5])  # (image prompt 0) x 2, (video prompt 0) x 2
+    assert together["image_grid_thw"].shape[0] == 1 and together["video_grid_thw"].shape[0] == 1
+    assert together["image_index"].tolist() == [0, 0] and together["video_index"].tolist() == [0, 0]
+    sums, _ = _sums(model, together, True)
+    alone = torch.cat([_sums(model, _batch(collator, [i]), True)[0] for i in (0, 1, 4, 5)])
+    assert torch.allclose(sums, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
