@@ -270,6 +270,16 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
     read = read_training_completions if unpaired else read_training_pairs
     loader_factory_ = completion_loader_factory if unpaired else pair_loader_factory
     items = read(config, encoder)
+    if unpaired:
+        desirable = sum(item.desirable for item in items)
+        # TRL's KTOTrainer suggests weights from this balance (the KTO paper's Eq. 8); ours are the recipe's.
+        logger.info(
+            "%d desirable and %d undesirable completions (method.desirable_weight %g, undesirable_weight %g)",
+            desirable,
+            len(items) - desirable,
+            method.desirable_weight,
+            method.undesirable_weight,
+        )
     logger.info(
         "%d %s (method=%s, loss %s, beta %g)",
         len(items),
