@@ -623,8 +623,8 @@ class MethodConfig:
         allowed = KTO_LOSS_TYPES if self.name == "kto" else (self.name,)
         if self.loss_types != [self.loss_type] or self.loss_type not in allowed:
             raise ConfigError(
-                f"method.loss_type={self.loss_type!r} is not a {self.name.upper()} loss: set method.loss_type to one "
-                f"of {', '.join(allowed)} (the method group recipes/method/{self.name}.yaml sets it)."
+                f"method.loss_type={self.loss_type!r} is not a loss of method={self.name}: set method.loss_type to "
+                f"{' or '.join(allowed)} (the method group recipes/method/{self.name}.yaml sets it)."
             )
         dpo_only = {
             "loss_weights": self.loss_weights is not None,

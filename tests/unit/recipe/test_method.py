@@ -49,13 +49,13 @@ def test_kto_orpo_simpo_groups_carry_their_settings():
 @pytest.mark.parametrize(
     "method, overrides, message",
     [
-        ("kto", ["method.loss_type=sigmoid"], "'sigmoid' is not a KTO loss"),
+        ("kto", ["method.loss_type=sigmoid"], "'sigmoid' is not a loss of method=kto"),
         ("kto", ["trainer.per_device_train_batch_size=1"], "per_device_train_batch_size >= 2"),
         ("kto", ["method.desirable_weight=0"], "must be positive"),
         ("kto", ["method.precompute_ref_log_probs=true"], "anew every step"),
         ("kto", ["method.label_smoothing=0.1"], "method=kto has none"),
         ("orpo", ["method.precompute_ref_log_probs=true"], "has no reference model"),
-        ("orpo", ["method.loss_type=simpo"], "not a ORPO loss"),
+        ("orpo", ["method.loss_type=simpo"], "not a loss of method=orpo"),
         ("orpo", ["method.ld_alpha=0.5"], "method.ld_alpha is a DPO setting"),
         ("orpo", ["method.undesirable_weight=2"], "weigh KTO's labels"),
         ("simpo", ["method.cpo_alpha=-1"], "cpo_alpha must be >= 0"),
