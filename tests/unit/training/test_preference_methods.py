@@ -250,3 +250,14 @@ def test_completions_of_one_prompt_share_its_media_and_score_as_alone(tmp_path):
     sums, _ = _sums(model, together, True)
     alone = torch.cat([_sums(model, _batch(collator, [i]), True)[0] for i in (0, 1, 4, 5)])
     assert torch.allclose(sums, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["kto", "simpo"])
+def test_a_mixture_of_experts_model_trains_with_the_recipes_load_balancing_weight(tmp_path, method):
+    """Qwen3-VL-MoE: the router's load-balancing loss comes from the completions' forward, weighted as in SFT (0 with
+    a frozen router: logged only)."""
+    trainer, _, _ = _trainer(tmp_path, method, "experiment=demo_qwen3_vl_moe", "trainer.max_steps=2")
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["aux_loss"]) for h in logs)
