@@ -50,7 +50,7 @@ REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # finetune/training/workflow.py; grpo fits the same group later
 METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
-PAIR_METHODS = ("dpo", "orpo", "simpo")  # read (chosen, rejected) pairs; kto reads unpaired completions
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")  # finetune/training/preference_*.py; kto reads unpaired data
 REFERENCE_FREE = ("orpo", "simpo")  # no reference model: one forward per step
 # TRL 1.16's KTOTrainer loss types (trl/trainer/kto_trainer.py `_compute_loss`)
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")

@@ -30,6 +30,7 @@ from finetune.recipe.keys import (
     OVER_LENGTH,
     PART_MODES,
     PRECISIONS,
+    PREFERENCE_METHODS,
     REFERENCE_FREE,
     REPORT_TO,
     ROPE_RULES,
@@ -591,7 +592,7 @@ class MethodConfig:
             raise ConfigError(f"method.loss_weights={self.loss_weights!r} must be numbers joined by +.") from None
 
     def check(self) -> None:
-        if self.name == "sft":
+        if self.name not in PREFERENCE_METHODS:  # sft; RL methods check their own keys
             return
         if self.beta <= 0:
             raise ConfigError(f"method.beta must be positive, got {self.beta}.")

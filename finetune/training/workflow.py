@@ -42,6 +42,7 @@ from finetune.model.trainable import (
     trained_parts,
 )
 from finetune.recipe.data_settings import conversation_encoder, split_settings, vision_settings
+from finetune.recipe.keys import PREFERENCE_METHODS
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, check_checkpoint_fits, resolve_checkpoint
@@ -152,7 +153,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     if config.deepspeed.zero_stage and not uses_gpu(config):
         skip_deepspeed_shm_build()
     PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
-    if config.method.name != "sft":
+    if config.method.name in PREFERENCE_METHODS:
         return build_preference_trainer(config, processor, encoder, precision, run_dir)
     args = build_sft_config(config, precision, run_dir)
     # Every sample is read and counted from media metadata before training starts (cached beside the data):
