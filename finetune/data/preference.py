@@ -584,9 +584,9 @@ def count_item(encoder: ConversationEncoder, item: Item, decode: bool = False) -
 # ----- checking a whole split -----
 METHOD_KINDS = {
     "sft": None,
-    **dict.fromkeys(("dpo", "ipo", "orpo", "simpo"), "pairs"),
+    **dict.fromkeys(("dpo", "orpo", "simpo"), "pairs"),  # IPO is method=dpo with loss_type=ipo
     "kto": "unpaired",
-    **dict.fromkeys(("grpo", "dapo", "dr_grpo", "gspo", "rloo"), "prompts"),
+    **dict.fromkeys(("grpo", "dapo", "dr_grpo", "gspo"), "prompts"),
 }
 
 

@@ -16,6 +16,7 @@ their labels and the recipe's M-RoPE positions. Added to that layout:
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import torch
@@ -26,7 +27,7 @@ from finetune.model.batching import training_batch, vision_inputs
 from finetune.model.rope import PositionRule
 
 # Keys this module adds to the SFT training layout; `num_pairs` (B) is an int.
-PREFERENCE_KEYS = ("sequence_index", "image_index", "video_index", "num_pairs", "pair_index")
+PREFERENCE_KEYS = ("sequence_index", "image_index", "video_index", "num_pairs", "num_sequences", "pair_index")
 
 
 def pair_media_problem(chosen: EncodedSample, rejected: EncodedSample) -> str | None:
@@ -64,15 +65,31 @@ def preference_batch(
     rule: PositionRule,
     budget: int | None = None,
     boundaries: bool = False,
+    shared: list[int] | None = None,
 ) -> dict:
     """The batch of `pairs` laid out as the module docstring says: one sequence per row without `budget`, else
-    packed into rows of at most `budget` tokens."""
+    packed into rows of at most `budget` tokens. A "pair" may be any tuple of sequences that follow one prompt (all
+    of the same size k): the sequences are then [first of every tuple..., second of every tuple..., ...], k x B of
+    them (`num_sequences`), each tuple's prompt media once (KTO: 1-tuples, one completion each). `shared[g]`: the
+    earlier group whose prompt group g repeats (itself when none): its media is not added again, its placeholders
+    index that group's items (KTO's completions of one prompt in one batch)."""
     if not pairs:
         raise ValueError("a preference batch needs at least one pair")
-    for i, (chosen, rejected) in enumerate(pairs):
-        if problem := pair_media_problem(chosen, rejected):
-            raise ValueError(f"pair {i}: {problem}; both answers of a pair must follow the same prompt and media")
-    sequences = [c for c, _ in pairs] + [r for _, r in pairs]
+    size = len(pairs[0])
+    if any(len(group) != size for group in pairs):
+        raise ValueError("every group of a preference batch must hold the same number of sequences")
+    for i, group in enumerate(pairs):
+        for other in group[1:]:
+            if problem := pair_media_problem(group[0], other):
+                raise ValueError(f"pair {i}: {problem}; both answers of a pair must follow the same prompt and media")
+    shared = list(range(len(pairs))) if shared is None else shared
+    for g, owner in enumerate(shared):
+        if owner > g or shared[owner] != owner:
+            raise ValueError(f"group {g} shares the media of group {owner}, which is not an earlier group of its own")
+        if problem := pair_media_problem(pairs[owner][0], pairs[g][0]):
+            raise ValueError(f"group {g}: {problem} from group {owner}, whose prompt media it was given to share")
+    unique = [g for g, owner in enumerate(shared) if owner == g]
+    sequences = [group[j] for j in range(size) for group in pairs]
     lengths = [len(s.input_ids) for s in sequences]
     layout = [[i] for i in range(len(sequences))] if budget is None else pack_sequences(lengths, budget)
     # Pixels stay out of the rows (the unique items are added below); grids stay: they give the positions.
@@ -80,10 +97,12 @@ def preference_batch(
     batch = training_batch([[stripped[i] for i in row] for row in layout], pad_token_id, rule, boundaries)
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         batch.pop(key, None)
-    batch.update(vision_inputs([c for c, _ in pairs]))
+    batch.update(vision_inputs([pairs[g][0] for g in unique]))
 
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-    first_item = {kind: _offsets([_count(c, kind) for c, _ in pairs]) for kind in ("image", "video")}
+    offsets = {kind: _offsets([_count(pairs[g][0], kind) for g in unique]) for kind in ("image", "video")}
+    position = {g: u for u, g in enumerate(unique)}
+    first_item = {kind: [offsets[kind][position[owner]] for owner in shared] for kind in ("image", "video")}
     media_index: dict[str, list[int]] = {"image": [], "video": []}
     for r, row in enumerate(layout):
         offset = 0
@@ -99,6 +118,7 @@ def preference_batch(
         if media_index[kind]:
             batch[f"{kind}_index"] = torch.tensor(media_index[kind], dtype=torch.long)
     batch["num_pairs"] = len(pairs)
+    batch["num_sequences"] = len(sequences)
     return batch
 
 
@@ -177,3 +197,96 @@ class PairCollator:
 def _flat(indices) -> list[int]:
     """Pair indices from a batch sampler: ints, or rows (tuples) of them."""
     return [i for item in indices for i in (item if isinstance(item, (tuple, list)) else (item,))]
+
+
+class UnpairedCollator:
+    """For KTO's DataLoader: a list of completion indices -> the batch of those completions (1-tuples, each prompt's
+    media once) with `label` (True: desirable) and, when the KL term is estimated, `kl_batch`: the same prompts with
+    the completions rotated by one within the batch, TRL's mismatched pairs (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})
+    (trl/trainer/kto_trainer.py). Sequence i of both batches follows prompt i, so both carry the same unique media in
+    the same order: a frozen tower's features from one forward serve the other.
+
+    `items[i]`: an UnpairedCompletion (finetune/data/preference.py): `.prompt`, `.completion`, `.desirable`, and
+    `.conversation()`; `with_completion(item, text)` gives the item's prompt followed by another reply. A completion
+    that fails to encode is left out and reported in `bad_samples`; a mismatched sequence that cannot be encoded (the
+    other reply makes it longer than data.max_length) is replaced by the matched one (a log-ratio of the policy's own
+    kind, never a crash)."""
+
+    def __init__(
+        self,
+        encoder,
+        items,
+        rule: PositionRule,
+        budget: int | None = None,
+        boundaries: bool = False,
+        kl: bool = True,
+        with_completion=None,
+    ):
+        self.encoder, self.items, self.rule = encoder, items, rule
+        self.budget, self.boundaries, self.kl = budget, boundaries, kl
+        self.with_completion = with_completion
+        self.pad_token_id = encoder.tokenizer.pad_token_id
+        self._stand_in: tuple | None = None
+
+    def _encode(self, item, bad: list[dict]):
+        try:
+            encoded = self.encoder.encode(item.conversation())
+        except DataError as err:
+            bad.append({"id": item.id, "source": item.prompt.source, "kind": err.kind, "error": str(err)})
+            return None
+        if self._stand_in is None:
+            self._stand_in = (item, replace(encoded, labels=[IGNORE_INDEX] * len(encoded.labels)))
+        return encoded
+
+    def __call__(self, indices) -> dict:
+        indices = _flat(indices)
+        bad: list[dict] = []
+        kept = [(self.items[i], e, i) for i in indices if (e := self._encode(self.items[i], bad)) is not None]
+        if not kept:
+            for item in self.items:
+                if self._stand_in is not None:
+                    break
+                self._encode(item, [])
+            if self._stand_in is None:
+                raise DataError("no completion can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
+            kept = [(self._stand_in[0], self._stand_in[1], -1)]
+        matched = [e for _, e, _ in kept]
+        shared = shared_prompts([(item, e) for item, e, _ in kept])
+        batch = self._layout(matched, shared)
+        if self.kl:
+            batch["kl_batch"] = self._layout([self._mismatched(kept, i) for i in range(len(kept))], shared)
+        batch["label"] = torch.tensor([bool(item.desirable) for item, _, _ in kept])
+        batch["sample_ids"] = [[item.id] for item, _, i in kept if i >= 0]
+        batch["pair_index"] = torch.tensor([i for _, _, i in kept], dtype=torch.long)
+        batch["bad_samples"] = bad
+        return batch
+
+    def _mismatched(self, kept: list, i: int) -> EncodedSample:
+        """Prompt i with the reply of completion i - 1 (cyclic), encoded as SFT encodes it (reply trained)."""
+        item, matched, _ = kept[i]
+        if len(kept) == 1:  # one completion (or the stand-in): its own prompt, as TRL's rotation of a 1-batch
+            return matched
+        other = kept[i - 1][0]
+        try:
+            encoded = self.encoder.encode(self.with_completion(item, other.completion))
+        except DataError:
+            return matched
+        return encoded
+
+    def _layout(self, sequences: list[EncodedSample], shared: list[int]) -> dict:
+        groups = [(s,) for s in sequences]
+        return preference_batch(groups, self.pad_token_id, self.rule, self.budget, self.boundaries, shared)
+
+
+def shared_prompts(encoded: list[tuple]) -> list[int]:
+    """For (item, encoded sequence) in a batch: the first earlier item with the same prompt (its messages, media
+    paths included) and the same media grids, else itself. Its media is then encoded once for all of them."""
+    first: dict[str, int] = {}
+    shared = []
+    for i, (item, sequence) in enumerate(encoded):
+        key = json.dumps(item.prompt.messages, sort_keys=True, default=str)
+        owner = first.setdefault(key, i)
+        if owner != i and pair_media_problem(encoded[owner][1], sequence) is not None:
+            owner = i
+        shared.append(owner)
+    return shared

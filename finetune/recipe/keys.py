@@ -48,10 +48,14 @@ LOGGERS = {
 }
 REPORT_TO = (*LOGGERS, "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-# RL with verifiable rewards: presets of TRL's GRPO settings (recipes/method/<name>.yaml), one trainer
-# (finetune/training/grpo_trainer.py)
+# Preference tuning (finetune/training/preference_*.py; kto reads unpaired data) and RL with verifiable rewards
+# (presets of TRL's GRPO settings, recipes/method/<name>.yaml, one trainer: finetune/training/grpo_trainer.py)
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
 RL_METHODS = ("grpo", "dapo", "dr_grpo", "gspo")
-METHODS = ("sft", "dpo", *RL_METHODS)  # finetune/training/workflow.py; kto, orpo, simpo fit the same group later
+METHODS = ("sft", *PREFERENCE_METHODS, *RL_METHODS)  # finetune/training/workflow.py
+REFERENCE_FREE = ("orpo", "simpo")  # no reference model: one forward per step
+# TRL 1.16's KTOTrainer loss types (trl/trainer/kto_trainer.py `_compute_loss`)
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 # TRL 1.16's GRPOTrainer loss aggregations that take our per-token log-probs as they are (trl/trainer/grpo_trainer.py
 # `_compute_loss`); vespo is left out (its weights read vLLM's importance-sampling ratios)
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")

@@ -24,6 +24,7 @@ from finetune.recipe.keys import (
     F_DIVERGENCES,
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
+    KTO_LOSS_TYPES,
     LABEL_MODES,
     LOGGERS,
     METHODS,
@@ -31,6 +32,8 @@ from finetune.recipe.keys import (
     OVER_LENGTH,
     PART_MODES,
     PRECISIONS,
+    PREFERENCE_METHODS,
+    REFERENCE_FREE,
     REPORT_TO,
     RL_METHODS,
     ROPE_RULES,
@@ -525,29 +528,36 @@ class ExportConfig:
 
 @dataclass
 class MethodConfig:
-    """The training method: SFT (the default), or preference tuning with TRL's DPO losses on our data path and forward
-    (finetune/training/preference_trainer.py). The reference model of DPO is the LoRA base (the adapter off)."""
+    """The training method: SFT (the default), or preference tuning with TRL's losses on our data path and forward
+    (finetune/training/preference_trainer.py, preference_methods.py): DPO and KTO against a reference model (the LoRA
+    base, the adapter off), ORPO and SimPO without one."""
 
     name: str = option(
         "sft",
-        help="sft: supervised fine-tuning on the replies; dpo: preference pairs (chosen/rejected), TRL's DPO losses; "
-        "grpo, dapo, dr_grpo, gspo: RL on prompts with a solution, scored by method.rewards (TRL's GRPO losses).",
+        help="sft: supervised fine-tuning on the replies; dpo, orpo, simpo: preference pairs (chosen/rejected), TRL's "
+        "DPO, ORPO and CPO-SimPO losses; kto: completions labelled desirable or not, TRL's KTO loss; grpo, dapo, "
+        "dr_grpo, gspo: RL on prompts with a solution, scored by method.rewards (TRL's GRPO losses).",
         choices=METHODS,
     )
     beta: float = option(
-        0.1, help="DPO: the strength of the tie to the reference model (TRL's beta; IPO's tau). Higher: closer to it."
+        0.1,
+        help="DPO, KTO: the strength of the tie to the reference model (TRL's beta; IPO's tau), higher: closer to it; "
+        "ORPO: the weight of the odds-ratio term (the paper's lambda, TRL's beta); SimPO: the reward scale.",
     )
     loss_type: str = option(
         "sigmoid",
         help="DPO: TRL's loss type, or several joined by + (summed, weighted by loss_weights): sigmoid (DPO), "
         "hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
-        "discopop, sft, sigmoid_norm; e.g. sigmoid+sft (RPO).",
+        "discopop, sft, sigmoid_norm; e.g. sigmoid+sft (RPO). KTO: kto or apo_zero_unpaired. ORPO, SimPO: the "
+        "method's name (orpo, simpo).",
     )
     loss_weights: Optional[str] = option(
         None, help="DPO: one weight per loss type, joined by + (e.g. 1.0+0.2); null: 1 each."
     )
     label_smoothing: float = option(
-        0.0, help="DPO: the assumed share of flipped labels (robust, exo_pair, sigmoid: conservative DPO), in [0, 0.5)."
+        0.0,
+        help="DPO, SimPO: the assumed share of flipped labels (robust, exo_pair, sigmoid, simpo: conservative), in "
+        "[0, 0.5).",
     )
     ld_alpha: Optional[float] = option(
         None,
@@ -563,6 +573,14 @@ class MethodConfig:
         False,
         help="DPO: score every pair (train and held-out) under the reference once, when training starts (the adapter "
         "off, images and videos included), instead of a reference forward every step.",
+    )
+    desirable_weight: float = option(1.0, help="KTO: the weight of the desirable completions' losses.")
+    undesirable_weight: float = option(1.0, help="KTO: the weight of the undesirable completions' losses.")
+    simpo_gamma: float = option(
+        0.5, help="SimPO: the target reward margin gamma (TRL's simpo_gamma; the logits are shifted by gamma / beta)."
+    )
+    cpo_alpha: float = option(
+        0.0, help="SimPO: the weight of the chosen answers' NLL (CPO-SimPO when > 0; TRL's cpo_alpha); 0: pure SimPO."
     )
 
     # ----- RL with verifiable rewards (grpo, dapo, dr_grpo, gspo: presets in recipes/method/) -----
@@ -625,10 +643,17 @@ class MethodConfig:
                 f"method.rewards is for the RL methods ({', '.join(RL_METHODS)}); method={self.name} does not score "
                 "completions: remove method.rewards."
             )
-        if self.name == "sft":
-            return
         if self.is_rl:
             self.check_rl()
+            return
+        if self.name not in PREFERENCE_METHODS:  # sft
+            return
+        if self.beta <= 0:
+            raise ConfigError(f"method.beta must be positive, got {self.beta}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.name != "dpo":
+            self._check_other()
             return
         unknown = [t for t in self.loss_types if t not in DPO_LOSS_TYPES]
         if unknown or not self.loss_types:
@@ -636,15 +661,11 @@ class MethodConfig:
                 f"method.loss_type={self.loss_type!r}: {', '.join(unknown) or 'nothing'} is not a DPO loss; choose "
                 f"one or more (joined by +) of {', '.join(DPO_LOSS_TYPES)}."
             )
-        if self.beta <= 0:
-            raise ConfigError(f"method.beta must be positive, got {self.beta}.")
         if self.weights is not None and len(self.weights) != len(self.loss_types):
             raise ConfigError(
                 f"method.loss_weights has {len(self.weights)} weights for {len(self.loss_types)} loss types: "
                 "give one per method.loss_type, or null."
             )
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if "exo_pair" in self.loss_types and self.label_smoothing == 0:
             raise ConfigError("method.loss_type=exo_pair needs method.label_smoothing > 0 (the EXO paper uses 1e-3).")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
@@ -691,6 +712,46 @@ class MethodConfig:
         if self.steps_per_generation is not None and self.steps_per_generation < 1:
             raise ConfigError(
                 f"method.steps_per_generation must be 1 or more or null, got {self.steps_per_generation}."
+            )
+
+    def _check_other(self) -> None:
+        """KTO, ORPO, SimPO: their loss type, their own keys, and the DPO-only keys left at their defaults."""
+        allowed = KTO_LOSS_TYPES if self.name == "kto" else (self.name,)
+        if self.loss_types != [self.loss_type] or self.loss_type not in allowed:
+            raise ConfigError(
+                f"method.loss_type={self.loss_type!r} is not a loss of method={self.name}: set method.loss_type to "
+                f"{' or '.join(allowed)} (the method group recipes/method/{self.name}.yaml sets it)."
+            )
+        dpo_only = {
+            "loss_weights": self.loss_weights is not None,
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "f_divergence_type": self.f_divergence_type != "reverse_kl",
+        }
+        if used := [key for key, set_ in dpo_only.items() if set_]:
+            raise ConfigError(
+                f"method.{used[0]} is a DPO setting; method={self.name} has no use for it: leave it unset."
+            )
+        if self.precompute_ref_log_probs:
+            why = (
+                "has no reference model"
+                if self.name in REFERENCE_FREE
+                else "pairs each prompt with another completion of its batch for the KL term, anew every step"
+            )
+            raise ConfigError(f"method.precompute_ref_log_probs=true: method={self.name} {why}; set it to false.")
+        if self.label_smoothing and self.name != "simpo":
+            raise ConfigError(f"method.label_smoothing is for DPO and SimPO; method={self.name} has none: set it to 0.")
+        if self.name == "kto" and min(self.desirable_weight, self.undesirable_weight) <= 0:
+            raise ConfigError(
+                "method.desirable_weight and method.undesirable_weight must be positive, got "
+                f"{self.desirable_weight} and {self.undesirable_weight}."
+            )
+        if self.name == "simpo" and self.cpo_alpha < 0:
+            raise ConfigError(f"method.cpo_alpha must be >= 0, got {self.cpo_alpha}.")
+        if self.name != "kto" and (self.desirable_weight, self.undesirable_weight) != (1.0, 1.0):
+            raise ConfigError(
+                f"method.desirable_weight/undesirable_weight weigh KTO's labels; method={self.name} reads pairs: "
+                "leave them at 1."
             )
 
 
@@ -764,6 +825,12 @@ class Config:
         if self.method.name == "sft":
             return
         full = [part for part, mode in self.parts.modes().items() if mode == "full"]
+        if (full or not self.parts.uses_lora) and self.method.name in REFERENCE_FREE:
+            raise ConfigError(
+                f"method={self.method.name} runs on LoRA parts here (the preference trainers are built on the adapter): "
+                f"parts.{(full or ['llm'])[0]}=full is not supported. Use parts.llm=lora (and vision_tower=lora or "
+                "frozen, merger=frozen)."
+            )
         if full or not self.parts.uses_lora:
             raise ConfigError(
                 f"method={self.method.name} computes the reference as the model with the LoRA adapter off, so every "
@@ -771,9 +838,18 @@ class Config:
                 "parts.llm=lora (and vision_tower=lora or frozen, merger=frozen)."
             )
         if self.data.streaming:
-            raise ConfigError(f"method={self.method.name} reads its pairs whole: set data.streaming=false.")
+            raise ConfigError(f"method={self.method.name} reads its data whole: set data.streaming=false.")
         if self.method.is_rl:
             self._check_rl_batches()
+        if (
+            self.method.name == "kto"
+            and self.method.loss_type == "kto"
+            and self.trainer.per_device_train_batch_size < 2
+        ):
+            raise ConfigError(
+                "method=kto estimates its KL term from each prompt paired with another completion of the same batch: "
+                "set trainer.per_device_train_batch_size >= 2 (or method.loss_type=apo_zero_unpaired, which has none)."
+            )
         if self.evaluation.after_training == "true":
             raise ConfigError(
                 f"evaluation.after_training=true evaluates SFT answers; with method={self.method.name} data.eval holds "

@@ -30,7 +30,10 @@ NOT_MODEL_INPUTS = (
     "image_index",
     "video_index",
     "num_pairs",
+    "num_sequences",
     "pair_index",
+    "label",
+    "kl_batch",
     "num_real_tokens",
     "sample_ids",
     "bad_samples",
@@ -167,7 +170,7 @@ def completion_log_probs(
         is_top1 = logits.argmax(-1) == tokens
         log_sum_sq = torch.logsumexp(2 * log_probs, -1)
     sequence = batch["sequence_index"][:, 1:][trained]
-    count = 2 * int(batch["num_pairs"])
+    count = sequence_count(batch)
     place = _left_aligned(sequence, count)
     return CompletionLogProbs(
         log_probs=place(token_log_probs),
@@ -179,6 +182,11 @@ def completion_log_probs(
         aux_loss=getattr(out, "aux_loss", None),
         features=features,
     )
+
+
+def sequence_count(batch: dict) -> int:
+    """The sequences of a preference batch (2B for pairs; batches made before `num_sequences` existed: 2B)."""
+    return int(batch.get("num_sequences", 2 * int(batch["num_pairs"])))
 
 
 def _left_aligned(sequence: torch.Tensor, count: int):

@@ -29,7 +29,7 @@ from finetune.model.trainable import base_model, parameter_groups, router_aux_lo
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, mark_complete, rotate
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
-from finetune.training.preference_forward import completion_log_probs, tower_is_frozen, vision_parts
+from finetune.training.preference_forward import completion_log_probs, sequence_count, tower_is_frozen, vision_parts
 from finetune.training.trainer import MOE_CONFIG_KEYS, VisionLanguageSFTTrainer, trainer_arguments
 
 
@@ -45,17 +45,27 @@ class PrecomputeReference(TrainerCallback):
 
 def build_dpo_config(config: Config, precision: str, run_dir: Path) -> DPOConfig:
     m = config.method
+    # KTO, ORPO and SimPO (finetune/training/preference_methods.py) read their settings from the recipe; DPOConfig
+    # then carries the training arguments, beta, and its defaults for the DPO-only losses (unused).
+    dpo = m.name == "dpo"
+    losses = (
+        dict(
+            loss_type=m.loss_types,
+            loss_weights=m.weights,
+            label_smoothing=m.label_smoothing,
+            ld_alpha=m.ld_alpha,
+            f_divergence_type=m.f_divergence_type,
+            f_alpha_divergence_coef=m.f_alpha_divergence_coef,
+            use_weighting=m.use_weighting,
+            discopop_tau=m.discopop_tau,
+        )
+        if dpo
+        else {}
+    )
     return DPOConfig(
         **trainer_arguments(config, precision, run_dir),
         beta=m.beta,
-        loss_type=m.loss_types,
-        loss_weights=m.weights,
-        label_smoothing=m.label_smoothing,
-        ld_alpha=m.ld_alpha,
-        f_divergence_type=m.f_divergence_type,
-        f_alpha_divergence_coef=m.f_alpha_divergence_coef,
-        use_weighting=m.use_weighting,
-        discopop_tau=m.discopop_tau,
+        **losses,
         # Held-out pairs scored before the first step too: the policy equals the reference there (margins 0).
         eval_on_start=bool(config.evaluation.steps),
         # Checkpointing is ours (finetune/model/trainable.py); DPOConfig would otherwise turn it on model-wide.
@@ -103,7 +113,7 @@ def compact_inputs(batch: dict, width: int, ref_chosen, ref_rejected) -> dict:
     (a leading 0, then each sequence's completion tokens left-aligned), `input_ids` (only its shape is used),
     `attention_mask` (only summed: the batch's real tokens), the reference sums, and our batch for the forward."""
     counts = (batch["labels"][:, 1:] != -100) & (batch["sequence_index"][:, 1:] >= 0)
-    sequences = 2 * int(batch["num_pairs"])
+    sequences = sequence_count(batch)
     per_sequence = torch.bincount(batch["sequence_index"][:, 1:][counts], minlength=sequences)
     columns = torch.arange(width, device=per_sequence.device)
     completion = torch.zeros(sequences, width + 1, dtype=torch.long, device=per_sequence.device)
@@ -139,8 +149,8 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         computed once, when training starts (method.precompute_ref_log_probs); None: every step computes them."""
         if not hasattr(model, "disable_adapter"):
             raise ConfigError(
-                "method=dpo takes its reference as the model with the LoRA adapter off: train LoRA parts "
-                "(parts.llm=lora), not a full copy."
+                f"method={recipe.method.name} runs on LoRA parts here (the reference of DPO and KTO is the model with "
+                "the adapter off): train LoRA parts (parts.llm=lora), not a full copy."
             )
         self._recipe = recipe
         self._train_loader, self._eval_loader = train_loader, eval_loader
@@ -235,7 +245,7 @@ class VisionLanguageDPOTrainer(DPOTrainer):
     @staticmethod
     def _completion_width(batch: dict) -> int:
         trained = batch["labels"][:, 1:] != -100
-        counts = torch.bincount(batch["sequence_index"][:, 1:][trained], minlength=2 * int(batch["num_pairs"]))
+        counts = torch.bincount(batch["sequence_index"][:, 1:][trained], minlength=sequence_count(batch))
         return int(counts.max())
 
     def precompute_reference(self) -> None:
@@ -314,6 +324,31 @@ def pair_loader_factory(config: Config, encoder, pairs, rule, boundaries: bool):
     budget = (t.max_tokens_per_row or config.data.max_length) if t.packing else None
     collator = PairCollator(encoder, pairs, rule, budget, boundaries)
     rows = [(i,) for i in range(len(pairs))]
+
+    def build(world_size: int):
+        return training_loader(
+            rows, collator, t.per_device_train_batch_size, t.seed, world_size, t.dataloader_num_workers
+        )
+
+    return build, collator
+
+
+def completion_loader_factory(config: Config, encoder, items, rule, boundaries: bool):
+    """pair_loader_factory for KTO: `trainer.per_device_train_batch_size` labelled completions per step and device,
+    each with its mismatched KL sequence (the previous completion of the batch after its prompt) unless
+    method.loss_type=apo_zero_unpaired."""
+    from finetune.data.preference import UnpairedCompletion
+    from finetune.model.batching import training_loader
+    from finetune.model.preference_batching import UnpairedCollator
+
+    def with_completion(item, text):
+        return UnpairedCompletion(item.id, item.prompt, text, item.desirable).conversation()
+
+    t = config.trainer
+    budget = (t.max_tokens_per_row or config.data.max_length) if t.packing else None
+    kl = config.method.loss_type != "apo_zero_unpaired"
+    collator = UnpairedCollator(encoder, items, rule, budget, boundaries, kl, with_completion)
+    rows = [(i,) for i in range(len(items))]
 
     def build(world_size: int):
         return training_loader(

@@ -42,6 +42,7 @@ from finetune.model.trainable import (
     trained_parts,
 )
 from finetune.recipe.data_settings import conversation_encoder, split_settings, vision_settings
+from finetune.recipe.keys import PREFERENCE_METHODS
 from finetune.recipe.load import load_config
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir, check_checkpoint_fits, resolve_checkpoint
@@ -49,7 +50,12 @@ from finetune.records.runinfo import write_run_info
 from finetune.training.faults import out_of_memory_message
 from finetune.training.loaders import loader_factory, streaming_loader
 from finetune.training.periodic_eval import publish_final
-from finetune.training.preference_trainer import VisionLanguageDPOTrainer, build_dpo_config, pair_loader_factory
+from finetune.training.preference_trainer import (
+    VisionLanguageDPOTrainer,
+    build_dpo_config,
+    completion_loader_factory,
+    pair_loader_factory,
+)
 from finetune.training.trainer import VisionLanguageSFTTrainer, build_sft_config
 
 logger = logging.getLogger("finetune.train")
@@ -147,7 +153,7 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
     if config.deepspeed.zero_stage and not uses_gpu(config):
         skip_deepspeed_shm_build()
     PartialState(timeout=timedelta(seconds=config.trainer.ddp_timeout))
-    if config.method.name == "dpo":
+    if config.method.name in PREFERENCE_METHODS:
         return build_preference_trainer(config, processor, encoder, precision, run_dir)
     if config.method.is_rl:
         from finetune.training.grpo_trainer import build_grpo_trainer
@@ -228,21 +234,35 @@ def build_trainer(config: Config, overrides: list[str], checkpoint: str | None =
 def read_training_pairs(config: Config, encoder, split: str = "train") -> list[tuple]:
     """data.train (or data.eval) as (chosen, rejected) Samples: finetune/data/preference.py reads TRL's and LLaMA-Factory's pair
     formats, counts every pair as SFT counts its samples, and stops on (or reports) the bad ones as SFT does."""
+    data = read_preference_items(config, encoder, "pairs", split)
+    return [(pair.conversation("chosen"), pair.conversation("rejected")) for pair in data]
+
+
+def read_training_completions(config: Config, encoder, split: str = "train") -> list:
+    """data.train (or data.eval) as KTO's UnpairedCompletions (TRL's prompt/completion/label, LLaMA-Factory's
+    kto_tag), read, counted and checked as the pairs are."""
+    return read_preference_items(config, encoder, "unpaired", split)
+
+
+def read_preference_items(config: Config, encoder, kind: str, split: str) -> list:
     from finetune.data.preference import read_preference_split
 
     value = getattr(config.data, split)
-    data = read_preference_split(
-        value, "pairs", config.data.media_root, resolve_data_file, config.trainer.seed, encoder
-    )
+    data = read_preference_split(value, kind, config.data.media_root, resolve_data_file, config.trainer.seed, encoder)
     require_clean(data, "training" if split == "train" else "evaluation", config.data.skip_invalid, logger)
     if not data.items:
-        raise DataError(f"data.{split}={value} holds no usable preference pairs.")
-    return [(pair.conversation("chosen"), pair.conversation("rejected")) for pair in data.items]
+        what = "preference pairs" if kind == "pairs" else "labelled completions"
+        raise DataError(f"data.{split}={value} holds no usable {what}.")
+    return data.items
 
 
 def build_preference_trainer(config: Config, processor, encoder, precision: str, run_dir: Path):
-    """build_trainer for method=dpo: the pairs read and counted, the same model loading, LoRA, precision and
-    attention as SFT, and the DPO trainer (finetune/training/preference_trainer.py)."""
+    """build_trainer for a preference method (dpo, kto, orpo, simpo): the pairs (KTO: the labelled completions) read
+    and counted, the same model loading, LoRA, precision and attention as SFT, and the method's trainer
+    (finetune/training/preference_trainer.py, preference_methods.py)."""
+    from finetune.training.preference_methods import VisionLanguageKTOTrainer, VisionLanguageReferenceFreeTrainer
+
+    method = config.method
     args = build_dpo_config(config, precision, run_dir)
     encoder = ConversationEncoder(
         processor,
@@ -251,35 +271,64 @@ def build_preference_trainer(config: Config, processor, encoder, precision: str,
         config.data.max_length,
         video_layout=family_of(config.model.family).video_layout,
     )
-    pairs = read_training_pairs(config, encoder)
+    unpaired = method.name == "kto"
+    read = read_training_completions if unpaired else read_training_pairs
+    loader_factory_ = completion_loader_factory if unpaired else pair_loader_factory
+    items = read(config, encoder)
+    if unpaired:
+        desirable = sum(item.desirable for item in items)
+        # TRL's KTOTrainer suggests weights from this balance (the KTO paper's Eq. 8); ours are the recipe's.
+        logger.info(
+            "%d desirable and %d undesirable completions (method.desirable_weight %g, undesirable_weight %g)",
+            desirable,
+            len(items) - desirable,
+            method.desirable_weight,
+            method.undesirable_weight,
+        )
     logger.info(
-        "%d preference pairs (method=dpo, loss %s, beta %g)", len(pairs), config.method.loss_type, config.method.beta
+        "%d %s (method=%s, loss %s, beta %g)",
+        len(items),
+        "labelled completions" if unpaired else "preference pairs",
+        method.name,
+        method.loss_type,
+        method.beta,
     )
     model, rule, boundaries = load_for_training(config, precision)
-    build_loader, collator = pair_loader_factory(config, encoder, pairs, rule, boundaries)
+    build_loader, collator = loader_factory_(config, encoder, items, rule, boundaries)
     collators = {"train": collator}
-    eval_loader, eval_pairs = None, []
+    eval_loader, eval_items = None, []
     if config.evaluation.steps:
-        eval_pairs = read_training_pairs(config, encoder, "eval")
-        eval_loader, collators["eval"] = pair_loader_factory(config, encoder, eval_pairs, rule, boundaries)
+        eval_items = read(config, encoder, "eval")
+        eval_loader, collators["eval"] = loader_factory_(config, encoder, eval_items, rule, boundaries)
         logger.info(
-            "preference accuracy and reward margins on %d held-out pairs every %d steps",
-            len(eval_pairs),
+            "preference %s on %d held-out %s every %d steps",
+            "rewards and KL" if unpaired else "accuracy and reward margins",
+            len(eval_items),
+            "completions" if unpaired else "pairs",
             config.evaluation.steps,
         )
-    trainer = VisionLanguageDPOTrainer(
+    trainer_class = {
+        "dpo": VisionLanguageDPOTrainer,
+        "kto": VisionLanguageKTOTrainer,
+        "orpo": VisionLanguageReferenceFreeTrainer,
+        "simpo": VisionLanguageReferenceFreeTrainer,
+    }[method.name]
+    trainer = trainer_class(
         model=model,
         args=args,
         processing_class=processor,
         train_loader=build_loader,
         recipe=config,
-        train_size=len(pairs),
+        train_size=len(items),
         eval_loader=eval_loader,
-        eval_size=len(eval_pairs),
-        reference_collators=collators if config.method.precompute_ref_log_probs else None,
+        eval_size=len(eval_items),
+        reference_collators=collators if method.precompute_ref_log_probs else None,
     )
-    trainer.data_summary = {"num_train_pairs": len(pairs), "method": config.method.name}
-    return trainer, processor, len(pairs), precision
+    trainer.data_summary = {
+        "num_train_completions" if unpaired else "num_train_pairs": len(items),
+        "method": method.name,
+    }
+    return trainer, processor, len(items), precision
 
 
 def train(config: Config, overrides: list[str]) -> Path:
@@ -319,31 +368,37 @@ def train(config: Config, overrides: list[str]) -> Path:
     return adapter_dir
 
 
-PREFERENCE_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen")
+PREFERENCE_METRICS = (
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_kl",
+)
 
 
 def finish_preference_evaluation(trainer, run_dir: Path) -> None:
-    """The held-out pairs scored at the last step too, and every evaluation's preference accuracy and mean reward
-    margin written to eval/preference_metrics.json (what the run reports)."""
+    """The held-out pairs (KTO: completions) scored at the last step too, and every evaluation's preference metrics
+    (accuracy and mean reward margin; KTO: rewards, margin and KL) written to eval/preference_metrics.json."""
     step = trainer.state.global_step
-    if not any(h.get("step") == step and "eval_rewards/accuracies" in h for h in trainer.state.log_history):
+    if not any(h.get("step") == step and "eval_loss" in h for h in trainer.state.log_history):
         trainer.evaluate()
     if not trainer.is_world_process_zero():
         return
     history = [
         {"step": h["step"], **{k: h[k] for k in PREFERENCE_METRICS if k in h}}
         for h in trainer.state.log_history
-        if "eval_rewards/accuracies" in h
+        if "eval_loss" in h
     ]
     eval_dir = RunDir(run_dir).eval_dir
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "preference_metrics.json").write_text(json.dumps(history, indent=1))
     last = history[-1]
     logger.info(
-        "held-out pairs at step %d: preference accuracy %.3f, mean reward margin %.4f",
+        "held-out data at step %d: %s",
         step,
-        last["eval_rewards/accuracies"],
-        last["eval_rewards/margins"],
+        ", ".join(f"{k.removeprefix('eval_')} {last[k]:.4f}" for k in PREFERENCE_METRICS if k in last),
     )
 
 

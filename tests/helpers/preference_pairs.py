@@ -48,3 +48,24 @@ def text_only(processor, count: int):
     """`count` encoded pairs whose prompt has no media (the demo image prompts with the image left out)."""
     enc = encoder(processor)
     return [(enc.encode(strip_media(c)), enc.encode(strip_media(r))) for c, r in demo_pairs("img", count)]
+
+
+def demo_completions(kind: str, count: int) -> list:
+    """KTO's unpaired completions from `count` demo pairs: each prompt with its own reply (desirable) and with the
+    other answer (undesirable), interleaved, as finetune/data/preference.py reads them."""
+    from finetune.data.preference import UnpairedCompletion
+
+    items = []
+    for chosen, rejected in demo_pairs(kind, count):
+        prompt = Sample(id=chosen.id, messages=chosen.messages[:-1], source=chosen.source, extra=chosen.extra)
+        for side, desirable in ((chosen, True), (rejected, False)):
+            reply = side.messages[-1]["content"][0]["text"]
+            items.append(UnpairedCompletion(f"{chosen.id}/{desirable}", prompt, reply, desirable))
+    return items
+
+
+def with_completion(item, text: str) -> Sample:
+    """The item's prompt followed by another reply (KTO's mismatched KL sequence)."""
+    from finetune.data.preference import UnpairedCompletion
+
+    return UnpairedCompletion(item.id, item.prompt, text, item.desirable).conversation()
