@@ -4,6 +4,7 @@ model's exact shapes and a fixed mixed image/video/text dataset. Speed and memor
     python benchmarks/gpu_train.py --model qwen2_5_vl_7b                      # one GPU: packed and unpacked
     python benchmarks/gpu_train.py --model qwen2_5_vl_72b --layers 8          # a big model, fewer layers
     python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes packed,zero2,zero3   # several GPUs
+    python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes grpo                        # GRPO: rollout vs training
     python benchmarks/gpu_train.py --model tiny_qwen2_5_vl --cpu --samples 12 --steps 4   # the suite's CPU run
 
 Steps: (1) the GPU's bf16 matmul peak (fp32 on the CPU) and the varlen-attention kernels' start-up check against
@@ -24,6 +25,17 @@ recomputation under checkpointing, attention scores, the ViT and the LoRA weight
 hybrid LLM (Qwen3.5) counts each layer by its type: a full-attention layer's projections (q twice as wide: queries
 and their output gate), a linear-attention layer's (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj); the
 gated delta rule's own work, like attention scores, and the small depthwise conv1d are not counted.
+
+The `grpo` mode (RL with verifiable rewards, finetune/training/grpo_trainer.py) trains `method=grpo` on prompts made
+from the same dataset's image and video samples (build_prompts: a four-option question per sample, its `solution` a
+letter the `choice` reward scores), --prompts-per-step prompts (default 2) of --generations completions each
+(default 8; --cpu 2) of up to --completion-length tokens (default 256; --cpu 4), the KL to the base (adapter off) at
+the preset's beta, unpacked. A random-init model almost never samples the end token, so every completion runs to
+the length limit: a step costs what a trained model's would at that length. It reports, per step (medians after
+`--warmup`, rank 0, from the trainer's `timing/` logs): the step's wall time, the rollout time (transformers'
+`generate` of the step's completions with our positions), the rest (rewards, the reference and policy forwards,
+backward, optimizer), generation's share of the step, completion tokens generated per second, and the peak memory;
+no MFU (generation is memory-bound decoding, not the matmul count above).
 """
 
 from __future__ import annotations
@@ -179,7 +191,12 @@ MODES = {  # extra overrides per mode
     "unpacked": ["trainer.packing=false"],
     "zero2": ["trainer.packing=true", "deepspeed=zero2"],
     "zero3": ["trainer.packing=true", "deepspeed=zero3"],
+    # RL with verifiable rewards on the image and video prompts (build_prompts); sizes from --generations,
+    # --completion-length and --prompts-per-step (grpo_overrides)
+    "grpo": ["trainer.packing=false", "method=grpo", "method.rewards=[choice]"],
 }
+# --generations and --completion-length when not given: a GPU-sized group, or a tiny one for the CPU run
+GRPO_SIZES = {"cuda": (8, 256), "cpu": (2, 4)}
 WORDS = "the a dot moves left right up down red green blue small large frame scene person walks runs car".split()
 
 
@@ -327,6 +344,48 @@ def build_dataset(out: Path, samples: int, seed: int, small: bool) -> Path:
     return dataset
 
 
+def build_prompts(dataset: Path, seed: int) -> Path:
+    """The grpo mode's prompts, from the dataset's image and video samples (the same media): each question asks which
+    of four options fits, with a `solution` letter the `choice` reward scores (a random-init model rarely states one:
+    its completions run to max_completion_length and score no reward, which times a step as a trained model's would
+    at that length)."""
+    prompts = dataset.parent / "prompts.json"
+    if prompts.exists():
+        return prompts
+    rng = random.Random(seed)
+    records = []
+    for record in json.loads(dataset.read_text()):
+        media = "videos" if "videos" in record else "images" if "images" in record else None
+        if media is None:  # text samples: the mode times generation over media prompts
+            continue
+        options = rng.sample(WORDS, 4)
+        listed = " ".join(f"{letter}. {word}" for letter, word in zip("ABCD", options))
+        tag = "<video>" if media == "videos" else "<image>"
+        question = f"{tag}Which word fits what you see? {listed}. Answer with the option's letter."
+        records.append(
+            {
+                "id": record["id"],
+                "messages": [{"role": "user", "content": question}],
+                "solution": rng.choice("ABCD"),
+                media: record[media],
+            }
+        )
+    prompts.write_text(json.dumps(records))
+    return prompts
+
+
+def grpo_overrides(args, device: str) -> list[str]:
+    """The grpo mode's group size, completion length and batch: trainer.per_device_train_batch_size counts
+    completions (prompts per step x generations)."""
+    generations, length = GRPO_SIZES[device]
+    generations, length = args.generations or generations, args.completion_length or length
+    return [
+        f"method.num_generations={generations}",
+        f"method.max_completion_length={length}",
+        f"trainer.per_device_train_batch_size={generations * args.prompts_per_step}",
+    ]
+
+
 def matmul_peak(device: str) -> tuple[float, str]:
     """Measured matmul throughput (FLOP/s): bf16 8192^3 on a GPU, fp32 1024^3 on the CPU."""
     import torch
@@ -376,6 +435,9 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     from finetune.runs.launch import accelerate_args
 
     run_dir = out / f"run-{name}-{mode}"
+    grpo = mode == "grpo"
+    if grpo:
+        dataset = build_prompts(dataset, args.seed)
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
         "~experiment",  # no experiment: the keys below are the whole recipe (a demo experiment takes tiny:// only)
@@ -411,6 +473,7 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
         if args.cpu
         else ("accelerate=multi_gpu" if torch.cuda.device_count() > 1 else "accelerate=single_gpu"),
         *MODES[mode],
+        *(grpo_overrides(args, "cpu" if args.cpu else "cuda") if grpo else []),
         *args.override,
     ]
     config = load_config(overrides)
@@ -431,6 +494,13 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     attention = next(
         (line.split("attention: ", 1)[1] for line in result.stderr.splitlines() if "attention: " in line), "?"
     )
+    if grpo:
+        return {
+            "mode": mode,
+            **grpo_figures(history, measured, config),
+            "attention": attention,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
     return {
         "mode": mode,
         "steps_measured": len(measured),
@@ -443,16 +513,68 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     }
 
 
+def grpo_figures(history: list[dict], measured: list[dict], config) -> dict:
+    """Medians over the measured steps of what the GRPO trainer logs per step (finetune/training/grpo_trainer.py):
+    the step's time, generation's part of it (rollouts) and the rest (scoring, reference and policy forwards,
+    backward, optimizer), generation's share, completion tokens generated per second, and the peaks."""
+
+    def median(key: str) -> float:
+        return statistics.median(h[key] for h in measured)
+
+    return {
+        "steps_measured": len(measured),
+        "prompts_per_step": config.trainer.per_device_train_batch_size // config.method.num_generations,
+        "generations": config.method.num_generations,
+        "max_completion_length": config.method.max_completion_length,
+        "mean_completion_length": median("completions/mean_length"),
+        "step_s": median("timing/step_s"),
+        "rollout_s": median("timing/rollout_s"),
+        "train_s": median("timing/train_s"),
+        "rollout_share": median("timing/rollout_share"),
+        "generated_tokens_per_second_per_gpu": median("rollout/tokens_per_second"),
+        "trained_completion_tokens_per_second_per_gpu": median("tokens_per_second_per_device"),
+        "peak_memory_allocated_gib": max((h.get("peak_memory_allocated_gib", 0.0) for h in history), default=0.0),
+        "peak_memory_reserved_gib": max((h.get("peak_memory_reserved_gib", 0.0) for h in history), default=0.0),
+    }
+
+
+def grpo_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "GRPO (per step, rank 0): rollout = generation of the step's completions; train = the rest of the step "
+        "(rewards, reference and policy forwards, backward, optimizer)",
+        "",
+        "| mode | prompts x generations, completion tokens | step s | rollout s | train s | generation's share | "
+        "generated tokens/s | peak allocated GiB | peak reserved GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['mode']} | failed: {row['error'].splitlines()[-1][:80]} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {row['mode']} | {row['prompts_per_step']} x {row['generations']}, {row['mean_completion_length']:.0f} "
+            f"(max {row['max_completion_length']}) | {row['step_s']:.2f} | {row['rollout_s']:.2f} | "
+            f"{row['train_s']:.2f} | {row['rollout_share']:.1%} | {row['generated_tokens_per_second_per_gpu']:,.0f} | "
+            f"{row['peak_memory_allocated_gib']:.1f} | {row['peak_memory_reserved_gib']:.1f} |"
+        )
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"{report['model']} ({report['layers']} LLM layers), {report['device']}, {report['date']}; peak "
         f"{report['peak_flops'] / 1e12:.1f} TFLOP/s ({report['peak_measured_with']}); MFU = tokens/s x 4 x "
         f"{report['parameters_llm_matmul'] / 1e9:.3g} B / peak",
-        "",
-        "| mode | real tokens/s per GPU | MFU | peak allocated GiB | peak reserved GiB | data wait | attention |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for row in report["modes"]:
+    sft = [row for row in report["modes"] if row["mode"] != "grpo"]
+    if sft:
+        lines += [
+            "",
+            "| mode | real tokens/s per GPU | MFU | peak allocated GiB | peak reserved GiB | data wait | attention |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    for row in sft:
         if "error" in row:
             lines.append(f"| {row['mode']} | failed: {row['error'].splitlines()[-1][:80]} | | | | | |")
             continue
@@ -461,12 +583,21 @@ def markdown(report: dict) -> str:
             f"{row['peak_memory_allocated_gib']:.1f} | {row['peak_memory_reserved_gib']:.1f} | "
             f"{row['data_wait_fraction']:.1%} | {row['attention']} |"
         )
+    grpo = [row for row in report["modes"] if row["mode"] == "grpo"]
+    lines += grpo_markdown(grpo) if grpo else []
     lines += ["", "varlen kernel checks: " + "; ".join(f"{k}: {v}" for k, v in report["kernel_checks"].items())]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Modes: packed, unpacked (one GPU) and zero2, zero3 (several GPUs) train SFT and report real tokens/s per "
+        "GPU, MFU, peak memory and the data wait; grpo trains method=grpo on the dataset's image and video prompts and "
+        "reports per step the rollout (generation) time, the training time, generation's share of the step, generated "
+        "tokens/s and peak memory. A GRPO run on one GPU: python benchmarks/gpu_train.py --model qwen2_5_vl_7b "
+        "--modes grpo",
+    )
     parser.add_argument("--model", default="qwen2_5_vl_7b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, default=None, help="LLM layer count override (the big models)")
     parser.add_argument("--modes", default="packed,unpacked", help=f"comma-separated, of {', '.join(MODES)}")
@@ -476,6 +607,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--workers", type=int, default=4, help="trainer.dataloader_num_workers")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (small media; the suite's check)")
+    parser.add_argument(
+        "--generations",
+        type=int,
+        default=None,
+        help=f"grpo: completions per prompt (default {GRPO_SIZES['cuda'][0]}; --cpu {GRPO_SIZES['cpu'][0]})",
+    )
+    parser.add_argument(
+        "--completion-length",
+        type=int,
+        default=None,
+        help=f"grpo: max_completion_length (default {GRPO_SIZES['cuda'][1]}; --cpu {GRPO_SIZES['cpu'][1]})",
+    )
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo: prompts per step and GPU (default 2)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_bench")
     parser.add_argument("--override", action="append", default=[], help="another recipe override for every mode")
     args = parser.parse_args(argv)
@@ -506,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for mode in args.modes.split(","):
         row = train_mode(args.model, mode, checkpoint, dataset, args, args.out)
-        if "error" not in row:
+        if "tokens_per_second_per_gpu" in row:  # the SFT modes (grpo reports its own figures)
             row["mfu"] = row["tokens_per_second_per_gpu"] * 4 * sizes["parameters_llm_matmul"] / peak
         report["modes"].append(row)
         print(json.dumps(row), flush=True)

@@ -143,6 +143,9 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         self.last_batch: dict | None = None
         self._tokens = {"real": 0, "seen": 0}
         self._last_log = (time.perf_counter(), 0)
+        # Since the last log: seconds generating, completion tokens generated, and when the first step began (the
+        # GPU benchmark's grpo mode reads the timing/ keys: benchmarks/gpu_train.py).
+        self._timing = {"rollout_s": 0.0, "generated": 0, "since": None, "step": 0}
 
     # ----- the model's side -----
     def _unwrapped(self):
@@ -243,9 +246,22 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         a prompt gets the same completions whichever rank samples it, in any number of processes."""
         return (self.args.seed * 1_000_003 + self.state.global_step * 10_007 + index) % 2**31
 
+    def _sync_clock(self) -> float:
+        """perf_counter once the GPU's queued work is done (CUDA kernels run asynchronously), on the CPU at once."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def _rollouts(self, items: list, indices: list[int]) -> tuple[list[Rollout], list[bool]]:
         """One rollout per prompt (one generate call each, on every rank alike); a prompt whose media fail to decode is
-        reported and replaced by a stand-in whose completions the loss never sees."""
+        reported and replaced by a stand-in whose completions the loss never sees. Timed for `timing/rollout_s`."""
+        start = self._sync_clock()
+        rollouts, kept = self._generate_each(items, indices)
+        self._timing["rollout_s"] += self._sync_clock() - start
+        self._timing["generated"] += sum(len(c) for rollout in rollouts for c in rollout.completion_ids)
+        return rollouts, kept
+
+    def _generate_each(self, items: list, indices: list[int]) -> tuple[list[Rollout], list[bool]]:
         m = self._recipe.method
         rollouts, kept = [], []
         with self._generation_model() as unwrapped:
@@ -443,6 +459,8 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
+        if self._timing["since"] is None:  # the first step's start: the time before it is setup, not training
+            self._timing["since"], self._timing["step"] = self._sync_clock(), step
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Prompts skipped while generating for this step, counted as SFT counts its bad samples.
         self._guard.take({"bad_samples": self._pending_bad}, step)
@@ -479,7 +497,29 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
             logs["tokens_per_second_per_device"] = round((real - last_real) / max(now - last_time, 1e-9), 1)
             logs["tokens_seen"] = self._tokens["seen"]
             self._last_log = (now, real)
+            self._log_timing(logs)
         super().log(logs, start_time)
+
+    def _log_timing(self, logs: dict) -> None:
+        """This rank's per-step means since the last log: the step's wall time (`timing/step_s`), the part spent
+        generating rollouts (`timing/rollout_s`), the rest (`timing/train_s`: scoring, the old-policy and reference
+        forwards, forward, backward and optimizer), generation's share of the step, the completion tokens generated
+        per second of generation, and (CUDA) the peak memory since the start."""
+        t = self._timing
+        steps = self.state.global_step - t["step"]
+        if t["since"] is None or steps <= 0:
+            return
+        now = self._sync_clock()
+        step_s, rollout_s = (now - t["since"]) / steps, t["rollout_s"] / steps
+        logs["timing/step_s"] = round(step_s, 4)
+        logs["timing/rollout_s"] = round(rollout_s, 4)
+        logs["timing/train_s"] = round(step_s - rollout_s, 4)
+        logs["timing/rollout_share"] = round(rollout_s / max(step_s, 1e-9), 4)
+        logs["rollout/tokens_per_second"] = round(t["generated"] / max(t["rollout_s"], 1e-9), 1)
+        if torch.cuda.is_available():  # this rank's peaks since the start, as the SFT trainer logs them
+            logs["peak_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            logs["peak_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        self._timing = {"rollout_s": 0.0, "generated": 0, "since": now, "step": self.state.global_step}
 
 
 def read_reward_prompts(config: Config, encoder, resolve) -> list:

@@ -99,16 +99,29 @@ def test_the_hybrid_shapes_count_every_projection_of_each_layer_type(name):
 def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     command = [sys.executable, "benchmarks/gpu_train.py", "--model", "tiny_qwen2_5_vl", "--cpu", "--samples", "10"]
     command += ["--steps", "3", "--warmup", "1", "--workers", "0", "--out", str(tmp_path)]
+    command += ["--modes", "packed,unpacked,grpo"]  # grpo at the CPU sizes: 2 prompts x 2 completions of 4 tokens
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_train.json").read_text())
-    assert [row["mode"] for row in report["modes"]] == ["packed", "unpacked"]
-    for row in report["modes"]:
+    assert [row["mode"] for row in report["modes"]] == ["packed", "unpacked", "grpo"]
+    *sft, grpo = report["modes"]
+    # GRPO: rollout and the rest of the step both take time and add up to the step; a random model runs every
+    # completion to the length limit
+    assert (grpo["prompts_per_step"], grpo["generations"], grpo["max_completion_length"]) == (2, 2, 4)
+    assert grpo["steps_measured"] == 2 and grpo["mean_completion_length"] == 4
+    assert 0 < grpo["rollout_s"] < grpo["step_s"] and grpo["train_s"] > 0 and 0 < grpo["rollout_share"] < 1
+    assert grpo["rollout_s"] + grpo["train_s"] == pytest.approx(grpo["step_s"], rel=1e-3)
+    assert grpo["generated_tokens_per_second_per_gpu"] > 0 and grpo["trained_completion_tokens_per_second_per_gpu"] > 0
+    assert "mfu" not in grpo
+    prompts = json.loads(next(tmp_path.glob("data-*/prompts.json")).read_text())
+    assert len(prompts) == 8 and all(p["solution"] in "ABCD" and ("images" in p) != ("videos" in p) for p in prompts)
+    for row in sft:
         assert row["tokens_per_second_per_gpu"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["data_wait_fraction"] <= 1
         assert row["steps_measured"] == 2 and "sdpa" in row["attention"]
     assert report["kernel_checks"] == {"per_sample/float32": "agrees with sdpa"}
     table = (tmp_path / "gpu_train.md").read_text()
     assert "| packed |" in table and "| unpacked |" in table and "MFU = tokens/s x 4 x" in table
+    assert "| grpo | 2 x 2, 4 (max 4) |" in table
     records = json.loads(next(tmp_path.glob("data-*/train.json")).read_text())
     kinds = [("videos" in r) + 2 * ("images" in r) for r in records]
     assert (kinds.count(1), kinds.count(2), kinds.count(0)) == (4, 4, 2)  # 40 % video, 40 % image, 20 % text

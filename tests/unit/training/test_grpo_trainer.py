@@ -209,6 +209,12 @@ def test_a_few_steps_train_with_one_tower_call_per_prompt_and_log_kl_and_rewards
         assert h["rewards/by_length/no_score"] == 0
         # generation's log-probs and the trainer's forward agree: the same positions, features and tokens
         assert h["sampling/sampling_logp_difference/max"] < 1e-4
+        # the step's timing (the GPU benchmark's grpo mode): generation is part of the step, its tokens counted
+        assert 0 < h["timing/rollout_s"] < h["timing/step_s"]
+        assert h["timing/train_s"] == pytest.approx(h["timing/step_s"] - h["timing/rollout_s"], abs=2e-4)
+        assert h["timing/rollout_share"] == pytest.approx(h["timing/rollout_s"] / h["timing/step_s"], abs=1e-3)
+        generated = PROMPTS * G * h["completions/mean_length"]  # one step per log: this step's completion tokens
+        assert h["rollout/tokens_per_second"] == pytest.approx(generated / h["timing/rollout_s"], rel=1e-2)
     assert logs[0]["kl"] == 0  # the first step: policy = reference
     assert logs[-1]["kl"] > 0
     moved = [n for n, p in trainer.model.named_parameters() if n in lora and not torch.equal(p, lora[n])]
