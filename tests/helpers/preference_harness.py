@@ -8,11 +8,14 @@ rank 1 only video: the case that hangs ZeRO-3 unless every rank calls the vision
 """
 
 import sys
+from pathlib import Path
 
-import finetune.data.packing
-import finetune.training.workflow
-from finetune.cli.main import run_command
-from tests.helpers.preference_pairs import demo_pairs, strip_media
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root, for `tests`
+
+import finetune.data.packing  # noqa: E402
+import finetune.training.workflow  # noqa: E402
+from finetune.cli.main import run_command  # noqa: E402
+from tests.helpers.preference_pairs import demo_pairs, strip_media  # noqa: E402
 
 STEPS = 3
 

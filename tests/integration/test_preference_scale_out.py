@@ -2,6 +2,8 @@
 text-only pairs beside a rank holding only video pairs takes every step (no hang: every rank calls the vision tower
 once per forward) and the losses equal one process training both pairs per step."""
 
+import json
+
 import pytest
 
 from tests.helpers import DEMO
@@ -52,3 +54,12 @@ def test_two_zero3_ranks_text_only_and_video_match_one_process(tmp_path):
     assert len(expected) == STEPS and expected[1] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy = reference
     assert len(set(expected.values())) > 1  # it trained
     assert losses(two) == pytest.approx(expected, abs=1e-4)
+    # The gradients too: the norm of the full gradient each step (before clipping), summed over the ranks' shards.
+    norms = [grad_norms(run) for run in (single, two)]
+    assert len(norms[0]) == STEPS and min(norms[0].values()) > 0
+    assert norms[1] == pytest.approx(norms[0], rel=1e-3)
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    history = json.loads((run_dir / "log_history.json").read_text())
+    return {h["step"]: h["grad_norm"] for h in history if "grad_norm" in h}
