@@ -1,6 +1,6 @@
 """DPO on two processes, started as users start them (`accelerate launch`): with ZeRO-3, a rank holding only
 text-only pairs beside a rank holding only video pairs takes every step (no hang: every rank calls the vision tower
-once per forward) and the losses equal one process training both pairs per step."""
+once per forward) and the losses and gradient norms equal one process training both pairs per step."""
 
 import json
 

@@ -295,3 +295,48 @@ def test_bad_sampling_settings_are_refused_by_name(settings, named):
     args = {"num_generations": 2, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "prompts_per_call": 1} | settings
     with pytest.raises(ConfigError, match=named):
         generate_rollouts(None, None, [], args.pop("num_generations"), 4, **args)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_groups_training_sequence_is_the_sft_encoding_and_a_plain_forwards_logprobs(
+    tiny, prompts, tiny_paths, family
+):
+    """What GRPO trains on (`completion_sequences` laid out by `training_batch`) for a completion equal to a reply's
+    tokens is the SFT encoding of that conversation: the same ids, the same trained positions, pixels, grids and 3-D
+    positions; and the trainer's log-probs are log_softmax of a plain forward of that one SFT sample."""
+    from finetune.data.encode import IGNORE_INDEX
+    from finetune.evaluation.rollouts import completion_sequences
+    from finetune.model.batching import training_batch
+    from finetune.model.rope import model_position_rule
+
+    model, encoder = tiny(family)
+    config = load_config([f"experiment={EXPERIMENT[family]}", "trainer.label_mode=last_assistant"])
+    sft = conversation_encoder(load_processor(config.model, path=str(tiny_paths[family])), config)
+    rule = model_position_rule(model)
+    for prompt in prompts[:2]:  # an image prompt, a video prompt
+        reply = {"role": "assistant", "content": [{"type": "text", "text": "left"}]}
+        reference = sft.encode(Sample(prompt.id, [*prompt.messages, reply], prompt.source))
+        trained = [i for i, label in enumerate(reference.labels) if label != IGNORE_INDEX]
+        encoded_prompt = encoder.encode(prompt, generation_prompt=True)
+        assert encoded_prompt.input_ids == reference.input_ids[: trained[0]], prompt.id
+        reply_ids = reference.input_ids[trained[0] : trained[-1] + 1]
+        rollout = Rollout(prompt.id, encoded_prompt, [reply_ids], ["left"], [torch.zeros(len(reply_ids))], [True])
+        (sequence,) = completion_sequences(rollout)
+        n = len(sequence.input_ids)
+        assert sequence.input_ids == reference.input_ids[:n]
+        assert [i for i, label in enumerate(sequence.labels) if label != IGNORE_INDEX] == trained
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            ours, theirs = getattr(sequence, key), getattr(reference, key)
+            assert (ours is None and theirs is None) or torch.equal(ours, theirs), (prompt.id, key)
+        assert sequence.second_per_grid_ts == reference.second_per_grid_ts
+        assert torch.equal(sample_positions(sequence, rule), sample_positions(reference, rule)[:, :n])
+
+        (trainer,) = completion_logprobs(model, rollout, TEMPERATURE, reuse_features=False)
+        batch = training_batch([[reference]], 0, rule)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")}
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[0]
+        targets = torch.tensor(reply_ids)
+        plain = torch.log_softmax(logits[trained[0] - 1 : trained[-1]].float() / TEMPERATURE, -1)
+        plain = plain.gather(-1, targets[:, None])[:, 0]
+        assert_close_to_scale(trainer.detach(), plain, rel=1e-5, name=f"{family} {prompt.id}")
