@@ -43,6 +43,12 @@ class EncodedSample:
     video_grid_thw: torch.Tensor | None = None
     second_per_grid_ts: list[float] | None = None
 
+    def vision(self) -> dict:
+        """The pixel tensors, grids and seconds per grid of this encoding, as `ConversationEncoder.encode` takes them
+        back (`vision=`) for another conversation over the same media."""
+        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
 
 @dataclass(frozen=True)
 class TokenCount:
@@ -451,9 +457,11 @@ class ConversationEncoder:
             result["second_per_grid_ts"] = [plan.second_per_grid for _, plan in plans]
         return result
 
-    def encode(self, sample: Sample, generation_prompt: bool = False) -> EncodedSample:
+    def encode(self, sample: Sample, generation_prompt: bool = False, vision: dict | None = None) -> EncodedSample:
         """Tokens, labels and vision tensors for one sample. With `generation_prompt`, the sample must end
-        before the reply to generate (used by evaluation)."""
+        before the reply to generate (used by evaluation). `vision`: `EncodedSample.vision()` of another conversation
+        over the same media (the other reply of a preference pair), used instead of decoding the media again; its
+        grids are still checked against this sample's plan."""
         ids, labels = self._tokens(sample, generation_prompt)
         image_plans, video_plans = self.image_plans(sample), self.video_plans(sample)
         self._check_pads(sample, ids, len(image_plans), len(video_plans))
@@ -471,7 +479,8 @@ class ConversationEncoder:
                 input_ids.append(token)
                 full_labels.append(label)
         self._check_length(sample, len(input_ids))
-        vision = {**self._encode_images(sample, image_plans), **self._encode_videos(sample, video_plans)}
+        if vision is None:
+            vision = {**self._encode_images(sample, image_plans), **self._encode_videos(sample, video_plans)}
         _check_grids(sample, vision, image_plans, video_plans)
         type_ids = [1 if t == self.image_pad_id else 2 if t == self.video_pad_id else 0 for t in input_ids]
         return EncodedSample(input_ids, full_labels, type_ids, **vision)

@@ -39,7 +39,7 @@ from finetune.base.errors import ConfigError, DataError
 from finetune.data.conversation import PLACEHOLDER, ROLE_ALIASES, Sample, record_to_sample
 from finetune.data.encode import ConversationEncoder, EncodedSample, TokenCount
 from finetune.data.modes import LabelMode
-from finetune.data.sources import DatasetSource, duplicate_id, iter_records, mix, parse_sources
+from finetune.data.sources import DatasetSource, duplicate_id, iter_records, mix, parse_sources, read_record
 from finetune.data.vision import IMAGE_KEYS, VIDEO_KEYS
 
 KINDS = ("pairs", "unpaired", "prompts")
@@ -426,17 +426,7 @@ def _check_kind(kind: str) -> None:
 
 def to_item(record, kind: str, index: int, where: str, root: Path) -> Item:
     """One record as the kind's item; every problem is a DataError naming the record (as sources.to_sample)."""
-    if isinstance(record, DataError):
-        raise record
-    try:
-        return READERS[kind](record, index, where, root)
-    except DataError:
-        raise
-    except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
-        raise DataError(
-            f"{where}: malformed record ({type(err).__name__}: {err}). See the README's preference data formats.",
-            "format",
-        ) from None
+    return read_record(READERS[kind], record, index, where, root, "the README's preference data formats")
 
 
 # ----- reading files -----
@@ -543,7 +533,8 @@ def encode_pair(encoder: ConversationEncoder, pair: PreferencePair) -> tuple[Enc
     """Both sides as SFT encodes their conversations (only the reply trained). Their pixels and grids are the
     prompt's, the same on both sides: the trainer encodes them once."""
     encoder = reply_encoder(encoder)
-    return encoder.encode(pair.conversation("chosen")), encoder.encode(pair.conversation("rejected"))
+    chosen = encoder.encode(pair.conversation("chosen"))
+    return chosen, encoder.encode(pair.conversation("rejected"), vision=chosen.vision())  # the media decoded once
 
 
 def encode_unpaired(encoder: ConversationEncoder, item: UnpairedCompletion) -> EncodedSample:

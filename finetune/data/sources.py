@@ -122,19 +122,22 @@ def _saved_dataset_records(path: Path):
         yield f"{path}[{i}]", record
 
 
-def to_sample(record, index: int, where: str, root: Path) -> Sample:
-    """A record (or the DataError reading it gave) as a Sample; every problem is a DataError naming the record."""
+def read_record(reader, record, index: int, where: str, root: Path, formats: str = "docs/data.md for the formats read"):
+    """`reader(record, index, where, root)` on a record (or the DataError reading it gave); every problem is a
+    DataError naming the record, a shape no reader expects included (`formats`: where the formats are described)."""
     if isinstance(record, DataError):
         raise record
     try:
-        return record_to_sample(record, index, where, root)
+        return reader(record, index, where, root)
     except DataError:
         raise
     except Exception as err:  # a shape no reader expects (a number where a list belongs, ...): name the record
-        raise DataError(
-            f"{where}: malformed record ({type(err).__name__}: {err}). See docs/data.md for the formats read.",
-            "format",
-        ) from None
+        raise DataError(f"{where}: malformed record ({type(err).__name__}: {err}). See {formats}.", "format") from None
+
+
+def to_sample(record, index: int, where: str, root: Path) -> Sample:
+    """A record (or the DataError reading it gave) as a Sample; every problem is a DataError naming the record."""
+    return read_record(record_to_sample, record, index, where, root)
 
 
 def duplicate_id(where: str, sample_id: str, first: str) -> DataError:

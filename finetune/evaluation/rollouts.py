@@ -97,6 +97,7 @@ def generate_rollouts(
     seed: int | None = None,
     prompts_per_call: int = 1,
     synced_gpus: bool = False,
+    encoded: list[EncodedSample] | None = None,
 ) -> list[Rollout]:
     """`num_generations` sampled completions of each prompt (a conversation ending before the reply). Prompts go to
     `generate` `prompts_per_call` at a time (left-padded, as evaluation batches them), with one vision-tower call
@@ -105,7 +106,9 @@ def generate_rollouts(
     temperature 0.1, top_k 1, repetition_penalty 1.05) changes nothing; top_k=0 and top_p=1 are off. `seed` makes the
     draws repeatable without touching the caller's random state. A prompt whose media fail to decode raises its
     DataError (named by the prompt's source). `synced_gpus` (ZeRO-3): every rank keeps stepping until all have
-    finished, and a chunk without media still calls the tower (on a dummy input), so every rank calls it alike."""
+    finished, and a chunk without media still calls the tower (on a dummy input), so every rank calls it alike.
+    `encoded`: the prompts already encoded (`encoder.encode(prompt, generation_prompt=True)`, one per prompt), so a
+    caller that encoded them to check their media does not decode them again."""
     _check_sampling(num_generations, temperature, top_p, top_k, prompts_per_call)
     tokenizer = encoder.tokenizer
     rule = model_position_rule(model)
@@ -136,15 +139,19 @@ def generate_rollouts(
             torch.manual_seed(seed)
         for start in range(0, len(prompts), prompts_per_call):
             chunk = prompts[start : start + prompts_per_call]
-            encoded = [encoder.encode(prompt, generation_prompt=True) for prompt in chunk]
-            batch = generation_inputs(encoded, tokenizer.pad_token_id, rule, device)
+            if encoded is None:
+                chunk_encoded = [encoder.encode(prompt, generation_prompt=True) for prompt in chunk]
+            else:
+                chunk_encoded = encoded[start : start + prompts_per_call]
+            batch = generation_inputs(chunk_encoded, tokenizer.pad_token_id, rule, device)
             features, _ = model_media_features(model, batch, always=synced_gpus)  # the chunk's one tower call
             inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
             with StepLogprobs(model, temperature) as recorded:
                 sequences = model.generate(**inputs, mm_encoder_outputs=repeat_media_features(features, 1), **settings)
             length = batch["input_ids"].shape[1]  # left-padded: every row's completion starts here
             logprobs = recorded.result(sequences[:, length:])
-            for i, (prompt, e, own) in enumerate(zip(chunk, encoded, split_media_features(features, encoded))):
+            parts = zip(chunk, chunk_encoded, split_media_features(features, chunk_encoded))
+            for i, (prompt, e, own) in enumerate(parts):
                 rows = slice(i * num_generations, (i + 1) * num_generations)
                 rollout = _rollout(prompt.id, e, sequences[rows, length:], logprobs[rows], end_ids)
                 rollout.texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)

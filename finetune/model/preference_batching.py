@@ -160,7 +160,8 @@ class PairCollator:
 
     def _encode(self, pair, bad: list[dict]):
         try:
-            encoded = tuple(self.encoder.encode(side) for side in pair)
+            chosen = self.encoder.encode(pair[0])
+            encoded = (chosen, self.encoder.encode(pair[1], vision=chosen.vision()))  # the prompt's media decoded once
         except DataError as err:
             sample = pair[0]
             bad.append({"id": sample.id, "source": sample.source, "kind": err.kind, "error": str(err)})
@@ -268,7 +269,7 @@ class UnpairedCollator:
             return matched
         other = kept[i - 1][0]
         try:
-            encoded = self.encoder.encode(self.with_completion(item, other.completion))
+            encoded = self.encoder.encode(self.with_completion(item, other.completion), vision=matched.vision())
         except DataError:
             return matched
         return encoded

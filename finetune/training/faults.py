@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.base.errors import DataError
+from finetune.base.errors import DataError, RunStopped
 from finetune.model.media_features import MEDIA
-from finetune.records.rundir import RunDir
+from finetune.records.rundir import RunDir, mark_complete, rotate
 
 logger = logging.getLogger("finetune.faults")
 
@@ -137,3 +137,24 @@ def out_of_memory_message(config, step: int, summary: dict | None, err: BaseExce
         " (and weights), deepspeed=zero3_offload also moves them to CPU memory\n"
         "  model.attn_implementation=auto (varlen on GPUs) avoids sdpa's dense (rows, 1, L, L) mask on packed rows"
     )
+
+
+def save_marked_checkpoint(trainer, save, model, trial) -> None:
+    """`save(model, trial)` (the Trainer's own checkpoint save), then the completion marker once every rank has
+    written, and the rotation to `trainer.save_total_limit`; running out of disk stops the run with the fix. Every
+    trainer here (SFT, preference, GRPO) saves through it."""
+    run_dir, step = Path(trainer.args.output_dir), trainer.state.global_step
+    try:
+        save(model, trial)
+    except Exception as err:
+        if not out_of_disk(err):
+            raise
+        raise RunStopped(
+            f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
+            "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
+            "and run again with trainer.resume_from_checkpoint=latest."
+        ) from None
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        mark_complete(RunDir(run_dir).checkpoint(step), step)
+        rotate(run_dir, trainer._recipe.trainer.save_total_limit)

@@ -36,15 +36,15 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd, split_tensor_dict
 
-from finetune.base.errors import ConfigError, DataError, RunStopped
+from finetune.base.errors import ConfigError, DataError
 from finetune.data.media import probe_image
 from finetune.evaluation.rewards import RewardTable
 from finetune.evaluation.rollouts import Rollout, completion_forward, generate_rollouts, token_logprobs
 from finetune.model.media_features import vision_tower
 from finetune.model.trainable import parameter_groups
 from finetune.recipe.schema import Config
-from finetune.records.rundir import RunDir, mark_complete, rotate
-from finetune.training.faults import StepGuard, bad_sample_limit, out_of_disk
+from finetune.records.rundir import RunDir
+from finetune.training.faults import StepGuard, bad_sample_limit, save_marked_checkpoint
 
 logger = logging.getLogger("finetune.grpo")
 
@@ -266,9 +266,9 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         rollouts, kept = [], []
         with self._generation_model() as unwrapped:
             for item, index in zip(items, indices):
-                ok = True
-                try:
-                    self._encoder.encode(item.prompt, generation_prompt=True)
+                ok, encoded = True, None
+                try:  # encoded once: checks the media, then generation uses it
+                    encoded = [self._encoder.encode(item.prompt, generation_prompt=True)]
                 except DataError as err:
                     self._pending_bad.append(
                         {"id": item.id, "source": item.prompt.source, "kind": err.kind, "error": str(err)}
@@ -285,6 +285,7 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
                     m.top_k,
                     seed=self.rollout_seed(index),
                     synced_gpus=self._synced(),
+                    encoded=encoded,
                 )[0]
                 rollouts.append(rollout)
                 kept.append(ok)
@@ -471,21 +472,8 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         return loss
 
     def _save_checkpoint(self, model, trial):
-        """TRL's save, then the completion marker once every rank has written (as the SFT trainer)."""
-        run_dir, step = Path(self.args.output_dir), self.state.global_step
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            if not out_of_disk(err):
-                raise
-            raise RunStopped(
-                f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). Free space and run again "
-                "with trainer.resume_from_checkpoint=latest."
-            ) from None
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            mark_complete(RunDir(run_dir).checkpoint(step), step)
-            rotate(run_dir, self._recipe.trainer.save_total_limit)
+        """TRL's save, then the completion marker, as the SFT trainer."""
+        save_marked_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def create_model_card(self, *args, **kwargs):
         """The export writes the model card (finetune/exporting/serving.py); TRL's would name its own dataset."""

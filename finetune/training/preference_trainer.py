@@ -24,11 +24,10 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from finetune.base.errors import ConfigError, RunStopped
+from finetune.base.errors import ConfigError
 from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config
-from finetune.records.rundir import RunDir, mark_complete, rotate
-from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
+from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, save_marked_checkpoint
 from finetune.training.preference_forward import completion_log_probs, sequence_count, tower_is_frozen, vision_parts
 from finetune.training.trainer import MOE_CONFIG_KEYS, VisionLanguageSFTTrainer, trainer_arguments
 
@@ -284,21 +283,8 @@ class VisionLanguageDPOTrainer(DPOTrainer):
         return loss
 
     def _save_checkpoint(self, model, trial):
-        """TRL's save, then the completion marker once every rank has written (as the SFT trainer)."""
-        run_dir, step = Path(self.args.output_dir), self.state.global_step
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            if not out_of_disk(err):
-                raise
-            raise RunStopped(
-                f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). Free space and run again "
-                "with trainer.resume_from_checkpoint=latest."
-            ) from None
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            mark_complete(RunDir(run_dir).checkpoint(step), step)
-            rotate(run_dir, self._recipe.trainer.save_total_limit)
+        """TRL's save, then the completion marker, as the SFT trainer."""
+        save_marked_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def create_model_card(self, *args, **kwargs):
         """The export writes the model card (finetune/exporting/serving.py); TRL's would name its own dataset."""

@@ -10,12 +10,10 @@ from pathlib import Path
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from finetune.base.errors import RunStopped
 from finetune.model.load import uses_gpu
 from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config, repo_path
-from finetune.records.rundir import RunDir, mark_complete, rotate
-from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, out_of_disk
+from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, save_marked_checkpoint
 from finetune.training.periodic_eval import as_logs, evaluate_in_training
 from finetune.training.vision_sync import OneVisionCall
 
@@ -192,22 +190,8 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         return loss
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's save, then the completion marker once every rank has written (finetune/training/faults.py)."""
-        run_dir, step = Path(self.args.output_dir), self.state.global_step
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            if not out_of_disk(err):
-                raise
-            raise RunStopped(
-                f"out of disk space while writing {run_dir}/checkpoint-{step} ({err}). It is not "
-                "marked complete, so resuming ignores it; earlier checkpoints are intact. Free space "
-                "and run again with trainer.resume_from_checkpoint=latest."
-            ) from None
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            mark_complete(RunDir(run_dir).checkpoint(step), step)
-            rotate(run_dir, self._recipe.trainer.save_total_limit)
+        """The Trainer's save, then the completion marker (finetune/training/faults.py)."""
+        save_marked_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Generation-based evaluation on data.eval (all ranks together), logged as eval_* metrics."""
