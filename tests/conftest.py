@@ -49,9 +49,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_configure(config):
-    """An xdist worker computes with one thread, and so do the processes its tests start (unless their launcher sets
-    its own count): with tiny models a second thread mostly spins, and two workers would oversubscribe two cores.
-    Measured on the 2-core machine, 295 unit tests: 193 CPU-s in one process with 2 threads, 91 CPU-s on 2 workers."""
+    """An xdist worker computes with one thread, and so do the processes its tests start (`./launch.sh` keeps an
+    OMP_NUM_THREADS it finds): with tiny models a second thread mostly spins, and two workers would oversubscribe two
+    cores. Measured on the 2-core machine, 295 unit tests: 193 CPU-s in one process with 2 threads, 91 CPU-s on 2
+    workers; the demo beside a busy core: 489 s with 2 threads, 67 s with 1 (2026-12-06)."""
     if hasattr(config, "workerinput"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch

@@ -97,10 +97,10 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str, d
     if mode == "cpu":
         # Several CPU processes go through --multi_gpu (gloo; the trainer sets use_cpu): accelerate refuses
         # --cpu together with --multi_gpu, and `--cpu --num_processes 2` would start a single process.
-        args += (["--cpu"] if total == 1 else []) + [
-            "--num_cpu_threads_per_process",
-            str(max(1, (os.cpu_count() or 1) // per_node)),
-        ]
+        # accelerate sets OMP_NUM_THREADS in every process it starts from this option: an OMP_NUM_THREADS the user
+        # (or a Slurm job's cpus-per-task script, or a test runner sharing the cores) already set is kept.
+        threads = _int_env(env, "OMP_NUM_THREADS", max(1, (os.cpu_count() or 1) // per_node))
+        args += (["--cpu"] if total == 1 else []) + ["--num_cpu_threads_per_process", str(max(1, threads))]
     if nodes > 1:
         args += [
             "--machine_rank",

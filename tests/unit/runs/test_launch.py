@@ -30,6 +30,17 @@ def test_two_cpu_processes_use_the_multi_process_launcher():
     assert "--cpu" not in args and "--multi_gpu" in args and _opt(args, "--num_processes") == "2"
 
 
+def test_cpu_threads_split_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    """accelerate sets OMP_NUM_THREADS in the processes it starts from this option; a count already in the
+    environment is kept (two 2-thread processes on 2 busy cores ran the demo 7x slower than one thread each)."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert _opt(_args([]), "--num_cpu_threads_per_process") == "8"
+    assert _opt(_args(["accelerate.processes_per_node=2"]), "--num_cpu_threads_per_process") == "4"
+    assert _opt(_args([], {"OMP_NUM_THREADS": "1"}), "--num_cpu_threads_per_process") == "1"
+    with pytest.raises(ConfigError, match="OMP_NUM_THREADS='many' must be a whole number"):
+        _args([], {"OMP_NUM_THREADS": "many"})
+
+
 def test_gpu_modes_need_a_gpu():
     with pytest.raises(ConfigError, match="use accelerate=cpu"):
         _args(["accelerate=single_gpu"], gpus=0)
