@@ -65,11 +65,19 @@ def test_refusals_read_cleanly(capsys):
 
 
 def test_swept_values_are_written_as_overrides():
-    from finetune.runs.sweep import expand
+    from finetune.runs.sweep import expand, job_dir_name, swept
 
     jobs = expand(["trainer.packing=true,false", "data.train=a.json,'b c.json'", "peft.r=range(2,4)", "name=x"])
     assert jobs[0] == ["trainer.packing=true", "data.train=a.json", "peft.r=2", "name=x"]
     assert jobs[-1] == ["trainer.packing=false", "data.train='b c.json'", "peft.r=3", "name=x"] and len(jobs) == 8
+    grid = swept(expand(["trainer.learning_rate=1e-3,3e-3", "trainer.seed=1,2", "name=x"]))
+    assert [job_dir_name(k, job) for k, job in enumerate(grid)] == [
+        "0-trainer.learning_rate=0.001,trainer.seed=1",
+        "1-trainer.learning_rate=0.001,trainer.seed=2",
+        "2-trainer.learning_rate=0.003,trainer.seed=1",
+        "3-trainer.learning_rate=0.003,trainer.seed=2",
+    ]
+    assert job_dir_name(0, ["data.train='b c.json'"]) == "0-data.train=_b_c.json_"
 
 
 def test_dry_run_prints_the_launch_and_starts_nothing(tmp_path, capsys):
@@ -97,18 +105,16 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
             "data.eval_max_samples=4",
             "trainer.max_steps=2",
             "evaluation.steps=2",  # evaluated inside the training processes: no evaluation process per job
-            "trainer.learning_rate=1e-3,3e-3",
-            "trainer.seed=1,2",
+            "trainer.learning_rate=1e-3,3e-3",  # two jobs (a grid's jobs and names: the test above)
+            "trainer.seed=2",
             f"hydra.sweep.dir={sweep_dir}",
         ],
     )
     rows = _rows(sweep_dir)
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
-        "0-trainer.learning_rate=0.001,trainer.seed=1",
-        "1-trainer.learning_rate=0.001,trainer.seed=2",
-        "2-trainer.learning_rate=0.003,trainer.seed=1",
-        "3-trainer.learning_rate=0.003,trainer.seed=2",
+        "0-trainer.learning_rate=0.001",
+        "1-trainer.learning_rate=0.003",
     ]
     for row in rows:
         run = sweep_dir / row["run_dir"].split("/")[-1]
@@ -119,7 +125,7 @@ def test_sweep_gives_a_run_per_job_and_a_table_of_their_own_numbers(tmp_path):
         assert f"output_dir: {run}\n" in (run / "config.yaml").read_text()
     keys = [(-float(r["eval_accuracy"]), float(r["train_loss"])) for r in rows]
     assert keys == sorted(keys)  # best first
-    assert (sweep_dir / "sweep_results.md").read_text().count("| ok |") == 4 and "Sweep results" in result.stdout
+    assert (sweep_dir / "sweep_results.md").read_text().count("| ok |") == 2 and "Sweep results" in result.stdout
 
 
 def test_a_failing_job_is_reported_while_submitit_runs_the_other(tmp_path):
