@@ -73,7 +73,8 @@ def test_demo_end_to_end(tmp_path, experiment, logger, torchcodec):
         assert all(task["accuracy"] >= 0.70 for task in metrics["tasks"].values())
 
     report = json.loads((run_dir / "merged" / "export_report.json").read_text())
-    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["served_grids"]["mismatches"] == []
+    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4 and report["merge_max_abs_logit_diff"] <= 1e-4
+    assert report["served_grids"]["mismatches"] == [] and report["batch"]["videos"] > 0
     logs = (
         list((run_dir / "wandb").glob("offline-run-*"))
         if logger == "wandb"

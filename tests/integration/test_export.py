@@ -41,7 +41,10 @@ def exported(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Qwen2-VL's export is made and checked end to end by its demo (tests/integration/test_demo_end_to_end.py: the
+# report's reload and merge checks, the served grids, plain transformers answering as our evaluation did); the files,
+# permissions and card checked here do not depend on the family (Qwen2.5-VL shares its path).
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_vl"])
 def test_export_round_trip(tmp_path, exported, family):
     from peft import PeftModel
 
