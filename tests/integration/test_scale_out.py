@@ -191,16 +191,21 @@ def test_two_zero3_processes_match_one_on_mixed_rows(tmp_path, mixed_data, famil
 
 
 @pytest.mark.parametrize("family", FAMILY_PER_PATH)
-def test_every_rank_computes_every_trained_gradient(tmp_path, family):
+def test_every_rank_computes_every_trained_gradient_and_evaluates_in_lockstep(tmp_path, family):
     """Rank 0 trains on text-only rows, rank 1 on video rows, under ZeRO-3 with LoRA (Qwen3-VL-MoE: on the experts
     too), every merger trained and both towers checkpointed: every collective pairs up (bounded: fails, never hangs),
     at every step each rank's own backward computes the gradient of every trainable weight (the DeepStack mergers'
     on the text-only rank included: one vision call per rank, finetune/training/vision_sync.py), and the LoRA and
-    merger gradients are non-zero where the rank's data reaches them."""
+    merger gradients are non-zero where the rank's data reaches them.
+    The same run evaluates every 2 steps (evaluation.steps): each rank generates for its share of the held-out text
+    and video samples in lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered
+    predictions equal those of the standalone single-process evaluation of the saved adapter. (One run per path for
+    both: each 2-rank launch costs ~20 s of imports and start-up on the CPU.)"""
     from safetensors import safe_open
 
     from finetune.model.tiny import TEXT_DIMS
     from tests.helpers import DEMO
+    from tests.helpers.recipe_runs import run_module
 
     records = json.loads((DEMO / "train.json").read_text())
     data = tmp_path / "mixed.json"
@@ -210,7 +215,9 @@ def test_every_rank_computes_every_trained_gradient(tmp_path, family):
         data,
         2,
         "deepspeed=zero3",
-        "trainer.max_steps=2",
+        "trainer.max_steps=4",
+        "evaluation.steps=2",
+        "evaluation.batch_size=3",
         *FAMILY_TRAINING,
         "parts.vision_tower=lora",
         "trainer.gradient_checkpointing_vision_tower=true",
@@ -221,7 +228,7 @@ def test_every_rank_computes_every_trained_gradient(tmp_path, family):
     _, _, err = harness(overrides, {"HARNESS_SPLIT_MODALITIES": "1", "HARNESS_GRADS_DIR": str(grads)}, timeout=300)
     # A new dataset: each rank counts half of its records (finetune/data/store.py) and they exchange the counts.
     assert "token pre-pass mixed.json (rank 0: 4 of 8)" in err and "token pre-pass mixed.json (rank 1: 4 of 8)" in err
-    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
     entry = FAMILIES[family]
     with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()}
@@ -232,7 +239,7 @@ def test_every_rank_computes_every_trained_gradient(tmp_path, family):
         assert any(f".{entry.vision_tower}.{merger}." in k for k in weights), merger
     for rank, modality in ((0, "text"), (1, "video")):
         steps = [json.loads(line) for line in (grads / f"rank-{rank}.jsonl").read_text().splitlines()]
-        assert [s["step"] for s in steps] == [1, 2]
+        assert [s["step"] for s in steps] == [1, 2, 3, 4]
         for step in steps:
             trainable, computed, nonzero = set(step["trainable"]), set(step["computed"]), set(step["nonzero"])
             assert computed == trainable, (rank, sorted(trainable - computed)[:5])
@@ -251,6 +258,13 @@ def test_every_rank_computes_every_trained_gradient(tmp_path, family):
                 last = f".deepstack_merger_list.{TEXT_DIMS['num_hidden_layers'] - 1}."
                 reached = {n for n in set().union(*by_merger.values()) if last not in n}
                 assert reached <= nonzero, sorted(reached - nonzero)[:5]
+
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "eval_exact_match" in h] == [2, 4]
+    in_training = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
+    run_module("finetune.evaluate", overrides)
+    standalone = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
+    assert len(in_training) == 8 and in_training == standalone
 
 
 def _free_port():
@@ -328,32 +342,6 @@ def test_a_killed_zero3_run_resumes_with_the_uninterrupted_losses(tmp_path, data
     for step in range(KILL_AT + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
     assert expected[KILL_AT + 1] != pytest.approx(expected[KILL_AT], abs=1e-3)  # the steps do differ
-
-
-@pytest.mark.parametrize("family", FAMILY_PER_PATH)
-def test_evaluation_during_training_on_two_zero3_ranks(tmp_path, data, family):
-    """evaluation.steps under 2-rank ZeRO-3, each path: each rank generates for its share of the held-out images
-    and videos in lockstep (synced generate, one vision-tower call per forward), nothing hangs, and the gathered
-    predictions equal those of the standalone single-process evaluation of the saved adapter."""
-    from tests.helpers.recipe_runs import run_module
-
-    overrides = recipe(
-        tmp_path / "run",
-        data,
-        2,
-        "deepspeed=zero3",
-        "trainer.max_steps=4",
-        "evaluation.steps=2",
-        "evaluation.batch_size=3",
-        family=family,
-    )
-    launch_sh(overrides, timeout=420)
-    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
-    assert [h["step"] for h in history if "eval_exact_match" in h] == [2, 4]
-    in_training = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
-    run_module("finetune.evaluate", overrides)
-    standalone = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "predictions.jsonl")]
-    assert len(in_training) == 16 and in_training == standalone
 
 
 def test_a_rank_that_dies_ends_the_job_quickly_with_a_clear_message(tmp_path, data):
