@@ -17,6 +17,9 @@ def run(entry: Callable[[], int | None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # accelerate says at INFO, on every step, that TRL's metric gathers see a data loader without a length.
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
+    # bitsandbytes (imported by peft whenever it is installed) warns on CPUs with AVX512-BF16 that an optional hub
+    # kernel is missing, on every import; it falls back to its own 4-bit kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from finetune.base.errors import RunStopped
 
     try:
