@@ -889,8 +889,8 @@ class Config:
             return
         if self.parts.llm != "lora":
             raise ConfigError(
-                f"model.quantization={q} keeps the LLM's base weights in 4 bits, which cannot train: parts.llm="
-                f"{self.parts.llm} needs parts.llm=lora (QLoRA), or model.quantization=none."
+                f"model.quantization={q} is QLoRA, LoRA on the LLM's 4-bit linear layers (4-bit weights cannot train "
+                f"themselves): parts.llm={self.parts.llm} needs parts.llm=lora, or model.quantization=none."
             )
         if self.deepspeed.zero_stage == 3:
             raise ConfigError(
