@@ -21,8 +21,11 @@ FLAGS = {"-m": "multirun", "--multirun": "multirun", "--dry-run": "dry_run", "--
 
 def run_command(name: str, argv: list[str]) -> int:
     """Run one command of the table with its arguments; its exit status."""
+    from finetune.cli.guard import quiet_library_logs
+
     command = COMMANDS[name]
     module, function = command.target.split(":")
+    quiet_library_logs()
     entry = getattr(importlib.import_module(module), function)
     if not command.guarded:
         return entry(argv) or 0

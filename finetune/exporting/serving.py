@@ -123,6 +123,28 @@ def _metrics_table(metrics: dict | None) -> str:
     return "\n".join(rows)
 
 
+def _qlora_note(config, info: dict) -> str:
+    """What a QLoRA run's export is: the adapter trained on the 4-bit base, merged into the 16-bit base."""
+    if config.model.quantization == "none":
+        return ""
+    q = info.get("quantization") or {}
+    numbers = (
+        f" On the export's check batch the 4-bit base's logits were {q['base_error']:.2e} (max) from the 16-bit "
+        f"base's, and this model's {q['adapter_gap']:.2e} from the trained 4-bit model's."
+        if q
+        else ""
+    )
+    moe = FAMILIES[config.model.family].expert_lora_targets
+    return (
+        f"\n\nTrained as QLoRA (`model.quantization={config.model.quantization}`): the LLM's linear layers were 4-bit "
+        "NF4 (bitsandbytes, double quantization) under the adapter; the vision tower, mergers and lm_head"
+        + (", and the fused MoE experts (not nn.Linear: bitsandbytes cannot quantize them)," if moe else "")
+        + " were not quantized. The adapter was merged into the unquantized base weights (not the 4-bit ones): this "
+        "model is the base + the adapter, which differs from the model that trained by the 4-bit quantization error."
+        + numbers
+    )
+
+
 def model_card(config, info: dict) -> str:
     """README.md of the export. `info`: base, data (file -> samples), metrics, max media per sample, report."""
     m = config.model
@@ -168,7 +190,7 @@ tags: [{m.family}, qwen-vl-finetune, {"lora-merged" if config.parts.uses_lora el
 
 `{info.get("base_model", m.name_or_path)}` fine-tuned with qwen-vl-finetune (method `{config.method.name}`, recipe `{config.name}`,
 {"LoRA r=" + str(config.peft.r) + " merged into the weights" if config.parts.uses_lora else "full fine-tuning"}),
-exported in {info.get("dtype", "?")}. The full resolved recipe is `finetune_config.yaml`.
+exported in {info.get("dtype", "?")}. The full resolved recipe is `finetune_config.yaml`.{_qlora_note(config, info)}
 
 ## Training data
 

@@ -10,7 +10,7 @@ import torch
 
 from finetune.base.errors import ConfigError
 from finetune.base.families import FAMILIES
-from finetune.model import linear_attention
+from finetune.model import linear_attention, quantization
 from finetune.model.attention import loading_implementation
 from finetune.model.rope import PositionRule, install_position_rule
 from finetune.model.tiny import resolve_model_path
@@ -56,9 +56,13 @@ def load_processor(model_cfg: ModelConfig, path: str | None = None):
     )
 
 
-def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None):
+def load_model(
+    model_cfg: ModelConfig, precision: str, path: str | None = None, device_map=None, quantized: bool | None = None
+):
     """The base model in the training dtype; its model_type must match the recipe's family, and its modules the
-    family's entry (finetune/base/families.py). Weights are read
+    family's entry (finetune/base/families.py). `quantized` (None: as the recipe's `model.quantization` says): the
+    LLM's linear layers in 4 bits (QLoRA, finetune/model/quantization.py), quantized while loading onto `device_map`
+    (None: the CPU; a training rank passes its device). Weights are read
     from safetensors only (never unpickled). Attention: the recipe's transformers implementation, or sdpa for
     `auto`/`varlen` (training switches to those afterwards: finetune/model/attention.py). Wherever the model computes positions itself (`generate`, a
     forward without position ids) it uses the recipe's `model.rope_rule` (finetune/model/rope.py). A hybrid model's
@@ -74,6 +78,15 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
             f"{model_cfg.name_or_path} is a {config.model_type!r} checkpoint but the recipe says "
             f"model.family={model_cfg.family}; set model.family={config.model_type} (or pick the matching model recipe)."
         )
+    quantized = model_cfg.quantization != "none" if quantized is None else quantized
+    extra = {}
+    if quantized:
+        extra["quantization_config"] = quantization.quantization_config(
+            model_cfg.quantization, entry, DTYPES[precision]
+        )
+        # bitsandbytes quantizes on the device the weights load to; without a map transformers picks the current GPU
+        # even for a CPU run.
+        device_map = {"": "cpu"} if device_map is None else device_map
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[precision],
@@ -81,17 +94,25 @@ def load_model(model_cfg: ModelConfig, precision: str, path: str | None = None, 
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=not model_cfg.allow_pickled_weights,
         device_map=device_map,
+        **extra,
     )
+    if quantized:
+        hybrid = linear_attention.is_hybrid(model.config)
+        quantization.without_cpu_repacking(model)
+        quantization.describe(model, entry, model_cfg.quantization, DTYPES[precision], hybrid)
     check_layout(model)
     install_position_rule(model, position_rule(model, model_cfg))
     linear_attention.install(model)
     return model
 
 
-def load_trained_model(config, model_dir: str | None = None, device_map="recipe"):
+def load_trained_model(config, model_dir: str | None = None, device_map="recipe", quantized: bool | None = None):
     """(model, processor) of a trained run: a merged directory (`model_dir`), or the run's base model + adapter (a
     PeftModel), or the weights saved by a run with no LoRA part. The model computes positions with the recipe's
-    rope rule. `device_map`: the recipe's (the GPUs of a GPU run, else the CPU) or a transformers device map."""
+    rope rule. `device_map`: the recipe's (the GPUs of a GPU run, else the CPU) or a transformers device map.
+    A QLoRA run (`model.quantization`) is loaded as it trained, the base in 4 bits under the adapter (evaluate and
+    predict see the trained model), unless `quantized=False` (the export's 16-bit base, which the adapter is merged
+    into); a merged directory is the 16-bit export and loads in 16 bits."""
     from finetune.records.rundir import RunDir
 
     precision = recipe_precision(config, device_map)
@@ -99,7 +120,7 @@ def load_trained_model(config, model_dir: str | None = None, device_map="recipe"
         logger.info("inference in %s on this machine (the recipe trained in %s)", precision, config.trainer.precision)
     device_map = inference_device_map(config) if device_map == "recipe" else device_map
     if model_dir:
-        model = load_model(config.model, precision, path=model_dir, device_map=device_map)
+        model = load_model(config.model, precision, path=model_dir, device_map=device_map, quantized=False)
         return model, load_processor(config.model, path=model_dir)
     adapter_dir = RunDir(config.trainer.output_dir).adapter
     if not adapter_dir.is_dir():
@@ -109,7 +130,7 @@ def load_trained_model(config, model_dir: str | None = None, device_map="recipe"
         return load_model(config.model, precision, path=str(adapter_dir), device_map=device_map), processor
     from peft import PeftModel
 
-    base = load_model(config.model, precision, device_map=device_map)
+    base = load_model(config.model, precision, device_map=device_map, quantized=quantized)
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), processor
     except RuntimeError as err:  # size mismatches: an adapter trained on another architecture

@@ -246,17 +246,26 @@ def parameter_groups(model, config: Config, decay_names: set[str]) -> list[dict]
     ]
 
 
+def parameter_size(param) -> int:
+    """The weights a parameter stands for: in full for a ZeRO-3 partitioned one, and for a bitsandbytes 4-bit one
+    (QLoRA) its unquantized shape's, not the packed bytes (two weights a byte)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return state.shape.numel()
+    return getattr(param, "ds_numel", param.numel())
+
+
 def trained_parts(model) -> dict[str, int]:
     """Trainable parameter count per part (ZeRO-3 partitioned parameters count in full)."""
     counts, family = dict.fromkeys(PARTS, 0), model_family(model)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[model_part(name, family)] += getattr(param, "ds_numel", param.numel())
+            counts[model_part(name, family)] += parameter_size(param)
     return counts
 
 
 def count_parameters(model) -> tuple[int, int]:
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    sizes = [(parameter_size(p), p.requires_grad) for p in model.parameters()]
     return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 

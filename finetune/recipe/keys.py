@@ -21,6 +21,7 @@ from finetune.data.modes import LabelMode, OverLength
 PART_MODES = ("frozen", "lora", "full")  # finetune/model/trainable.py
 ROUTER_MODES = ("frozen", "full")  # finetune/model/trainable.py: a mixture-of-experts router
 ROPE_RULES = ("qwen", "transformers")  # finetune/model/rope.py
+QUANTIZATIONS = ("none", "nf4")  # finetune/model/quantization.py: the frozen LLM base weights of QLoRA
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "varlen")  # finetune/model/attention.py
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # finetune/model/load.py (recipe_precision)
 LABEL_MODES = tuple(mode.value for mode in LabelMode)

@@ -33,6 +33,7 @@ from finetune.recipe.keys import (
     PART_MODES,
     PRECISIONS,
     PREFERENCE_METHODS,
+    QUANTIZATIONS,
     REFERENCE_FREE,
     REPORT_TO,
     RL_METHODS,
@@ -76,6 +77,14 @@ class ModelConfig:
         "vLLM/SGLang serve "
         "them; transformers: the rule of the installed transformers (5.3+), for models served with its `generate`.",
         choices=ROPE_RULES,
+    )
+    quantization: str = option(
+        "none",
+        help="The frozen LLM base weights while training (finetune/model/quantization.py). nf4: QLoRA, the LLM's "
+        "linear layers in 4-bit NF4 with double quantization (bitsandbytes: `pip install -e .[qlora]`), computed in "
+        "the run's precision; the vision tower, mergers, lm_head and MoE experts stay 16-bit; needs parts.llm=lora; "
+        "DDP or ZeRO-2, not ZeRO-3 or FSDP. The export merges the adapter into the 16-bit base.",
+        choices=QUANTIZATIONS,
     )
     min_pixels: int = option(
         4 * 28 * 28,
@@ -809,6 +818,7 @@ class Config:
                 "vision tower that trains (a frozen one keeps no activations for backward: nothing to save)."
             )
         self._check_experts()
+        self._check_quantization()
         self._check_method()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError(
@@ -871,6 +881,30 @@ class Config:
                 "split during training yet; set evaluation.steps=null (and evaluate the adapter afterwards)."
             )
 
+    def _check_quantization(self) -> None:
+        """QLoRA (model.quantization=nf4) against the parts and the back-end: only a LoRA LLM trains on 4-bit
+        weights, and only where each rank holds the whole frozen model anyway (one process, DDP, ZeRO-2)."""
+        q = self.model.quantization
+        if q == "none":
+            return
+        if self.parts.llm != "lora":
+            raise ConfigError(
+                f"model.quantization={q} is QLoRA, LoRA on the LLM's 4-bit linear layers (4-bit weights cannot train "
+                f"themselves): parts.llm={self.parts.llm} needs parts.llm=lora, or model.quantization=none."
+            )
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                f"model.quantization={q} under DeepSpeed ZeRO-3: its zero.Init leaves bitsandbytes' 4-bit weights "
+                "unpartitioned (DeepSpeed #5660: every rank holds them all, no memory saved); use deepspeed=zero2 "
+                "or deepspeed=none (DDP), or model.quantization=none with ZeRO-3."
+            )
+        if uses_fsdp(self):
+            raise ConfigError(
+                f"model.quantization={q} under FSDP: bitsandbytes' 4-bit weights shard only when their storage dtype "
+                "is the model's (axolotl #2992: otherwise no memory saved and no error), which no test here proves "
+                "yet; use deepspeed=zero2 or DDP, or model.quantization=none with FSDP."
+            )
+
     def _check_experts(self) -> None:
         """The mixture-of-experts keys against the family (finetune/base/families.py) and each other."""
         family = FAMILIES.get(self.model.family)
@@ -902,6 +936,14 @@ class Config:
                 "and transformers records the router logits inside the checkpointed layers without autograd). Set "
                 "trainer.router_aux_loss_coef=0 (logged only), or train without ZeRO-3 or without checkpointing."
             )
+
+
+def uses_fsdp(config: Config) -> bool:
+    """Whether the recipe trains under FSDP: a key of the accelerate group (`accelerate=<recipe>`) that names FSDP,
+    or whose value does (QLoRA refuses it, `_check_quantization`). Read by name so that any FSDP recipe is covered."""
+    acc = config.accelerate
+    set_keys = [(f.name, getattr(acc, f.name)) for f in fields(acc) if getattr(acc, f.name)]
+    return any("fsdp" in f"{name} {value}".lower() for name, value in set_keys)
 
 
 def repo_path(path: str) -> Path:

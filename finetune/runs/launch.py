@@ -177,6 +177,10 @@ def prepare_launch(overrides: list[str], dry_run: bool = False) -> tuple[Config,
 
     config = load_config(overrides)  # fail here, before any process starts
     config.logger.require_backend()
+    if config.model.quantization != "none":
+        from finetune.model.quantization import require_bitsandbytes
+
+        require_bitsandbytes(config.model.quantization, load=False)
     env, gpus = dict(os.environ), torch.cuda.device_count()
     precision = recipe_precision(config)
     if dry_run and gpus == 0 and gpus_declared(env) and resolve_mode(config.accelerate.mode, env, gpus) != "cpu":

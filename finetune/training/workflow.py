@@ -91,7 +91,10 @@ def load_for_training(config: Config, precision: str):
     if is_deepspeed_zero3_enabled():
         logger.info("ZeRO-3: loading the weights partitioned across the ranks (deepspeed.zero.Init)")
     set_seed(config.trainer.seed)
-    model = load_model(config.model, precision)
+    # QLoRA quantizes while loading, on the device the weights load to: this rank's (DDP, ZeRO-2: each holds the
+    # whole 4-bit base); a 16-bit model loads on the CPU and the trainer moves it.
+    quantized = config.model.quantization != "none"
+    model = load_model(config.model, precision, device_map={"": PartialState().device} if quantized else None)
     # Again after loading, so that LoRA's initialisation draws the same numbers however the model was built: under
     # ZeRO-3 (deepspeed.zero.Init) the modules are constructed for real, and some draw in __init__ (Qwen3.5's Gated
     # DeltaNet initialises A_log there), which shifted every LoRA matrix against a single-process run.
