@@ -45,7 +45,7 @@ pip_install() {
 compile_bytecode() {
   # What pip would have written, so that a venv shared read-only (a cluster's) imports as fast as a private one;
   # files that are not Python 3 (templates, test fixtures) fail to compile in pip too and are skipped.
-  "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >>"$VENV/setup.log" 2>&1 || true
+  "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" "$VENV/extras" >>"$VENV/setup.log" 2>&1 || true
 }
 
 install_packages() {
@@ -59,6 +59,10 @@ install_packages() {
   # deepspeed is an sdist that builds against the installed torch: no build isolation (which would pull a
   # second multi-GB torch into a temporary build environment).
   pip_install --no-build-isolation deepspeed
+  # bitsandbytes (QLoRA) beside the venv, not in it: peft imports it in every process whenever it can (~2 s each).
+  # The QLoRA tests put this folder on their path (tests/integration/test_qlora.py); a QLoRA user installs it into
+  # the venv (pip install -e '.[qlora]').
+  pip_install --no-deps --target "$VENV/extras/qlora" --upgrade bitsandbytes
   compile_bytecode
   "$VENV/bin/python" - <<'PY'
 import sys, torch, torchvision

@@ -17,8 +17,9 @@ hooks the input embeddings of every nested model to require a gradient (the froz
 finetune/model/trainable.py removes, ms-swift #10214) and turns on reentrant checkpointing; freezing, checkpointing and
 input gradients are already decided in trainable.py for 4-bit and 16-bit bases alike.
 
-Importing bitsandbytes costs about 2 s (it loads torch._dynamo); it is imported here only when a recipe quantizes (peft
-itself imports it whenever it is installed, so a process that imports peft pays it anyway).
+Importing bitsandbytes costs about 2 s (it loads torch._dynamo and torch._inductor); it is imported here only when a
+recipe quantizes, but peft imports it whenever it is installed, so a process that imports peft pays it anyway: the
+default install leaves it out (`pip install -e '.[qlora]'` adds it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 layers there): what is 4-bit and what is not (counted), LoRA's gradients on the 4-bit base, the adapter's round trip
 as evaluate and predict load it (the base in 4 bits, as it trained), and the export's merge into a fresh 16-bit base
 within the 4-bit model's own error; the mixture-of-experts families' fused experts (kept 16-bit); the refusals.
-The demo's loss over 20 QLoRA steps and the real export (reload by plain transformers): tests/integration/test_qlora.py.
+The demo's loss over 20 QLoRA steps and the real export (reload by plain transformers): test_qlora_demo.py. Both run in
+a process of their own with bitsandbytes on its path (tests/integration/test_qlora.py).
 """
 
 import subprocess
