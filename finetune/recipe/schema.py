@@ -487,8 +487,8 @@ class EvaluationConfig:
         help="Evaluate every N steps during training and once at its end; null: never during training. With "
         "method=dpo: the held-out pairs' loss, preference accuracy and reward margins (eval_rewards/*). With an RL "
         "method (grpo, dapo, dr_grpo, gspo): one greedy completion per held-out prompt (data.eval: RL prompts with a "
-        "solution), scored by method.rewards: eval_reward (mean weighted total), eval_reward/<name>, "
-        "eval_no_score/<name>; eval/step-N/ and the last in eval/.",
+        "solution), scored by method.rewards, before the first step too: eval_reward (mean weighted total), "
+        "eval_reward/<name>, eval_no_score/<name>; eval/step-N/ and the last in eval/.",
     )
     max_new_tokens: int = option(
         16, help="Tokens generated per answer at most (method=sft; the RL methods use method.max_completion_length)."

@@ -76,6 +76,8 @@ def build_grpo_config(config: Config, precision: str, run_dir: Path) -> GRPOConf
         # Held-out evaluation (evaluation.steps, finetune/training/reward_eval.py) takes one greedy completion per
         # prompt; TRL checks its eval batches hold whole groups of this many.
         num_generations_eval=1,
+        # Scored before the first step too (the base model's rewards: what training starts from), as DPO's pairs are.
+        eval_on_start=bool(config.evaluation.steps),
         # Rollouts are sampled without dropout (eval mode): the trainer's forward must see the same policy, or the
         # importance ratio and the KL would measure dropout noise.
         disable_dropout=True,

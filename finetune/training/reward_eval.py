@@ -1,5 +1,5 @@
-"""Evaluation during training for the RL methods (`evaluation.steps` with method=grpo, dapo, dr_grpo, gspo): every N
-optimizer steps and at the end, the held-out prompts (data.eval, in the training prompts' format) get one greedy
+"""Evaluation during training for the RL methods (`evaluation.steps` with method=grpo, dapo, dr_grpo, gspo): before
+the first step (the base model's rewards), every N optimizer steps and at the end, the held-out prompts (data.eval, in the training prompts' format) get one greedy
 completion each, scored by the recipe's rewards.
 
 Each rank takes its share of the prompts (periodic_eval.shard: the same number on every rank, the last padded with a

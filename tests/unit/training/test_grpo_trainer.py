@@ -225,8 +225,8 @@ def test_a_few_steps_train_with_one_tower_call_per_prompt_and_log_kl_and_rewards
 
 
 def test_a_reward_without_a_score_is_counted_logged_and_summarised(tmp_path):
-    """... in training and on the held-out prompts (evaluation.steps: here the last step, evaluated once, published
-    to eval/ and named in the run summary; its completions are not counted in rewards.json)."""
+    """... in training and on the held-out prompts (evaluation.steps: before the first step and at the last, which is
+    evaluated once, published to eval/ and named in the run summary; their completions are not in rewards.json)."""
     from finetune.runs.run_summary import summary
     from finetune.training.reward_eval import finish_reward_evaluation
 
@@ -246,12 +246,12 @@ def test_a_reward_without_a_score_is_counted_logged_and_summarised(tmp_path):
     counts = json.loads(RunDir(tmp_path).rewards_file.read_text())
     assert counts["never_readable"] == {"scored": 0, "no_score": PROMPTS * G}  # training's completions only
 
-    [held_out] = [h for h in trainer.state.log_history if "eval_reward" in h]
-    assert held_out["step"] == 1 and held_out["eval_no_score/never_readable"] == 2
+    start, held_out = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert (start["step"], held_out["step"]) == (0, 1) and held_out["eval_no_score/never_readable"] == 2
     assert "eval_reward/never_readable" not in held_out and "reward" not in held_out  # no training metric in it
     assert held_out["eval_reward"] == pytest.approx(held_out["eval_reward/by_length"], rel=1e-6)
     finish_reward_evaluation(trainer, tmp_path)  # the last step was evaluated: published, not evaluated again
-    assert len([h for h in trainer.state.log_history if "eval_reward" in h]) == 1
+    assert len([h for h in trainer.state.log_history if "eval_reward" in h]) == 2
     run = RunDir(tmp_path)
     assert run.metrics() == json.loads((run.eval_step_dir(1) / "metrics.json").read_text())
     assert (run.eval_dir / "predictions.jsonl").read_text() == (run.eval_step_dir(1) / "predictions.jsonl").read_text()
