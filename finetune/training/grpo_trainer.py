@@ -588,7 +588,8 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
     )
     if eval_prompts:
         logger.info(
-            "held-out rewards on %d prompts (one greedy completion each) every %d steps and at the end",
+            "held-out rewards on %d prompts (one greedy completion each) before the first step, every %d steps and at "
+            "the end",
             len(eval_prompts),
             config.evaluation.steps,
         )
