@@ -602,9 +602,11 @@ class RewardTable:
         solutions: Sequence,
         sample_ids: Sequence[str],
         extras: Sequence[dict] | None = None,
+        tally: bool = True,
     ) -> RewardScores:
         """Score completions[i] against solutions[i] with extras[i] (the sample's other columns and the trainer's
-        frame facts); sample_ids[i] names it in errors. A group of G completions repeats its sample's values."""
+        frame facts); sample_ids[i] names it in errors. A group of G completions repeats its sample's values.
+        `tally`: count them in the run's summary (training's completions; held-out evaluation's are not)."""
         n = len(completions)
         extras = [{}] * n if extras is None else extras
         if not len(solutions) == len(sample_ids) == len(extras) == n:
@@ -621,14 +623,17 @@ class RewardTable:
                     totals[i] += reward.weight * value
             scores[reward.name] = column
             no_score[reward.name] = sum(v is None for v in column)
-            self.no_score[reward.name] += no_score[reward.name]
-            self.scored[reward.name] += n - no_score[reward.name]
+            if tally:
+                self.no_score[reward.name] += no_score[reward.name]
+                self.scored[reward.name] += n - no_score[reward.name]
         return RewardScores(totals, scores, no_score)
 
-    def score_group(self, completions: Sequence[str], solution, sample_id: str, extras: dict | None = None):
+    def score_group(
+        self, completions: Sequence[str], solution, sample_id: str, extras: dict | None = None, tally: bool = True
+    ):
         """The G completions of one prompt: its one solution, id and extras."""
         n = len(completions)
-        return self.score(completions, [solution] * n, [sample_id] * n, [extras or {}] * n)
+        return self.score(completions, [solution] * n, [sample_id] * n, [extras or {}] * n, tally)
 
     @staticmethod
     def _one(reward: Reward, completion: str, solution, sample_id: str, extras: dict) -> float | None:

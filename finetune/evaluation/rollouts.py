@@ -98,6 +98,7 @@ def generate_rollouts(
     prompts_per_call: int = 1,
     synced_gpus: bool = False,
     encoded: list[EncodedSample] | None = None,
+    greedy: bool = False,
 ) -> list[Rollout]:
     """`num_generations` sampled completions of each prompt (a conversation ending before the reply). Prompts go to
     `generate` `prompts_per_call` at a time (left-padded, as evaluation batches them), with one vision-tower call
@@ -108,7 +109,9 @@ def generate_rollouts(
     DataError (named by the prompt's source). `synced_gpus` (ZeRO-3): every rank keeps stepping until all have
     finished, and a chunk without media still calls the tower (on a dummy input), so every rank calls it alike.
     `encoded`: the prompts already encoded (`encoder.encode(prompt, generation_prompt=True)`, one per prompt), so a
-    caller that encoded them to check their media does not decode them again."""
+    caller that encoded them to check their media does not decode them again. `greedy`: the most likely token at
+    every step instead of a draw (held-out evaluation: one completion per prompt, sampling settings unused; the
+    recorded log-probs are then at temperature 1)."""
     _check_sampling(num_generations, temperature, top_p, top_k, prompts_per_call)
     tokenizer = encoder.tokenizer
     rule = model_position_rule(model)
@@ -117,8 +120,10 @@ def generate_rollouts(
     config = model.config
     # A sampled image or video placeholder would have no features behind it in the trainer's forward (TRL does so too).
     placeholders = [i for i in (config.image_token_id, getattr(config, "video_token_id", None)) if i is not None]
+    if greedy:  # transformers' neutral values: no sampling setting is set, none is warned about
+        temperature, top_p, top_k = 1.0, 1.0, 50
     settings = dict(
-        do_sample=True,
+        do_sample=not greedy,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,

@@ -116,6 +116,13 @@ def vllm_settings(model_cfg, max_images: int, max_videos: int) -> dict:
 def _metrics_table(metrics: dict | None) -> str:
     if not metrics:
         return "No held-out evaluation was run for this export."
+    if "reward" in metrics:  # an RL method: one greedy completion per held-out prompt, scored by the rewards
+        rows = ["| reward | n | mean | not scored |", "|---|---|---|---|"]
+        for name, r in metrics["rewards"].items():
+            mean = "-" if r["mean"] is None else f"{r['mean']:.3f}"
+            rows.append(f"| {name} | {r['scored'] + r['no_score']} | {mean} | {r['no_score']} |")
+        rows.append(f"| weighted total | {metrics['n']} | {metrics['reward']:.3f} | |")
+        return "\n".join(rows)
     rows = ["| task | n | exact match | chance |", "|---|---|---|---|"]
     for name, t in metrics["tasks"].items():
         rows.append(f"| {name} | {t['n']} | {t['accuracy']:.3f} | {t['chance']:.3f} |")

@@ -133,7 +133,11 @@ class DataConfig:
     train: Any = option(
         MISSING, help="A dataset file, or a list of files / {path, weight, media_root} entries mixed by weight."
     )
-    eval: Any = option(None, help="Held-out split(s) for generation-based evaluation, in the forms of data.train.")
+    eval: Any = option(
+        None,
+        help="Held-out split(s) for evaluation, in the forms of data.train and the method's format (SFT "
+        "conversations, preference pairs, RL prompts with a solution).",
+    )
     media_root: str | None = option(None, help="Where media paths resolve; null: the folder of each dataset file.")
     frames_fps: float | None = option(None, help="Frame rate of videos given as frame folders/lists (or per sample).")
     max_length: int = option(
@@ -482,16 +486,22 @@ class EvaluationConfig:
     after_training: str = option(
         "auto",
         help="The standalone evaluation after training (skipped when `steps` already ran it). auto: whenever "
-        "data.eval is set and method=sft (a preference method's data.eval holds pairs); true: always (data.eval required); false: never (the end-of-run summary says so when "
-        "data.eval is set).",
+        "data.eval is set and method=sft (the other methods' data.eval holds pairs or RL prompts, scored during "
+        "training by `steps`); true: always (data.eval required; method=sft only); false: never (the end-of-run "
+        "summary says so when data.eval is set).",
         choices=AFTER_TRAINING,
     )
     steps: int | None = option(
         None,
         help="Evaluate every N steps during training and once at its end; null: never during training. With "
-        "method=dpo: the held-out pairs' loss, preference accuracy and reward margins (eval_rewards/*).",
+        "method=dpo: the held-out pairs' loss, preference accuracy and reward margins (eval_rewards/*). With an RL "
+        "method (grpo, dapo, dr_grpo, gspo): one greedy completion per held-out prompt (data.eval: RL prompts with a "
+        "solution), scored by method.rewards, before the first step too: eval_reward (mean weighted total), "
+        "eval_reward/<name>, eval_no_score/<name>; eval/step-N/ and the last in eval/.",
     )
-    max_new_tokens: int = option(16, help="Tokens generated per answer at most.")
+    max_new_tokens: int = option(
+        16, help="Tokens generated per answer at most (method=sft; the RL methods use method.max_completion_length)."
+    )
     batch_size: int = option(8, help="Questions per generate call (per rank during training).")
 
     def __post_init__(self) -> None:
@@ -781,7 +791,7 @@ class Config:
 
     def evaluates_after_training(self) -> bool:
         """Whether the run evaluates data.eval after training (`evaluation.after_training`: auto, true or false)."""
-        if self.method.name != "sft":  # data.eval holds pairs: scored during training (evaluation.steps)
+        if self.method.name != "sft":  # data.eval holds pairs or RL prompts: scored during training (evaluation.steps)
             return False
         return bool(self.data.eval) and self.evaluation.after_training in ("auto", "true")
 
@@ -861,24 +871,21 @@ class Config:
                 "set trainer.per_device_train_batch_size >= 2 (or method.loss_type=apo_zero_unpaired, which has none)."
             )
         if self.evaluation.after_training == "true":
+            held_out = "RL prompts, scored by the rewards" if self.method.is_rl else "pairs, scored"
             raise ConfigError(
                 f"evaluation.after_training=true evaluates SFT answers; with method={self.method.name} data.eval holds "
-                "pairs, scored during training (evaluation.steps). Set evaluation.after_training=auto or false."
+                f"{held_out} during training (evaluation.steps=N, which also scores the last step). Set "
+                "evaluation.after_training=auto or false."
             )
 
     def _check_rl_batches(self) -> None:
-        """An RL method's batches against the trainer: whole groups per device, no held-out scoring yet."""
+        """An RL method's batches against the trainer: whole groups per device."""
         t, m = self.trainer, self.method
         if t.per_device_train_batch_size % m.num_generations:
             raise ConfigError(
                 f"trainer.per_device_train_batch_size={t.per_device_train_batch_size} counts completions and must hold "
                 f"whole groups of method.num_generations={m.num_generations}: set it to a multiple of "
                 f"{m.num_generations}."
-            )
-        if self.evaluation.steps:
-            raise ConfigError(
-                f"evaluation.steps: method={m.name} logs its training rewards every step but scores no held-out "
-                "split during training yet; set evaluation.steps=null (and evaluate the adapter afterwards)."
             )
 
     def _check_quantization(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
+from finetune.training.reward_eval import summary_line
 
 SHOWN_SKIPS = 3  # samples named in the summary per list; the files hold them all
 
@@ -36,6 +37,11 @@ def not_evaluated(config: Config) -> list[str]:
     """A given data.eval that the run did not evaluate, with why and the key to change."""
     if not config.data.eval or config.evaluates_after_training() or config.evaluation.steps:
         return []
+    if config.method.name != "sft":  # pairs or RL prompts: scored during training only
+        return [
+            f"  evaluation:  not run: data.eval={config.data.eval} was given but evaluation.steps is null; set "
+            f"evaluation.steps=N to score it during training (method={config.method.name})"
+        ]
     return [
         f"  evaluation:  not run: data.eval={config.data.eval} was given but evaluation.after_training=false; set "
         "evaluation.after_training=auto to evaluate it after training (or run `./launch.sh evaluate` with this run's "
@@ -78,7 +84,9 @@ def summary(config: Config, skipped_from: int = 0) -> str:
     lines += reward_lines(run)
     lines += not_evaluated(config)
     m = run.metrics()
-    if m is not None:
+    if m is not None and "reward" in m:  # an RL method's held-out prompts (finetune/training/reward_eval.py)
+        lines.append(f"  evaluation:  {run.metrics_file}  ({summary_line(m)})")
+    elif m is not None:
         lines.append(f"  evaluation:  {run.metrics_file}  (accuracy {m['accuracy']:.3f}, chance {m['chance']:.3f})")
         unanswered = run.unanswered()
         plural = len(unanswered) != 1

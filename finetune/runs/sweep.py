@@ -22,7 +22,7 @@ from finetune.base.errors import ConfigError
 from finetune.recipe import legacy_keys
 
 LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
-METRICS = ("accuracy", "exact_match", "token_f1", "choice_accuracy")
+METRICS = ("accuracy", "exact_match", "token_f1", "choice_accuracy", "reward")  # reward: the RL methods' held-out
 # hydra.launcher.* keys submitit knows without a cluster prefix (the rest become slurm_<key>)
 GENERIC_SUBMITIT_KEYS = {
     "timeout_min",
@@ -143,13 +143,14 @@ def job_results(job_dir: Path) -> dict:
 
 def _best_first(row: dict):
     failed = row["status"] != "ok"
-    score = row.get("eval_accuracy")
+    score = row.get("eval_accuracy", row.get("eval_reward"))
     loss = row.get("train_loss")
     return (failed, -score if score is not None else 0.0, loss if loss is not None else float("inf"))
 
 
 def results_table(rows: list[dict]) -> tuple[str, str]:
-    """(markdown, csv) of the jobs, best first: eval accuracy, then final train loss; failed jobs last."""
+    """(markdown, csv) of the jobs, best first: eval accuracy (RL: eval reward), then final train loss; failed jobs
+    last."""
     rows = sorted(rows, key=_best_first)
     metric_columns = [f"eval_{k}" for k in METRICS if any(f"eval_{k}" in r for r in rows)]
     columns = ["job", "overrides", "status", "train_loss", *metric_columns, "tokens_per_second", "seconds", "run_dir"]

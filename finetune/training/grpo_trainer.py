@@ -45,6 +45,8 @@ from finetune.model.trainable import parameter_groups
 from finetune.recipe.schema import Config
 from finetune.records.rundir import RunDir
 from finetune.training.faults import StepGuard, bad_sample_limit, save_marked_checkpoint
+from finetune.training.reward_eval import as_logs as eval_logs
+from finetune.training.reward_eval import evaluate_rewards_in_training
 
 logger = logging.getLogger("finetune.grpo")
 
@@ -71,6 +73,11 @@ def build_grpo_config(config: Config, precision: str, run_dir: Path) -> GRPOConf
         num_iterations=m.num_iterations,
         steps_per_generation=m.steps_per_generation,
         mask_truncated_completions=m.mask_truncated_completions,
+        # Held-out evaluation (evaluation.steps, finetune/training/reward_eval.py) takes one greedy completion per
+        # prompt; TRL checks its eval batches hold whole groups of this many.
+        num_generations_eval=1,
+        # Scored before the first step too (the base model's rewards: what training starts from), as DPO's pairs are.
+        eval_on_start=bool(config.evaluation.steps),
         # Rollouts are sampled without dropout (eval mode): the trainer's forward must see the same policy, or the
         # importance ratio and the KL would measure dropout noise.
         disable_dropout=True,
@@ -107,22 +114,27 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         prompts: list,
         rewards: RewardTable,
         recipe: Config,
+        eval_prompts: list | None = None,
     ):
         """`prompts`: finetune.data.preference.RewardPrompt items; `encoder`: the inference encoder (prompts end with
-        the generation prompt)."""
+        the generation prompt); `eval_prompts`: the held-out RewardPrompts scored every evaluation.steps."""
         if args.beta and not hasattr(model, "disable_adapter"):
             raise ConfigError(
                 f"method={recipe.method.name} with beta > 0 takes its reference as the model with the LoRA adapter off: "
                 "train LoRA parts (parts.llm=lora), or set method.beta=0."
             )
         self._recipe, self._encoder, self._prompts, self.reward_table = recipe, encoder, prompts, rewards
+        self._eval_prompts = eval_prompts or []
         # TRL's sampler draws indices of this dataset (each repeated num_generations times); the prompts are ours.
         index = datasets.Dataset.from_dict({"index": list(range(len(prompts)))})
+        # Evaluation is ours (`evaluate`); Trainer only wants to know there is something to evaluate.
+        held_out = datasets.Dataset.from_dict({"index": list(range(len(self._eval_prompts)))})
         super().__init__(
             model=model,
             reward_funcs=[_scored_by_the_reward_table],
             args=args,
             train_dataset=index,
+            eval_dataset=held_out if self._eval_prompts else None,
             processing_class=processing_class,
         )
         # With a PEFT model and beta > 0 TRL copies the adapter as "ref"; ours is the base model with the adapter off.
@@ -430,6 +442,27 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         return loss
 
     # ----- the rest of the project's trainer -----
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The held-out prompts' greedy completions scored by the rewards (all ranks together; reward_eval.py), logged
+        as eval_reward, eval_reward/<name> and eval_no_score/<name>."""
+        start = self._sync_clock()
+        metrics = evaluate_rewards_in_training(
+            self, self._eval_prompts, self._recipe.evaluation.batch_size, Path(self.args.output_dir)
+        )
+        logs = eval_logs(metrics, metric_key_prefix)
+        # Logged in eval mode: TRL's `log` adds the metrics of the model's current mode, and the training metrics
+        # gathered since the last log belong to the next training log, not to this one.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.log(logs)
+        finally:
+            self.model.train(was_training)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logs)
+        if self._timing["since"] is not None:  # evaluation is no part of the steps' timing
+            self._timing["since"] += self._sync_clock() - start
+        return logs
+
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         self.write_reward_summary()
@@ -510,18 +543,24 @@ class VisionLanguageGRPOTrainer(GRPOTrainer):
         self._timing = {"rollout_s": 0.0, "generated": 0, "since": now, "step": self.state.global_step}
 
 
-def read_reward_prompts(config: Config, encoder, resolve) -> list:
-    """data.train as RL prompts with their solutions (finetune/data/preference.py), counted as SFT counts its samples
-    and stopped on (or reported) as SFT's bad samples are."""
+def read_reward_prompts(config: Config, encoder, resolve, split: str = "train") -> list:
+    """data.train (or data.eval) as RL prompts with their solutions (finetune/data/preference.py), counted as SFT
+    counts its samples and stopped on (or reported) as SFT's bad samples are."""
     from finetune.data.preference import read_preference_split
     from finetune.data.prepare import require_clean
 
-    data = read_preference_split(
-        config.data.train, "prompts", config.data.media_root, resolve, config.trainer.seed, encoder
-    )
-    require_clean(data, "training", config.data.skip_invalid, logger)
+    value = getattr(config.data, split)
+    data = read_preference_split(value, "prompts", config.data.media_root, resolve, config.trainer.seed, encoder)
+    if not data.items and data.read and set(data.problems) == {"no_solution"}:
+        # Another format altogether (SFT conversations, preference pairs): one line, not a report per record.
+        raise DataError(
+            f"data.{split}={value} holds no RL prompts: none of its {data.read} records has a 'solution' (or "
+            f"'answer'), which method={config.method.name}'s rewards score completions against. Give data.{split} "
+            "prompts in the RL format (prompt or messages ending with the user's turn, and solution)."
+        )
+    require_clean(data, "training" if split == "train" else "evaluation", config.data.skip_invalid, logger)
     if not data.items:
-        raise DataError(f"data.train={config.data.train} holds no usable prompts with a solution.")
+        raise DataError(f"data.{split}={value} holds no usable prompts with a solution.")
     return data.items
 
 
@@ -534,7 +573,9 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
 
     m = config.method
     rewards = build_rewards(list(m.rewards), Path.cwd())
-    prompts = read_reward_prompts(config, conversation_encoder(processor, config), resolve)
+    counting = conversation_encoder(processor, config)
+    prompts = read_reward_prompts(config, counting, resolve)
+    eval_prompts = read_reward_prompts(config, counting, resolve, "eval") if config.evaluation.steps else None
     logger.info(
         "%d prompts (method=%s: loss %s, beta %g, %d completions each, up to %d tokens); rewards %s",
         len(prompts),
@@ -545,6 +586,13 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
         m.max_completion_length,
         ", ".join(rewards.names),
     )
+    if eval_prompts:
+        logger.info(
+            "held-out rewards on %d prompts (one greedy completion each) before the first step, every %d steps and at "
+            "the end",
+            len(eval_prompts),
+            config.evaluation.steps,
+        )
     if config.peft.dropout:
         logger.warning(
             "method=%s trains without dropout (peft.dropout=%g is not applied): the rollouts are sampled without it "
@@ -562,6 +610,7 @@ def build_grpo_trainer(config: Config, processor, precision: str, run_dir: Path,
         prompts=prompts,
         rewards=rewards,
         recipe=config,
+        eval_prompts=eval_prompts,
     )
     trainer.data_summary = {
         "num_train_prompts": len(prompts),

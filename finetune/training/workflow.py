@@ -56,6 +56,7 @@ from finetune.training.preference_trainer import (
     completion_loader_factory,
     pair_loader_factory,
 )
+from finetune.training.reward_eval import finish_reward_evaluation
 from finetune.training.trainer import VisionLanguageSFTTrainer, build_sft_config
 
 logger = logging.getLogger("finetune.train")
@@ -351,7 +352,9 @@ def train(config: Config, overrides: list[str]) -> Path:
         trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as err:  # torch.cuda.OutOfMemoryError: one message, not a CUDA traceback
         raise RunStopped(out_of_memory_message(config, trainer.state.global_step, trainer.last_batch, err)) from None
-    if config.evaluation.steps and config.method.name != "sft":
+    if config.evaluation.steps and config.method.is_rl:
+        finish_reward_evaluation(trainer, run_dir)
+    elif config.evaluation.steps and config.method.name != "sft":
         finish_preference_evaluation(trainer, run_dir)
     elif config.evaluation.steps:
         step = trainer.state.global_step

@@ -1,7 +1,9 @@
 """GRPO on 2 ZeRO-3 ranks, started as users start it (`./launch.sh`): rank 0 samples for a text-only prompt, rank 1
 for a video prompt; the steps finish (every rank calls the vision tower alike while generating: no hang) and give
 what one process gives on the same global batch. A prompt's rollouts depend on the seed, the step and the prompt
-only (`VisionLanguageGRPOTrainer.rollout_seed`), so both runs train on the same completions."""
+only (`VisionLanguageGRPOTrainer.rollout_seed`), so both runs train on the same completions. The same two prompts are
+the held-out set (evaluation.steps): rank 0 answers the text-only one, rank 1 the video one, greedily, before the
+first step, at step 2 and at the end, and the gathered rewards and completions are those of the one process."""
 
 import json
 
@@ -36,6 +38,9 @@ def recipe(run_dir, data, processes, *extra):
         f"method.num_generations={G}",
         "method.max_completion_length=4",
         "method.rewards=[edit_distance]",  # graded: every group has spread, so advantages are not all 0
+        f"data.eval={data}",
+        "evaluation.steps=2",
+        "evaluation.batch_size=1",  # one prompt per generate call in both runs: no padding differs between them
         "export.after_training=false",
         *extra,
     ]
@@ -61,4 +66,16 @@ def test_two_zero3_ranks_text_only_and_video_match_one_process(tmp_path, prompts
     # the run's reward counts, summed over the ranks
     counts = json.loads((two / "rewards.json").read_text())
     assert counts == json.loads((single / "rewards.json").read_text())
-    assert sum(counts["edit_distance"].values()) == STEPS * 2 * G
+    assert sum(counts["edit_distance"].values()) == STEPS * 2 * G  # training's completions, not held-out ones
+    # held-out evaluation: at the start, every 2 steps and at the end; the 2 ranks' shares gathered equal one process
+    evaluated = [
+        [h for h in json.loads((d / "log_history.json").read_text()) if "eval_reward" in h] for d in (single, two)
+    ]
+    assert [h["step"] for h in evaluated[1]] == [h["step"] for h in evaluated[0]] == [0, 2, STEPS]
+    for e, g in zip(*evaluated):
+        for key in ("eval_reward", "eval_reward/edit_distance", "eval_no_score/edit_distance"):
+            assert g[key] == pytest.approx(e[key], rel=1e-5), (key, e["step"])
+    published = [(d / "eval" / "predictions.jsonl").read_text().splitlines() for d in (single, two)]
+    assert published[1] == published[0] and len(published[0]) == 2
+    assert json.loads((two / "eval" / "metrics.json").read_text())["step"] == STEPS
+    assert "evaluation:" in out and "mean reward" in out  # ./launch.sh reports it

@@ -43,7 +43,8 @@ def test_each_preset_sets_its_papers_settings(method, expected):
         (["method=grpo", *RL, "method.num_iterations=0"], "method.num_iterations"),
         (["method=grpo", *RL, "method.scale_rewards=mean"], "method.scale_rewards"),
         (["method=grpo", *RL, "method.importance_sampling_level=batch"], "method.importance_sampling_level"),
-        (["method=grpo", *RL, "data.eval=data/demo/test.json", "evaluation.steps=10"], "evaluation.steps"),
+        (["method=grpo", *RL, "data.eval=null", "evaluation.steps=10"], "evaluation.steps needs a held-out split"),
+        (["method=grpo", *RL, "evaluation.after_training=true"], "data.eval holds RL prompts, scored by the rewards"),
         (["method=grpo", *RL, "parts.llm=full"], "LoRA adapter off"),
     ],
 )
@@ -52,6 +53,13 @@ def test_a_wrong_rl_setting_is_refused_in_one_line(overrides, named):
         load_config(["logger=none", *overrides])
     message = str(err.value)
     assert named in message and "\n" not in message
+
+
+def test_an_rl_method_scores_held_out_prompts_during_training():
+    """evaluation.steps with an RL method and its prompts as data.eval (reward_eval.py); no standalone SFT evaluation
+    after training (data.eval holds prompts, not SFT answers)."""
+    config = load_config(["method=grpo", *RL, "data.eval=data/demo/prompts_train.json", "evaluation.steps=10"])
+    assert config.evaluation.steps == 10 and not config.evaluates_after_training()
 
 
 def test_the_rl_build_reads_the_recipes_prompts_and_rewards(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def demo_prompts() -> list[RewardPrompt]:
     return [image, video]
 
 
-def _trainer(tmp_path, *overrides, rewards=((by_length, 1.0),), prompts=None):
+def _trainer(tmp_path, *overrides, rewards=((by_length, 1.0),), prompts=None, eval_prompts=None):
     config = load_config(
         [
             "method=grpo",
@@ -82,6 +82,7 @@ def _trainer(tmp_path, *overrides, rewards=((by_length, 1.0),), prompts=None):
         prompts=prompts or demo_prompts(),
         rewards=RewardTable(list(rewards)),
         recipe=config,
+        eval_prompts=eval_prompts,
     )
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; the tests call the loss directly
     return trainer, config
@@ -224,20 +225,41 @@ def test_a_few_steps_train_with_one_tower_call_per_prompt_and_log_kl_and_rewards
 
 
 def test_a_reward_without_a_score_is_counted_logged_and_summarised(tmp_path):
-    trainer, config = _trainer(tmp_path, "trainer.max_steps=1", rewards=((by_length, 1.0), (never_readable, 1.0)))
+    """... in training and on the held-out prompts (evaluation.steps: before the first step and at the last, which is
+    evaluated once, published to eval/ and named in the run summary; their completions are not in rewards.json)."""
+    from finetune.runs.run_summary import summary
+    from finetune.training.reward_eval import finish_reward_evaluation
+
+    trainer, config = _trainer(
+        tmp_path,
+        "trainer.max_steps=1",
+        "data.eval=held_out.json",  # the recipe's key; the test hands the trainer its prompts
+        "evaluation.steps=1",
+        rewards=((by_length, 1.0), (never_readable, 1.0)),
+        eval_prompts=demo_prompts(),
+    )
     trainer.train()
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert log["rewards/never_readable/no_score"] == PROMPTS * G
     assert "rewards/never_readable/mean" not in log  # no completion scored: no mean to show
     assert log["rewards/by_length/no_score"] == 0
     counts = json.loads(RunDir(tmp_path).rewards_file.read_text())
-    assert counts["never_readable"] == {"scored": 0, "no_score": PROMPTS * G}
+    assert counts["never_readable"] == {"scored": 0, "no_score": PROMPTS * G}  # training's completions only
 
-    from finetune.runs.run_summary import summary
+    start, held_out = [h for h in trainer.state.log_history if "eval_reward" in h]
+    assert (start["step"], held_out["step"]) == (0, 1) and held_out["eval_no_score/never_readable"] == 2
+    assert "eval_reward/never_readable" not in held_out and "reward" not in held_out  # no training metric in it
+    assert held_out["eval_reward"] == pytest.approx(held_out["eval_reward/by_length"], rel=1e-6)
+    finish_reward_evaluation(trainer, tmp_path)  # the last step was evaluated: published, not evaluated again
+    assert len([h for h in trainer.state.log_history if "eval_reward" in h]) == 2
+    run = RunDir(tmp_path)
+    assert run.metrics() == json.loads((run.eval_step_dir(1) / "metrics.json").read_text())
+    assert (run.eval_dir / "predictions.jsonl").read_text() == (run.eval_step_dir(1) / "predictions.jsonl").read_text()
 
-    RunDir(tmp_path).adapter.mkdir(exist_ok=True)
+    run.adapter.mkdir(exist_ok=True)
     text = summary(config)
     assert f"never_readable: 0 completions scored, {PROMPTS * G} not scored (100%)" in text
+    assert f"evaluation:  {run.metrics_file}  (mean reward {held_out['eval_reward']:.3f} over 2 prompts" in text
 
 
 def test_a_prompt_whose_media_fail_to_decode_is_skipped_and_counted(tmp_path):
