@@ -27,37 +27,35 @@ from finetune.base.errors import ConfigError
 from finetune.data.encode import IGNORE_INDEX
 from finetune.model.attention import boundaries_from_positions
 
-# Attention implementations that keep packed samples apart by boundaries, not by a mask (finetune/model/attention.py).
-VARLEN_NAMES = ("varlen", "auto")
 
-
-def check(n: int, model_type: str, text_config, world_size: int, attn_implementation: str) -> None:
-    """The start-up checks of `trainer.sequence_parallel=N`: one ConfigError line each, with the fix."""
+def check(n: int, model_type: str, text_config, world_size: int, varlen: bool) -> None:
+    """The start-up checks of `trainer.sequence_parallel=N` (`varlen`: training runs on our varlen attention):
+    one ConfigError line each, with the fix."""
     if n <= 1:
         return
     if getattr(text_config, "layer_types", None) and any(t != "full_attention" for t in text_config.layer_types):
         raise ConfigError(
             f"trainer.sequence_parallel={n} cannot split {model_type}: its LLM has linear-attention layers, whose "
-            "recurrent state runs along the whole sequence (a split needs its state passed from rank to rank, not "
-            "built); set trainer.sequence_parallel=1 or use a Qwen2-VL/Qwen2.5-VL/Qwen3-VL family."
+            "recurrent state runs along the whole sequence (a split needs that state handed from rank to rank, not "
+            "built here); set trainer.sequence_parallel=1 or use a Qwen2-VL/Qwen2.5-VL/Qwen3-VL family."
         )
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     if heads % n or kv_heads % n:
         fits = [d for d in range(1, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
         raise ConfigError(
             f"trainer.sequence_parallel={n} must divide the LLM's {heads} attention heads and {kv_heads} key/value "
-            f"heads (each rank attends with heads/N of them); use one of {fits}."
+            f"heads (each rank attends with 1/N of them); use one of {fits}."
         )
     if world_size % n:
         raise ConfigError(
-            f"trainer.sequence_parallel={n} must divide the number of processes ({world_size}); use a divisor of "
-            f"{world_size} or launch a multiple of {n} processes."
+            f"trainer.sequence_parallel={n} must divide the number of processes ({world_size}); launch a multiple "
+            f"of {n} processes or use a divisor of {world_size}."
         )
-    if attn_implementation not in VARLEN_NAMES:
+    if not varlen:
         raise ConfigError(
-            f"trainer.sequence_parallel={n} needs model.attn_implementation=varlen (or auto): with "
-            f"{attn_implementation} the packed samples of a split row would attend across each other; set "
-            "model.attn_implementation=varlen."
+            f"trainer.sequence_parallel={n} needs our varlen attention, and this run would train on another "
+            "implementation (sdpa with a dropped mask would let the packed samples of a split row attend across "
+            "each other); set model.attn_implementation=varlen and make sure its kernel passes its start-up check."
         )
 
 

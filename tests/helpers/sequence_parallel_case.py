@@ -23,7 +23,15 @@ SP_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def case_config(family: str):
-    return load_config([f"model.name_or_path=tiny://{family}", f"model.family={family}", "trainer.packing=true", "peft.dropout=0"])
+    return load_config(
+        [
+            f"model.name_or_path=tiny://{family}",
+            f"model.family={family}",
+            "trainer.packing=true",
+            "peft.dropout=0",
+            "parts.vision_tower=lora",
+        ]
+    )
 
 
 def build_model(family: str):
