@@ -219,14 +219,15 @@ class LanguageModelSlice:
         return args, kwargs
 
 
-def slice_token_losses(model, batch: dict, sp: SequenceParallel, **forward_kwargs) -> tuple[torch.Tensor, int]:
+def slice_token_losses(model, batch: dict, sp: SequenceParallel, unwrapped=None) -> tuple[torch.Tensor, int]:
     """(sum of this rank's slice's token losses (fp32), its labelled-token count) of a training batch: the row
     padded to a multiple of N, the labels shifted on the whole row, the model run with its language model on this
-    rank's slice. The caller divides by the global labelled count."""
+    rank's slice. The caller divides by the global labelled count. `model` is called (as wrapped for training: DDP or
+    DeepSpeed); `unwrapped`, the PEFT or transformers model under it, is where the language model is found."""
     padded = pad_row(batch, sp.size)
     targets = shifted_labels(padded.pop("labels"))[:, sp.span(padded["input_ids"].shape[1])]
-    with LanguageModelSlice(model, sp):
-        out = model(**padded, use_cache=False, **forward_kwargs)
+    with LanguageModelSlice(model if unwrapped is None else unwrapped, sp):
+        out = model(**padded, use_cache=False)
     logits = out.logits.float()
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -206,7 +206,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         if self.sequence_parallel is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         n = self.sequence_parallel.size
-        token_sum, count = slice_token_losses(model, inputs, self.sequence_parallel)
+        token_sum, count = slice_token_losses(model, inputs, self.sequence_parallel, unwrapped=self.model)
         if num_items_in_batch is None:  # this micro-batch's labelled tokens over every rank (each row counted N times)
             num_items_in_batch = self.accelerator.reduce(torch.tensor(float(count), device=token_sum.device), "sum")
             num_items_in_batch = num_items_in_batch * n
