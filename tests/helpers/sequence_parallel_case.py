@@ -111,4 +111,4 @@ def reference_loss_and_grads(model, batch: dict) -> tuple[float, dict, torch.Ten
     ) / max(int((targets != IGNORE_INDEX).sum()), 1)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora" in n}
-    return float(loss), grads, logits.detach()
+    return float(loss.detach()), grads, logits.detach()
