@@ -26,6 +26,7 @@ import torch.distributed as dist
 from finetune.base.errors import ConfigError
 from finetune.data.encode import IGNORE_INDEX
 from finetune.model.attention import boundaries_from_positions
+from finetune.model.media_features import MEDIA, dummy_vision_input, encode_media_once
 
 
 def check(n: int, model_type: str, text_config, world_size: int, varlen: bool) -> None:
@@ -81,6 +82,27 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return _AllToAll.apply(x, group)
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather of equal-shaped tensors -> (N, ...); backward sums every rank's gradient of this rank's part (an
+    all-to-all and a sum: torch.distributed.nn's all_gather backward scatters from group-local ranks taken as global
+    ones on gloo, which fails in any group but the world)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)  # chunk j: rank j's gradient of this rank's part
+        return out.sum(0), None
 
 
 class SequenceParallel:
@@ -253,3 +275,85 @@ class SequenceParallelSampler:
         for batch in self.sampler:
             for _ in range(self.n):
                 yield batch
+
+
+def frame_units(vision_config, inputs: dict) -> list[tuple[str, int, int, tuple[int, int, int]]]:
+    """The row's media as units the tower encodes independently, in order: (kind, item, first patch row, grid). An
+    image is one unit; a video of grid (t, h, w) is t units of grid (1, h, w) (its patches are stored frame after
+    frame, and the Qwen-VL ViTs attend within a temporal patch only: Qwen2/2.5-VL windows and Qwen3-VL alike)."""
+    units = []
+    for kind, pixels, grid in MEDIA:
+        if inputs.get(pixels) is None:
+            continue
+        row = 0
+        for item, (t, h, w) in enumerate(inputs[grid].tolist()):
+            frames = [(1, h, w)] * t if kind == "video" else [(t, h, w)]
+            for g in frames:
+                units.append((kind, item, row, g))
+                row += g[0] * g[1] * g[2]
+    return units
+
+
+def _share(units: list, size: int) -> list[list[int]]:
+    """Contiguous runs of units per rank with about equal patch counts (a rank may get none)."""
+    weights = [g[0] * g[1] * g[2] for *_, g in units]
+    total, shares, start = sum(weights), [], 0
+    for rank in range(size):
+        end, done = start, sum(weights[:start])
+        while end < len(units) and (rank == size - 1 or done + weights[end] / 2 <= total * (rank + 1) / size):
+            done += weights[end]
+            end += 1
+        shares.append(list(range(start, end)))
+        start = end
+    return shares
+
+
+def encode_media_sharded(visual, vision_config, inputs: dict, sp: SequenceParallel) -> tuple[dict, torch.Tensor | None]:
+    """`encode_media_once` (finetune/model/media_features.py) with the row's frames shared out over the group: each
+    rank runs the tower on its own images and video frames only, and the features of all ranks are gathered
+    (autograd-aware: a rank's tower gets the gradient of every rank's use of its frames). Every rank calls the tower
+    once whatever it holds (a rank without frames encodes the dummy input, its 0 x features returned as padding, as
+    for a row without media). Returns (features as `mm_encoder_outputs`, padding or None)."""
+    weight = next(visual.parameters())
+    units = frame_units(vision_config, inputs)
+    if not units:
+        return encode_media_once(visual, vision_config, inputs)
+    shares = _share(units, sp.size)
+    mine = [units[i] for i in shares[sp.rank]]
+    merge = vision_config.spatial_merge_size**2
+    padding = None
+    if mine:
+        pixels = torch.cat(
+            [inputs[dict((k, p) for k, p, _ in MEDIA)[kind]][row : row + t * h * w] for kind, _, row, (t, h, w) in mine]
+        ).type(weight.dtype)
+        grid = torch.tensor([g for *_, g in mine], device=pixels.device)
+        out = visual(pixels, grid_thw=grid)
+        fields = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+    else:
+        pixels, grid = dummy_vision_input(vision_config, weight.device, weight.dtype)
+        out = visual(pixels, grid_thw=grid)
+        fields = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+        padding = sum(f.float().sum() for f in fields) * 0.0
+        fields = [f[:0] for f in fields]
+    counts = [sum(g[0] * g[1] * g[2] // merge for *_, g in (units[i] for i in share)) for share in shares]
+    longest = max(counts)
+    gathered = []
+    for field in fields:  # all_gather needs equal shapes: pad to the longest share, then cut
+        padded = torch.cat([field, field.new_zeros(longest - field.shape[0], field.shape[1])])
+        parts = _AllGather.apply(padded, sp.group)
+        gathered.append(torch.cat([part[:count] for part, count in zip(parts, counts)]))
+    pooled, deepstack = gathered[0], gathered[1:]
+    outputs = {}
+    for kind, _, grid in MEDIA:
+        if inputs.get(grid) is None:
+            continue
+        sizes = (inputs[grid].prod(-1) // merge).tolist()
+        taken = [i for i, unit in enumerate(units) if unit[0] == kind]
+        tokens = [g[0] * g[1] * g[2] // merge for *_, g in units]
+        starts = [sum(tokens[:i]) for i in range(len(units))]
+        rows = torch.cat([torch.arange(starts[i], starts[i] + tokens[i]) for i in taken]).to(pooled.device)
+        fields = {"pooler_output": torch.split(pooled[rows], sizes)}
+        if deepstack:
+            fields["deepstack_features"] = [torch.split(layer[rows], sizes) for layer in deepstack]
+        outputs[kind] = type(out)(**fields)
+    return outputs, padding

@@ -3,6 +3,7 @@ the fault guards and token throughput in the logs; and the `SFTConfig` a recipe 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from finetune.model.load import uses_gpu
-from finetune.model.sequence_parallel import SequenceParallel, install, slice_token_losses
+from finetune.model.sequence_parallel import SequenceParallel, encode_media_sharded, install, slice_token_losses
 from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config, repo_path
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, save_marked_checkpoint
@@ -182,6 +183,8 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             # Groups of N consecutive ranks, which the loader gives the same rows (finetune/model/sequence_parallel.py).
             self.sequence_parallel = SequenceParallel.from_world(self._recipe.trainer.sequence_parallel)
             install(self.model, self.sequence_parallel)
+            # Each rank of a group encodes its share of the row's frames; the features are gathered.
+            self.one_vision_call.encode = functools.partial(encode_media_sharded, sp=self.sequence_parallel)
 
         step = self.state.global_step
         self.last_batch = batch_summary(inputs)  # named in an out-of-memory message

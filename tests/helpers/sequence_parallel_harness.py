@@ -7,6 +7,9 @@ family of tests/helpers/sequence_parallel_case.py, the fixed packed row trained 
                       changed
   one_rank_loss       the loss of the row with labels only in rank 0's slice (rank 1 has none)
   attention_calls     all-to-all attention calls per forward; wrapped_vision_modules: vision modules carrying it
+  sharded_*           with each rank encoding only its share of the frames (encode_media_sharded): the loss, the
+                      LoRA gradients, the largest difference of the gathered features from one unsharded tower call
+                      (relative), and the patches each rank's tower call encoded
 """
 
 import sys
@@ -15,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from finetune.model.media_features import vision_tower
-from finetune.model.sequence_parallel import SequenceParallel, install, slice_token_losses
+from finetune.model.media_features import encode_media_once, vision_tower
+from finetune.model.sequence_parallel import SequenceParallel, encode_media_sharded, install, slice_token_losses
 from tests.helpers.sequence_parallel_case import (
     SP_FAMILIES,
     build_batch,
@@ -27,8 +30,8 @@ from tests.helpers.sequence_parallel_case import (
 )
 
 
-def global_loss(model, batch, sp) -> torch.Tensor:
-    token_sum, count = slice_token_losses(model, model_inputs(batch), sp)
+def global_loss(model, batch, sp, inputs=None) -> torch.Tensor:
+    token_sum, count = slice_token_losses(model, inputs or model_inputs(batch), sp)
     total = torch.tensor(float(count))
     dist.all_reduce(total)
     return token_sum / total.clamp_min(1)
@@ -56,18 +59,14 @@ def run_family(family: str, sp: SequenceParallel, out_dir: Path) -> None:
     loss.backward()
     attention_calls = sp.calls - calls
     dist.all_reduce(loss.detach())
-    grads = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad and "lora" in name:
-            grad = param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param)
-            dist.all_reduce(grad)
-            grads[name] = grad
+    grads = lora_grads(model)
     logits = whole_logits(model, batch, sp)
     logits_b = whole_logits(model, build_batch(family, model, packed_rows(family, out_dir / f"rank{sp.rank}", 1)), sp)
     half = -(-batch["input_ids"].shape[1] // 2)  # the padded row's first slice ends here (within one token)
     with torch.no_grad():
         one_rank = global_loss(model, labels_on_first_part(batch, half - 1), sp)
         dist.all_reduce(one_rank)
+    sharded = run_sharded(model, batch, sp)
     wrapped = sum(hasattr(m, "sequence_parallel") for m in vision_tower(model).modules())
     if sp.rank == 0:
         result = {
@@ -78,8 +77,58 @@ def run_family(family: str, sp: SequenceParallel, out_dir: Path) -> None:
             "one_rank_loss": float(one_rank),
             "attention_calls": attention_calls,
             "wrapped_vision_modules": wrapped,
+            **sharded,
         }
         torch.save(result, out_dir / f"{family}.pt")
+
+
+def lora_grads(model) -> dict:
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora" in name:
+            grad = param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param)
+            dist.all_reduce(grad)
+            grads[name] = grad
+    return grads
+
+
+def run_sharded(model, batch, sp) -> dict:
+    """One step with the frames shared out (encode_media_sharded), the features handed in as mm_encoder_outputs."""
+    visual, vision_config = vision_tower(model), model.get_base_model().config.vision_config
+    encoded = []
+    handle = visual.register_forward_pre_hook(
+        lambda m, a, kw: encoded.append(int(kw["grid_thw"].prod(-1).sum())), with_kwargs=True
+    )
+    model.zero_grad(set_to_none=True)
+    inputs = model_inputs(batch)
+    features, padding = encode_media_sharded(visual, vision_config, inputs, sp)
+    handle.remove()
+    with torch.no_grad():
+        whole, _ = encode_media_once(visual, vision_config, inputs)
+    error = 0.0
+    for kind, out in whole.items():
+        got, want = torch.cat(features[kind].pooler_output), torch.cat(out.pooler_output)
+        error = max(error, float((got - want).abs().max() / want.abs().max()))
+        for layer_got, layer_want in zip(
+            getattr(features[kind], "deepstack_features", None) or [], getattr(out, "deepstack_features", None) or []
+        ):
+            got, want = torch.cat(layer_got), torch.cat(layer_want)
+            error = max(error, float((got - want).abs().max() / want.abs().max()))
+    for key in ("pixel_values", "pixel_values_videos"):
+        inputs.pop(key, None)
+    loss = global_loss(model, batch, sp, {**inputs, "mm_encoder_outputs": features})
+    if padding is not None:
+        loss = loss + padding
+    loss.backward()
+    dist.all_reduce(loss.detach())
+    counts = [None] * sp.size
+    dist.all_gather_object(counts, encoded)
+    return {
+        "sharded_loss": float(loss),
+        "sharded_grads": lora_grads(model),
+        "sharded_feature_error": error,
+        "encoded_patches": counts,
+    }
 
 
 def main(out_dir: Path, families) -> None:

@@ -52,7 +52,9 @@ def reference(launched):
         half = -(-batch["input_ids"].shape[1] // 2)
         one_rank, _, _ = reference_loss_and_grads(model, labels_on_first_part(batch, half - 1))
         result = torch.load(launched / f"{family}.pt")
-        cases[family] = dict(result=result, loss=loss, grads=grads, logits=logits, encoded=encoded, one=one_rank)
+        cases[family] = dict(
+            result=result, loss=loss, grads=grads, logits=logits, encoded=encoded, one=one_rank, batch=batch
+        )
     return cases
 
 
@@ -104,10 +106,26 @@ def test_only_the_llm_attention_is_wrapped(reference, family):
     assert result["wrapped_vision_modules"] == 0
 
 
+@pytest.mark.parametrize("family", SP_FAMILIES)
+def test_each_rank_encodes_only_its_frames(reference, family):
+    case = reference[family]
+    result = case["result"]
+    batch = case["batch"]
+    total = sum(int(batch[g].prod(-1).sum()) for g in ("image_grid_thw", "video_grid_thw"))
+    shares = [sum(calls) for calls in result["encoded_patches"]]  # patches each rank's one tower call encoded
+    assert [len(calls) for calls in result["encoded_patches"]] == [1, 1]
+    assert sum(shares) == total and all(0 < share < total for share in shares)
+    assert result["sharded_feature_error"] <= RELATIVE  # the gathered features equal one unsharded tower call
+    assert abs(result["sharded_loss"] - case["loss"]) <= RELATIVE * abs(case["loss"])
+    for name, want in case["grads"].items():
+        assert _relative(result["sharded_grads"][name], want) <= RELATIVE, name
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The demo recipe for 2 steps as 4 processes, 2 x 2 (sequence parallel x data parallel) under ZeRO-3, each rank
-    1 row per step, and as 1 process with the same 2 rows per step."""
+    """The demo recipe (vision LoRA too) for 2 steps as 4 processes, 2 x 2 (sequence parallel x data parallel) under
+    ZeRO-3, each rank 1 row per step (its share of the row's frames encoded, then gathered within its group), and as
+    1 process with the same 2 rows per step."""
     from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
     from tests.integration.test_scale_out import harness, train_here
 
@@ -127,6 +145,7 @@ def trained(tmp_path_factory):
             "peft.dropout=0",
             "model.attn_implementation=varlen",
             "data.eval=null",
+            "parts.vision_tower=lora",  # the sharded frames' gathered features carry gradients back to each rank
             *extra,
         ]
 
