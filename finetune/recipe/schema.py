@@ -848,6 +848,12 @@ class Config:
                 f"trainer.sequence_parallel={n} is built for method=sft only; use trainer.sequence_parallel=1 with "
                 f"method={self.method.name}."
             )
+        if self.parts.router != "frozen" or self.trainer.router_aux_loss_coef:
+            raise ConfigError(
+                f"trainer.sequence_parallel={n} does not add a mixture-of-experts load-balancing loss (its router "
+                "statistics would need the whole row's tokens); leave parts.router=frozen and "
+                "trainer.router_aux_loss_coef=null (or 0), or set trainer.sequence_parallel=1."
+            )
         if self.data.streaming:
             raise ConfigError(
                 f"trainer.sequence_parallel={n} needs the same row on the {n} ranks of a group, which data.streaming="

@@ -72,7 +72,9 @@ class OneVisionCall:
         ):
             return None
         embeds = module.get_input_embeddings()(kwargs["input_ids"])  # the model's own order: embeddings first
-        features, padding = self.encode(self.visual, self.vision_config, kwargs)
+        # Evaluation's sharded generation gives each rank its own prompts: never a group's shared row.
+        encode = encode_media_once if self.in_evaluation else self.encode
+        features, padding = encode(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
         # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are found by the

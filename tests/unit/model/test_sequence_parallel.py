@@ -56,6 +56,11 @@ def test_start_up_refusals_name_the_fix(n, text, world, varlen, says):
         (["trainer.sequence_parallel=2", "model.attn_implementation=sdpa"], "model.attn_implementation=varlen"),
         (["trainer.sequence_parallel=2", "model.attn_implementation=eager"], "attend across each other"),
         (["trainer.sequence_parallel=2", "data.streaming=true", "trainer.max_steps=2"], "data.streaming=false"),
+        (
+            ["trainer.sequence_parallel=2", "experiment=demo_qwen3_vl_moe", "parts.router=full"],
+            "load-balancing loss",
+        ),
+        (["trainer.sequence_parallel=2", "method=dpo"], "method=sft only"),
     ],
 )
 def test_recipe_refusals(overrides, says):
