@@ -3,8 +3,9 @@
 Every rank of a group holds the same row (the loader repeats it: `SequenceParallelSampler`). The row is padded to a
 multiple of N with ignored tokens (`pad_row`: a block of its own, no labels); its positions (3 x L M-RoPE, row 0 the
 text positions), its varlen boundaries (`cu_seq_lens_*`) and its shifted labels are computed on the whole row.
-The inner Qwen-VL model then runs as usual up to the language model: embeddings, one vision-tower call over the
-row's media on every rank (finetune/training/vision_sync.py), the features scattered into the embeddings. A
+The inner Qwen-VL model then runs as usual up to the language model: embeddings, the vision features (in training,
+finetune/training/vision_sync.py's one tower call per rank, on this rank's share of the row's images and video
+frames, the features of all the group's ranks gathered: `encode_media_sharded`), scattered into the embeddings. A
 pre-forward hook on the language model (`LanguageModelSlice`) hands it only this rank's contiguous L/N slice of the
 embeddings, positions and (Qwen3-VL) DeepStack features. In each decoder layer's self-attention, an all-to-all turns
 the slice's [L/N, heads] queries, keys and values into [L, heads/N], our varlen kernel attends over the whole row

@@ -355,7 +355,7 @@ class TrainerConfig:
         "the row is cut after the vision features are merged, and an all-to-all around the LLM's attention gives "
         "each rank heads/N of the heads over the whole row, so a row N times longer fits. 1: off. N must divide the "
         "LLM's attention and key/value heads and the number of processes; needs the varlen attention; not for "
-        "Qwen3.5 (linear-attention layers). Every rank still runs the vision tower on the row's media.",
+        "Qwen3.5 (linear-attention layers). Each rank encodes its share of the row's frames; the features are gathered.",
     )
     router_aux_loss_coef: float | None = option(
         None,
