@@ -141,3 +141,28 @@ def test_the_ranks_of_a_group_get_the_same_rows():
     assert by_rank[0] != by_rank[2]
     seen = sorted(row for batch in by_rank[0] + by_rank[2] for row in batch)
     assert set(seen) == set(rows)  # the data-parallel ranks still cover the data
+
+
+def test_frames_are_shared_out_in_order_and_about_evenly():
+    from finetune.model.sequence_parallel import _share, frame_units
+
+    inputs = {
+        "pixel_values": torch.zeros(16 + 64, 1),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 8, 8]]),
+        "pixel_values_videos": torch.zeros(3 * 16, 1),
+        "video_grid_thw": torch.tensor([[3, 4, 4]]),
+    }
+    units = frame_units(None, inputs)
+    assert [(kind, item, row) for kind, item, row, _ in units] == [
+        ("image", 0, 0),
+        ("image", 1, 16),
+        ("video", 0, 0),
+        ("video", 0, 16),
+        ("video", 0, 32),
+    ]
+    assert all(grid == (1, 4, 4) for kind, *_, grid in units if kind == "video")  # a video: one unit per frame pair
+    for size in (1, 2, 3, 8):
+        shares = _share(units, size)
+        assert len(shares) == size and sum(shares, []) == list(range(len(units)))  # contiguous, in order, all once
+    patches = [sum(units[i][3][1] * units[i][3][2] for i in share) for share in _share(units, 2)]
+    assert patches == [80, 48]  # the 8 x 8 image outweighs the frames: split where the halves are closest
