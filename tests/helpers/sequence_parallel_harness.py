@@ -9,7 +9,8 @@ family of tests/helpers/sequence_parallel_case.py, the fixed packed row trained 
   attention_calls     all-to-all attention calls per forward; wrapped_vision_modules: vision modules carrying it
   sharded_*           with each rank encoding only its share of the frames (encode_media_sharded): the loss, the
                       LoRA gradients, the largest difference of the gathered features from one unsharded tower call
-                      (relative), and the patches each rank's tower call encoded
+                      (relative), and the patches each rank's tower call encoded; one_image_*: the same for the
+                      row's text and image samples only (one image: rank 1 encodes no frame)
 """
 
 import sys
@@ -67,6 +68,10 @@ def run_family(family: str, sp: SequenceParallel, out_dir: Path) -> None:
         one_rank = global_loss(model, labels_on_first_part(batch, half - 1), sp)
         dist.all_reduce(one_rank)
     sharded = run_sharded(model, batch, sp)
+    # A row with one image: rank 1 has no frame to encode (its tower runs on the dummy input, 0 x its features).
+    one_image = {
+        f"one_image_{k}": v for k, v in run_sharded(model, build_batch(family, model, encoded[:2]), sp).items()
+    }
     wrapped = sum(hasattr(m, "sequence_parallel") for m in vision_tower(model).modules())
     if sp.rank == 0:
         result = {
@@ -78,6 +83,7 @@ def run_family(family: str, sp: SequenceParallel, out_dir: Path) -> None:
             "attention_calls": attention_calls,
             "wrapped_vision_modules": wrapped,
             **sharded,
+            **one_image,
         }
         torch.save(result, out_dir / f"{family}.pt")
 

@@ -52,8 +52,16 @@ def reference(launched):
         half = -(-batch["input_ids"].shape[1] // 2)
         one_rank, _, _ = reference_loss_and_grads(model, labels_on_first_part(batch, half - 1))
         result = torch.load(launched / f"{family}.pt")
+        one_image = reference_loss_and_grads(model, build_batch(family, model, encoded[:2]))
         cases[family] = dict(
-            result=result, loss=loss, grads=grads, logits=logits, encoded=encoded, one=one_rank, batch=batch
+            one_image=one_image,
+            result=result,
+            loss=loss,
+            grads=grads,
+            logits=logits,
+            encoded=encoded,
+            one=one_rank,
+            batch=batch,
         )
     return cases
 
@@ -164,3 +172,21 @@ def test_two_by_two_under_zero3_trains_as_one_process(trained):
     # Step 2's loss is computed after an optimizer step on step 1's gradients. (The adapters are not compared
     # element-wise: Adam's first steps move an element whose gradient is ~0 by about the learning rate in either
     # direction on float noise.)
+
+
+@pytest.mark.parametrize("family", SP_FAMILIES)
+def test_a_rank_without_frames_still_trains_exactly(reference, family):
+    case = reference[family]
+    result = case["result"]
+    loss, grads, _ = case["one_image"]
+    from transformers import AutoConfig
+
+    from finetune.model.tiny import tiny_checkpoint
+
+    merge = AutoConfig.from_pretrained(tiny_checkpoint(family)).vision_config.spatial_merge_size
+    image_patches = int(case["batch"]["image_grid_thw"].prod(-1).sum())
+    # rank 0 encodes the image; rank 1 calls the tower once on the dummy input (merge x merge patches)
+    assert result["one_image_encoded_patches"] == [[image_patches], [merge * merge]]
+    assert abs(result["one_image_sharded_loss"] - loss) <= RELATIVE * abs(loss)
+    for name, want in grads.items():
+        assert _relative(result["one_image_sharded_grads"][name], want) <= RELATIVE, name
