@@ -117,6 +117,26 @@ def varlen_attention(
 ):
     """transformers' attention-function signature: query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D).
     Every sequence of the flattened rows attends only to itself (causally in the LLM, fully in the ViT)."""
+    sequence_parallel = getattr(module, "sequence_parallel", None)
+    if sequence_parallel is not None and module.training:
+        # An LLM attention module of a sequence-parallel run (finetune/model/sequence_parallel.py): the all-to-all
+        # around this same function, which then sees the whole row and its boundaries.
+        return sequence_parallel.attend(
+            functools.partial(varlen_attention, None, kernel=kernel, is_causal=module.is_causal),
+            query,
+            key,
+            value,
+            attention_mask=attention_mask,
+            scaling=scaling,
+            dropout=dropout,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            position_ids=position_ids,
+            sliding_window=sliding_window,
+            **kwargs,
+        )
     if attention_mask is not None:
         raise ValueError(
             "varlen attention takes sample boundaries (cu_seq_lens), not a mask: generation and padded batches run "

@@ -223,13 +223,19 @@ def training_loader(
     seed: int,
     world_size: int,
     num_workers: int,
+    sequence_parallel: int = 1,
 ):
-    """The one training DataLoader: `rows_per_batch` rows per step and device, reshuffled every epoch."""
+    """The one training DataLoader: `rows_per_batch` rows per step and device, reshuffled every epoch. With
+    `sequence_parallel` N > 1, each group of N consecutive ranks gets the same rows (the data-parallel world is
+    world_size / N)."""
     from torch.utils.data import DataLoader
 
     from finetune.data.packing import RowBatchSampler
+    from finetune.model.sequence_parallel import SequenceParallelSampler
 
-    sampler = RowBatchSampler(rows, rows_per_batch, seed, world_size)
+    sampler = RowBatchSampler(rows, rows_per_batch, seed, world_size // sequence_parallel)
+    if sequence_parallel > 1:
+        sampler = SequenceParallelSampler(sampler, sequence_parallel)
     return DataLoader(RowIndex(), batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
 
 

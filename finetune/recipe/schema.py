@@ -362,6 +362,14 @@ class TrainerConfig:
         "attention; per_device_train_batch_size then counts rows. false: padded batches.",
     )
     max_tokens_per_row: int | None = option(None, help="Tokens per packed row; null = data.max_length.")
+    sequence_parallel: int = option(
+        1,
+        help="Ranks that split each training row (Ulysses sequence parallelism, finetune/model/sequence_parallel.py): "
+        "the row is cut after the vision features are merged, and an all-to-all around the LLM's attention gives "
+        "each rank heads/N of the heads over the whole row, so a row N times longer fits. 1: off. N must divide the "
+        "LLM's attention and key/value heads and the number of processes; needs the varlen attention; not for "
+        "Qwen3.5 (linear-attention layers). Each rank encodes its share of the row's frames; the features are gathered.",
+    )
     router_aux_loss_coef: float | None = option(
         None,
         help="Weight of a mixture-of-experts LLM's load-balancing loss in the training loss (transformers' "
@@ -379,6 +387,8 @@ class TrainerConfig:
             raise ConfigError("trainer.per_device_train_batch_size and gradient_accumulation_steps must be >= 1.")
         if self.learning_rate <= 0:
             raise ConfigError(f"trainer.learning_rate must be positive, got {self.learning_rate}.")
+        if self.sequence_parallel < 1:
+            raise ConfigError(f"trainer.sequence_parallel must be >= 1 (1: off), got {self.sequence_parallel}.")
 
 
 @dataclass
@@ -830,6 +840,7 @@ class Config:
         self._check_experts()
         self._check_quantization()
         self._check_method()
+        self._check_sequence_parallel()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError(
                 "trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
@@ -839,6 +850,35 @@ class Config:
             raise ConfigError(f"data.max_bad_samples must be >= 0 or null, got {self.data.max_bad_samples}.")
         if self.trainer.precision == "fp16" and self.deepspeed.config_file is None and not self.parts.uses_lora:
             raise ConfigError("trainer.precision=fp16 full fine-tuning is unstable for Qwen-VL; use bf16 or fp32.")
+
+    def _check_sequence_parallel(self) -> None:
+        """trainer.sequence_parallel against the rest of the recipe (the model's heads, its layer kinds and the
+        number of processes are checked at start-up: finetune/model/sequence_parallel.py `check`)."""
+        n = self.trainer.sequence_parallel
+        if n == 1:
+            return
+        if self.model.attn_implementation not in ("varlen", "auto"):
+            raise ConfigError(
+                f"trainer.sequence_parallel={n} needs model.attn_implementation=varlen (or auto): with "
+                f"{self.model.attn_implementation} the packed samples of a split row would attend across each other; "
+                "set model.attn_implementation=varlen."
+            )
+        if self.method.name != "sft":
+            raise ConfigError(
+                f"trainer.sequence_parallel={n} is built for method=sft only; use trainer.sequence_parallel=1 with "
+                f"method={self.method.name}."
+            )
+        if self.parts.router != "frozen" or self.trainer.router_aux_loss_coef:
+            raise ConfigError(
+                f"trainer.sequence_parallel={n} does not add a mixture-of-experts load-balancing loss (its router "
+                "statistics would need the whole row's tokens); leave parts.router=frozen and "
+                "trainer.router_aux_loss_coef=null (or 0), or set trainer.sequence_parallel=1."
+            )
+        if self.data.streaming:
+            raise ConfigError(
+                f"trainer.sequence_parallel={n} needs the same row on the {n} ranks of a group, which data.streaming="
+                "true (rank-sharded records) does not give; set data.streaming=false."
+            )
 
     def _check_method(self) -> None:
         """A preference method against the rest of the recipe: what its trainer supports."""

@@ -41,6 +41,7 @@ def loader_factory(config: Config, encoder, samples, lengths: list[int], rule, b
             config.trainer.seed,
             world_size,
             config.trainer.dataloader_num_workers,
+            config.trainer.sequence_parallel,
         )
 
     return build, collator

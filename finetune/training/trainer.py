@@ -3,6 +3,7 @@ the fault guards and token throughput in the logs; and the `SFTConfig` a recipe 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from finetune.model.load import uses_gpu
+from finetune.model.sequence_parallel import SequenceParallel, encode_media_sharded, install, slice_token_losses
 from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config, repo_path
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, save_marked_checkpoint
@@ -127,6 +129,7 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = True
         self._train_loader = train_loader  # a callable of the world size building the training DataLoader
         self.one_vision_call = None
+        self.sequence_parallel = None  # this rank's group and slice with trainer.sequence_parallel > 1
         self.last_batch: dict | None = None
         limit = bad_sample_limit(recipe.data.max_bad_samples, len(self.train_dataset))
         self._guard = StepGuard(Path(self.args.output_dir), limit, recipe.trainer.nonfinite_loss, self.accelerator)
@@ -176,18 +179,43 @@ class VisionLanguageSFTTrainer(SFTTrainer):
             # One vision-tower call per forward on every rank (no ZeRO-3 hang); installed once DeepSpeed has
             # its hooks.
             self.one_vision_call = OneVisionCall(base_model(self.model).model)
+        if self.sequence_parallel is None and self._recipe.trainer.sequence_parallel > 1:
+            # Groups of N consecutive ranks, which the loader gives the same rows (finetune/model/sequence_parallel.py).
+            self.sequence_parallel = SequenceParallel.from_world(self._recipe.trainer.sequence_parallel)
+            install(self.model, self.sequence_parallel)
+            # Each rank of a group encodes its share of the row's frames; the features are gathered.
+            self.one_vision_call.encode = functools.partial(encode_media_sharded, sp=self.sequence_parallel)
 
         step = self.state.global_step
         self.last_batch = batch_summary(inputs)  # named in an out-of-memory message
         self._guard.take(inputs, step)  # samples that failed to decode; the ids of the rows
         real = int(inputs.pop("num_real_tokens"))
+        if self.sequence_parallel is not None:  # the N ranks of a group share a row: each works on 1/N of it
+            real //= self.sequence_parallel.size
         self._tokens["real"] += real
-        self._tokens["trained"] += int((inputs["labels"] != -100).sum())
+        trained = int((inputs["labels"] != -100).sum())
+        self._tokens["trained"] += trained // (self.sequence_parallel.size if self.sequence_parallel else 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Every rank checks the step together (bad samples, non-finite loss); the same exchange sums the tokens of
         # all ranks, logged as `tokens_seen` (TRL's `num_tokens` counts the rows of a batch without attention_mask).
         self._tokens["seen"] += self._guard.after_step(loss, real, step, model)
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With sequence parallelism: this rank's slice of the row (finetune/model/sequence_parallel.py), its token
+        losses summed and divided by the labelled tokens of all ranks' distinct rows, times the world size (the
+        gradient is averaged over every rank, the peers of a group included; each rank's backward holds a share of
+        every slice's loss through the all-to-alls). Otherwise TRL's."""
+        if self.sequence_parallel is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        n = self.sequence_parallel.size
+        token_sum, count = slice_token_losses(model, inputs, self.sequence_parallel, unwrapped=self.model)
+        if num_items_in_batch is None:  # this micro-batch's labelled tokens over every rank (each row counted N times)
+            num_items_in_batch = self.accelerator.reduce(torch.tensor(float(count), device=token_sum.device), "sum")
+            num_items_in_batch = num_items_in_batch * n
+        distinct = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=token_sum.device) / n
+        loss = token_sum / distinct.clamp_min(1) * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's save, then the completion marker (finetune/training/faults.py)."""

@@ -47,6 +47,9 @@ class OneVisionCall:
         # The input_ids of the forward this hook replaced by embeddings, for the placeholder masks (see above).
         self.input_ids = None
         self.inner_model = inner_model
+        # How the features are made: one tower call on the batch's media; with sequence parallelism, each rank's
+        # share of the row's frames and a gather (finetune/model/sequence_parallel.py `encode_media_sharded`).
+        self.encode = encode_media_once
         self.after = inner_model.register_forward_hook(self._after)
         if hasattr(inner_model, "get_placeholder_mask"):
             inner_model.get_placeholder_mask = self._placeholder_mask
@@ -69,7 +72,9 @@ class OneVisionCall:
         ):
             return None
         embeds = module.get_input_embeddings()(kwargs["input_ids"])  # the model's own order: embeddings first
-        features, padding = encode_media_once(self.visual, self.vision_config, kwargs)
+        # Evaluation's sharded generation gives each rank its own prompts: never a group's shared row.
+        encode = encode_media_once if self.in_evaluation else self.encode
+        features, padding = encode(self.visual, self.vision_config, kwargs)
         if padding is not None:
             embeds = embeds + padding.to(embeds.dtype)
         # The embeddings replace input_ids (Qwen3-VL accepts only one of them); the placeholders are found by the

@@ -32,7 +32,7 @@ from finetune.data.modes import LabelMode
 from finetune.data.prepare import prepare_split, require_clean
 from finetune.evaluation.evaluate import eval_samples as read_eval_samples
 from finetune.evaluation.metrics import format_metrics
-from finetune.model import attention, linear_attention
+from finetune.model import attention, linear_attention, sequence_parallel
 from finetune.model.load import DTYPES, load_model, load_processor, position_rule, recipe_precision, uses_gpu
 from finetune.model.trainable import (
     count_parameters,
@@ -120,8 +120,16 @@ def load_for_training(config: Config, precision: str):
         ", ".join(f"{part} {count:,} at lr {rates[part]:g}" for part, count in by_part.items()),
     )
 
-    implementation, note = attention.choose(
-        config.model.attn_implementation, uses_gpu(config), PartialState().device, DTYPES[precision]
+    requested, split = config.model.attn_implementation, config.trainer.sequence_parallel
+    if split > 1 and requested == "auto":
+        requested = "varlen"  # a split row keeps its samples apart by their boundaries (no mask): never sdpa
+    implementation, note = attention.choose(requested, uses_gpu(config), PartialState().device, DTYPES[precision])
+    sequence_parallel.check(
+        split,
+        model.config.model_type,
+        model.config.get_text_config(),
+        PartialState().num_processes,
+        implementation in attention.REGISTERED.values(),
     )
     attention.set_implementation(model, implementation)
     hybrid = linear_attention.is_hybrid(model.config)
