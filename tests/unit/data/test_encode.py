@@ -23,7 +23,7 @@ from tests.helpers.frame_rates import torchcodec_reads_the_container_rate
 from tests.helpers.media_factory import write_dataset
 from tests.helpers.random_data import build_media_pool, random_record
 
-N_SAMPLES = 500
+N_SAMPLES = 300  # per family: 291 compared, 205 videos among them, 9 refused by the reference (seed 1)
 # video_max_pixels is qwen-vl-utils' fixed VIDEO_MAX_TOKEN_NUM (768 tokens): the reference has no knob for it.
 # (Its pixels depend on the patch size: `settings_for` gives a family's.)
 SETTINGS = VisionSettings(
