@@ -16,6 +16,7 @@ ONE_AFTER_ANOTHER = (
     "test_demo_end_to_end.py",
     "test_preference_scale_out.py",
     "test_grpo_zero3.py",
+    "test_sequence_parallel.py",
 )
 # tests/qlora/ runs only in the process tests/integration/test_qlora.py starts, with bitsandbytes on its path
 # (tests/qlora/__init__.py says why it is not in the venv).
