@@ -10,7 +10,8 @@ LONGEST_FIRST = ("test_scale_out.py", "test_demo_end_to_end.py")
 # Modules that run one after the other on one worker (one xdist scope), never beside each other: beside the
 # multi-rank runs of test_scale_out.py, the demo's single training process ran 6x slower than alone (398 s against
 # 65 s, fresh clone of a8ef5ce), while beside the unit tests it runs about 2x slower, as two processes on two cores do.
-ONE_AFTER_ANOTHER = ("test_scale_out.py", "test_demo_end_to_end.py")
+# test_fsdp2.py: its 2-rank runs rendezvous on accelerate's fixed port, as test_scale_out.py's do.
+ONE_AFTER_ANOTHER = ("test_scale_out.py", "test_demo_end_to_end.py", "test_fsdp2.py")
 WORKERS = 2  # the 2-core machine the suite is timed on; `-n N` chooses, `-n 0` or `-p no:xdist` runs one process
 
 
