@@ -4,6 +4,7 @@ model's exact shapes and a fixed mixed image/video/text dataset. Speed and memor
     python benchmarks/gpu_train.py --model qwen2_5_vl_7b                      # one GPU: packed and unpacked
     python benchmarks/gpu_train.py --model qwen2_5_vl_72b --layers 8          # a big model, fewer layers
     python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes packed,zero2,zero3   # several GPUs
+    python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes zero3,fsdp2          # ZeRO-3 against FSDP2
     python benchmarks/gpu_train.py --model qwen2_5_vl_7b --modes grpo                        # GRPO: rollout vs training
     python benchmarks/gpu_train.py --model tiny_qwen2_5_vl --cpu --samples 12 --steps 4   # the suite's CPU run
 
@@ -191,6 +192,8 @@ MODES = {  # extra overrides per mode
     "unpacked": ["trainer.packing=false"],
     "zero2": ["trainer.packing=true", "deepspeed=zero2"],
     "zero3": ["trainer.packing=true", "deepspeed=zero3"],
+    # PyTorch FSDP2 over the GPUs (the mode's accelerate group, with accelerate.fsdp_version=2: finetune/runs/launch.py)
+    "fsdp2": ["trainer.packing=true", "accelerate.fsdp_version=2"],
     # RL with verifiable rewards on the image and video prompts (build_prompts); sizes from --generations,
     # --completion-length and --prompts-per-step (grpo_overrides)
     "grpo": ["trainer.packing=false", "method=grpo", "method.rewards=[choice]"],
@@ -425,21 +428,11 @@ def kernel_checks(device: str) -> dict:
     }
 
 
-def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out: Path) -> dict:
-    """One training run of the mode; the figures from its log_history.json."""
-    import torch
-
+def mode_overrides(name: str, mode: str, checkpoint: Path, dataset: Path, args, run_dir: Path, gpus: int) -> list[str]:
+    """The recipe of one mode's run (gpus: the GPUs of this machine; --cpu runs on the CPU)."""
     from finetune.base.families import FAMILIES
-    from finetune.model.load import recipe_precision
-    from finetune.recipe.load import load_config
-    from finetune.runs.launch import accelerate_args
 
-    run_dir = out / f"run-{name}-{mode}"
-    grpo = mode == "grpo"
-    if grpo:
-        dataset = build_prompts(dataset, args.seed)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [
+    return [
         "~experiment",  # no experiment: the keys below are the whole recipe (a demo experiment takes tiny:// only)
         f"name=gpu_train_{name}_{mode}",
         f"model={name}",
@@ -469,13 +462,26 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
         "logger=none",
         # LoRA on fused experts takes no dropout (PEFT): the MoE models' LoRA is on attention and experts
         *(["peft.dropout=0"] if FAMILIES[SHAPES[name][0]].expert_lora_targets else []),
-        "accelerate=cpu"
-        if args.cpu
-        else ("accelerate=multi_gpu" if torch.cuda.device_count() > 1 else "accelerate=single_gpu"),
+        "accelerate=cpu" if args.cpu else ("accelerate=multi_gpu" if gpus > 1 else "accelerate=single_gpu"),
         *MODES[mode],
-        *(grpo_overrides(args, "cpu" if args.cpu else "cuda") if grpo else []),
+        *(grpo_overrides(args, "cpu" if args.cpu else "cuda") if mode == "grpo" else []),
         *args.override,
     ]
+
+
+def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out: Path) -> dict:
+    """One training run of the mode; the figures from its log_history.json."""
+    import torch
+
+    from finetune.model.load import recipe_precision
+    from finetune.recipe.load import load_config
+    from finetune.runs.launch import accelerate_args
+
+    run_dir = out / f"run-{name}-{mode}"
+    if mode == "grpo":
+        dataset = build_prompts(dataset, args.seed)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = mode_overrides(name, mode, checkpoint, dataset, args, run_dir, torch.cuda.device_count())
     config = load_config(overrides)
     launch = accelerate_args(
         config, dict(os.environ), 0 if args.cpu else torch.cuda.device_count(), recipe_precision(config)
@@ -494,7 +500,7 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     attention = next(
         (line.split("attention: ", 1)[1] for line in result.stderr.splitlines() if "attention: " in line), "?"
     )
-    if grpo:
+    if mode == "grpo":
         return {
             "mode": mode,
             **grpo_figures(history, measured, config),
@@ -592,7 +598,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Modes: packed, unpacked (one GPU) and zero2, zero3 (several GPUs) train SFT and report real tokens/s per "
+        epilog="Modes: packed, unpacked (one GPU) and zero2, zero3, fsdp2 (several GPUs) train SFT and report real tokens/s per "
         "GPU, MFU, peak memory and the data wait; grpo trains method=grpo on the dataset's image and video prompts and "
         "reports per step the rollout (generation) time, the training time, generation's share of the step, generated "
         "tokens/s and peak memory. A GRPO run on one GPU: python benchmarks/gpu_train.py --model qwen2_5_vl_7b "

@@ -17,6 +17,7 @@ ONE_AFTER_ANOTHER = (
     "test_preference_scale_out.py",
     "test_grpo_zero3.py",
     "test_sequence_parallel.py",
+    "test_fsdp2.py",
 )
 # tests/qlora/ runs only in the process tests/integration/test_qlora.py starts, with bitsandbytes on its path
 # (tests/qlora/__init__.py says why it is not in the venv).

@@ -25,6 +25,9 @@ class Family:
     mergers: tuple[str, ...]  # children of the vision tower that project its features into the LLM
     language_model: str  # under `inner_model`
     lm_head: str  # under the outer model
+    # The classes (transformers names) of the LLM's decoder layers and of the ViT's blocks: FSDP2's sharding units
+    # (`accelerate.fsdp_version=2`: each layer and block gathers its weights on its own; finetune/runs/launch.py).
+    shard_units: tuple[str, ...]
 
     # nn.Linear names that take LoRA when the recipe leaves peft.target_modules / peft.vision_target_modules null
     # (their default): in the language model, and in the vision tower outside the mergers (the
@@ -225,6 +228,7 @@ DENSE_LLM = dict(expert_lora_targets=None, router=None, transposed_in_checkpoint
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         model_type="qwen2_vl",
+        shard_units=("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
         title="Qwen2-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
@@ -242,6 +246,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen2_5_vl": Family(
         model_type="qwen2_5_vl",
+        shard_units=("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
         title="Qwen2.5-VL",
         **QWEN_VL_LAYOUT,
         vision_lora_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
@@ -268,6 +273,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_vl": Family(
         model_type="qwen3_vl",
+        shard_units=("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"),
         title="Qwen3-VL",
         **QWEN3_VL_LAYOUT,
         **DENSE_LLM,
@@ -279,6 +285,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_vl_moe": Family(
         model_type="qwen3_vl_moe",
+        shard_units=("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock"),
         title="Qwen3-VL-MoE",
         # Every decoder layer's MLP is a mixture of experts (decoder_sparse_step 1, no mlp_only_layers in the published
         # configs): the nn.Linear targets are the attention projections, the experts take LoRA as parameters.
@@ -309,6 +316,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5": Family(
         model_type="qwen3_5",
+        shard_units=("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"),
         title="Qwen3.5",
         **QWEN3_5_LAYOUT,
         **DENSE_LLM,
@@ -321,6 +329,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5_moe": Family(
         model_type="qwen3_5_moe",
+        shard_units=("Qwen3_5MoeDecoderLayer", "Qwen3_5MoeVisionBlock"),
         title="Qwen3.5-MoE",
         # Every decoder layer's MLP is a mixture of experts plus one shared expert (no dense MLP layers): the nn.Linear
         # gate/up/down targets are the shared expert's; the routed experts take LoRA as parameters.

@@ -433,10 +433,21 @@ class AccelerateConfig:
     processes_per_node: int | None = option(
         None, help="Processes per node; null means one per visible GPU (multi_gpu/multi_node) or 1 (cpu/single_gpu)."
     )
+    fsdp_version: int | None = option(
+        None,
+        help="2: shard parameters, gradients and optimizer state over the processes with PyTorch FSDP2 (fully_shard; "
+        "each LLM decoder layer and ViT block a unit, bf16 parameters with fp32 gradient reduction on GPUs, sharded "
+        "checkpoints; accelerate=fsdp2); null: no FSDP (DDP, or DeepSpeed with a deepspeed recipe).",
+    )
 
     def check(self) -> None:
         if self.processes_per_node is not None and self.processes_per_node < 1:
             raise ConfigError("accelerate.processes_per_node must be >= 1 or null.")
+        if self.fsdp_version not in (None, 2):
+            raise ConfigError(
+                f"accelerate.fsdp_version={self.fsdp_version}: only 2 (FSDP2) is supported; FSDP1 cannot hold frozen "
+                "and LoRA parameters in one unit. Use accelerate.fsdp_version=2 (or null)."
+            )
         if self.mode == "single_gpu" and self.processes_per_node not in (None, 1):
             raise ConfigError("accelerate.mode=single_gpu runs one process; use mode=multi_gpu for more.")
 
@@ -841,6 +852,7 @@ class Config:
         self._check_quantization()
         self._check_method()
         self._check_sequence_parallel()
+        self._check_fsdp()
         if self.trainer.nonfinite_loss == "skip" and self.deepspeed.config_file:
             raise ConfigError(
                 "trainer.nonfinite_loss=skip cannot drop a step's gradients under DeepSpeed (they live in "
@@ -878,6 +890,27 @@ class Config:
             raise ConfigError(
                 f"trainer.sequence_parallel={n} needs the same row on the {n} ranks of a group, which data.streaming="
                 "true (rank-sharded records) does not give; set data.streaming=false."
+            )
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 (accelerate.fsdp_version=2) against what else the recipe asks for: one sharding engine, and what the
+        FSDP2 path is built and tested for (finetune/training/fsdp.py, tests/integration/test_fsdp2.py)."""
+        if not self.accelerate.fsdp_version:
+            return
+        if self.deepspeed.config_file:
+            raise ConfigError(
+                f"accelerate.fsdp_version=2 (FSDP2) and deepspeed.config_file={self.deepspeed.config_file} both shard "
+                "the model: pick one (deepspeed=none with accelerate=fsdp2, or a deepspeed recipe without FSDP2)."
+            )
+        if self.method.name != "sft":
+            raise ConfigError(
+                f"method={self.method.name} is not built for FSDP2 (its trainer saves and gathers as DeepSpeed or DDP "
+                "do): use deepspeed=zero3 (or zero2) with accelerate.fsdp_version=null."
+            )
+        if self.evaluation.steps:
+            raise ConfigError(
+                "evaluation.steps (generation during training) is not built for FSDP2: set evaluation.steps=null and "
+                "evaluate the saved adapter after training (evaluation.after_training), or use deepspeed=zero3."
             )
 
     def _check_method(self) -> None:

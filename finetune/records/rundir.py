@@ -172,7 +172,16 @@ def resolve_checkpoint(value: str | None, run_dir: Path) -> str | None:
 
 def check_checkpoint_fits(checkpoint: str, config: Config, world_size: int) -> None:
     """A DeepSpeed checkpoint resumes only under DeepSpeed with the same number of ranks (its optimizer state is
-    sharded per rank); say so at start-up instead of failing inside DeepSpeed's loader."""
+    sharded per rank), an FSDP2 checkpoint (torch.distributed.checkpoint shards) only under FSDP2; say so at start-up
+    instead of failing inside DeepSpeed's or transformers' loader."""
+    sharded_by_fsdp = (Path(checkpoint) / "pytorch_model_fsdp_0").is_dir()  # transformers' FSDP model folder
+    if sharded_by_fsdp != bool(config.accelerate.fsdp_version):
+        raise ConfigError(
+            f"{checkpoint} was written under FSDP2: resume it with accelerate=fsdp2 (accelerate.fsdp_version=2)."
+            if sharded_by_fsdp
+            else f"{checkpoint} was written without FSDP2: resume it with the accelerate and deepspeed recipes it was "
+            "trained with (accelerate.fsdp_version=null), or start a new run."
+        )
     shards = list(Path(checkpoint).glob("global_step*/*_optim_states.pt"))
     if shards and not config.deepspeed.config_file:
         raise ConfigError(f"{checkpoint} was written under DeepSpeed: resume it with the same deepspeed recipe.")

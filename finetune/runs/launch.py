@@ -8,6 +8,9 @@ The recipe's `accelerate` group and the environment decide the processes:
   multi_gpu    one process per visible GPU (or processes_per_node) on this machine
   multi_node   NNODES machines, this one being NODE_RANK; MASTER_ADDR/MASTER_PORT reach node 0;
                GPUS_PER_NODE (default: the visible GPUs) processes on each
+accelerate=fsdp2 is `auto` with accelerate.fsdp_version=2: PyTorch FSDP2 shards the model over the processes (any mode
+but single_gpu; NNODES > 1 is the multi_node launch with the same variables); one process, or a deepspeed recipe beside
+it, is refused.
 NNODES > 1 also joins machines with cpu and multi_gpu (e.g. two `accelerate=cpu` launches on one machine); only
 single_gpu refuses it. `--dry-run` on a machine without GPUs (a login node) prints the commands for GPUS_PER_NODE
 GPUs per node; a real launch there is refused. The exact command is printed before it runs. Evaluation and export
@@ -23,6 +26,7 @@ import sys
 from pathlib import Path
 
 from finetune.base.errors import ConfigError
+from finetune.base.families import family_of
 from finetune.recipe.budgets import summary_lines
 from finetune.recipe.load import load_config, to_yaml
 from finetune.recipe.schema import Config, repo_path
@@ -86,10 +90,13 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str, d
         per_node = acc.processes_per_node or _int_env(env, "GPUS_PER_NODE", gpu_count)
     total = per_node * nodes
     refuse_zero_on_one_process(config, total)
+    refuse_fsdp_on_one_process(config, total)
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
     args = ["--num_processes", str(total), "--num_machines", str(nodes), "--dynamo_backend", "no"]
     if config.deepspeed.config_file:
         args += ["--use_deepspeed", "--deepspeed_config_file", str(repo_path(config.deepspeed.config_file))]
+    elif config.accelerate.fsdp_version:
+        args += ["--mixed_precision", mixed, *fsdp_args(config)]
     else:
         args += ["--mixed_precision", mixed]
         if total > 1:
@@ -116,6 +123,45 @@ def accelerate_args(config: Config, env: dict, gpu_count: int, precision: str, d
             # machines is instead to start every node from this one over pdsh with the `deepspeed` launcher.
             args += ["--deepspeed_multinode_launcher", "standard"]
     return args
+
+
+def fsdp_args(config: Config) -> list[str]:
+    """accelerate's FSDP2 options (it reads them into its FullyShardedDataParallelPlugin in every process). Each is
+    given, not left to accelerate 1.15's defaults: its `--fsdp_version` defaults to 1, whose flat units cannot hold
+    frozen and LoRA parameters together. The units are the family's decoder layers and ViT blocks
+    (finetune/base/families.py `shard_units`); the embeddings, the final norm with the LM head, and the rest (patch
+    embed, mergers) become units of their own (accelerate's fsdp2_prepare_model). Checkpoints are sharded (each rank
+    writes its shards of the trained weights and the optimizer state with torch.distributed.checkpoint); the adapter
+    is gathered whole for saving (finetune/training/fsdp.py)."""
+    return [
+        "--use_fsdp",
+        "--fsdp_version",
+        str(config.accelerate.fsdp_version),
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        ",".join(family_of(config.model.family).shard_units),
+        "--fsdp_reshard_after_forward",
+        "true",
+        "--fsdp_state_dict_type",
+        "SHARDED_STATE_DICT",
+        "--fsdp_offload_params",
+        "false",
+        "--fsdp_cpu_ram_efficient_loading",
+        "false",
+        "--fsdp_activation_checkpointing",
+        "false",  # the recipe's trainer.gradient_checkpointing does it (finetune/model/trainable.py)
+    ]
+
+
+def refuse_fsdp_on_one_process(config: Config, processes: int) -> None:
+    """FSDP2 shards across the ranks: one process holds every shard, and only pays FSDP's gathers."""
+    if config.accelerate.fsdp_version and processes == 1:
+        raise ConfigError(
+            "FSDP2 (accelerate.fsdp_version=2) with a single process shards nothing: for one GPU use "
+            "accelerate=single_gpu; FSDP2 pays off with several GPUs (accelerate=fsdp2 on a machine with several, or "
+            "NNODES>1)."
+        )
 
 
 def refuse_zero_on_one_process(config: Config, processes: int) -> None:
@@ -213,6 +259,8 @@ def layout(config: Config, args: list[str]) -> str:
     engine = (
         f"DeepSpeed ({config.deepspeed.config_file})"
         if config.deepspeed.config_file
+        else "FSDP2"
+        if config.accelerate.fsdp_version
         else ("DDP" if total > 1 else "one process")
     )
     env = dict(os.environ)

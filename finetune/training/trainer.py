@@ -15,6 +15,7 @@ from finetune.model.load import uses_gpu
 from finetune.model.sequence_parallel import SequenceParallel, encode_media_sharded, install, slice_token_losses
 from finetune.model.trainable import base_model, parameter_groups, router_aux_loss_coef
 from finetune.recipe.schema import Config, repo_path
+from finetune.training import fsdp
 from finetune.training.faults import StepGuard, bad_sample_limit, batch_summary, save_marked_checkpoint
 from finetune.training.periodic_eval import as_logs, evaluate_in_training
 from finetune.training.vision_sync import OneVisionCall
@@ -138,11 +139,34 @@ class VisionLanguageSFTTrainer(SFTTrainer):
         self._last_log = (time.perf_counter(), 0, 0)
         self._waited = 0.0  # seconds spent waiting for the next batches since the last log
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self._recipe.accelerate.fsdp_version:
+            fsdp.engage(self)  # fp32 gradient reduction; the same FSDP2 on CPU processes (finetune/training/fsdp.py)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Under FSDP2 the trained weights are gathered from the shards and saved whole (the adapter of `adapter/` and
+        of each checkpoint); the Trainer itself writes none with sharded checkpoints."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = fsdp.gathered_state_dict(self.model, trained_only=self._recipe.parts.uses_lora)
+        self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
     def get_train_dataloader(self):
         loader = self._train_loader(self.accelerator.num_processes)
         if self._recipe.data.streaming:  # already this rank's own batches: accelerate must not shard them again
             return loader
+        self._row_sampler = loader.batch_sampler  # finetune/data/packing.py RowBatchSampler
         return self.accelerator.prepare(loader)
+
+    def _run_epoch(self, model, epoch, train_dataloader, *args, **kwargs):
+        """The epoch reaches the row order on every path. Resuming mid-epoch on several ranks, the Trainer's own
+        set_epoch stops short of it: accelerate wraps it twice there (SkipBatchSampler around BatchSamplerShard), and
+        the resumed epoch would replay the first epoch's rows (seen on 2 FSDP2 ranks killed at step 4 of 3-step
+        epochs: steps 5 and 6 trained on other rows than the uninterrupted run)."""
+        if hasattr(getattr(self, "_row_sampler", None), "set_epoch"):
+            self._row_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, train_dataloader, *args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's fetch of a step's batches, timed: `data_wait_fraction` in the logs is the share of the time

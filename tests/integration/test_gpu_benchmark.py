@@ -125,3 +125,28 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     records = json.loads(next(tmp_path.glob("data-*/train.json")).read_text())
     kinds = [("videos" in r) + 2 * ("images" in r) for r in records]
     assert (kinds.count(1), kinds.count(2), kinds.count(0)) == (4, 4, 2)  # 40 % video, 40 % image, 20 % text
+
+
+def test_the_fsdp2_mode_launches_fsdp2_over_the_gpus_and_zero3_deepspeed(tmp_path):
+    """--modes fsdp2 (no launch here: the suite's CPU run has one process, which FSDP2 refuses): on a machine with 4
+    GPUs its run starts 4 processes under accelerate's FSDP2, with the model's units, as zero3 starts DeepSpeed."""
+    from argparse import Namespace
+
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.load import load_config
+    from finetune.runs.launch import accelerate_args
+
+    args = Namespace(steps=3, workers=0, cpu=False, override=[])
+    launches = {}
+    for mode in ("fsdp2", "zero3"):
+        overrides = gpu_train.mode_overrides(
+            "tiny_qwen2_5_vl", mode, tiny_checkpoint("qwen2_5_vl"), tmp_path / "train.json", args, tmp_path, gpus=4
+        )
+        launches[mode] = accelerate_args(load_config(overrides), {}, 4, "bf16")
+    fsdp2, zero3 = launches["fsdp2"], launches["zero3"]
+    assert fsdp2[fsdp2.index("--num_processes") + 1] == "4" and "--use_deepspeed" not in fsdp2
+    assert fsdp2[fsdp2.index("--fsdp_version") + 1] == "2" and "--use_fsdp" in fsdp2
+    assert (
+        fsdp2[fsdp2.index("--fsdp_transformer_layer_cls_to_wrap") + 1] == "Qwen2_5_VLDecoderLayer,Qwen2_5_VLVisionBlock"
+    )
+    assert "--use_deepspeed" in zero3 and "--use_fsdp" not in zero3

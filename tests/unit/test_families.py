@@ -147,6 +147,19 @@ def test_module_paths_resolve_and_classify_every_parameter_once(models, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_shard_units_are_the_decoder_layers_and_vision_blocks(models, name):
+    """FSDP2's units (finetune/runs/launch.py): every LLM decoder layer and every ViT block is an instance of exactly
+    one of the named classes, and no other module is."""
+    family, model = FAMILIES[name], models[name]
+    inner = model.get_submodule(family.inner_model)
+    layers = list(inner.get_submodule(family.language_model).layers)
+    blocks = list(inner.get_submodule(family.vision_tower).blocks)
+    named = [m for m in model.modules() if type(m).__name__ in family.shard_units]
+    assert {type(m).__name__ for m in layers} | {type(m).__name__ for m in blocks} == set(family.shard_units)
+    assert len(named) == len(layers) + len(blocks) and {id(m) for m in named} == {id(m) for m in layers + blocks}
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_saved_checkpoint_keys_classify_like_the_loaded_parameters(models, tiny_paths, name):
     """transformers 5 writes the original key layout (`visual.*`, `model.layers.*`): the parts are told apart there
     too (the export test compares merged and base weights by part)."""

@@ -181,3 +181,89 @@ def test_multi_gpu_with_several_nodes_joins_the_machines():
         "0",
         "10.0.0.1",
     )
+
+
+# ---------------------------------------------------------------- FSDP2 (accelerate=fsdp2)
+
+
+def test_fsdp2_options_reach_accelerate_as_fsdp2_with_the_familys_units(monkeypatch):
+    """The options accelerate's own parser reads, and the plugin its processes build from them: FSDP2 (not
+    accelerate 1.15's default 1), the family's decoder layers and ViT blocks as units, sharded checkpoints, bf16."""
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+    from finetune.base.families import FAMILIES
+
+    args = _args(["accelerate=fsdp2", "experiment=demo_qwen3_vl"], gpus=4, precision="bf16")
+    assert "--multi_gpu" not in args and "--use_deepspeed" not in args and "--cpu" not in args
+    parsed = launch_command_parser().parse_args([*args, "train.py"])
+    assert parsed.use_fsdp and parsed.num_processes == 4 and parsed.mixed_precision == "bf16"
+    env = prepare_multi_gpu_env(parsed)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for name in list(__import__("os").environ):
+        if name.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("FSDP_"):
+            monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == list(FAMILIES["qwen3_vl"].shard_units)
+    assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT
+    assert not plugin.activation_checkpointing and type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # no offload
+
+
+def test_fsdp2_on_several_nodes_is_the_multi_node_launch():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29555"}
+    args = _args(["accelerate=fsdp2"], env=env, gpus=8, precision="bf16")
+    assert (_opt(args, "--num_processes"), _opt(args, "--num_machines"), _opt(args, "--machine_rank")) == (
+        "16",
+        "2",
+        "1",
+    )
+    assert _opt(args, "--main_process_ip") == "10.1.2.3" and "--same_network" in args
+    assert "--use_fsdp" in args and _opt(args, "--fsdp_version") == "2"
+    assert "--deepspeed_multinode_launcher" not in args
+    assert _args(["accelerate=multi_node", "accelerate.fsdp_version=2"], env=env, gpus=8, precision="bf16") == args
+
+
+def test_fsdp2_on_cpu_processes_uses_the_multi_process_launcher():
+    args = _args(["accelerate=fsdp2", "accelerate.processes_per_node=2"])  # no GPU: auto -> cpu, gloo
+    assert "--use_fsdp" in args and "--cpu" not in args and "--multi_gpu" not in args
+    assert _opt(args, "--mixed_precision") == "no" and "--num_cpu_threads_per_process" in args
+
+
+@pytest.mark.parametrize(
+    "overrides, gpus, message",
+    [
+        (["accelerate=fsdp2"], 1, "single process shards nothing: for one GPU use accelerate=single_gpu"),
+        (["accelerate=fsdp2"], 0, "single process shards nothing"),
+        (["accelerate=single_gpu", "accelerate.fsdp_version=2"], 1, "single process shards nothing"),
+    ],
+)
+def test_fsdp2_on_one_process_is_refused_with_the_fix(overrides, gpus, message):
+    with pytest.raises(ConfigError, match=message):
+        _args(overrides, gpus=gpus, precision="bf16" if gpus else "fp32")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["accelerate=fsdp2", "deepspeed=zero3"],
+            r"both shard the model: pick one \(deepspeed=none with accelerate=fsdp2",
+        ),
+        (
+            ["accelerate=fsdp2", "accelerate.fsdp_version=1"],
+            "only 2 \\(FSDP2\\) is supported; FSDP1 cannot hold frozen",
+        ),
+        (["accelerate=fsdp2", "method=dpo"], "method=dpo is not built for FSDP2"),
+        (["accelerate=fsdp2", "evaluation.steps=2"], "evaluation.steps .* is not built for FSDP2"),
+    ],
+)
+def test_what_fsdp2_cannot_honour_is_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(overrides)
+    assert "\n" not in str(err.value)

@@ -74,3 +74,14 @@ def test_the_launcher_refuses_an_impossible_resume_before_starting_processes(tmp
     assert main(overrides) == 2
     err = capsys.readouterr().err
     assert "shards of 1 DeepSpeed ranks but this run has 2" in err and "accelerate launch" not in err
+
+
+def test_an_fsdp2_checkpoint_resumes_only_under_fsdp2(tmp_path):
+    checkpoint = _checkpoint(tmp_path, 4)
+    (checkpoint / "pytorch_model_fsdp_0").mkdir()
+    fsdp2, plain = load_config(["accelerate=fsdp2"]), load_config([])
+    check_checkpoint_fits(str(checkpoint), fsdp2, world_size=2)
+    with pytest.raises(ConfigError, match="written under FSDP2: resume it with accelerate=fsdp2"):
+        check_checkpoint_fits(str(checkpoint), plain, world_size=2)
+    with pytest.raises(ConfigError, match="written without FSDP2"):
+        check_checkpoint_fits(str(_checkpoint(tmp_path, 8)), fsdp2, world_size=2)
