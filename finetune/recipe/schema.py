@@ -1019,11 +1019,8 @@ class Config:
 
 
 def uses_fsdp(config: Config) -> bool:
-    """Whether the recipe trains under FSDP: a key of the accelerate group (`accelerate=<recipe>`) that names FSDP,
-    or whose value does (QLoRA refuses it, `_check_quantization`). Read by name so that any FSDP recipe is covered."""
-    acc = config.accelerate
-    set_keys = [(f.name, getattr(acc, f.name)) for f in fields(acc) if getattr(acc, f.name)]
-    return any("fsdp" in f"{name} {value}".lower() for name, value in set_keys)
+    """Whether the recipe trains under FSDP2 (`accelerate=fsdp2`, or `accelerate.fsdp_version=2`)."""
+    return bool(config.accelerate.fsdp_version)
 
 
 def repo_path(path: str) -> Path:

@@ -219,12 +219,9 @@ def test_qlora_refusals_name_the_fix(tmp_path, data_file, extra, match):
 
 
 def test_qlora_under_fsdp_is_refused(tmp_path, data_file):
-    """Any FSDP accelerate recipe (a key or value of the accelerate group naming FSDP): 4-bit weights shard under FSDP
-    only with a matching storage dtype (axolotl #2992), which nothing here proves."""
-    config = recipe("qwen2_5_vl", tmp_path, data_file)
-    config.accelerate.mode = "fsdp2"  # the FSDP back-end's recipe is not on this branch: its value, set by hand
+    """4-bit weights shard under FSDP2 only with a matching storage dtype (axolotl #2992), which nothing here proves."""
     with pytest.raises(ConfigError, match=r"under FSDP.*axolotl #2992.*deepspeed=zero2 or DDP"):
-        config._check_quantization()
+        recipe("qwen2_5_vl", tmp_path, data_file, "accelerate=fsdp2", "accelerate.processes_per_node=2")
 
 
 @pytest.mark.parametrize("extra", [[], ["deepspeed=zero2"]])
