@@ -428,8 +428,11 @@ def kernel_checks(device: str) -> dict:
     }
 
 
-def mode_overrides(name: str, mode: str, checkpoint: Path, dataset: Path, args, run_dir: Path, gpus: int) -> list[str]:
-    """The recipe of one mode's run (gpus: the GPUs of this machine; --cpu runs on the CPU)."""
+def mode_overrides(
+    name: str, mode: str, checkpoint: Path, dataset: Path, args, run_dir: Path, gpus: int, extra: tuple = ()
+) -> list[str]:
+    """The recipe of one mode's run (gpus: the GPUs of this machine; --cpu runs on the CPU; extra: overrides of this
+    run only, e.g. --sequence-parallel's)."""
     from finetune.base.families import FAMILIES
 
     return [
@@ -465,23 +468,66 @@ def mode_overrides(name: str, mode: str, checkpoint: Path, dataset: Path, args, 
         "accelerate=cpu" if args.cpu else ("accelerate=multi_gpu" if gpus > 1 else "accelerate=single_gpu"),
         *MODES[mode],
         *(grpo_overrides(args, "cpu" if args.cpu else "cuda") if mode == "grpo" else []),
+        *extra,
         *args.override,
     ]
 
 
-def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out: Path) -> dict:
-    """One training run of the mode; the figures from its log_history.json."""
+def sequence_parallel_overrides(n: int, row_tokens: int) -> list[str]:
+    """A packed run whose rows of `row_tokens` are split across n GPUs (trainer.sequence_parallel; varlen attention)."""
+    return [
+        f"trainer.sequence_parallel={n}",
+        "model.attn_implementation=varlen",
+        f"trainer.max_tokens_per_row={row_tokens}",
+        f"data.max_length={row_tokens}",
+    ]
+
+
+def longest_rows(name: str, checkpoint: Path, dataset: Path, args, out: Path, run=None) -> list[dict]:
+    """--sequence-parallel: for each N, packed runs with rows of growing length (--row-tokens) until one fails (out of
+    memory, or a refusal such as N not dividing the heads); per N the longest row that trained, with its tokens/s per
+    GPU and peak memory, and where and why it stopped."""
+    run = run or train_mode
+    rows = []
+    for n in (int(v) for v in args.sequence_parallel.split(",")):
+        fitted, stopped = None, None
+        for tokens in (int(v) for v in args.row_tokens.split(",")):
+            result = run(
+                name,
+                "packed",
+                checkpoint,
+                dataset,
+                args,
+                out,
+                sequence_parallel_overrides(n, tokens),
+                f"sp{n}-{tokens}",
+            )
+            if "error" in result:
+                stopped = {"stopped_at_row_tokens": tokens, "error": result["error"]}
+                break
+            fitted = {"longest_row_tokens": tokens, **{k: v for k, v in result.items() if k != "mode"}}
+        rows.append(
+            {"mode": f"sp{n}", "sequence_parallel": n, **(fitted or {"longest_row_tokens": 0}), **(stopped or {})}
+        )
+    return rows
+
+
+def train_mode(
+    name: str, mode: str, checkpoint: Path, dataset: Path, args, out: Path, extra: tuple = (), label: str | None = None
+) -> dict:
+    """One training run of the mode (`extra`: this run's own overrides, `label` its name); the figures from its
+    log_history.json."""
     import torch
 
     from finetune.model.load import recipe_precision
     from finetune.recipe.load import load_config
     from finetune.runs.launch import accelerate_args
 
-    run_dir = out / f"run-{name}-{mode}"
+    run_dir = out / f"run-{name}-{label or mode}"
     if mode == "grpo":
         dataset = build_prompts(dataset, args.seed)
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = mode_overrides(name, mode, checkpoint, dataset, args, run_dir, torch.cuda.device_count())
+    overrides = mode_overrides(name, mode, checkpoint, dataset, args, run_dir, torch.cuda.device_count(), extra)
     config = load_config(overrides)
     launch = accelerate_args(
         config, dict(os.environ), 0 if args.cpu else torch.cuda.device_count(), recipe_precision(config)
@@ -491,7 +537,7 @@ def train_mode(name: str, mode: str, checkpoint: Path, dataset: Path, args, out:
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     )
-    (out / f"run-{name}-{mode}.log").write_text(result.stdout + result.stderr)
+    (out / f"run-{name}-{label or mode}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
         return {"mode": mode, "error": f"exit {result.returncode}: {tail}"}
@@ -573,7 +619,7 @@ def markdown(report: dict) -> str:
         f"{report['peak_flops'] / 1e12:.1f} TFLOP/s ({report['peak_measured_with']}); MFU = tokens/s x 4 x "
         f"{report['parameters_llm_matmul'] / 1e9:.3g} B / peak",
     ]
-    sft = [row for row in report["modes"] if row["mode"] != "grpo"]
+    sft = [row for row in report["modes"] if row["mode"] != "grpo" and "sequence_parallel" not in row]
     if sft:
         lines += [
             "",
@@ -591,6 +637,20 @@ def markdown(report: dict) -> str:
         )
     grpo = [row for row in report["modes"] if row["mode"] == "grpo"]
     lines += grpo_markdown(grpo) if grpo else []
+    split = [row for row in report["modes"] if "sequence_parallel" in row]
+    if split:
+        lines += [
+            "",
+            "| sequence parallel | longest row trained (tokens) | real tokens/s per GPU | peak allocated GiB | stopped at |",
+            "|---|---|---|---|---|",
+        ]
+    for row in split:
+        stop = f"{row['stopped_at_row_tokens']:,}: {row['error'].splitlines()[-1][:60]}" if "error" in row else "-"
+        fitted = row["longest_row_tokens"]
+        figures = (
+            f"{row['tokens_per_second_per_gpu']:,.0f} | {row['peak_memory_allocated_gib']:.1f}" if fitted else "- | -"
+        )
+        lines.append(f"| {row['sequence_parallel']} | {fitted:,} | {figures} | {stop} |")
     lines += ["", "varlen kernel checks: " + "; ".join(f"{k}: {v}" for k, v in report["kernel_checks"].items())]
     return "\n".join(lines)
 
@@ -628,6 +688,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-step", type=int, default=2, help="grpo: prompts per step and GPU (default 2)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_bench")
     parser.add_argument("--override", action="append", default=[], help="another recipe override for every mode")
+    parser.add_argument(
+        "--sequence-parallel",
+        default=None,
+        help="comma-separated N (e.g. 1,2,4,8): per N, the longest packed row that trains (trainer.sequence_parallel=N)"
+        " and its tokens/s per GPU; after the --modes",
+    )
+    parser.add_argument(
+        "--row-tokens",
+        default="8192,16384,32768,65536,131072,262144",
+        help="--sequence-parallel: the row lengths tried in turn, up to the first that fails",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -654,17 +725,22 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_formula": "real tokens/s x 4 x parameters_llm_matmul / peak_flops",
         "modes": [],
     }
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):  # --modes "" with --sequence-parallel: only the row search
         row = train_mode(args.model, mode, checkpoint, dataset, args, args.out)
         if "tokens_per_second_per_gpu" in row:  # the SFT modes (grpo reports its own figures)
             row["mfu"] = row["tokens_per_second_per_gpu"] * 4 * sizes["parameters_llm_matmul"] / peak
         report["modes"].append(row)
         print(json.dumps(row), flush=True)
+    if args.sequence_parallel:
+        for row in longest_rows(args.model, checkpoint, dataset, args, args.out):
+            report["modes"].append(row)
+            print(json.dumps(row), flush=True)
     (args.out / "gpu_train.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
     (args.out / "gpu_train.md").write_text(table + "\n")
     print("\n" + table)
-    return 1 if any("error" in row for row in report["modes"]) else 0
+    # --sequence-parallel stops each N at its first failing row: that is its figure, not a failure of the benchmark
+    return 1 if any("error" in row and "sequence_parallel" not in row for row in report["modes"]) else 0
 
 
 if __name__ == "__main__":

@@ -150,3 +150,58 @@ def test_the_fsdp2_mode_launches_fsdp2_over_the_gpus_and_zero3_deepspeed(tmp_pat
         fsdp2[fsdp2.index("--fsdp_transformer_layer_cls_to_wrap") + 1] == "Qwen2_5_VLDecoderLayer,Qwen2_5_VLVisionBlock"
     )
     assert "--use_deepspeed" in zero3 and "--use_fsdp" not in zero3
+
+
+def test_the_sequence_parallel_search_reports_the_longest_row_each_n_trains(tmp_path):
+    """--sequence-parallel 2,4 --row-tokens ...: per N, runs of growing rows split across N GPUs until the first
+    failure; the longest that trained with its figures, and where and why it stopped (a run stands in for the GPUs)."""
+    from argparse import Namespace
+
+    from finetune.model.tiny import tiny_checkpoint
+    from finetune.recipe.load import load_config
+
+    args = Namespace(steps=3, workers=0, cpu=False, override=[], sequence_parallel="2,4", row_tokens="8192,16384,32768")
+    overrides = gpu_train.mode_overrides(
+        "tiny_qwen2_5_vl",
+        "packed",
+        tiny_checkpoint("qwen2_5_vl"),
+        tmp_path / "train.json",
+        args,
+        tmp_path,
+        gpus=4,
+        extra=gpu_train.sequence_parallel_overrides(2, 16384),
+    )
+    config = load_config(overrides)
+    assert (config.trainer.sequence_parallel, config.model.attn_implementation) == (2, "varlen")
+    assert (config.trainer.max_tokens_per_row, config.data.max_length, config.trainer.packing) == (16384, 16384, True)
+
+    fits = {2: 16384, 4: 32768}  # the longest row each N trains on these stand-in GPUs
+    runs = []
+
+    def run(name, mode, checkpoint, dataset, args, out, extra, label):
+        n, tokens = int(extra[0].split("=")[1]), int(extra[2].split("=")[1])
+        runs.append(label)
+        if tokens > fits[n]:
+            return {"mode": mode, "error": "exit 1: ...\ntorch.OutOfMemoryError: CUDA out of memory"}
+        return {"mode": mode, "tokens_per_second_per_gpu": 1000.0 * n, "peak_memory_allocated_gib": tokens / 1024}
+
+    rows = gpu_train.longest_rows("tiny_qwen2_5_vl", None, None, args, tmp_path, run=run)
+    assert runs == ["sp2-8192", "sp2-16384", "sp2-32768", "sp4-8192", "sp4-16384", "sp4-32768"]
+    assert [(r["sequence_parallel"], r["longest_row_tokens"]) for r in rows] == [(2, 16384), (4, 32768)]
+    assert rows[0]["stopped_at_row_tokens"] == 32768 and "out of memory" in rows[0]["error"]
+    assert "error" not in rows[1] and rows[1]["tokens_per_second_per_gpu"] == 4000.0
+    table = gpu_train.markdown(
+        {
+            "model": "m",
+            "layers": 2,
+            "device": "GPU",
+            "date": "d",
+            "peak_flops": 1e12,
+            "peak_measured_with": "x",
+            "parameters_llm_matmul": 1e9,
+            "kernel_checks": {},
+            "modes": rows,
+        }
+    )
+    assert "| 2 | 16,384 | 2,000 | 16.0 | 32,768: torch.OutOfMemoryError: CUDA out of memory |" in table
+    assert "| 4 | 32,768 | 4,000 | 32.0 | - |" in table
