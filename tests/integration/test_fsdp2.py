@@ -16,11 +16,11 @@ import os
 import pytest
 import torch
 
-from tests.helpers.recipe_runs import mini_dataset, tiny_run_overrides
+from tests.helpers.recipe_runs import mini_dataset
 from tests.helpers.tolerance import assert_close_to_scale
-from tests.integration.test_scale_out import harness, losses, text_records, train_here
+from tests.integration.test_scale_out import KILL_AT, STEPS, harness, losses, text_records, train_here
+from tests.integration.test_scale_out import recipe as scale_out_recipe
 
-KILL_AT, STEPS = 4, 6
 TRAINING = (
     "trainer.gradient_checkpointing=true",
     "parts.vision_tower=lora",
@@ -31,18 +31,8 @@ TRAINING = (
 
 
 def recipe(run_dir, data, processes, *extra):
-    return tiny_run_overrides("qwen2_5_vl", run_dir, data, steps=STEPS) + [
-        "trainer.packing=true",
-        "trainer.max_tokens_per_row=128",
-        "data.max_length=128",
-        f"trainer.per_device_train_batch_size={2 // processes}",
-        f"accelerate.processes_per_node={processes}",
-        "trainer.save_steps=2",
-        "evaluation.after_training=false",
-        "export.after_training=false",
-        *TRAINING,
-        *extra,
-    ]
+    """test_scale_out.py's 2-row recipe (same steps and checkpoints) with the towers trained and checkpointed."""
+    return scale_out_recipe(run_dir, data, processes, *TRAINING, *extra)
 
 
 def adapter(run_dir):
