@@ -155,7 +155,26 @@ def inference_batch(
     return batch
 
 
-class RowCollator:
+class StandInCollator:
+    """What the training collators share: a batch that loses every sample (all failed to decode) is replaced by a
+    stand-in (the first that encoded, no label trained: `_encode` keeps it in `_stand_in`), so that every rank still
+    takes every step."""
+
+    _stand_in = None
+
+    def _find_stand_in(self, items, message: str, bad: list[dict]):
+        """The stand-in, encoding `items` in turn until one encodes if none has yet; none does: `message` with the
+        first errors."""
+        for item in items:
+            if self._stand_in is not None:
+                break
+            self._encode(item, [])
+        if self._stand_in is None:
+            raise DataError(f"{message}:\n" + "\n".join(b["error"] for b in bad[:5]))
+        return self._stand_in
+
+
+class RowCollator(StandInCollator):
     """For the training DataLoader: a list of rows (tuples of sample indices) -> `training_batch`.
 
     A sample that fails to encode (media corrupt past the header, which the pre-pass cannot see) is left out of
@@ -190,23 +209,12 @@ class RowCollator:
             if pairs:
                 kept.append(pairs)
         if not kept:
-            kept = [[(self._find_stand_in(bad), None)]]
+            message = "no training sample can be encoded (every one failed to decode)"
+            kept = [[(self._find_stand_in(self.samples or [], message, bad), None)]]
         batch = training_batch([[e for e, _ in row] for row in kept], self.pad_token_id, self.rule, self.boundaries)
         batch["sample_ids"] = [[sid for _, sid in row if sid is not None] for row in kept]
         batch["bad_samples"] = bad
         return batch
-
-    def _find_stand_in(self, bad: list[dict]) -> EncodedSample:
-        for i in range(len(self.samples or [])):
-            if self._stand_in is not None:
-                break
-            self._encode(self.samples[i], [])
-        if self._stand_in is None:
-            raise DataError(
-                "no training sample can be encoded (every one failed to decode):\n"
-                + "\n".join(b["error"] for b in bad[:5])
-            )
-        return self._stand_in
 
 
 class RowIndex:

@@ -23,7 +23,7 @@ import torch
 
 from finetune.base.errors import DataError
 from finetune.data.encode import IGNORE_INDEX, EncodedSample
-from finetune.model.batching import training_batch, vision_inputs
+from finetune.model.batching import StandInCollator, training_batch, vision_inputs
 from finetune.model.rope import PositionRule
 
 # Keys this module adds to the SFT training layout; `num_pairs` (B) is an int.
@@ -144,7 +144,7 @@ def _shape(grid) -> str:
     return "none" if grid is None else str(grid.tolist())
 
 
-class PairCollator:
+class PairCollator(StandInCollator):
     """For the preference DataLoader: a list of pair indices -> `preference_batch`. `pairs[i]` is a (chosen, rejected)
     pair of Samples (finetune/data/preference.py), each encoded by the SFT encoder with the last reply trained.
 
@@ -181,13 +181,7 @@ class PairCollator:
         indices = [-1] * len(pairs) if indices is None else indices
         kept = [(e, (p[0].id, i)) for p, i in zip(pairs, indices) if (e := self._encode(p, bad)) is not None]
         if not kept:
-            for pair in self.pairs:
-                if self._stand_in is not None:
-                    break
-                self._encode(pair, [])
-            if self._stand_in is None:
-                raise DataError("no preference pair can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
-            kept = [(self._stand_in, (None, -1))]
+            kept = [(self._find_stand_in(self.pairs, "no preference pair can be encoded", bad), (None, -1))]
         batch = preference_batch([e for e, _ in kept], self.pad_token_id, self.rule, self.budget, self.boundaries)
         batch["sample_ids"] = [[sid] for _, (sid, _) in kept if sid is not None]
         batch["pair_index"] = torch.tensor([i for _, (_, i) in kept], dtype=torch.long)
@@ -200,7 +194,7 @@ def _flat(indices) -> list[int]:
     return [i for item in indices for i in (item if isinstance(item, (tuple, list)) else (item,))]
 
 
-class UnpairedCollator:
+class UnpairedCollator(StandInCollator):
     """For KTO's DataLoader: a list of completion indices -> the batch of those completions (1-tuples, each prompt's
     media once) with `label` (True: desirable) and, when the KL term is estimated, `kl_batch`: the same prompts with
     the completions rotated by one within the batch, TRL's mismatched pairs (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})
@@ -244,13 +238,7 @@ class UnpairedCollator:
         bad: list[dict] = []
         kept = [(self.items[i], e, i) for i in indices if (e := self._encode(self.items[i], bad)) is not None]
         if not kept:
-            for item in self.items:
-                if self._stand_in is not None:
-                    break
-                self._encode(item, [])
-            if self._stand_in is None:
-                raise DataError("no completion can be encoded:\n" + "\n".join(b["error"] for b in bad[:5]))
-            kept = [(self._stand_in[0], self._stand_in[1], -1)]
+            kept = [(*self._find_stand_in(self.items, "no completion can be encoded", bad), -1)]
         matched = [e for _, e, _ in kept]
         shared = shared_prompts([(item, e) for item, e, _ in kept])
         batch = self._layout(matched, shared)
