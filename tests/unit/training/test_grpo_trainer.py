@@ -23,6 +23,7 @@ from finetune.recipe.load import load_config
 from finetune.records.rundir import RunDir
 from finetune.training.grpo_trainer import VisionLanguageGRPOTrainer, build_grpo_config
 from tests.helpers import DEMO
+from tests.helpers.lora import move_lora
 from tests.helpers.recipe_runs import EXPERIMENT
 from tests.helpers.tolerance import assert_close_to_scale
 
@@ -88,15 +89,6 @@ def _trainer(tmp_path, *overrides, rewards=((by_length, 1.0),), prompts=None, ev
     return trainer, config
 
 
-def _move_lora(model):
-    """A trained-looking adapter: LoRA's B starts at zero (policy = reference); random B makes them differ."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-
-
 def _batch(trainer):
     """One generation batch as TRL's sampler hands it: each prompt index G times in a row."""
     torch.manual_seed(1)
@@ -150,7 +142,7 @@ def test_the_loss_is_trls_formula_on_our_log_probs(tmp_path, method, loss_type, 
         "method.mask_truncated_completions=false",  # a random model rarely ends: DAPO's filter would leave nothing
     )
     assert (trainer.loss_type, trainer.importance_sampling_level, trainer.beta) == (loss_type, level, beta)
-    _move_lora(trainer.model)
+    move_lora(trainer.model, 0.05)
     inputs = _batch(trainer)
     # Log-probs at sampling time a step away from the policy's, so that the ratios move off 1 and some clip.
     torch.manual_seed(2)
@@ -178,7 +170,7 @@ def test_dapo_leaves_completions_cut_at_the_length_limit_out_of_the_loss(tmp_pat
 
 def test_the_reference_with_the_adapter_off_is_the_base_model(tmp_path):
     trainer, config = _trainer(tmp_path)
-    _move_lora(trainer.model)
+    move_lora(trainer.model, 0.05)
     inputs = _batch(trainer)
     base = load_model(config.model, "fp32")  # no adapter at all
     for i, (rollout, k) in enumerate(inputs["slots"]):

@@ -25,6 +25,7 @@ from finetune.training.preference_trainer import (
     completion_loader_factory,
     pair_loader_factory,
 )
+from tests.helpers.lora import move_lora
 from tests.helpers.preference_pairs import demo_completions, demo_pairs, encoder
 
 COMMON = [
@@ -66,15 +67,6 @@ def _trainer(tmp_path, method, *overrides):
     return trainer, collator, items
 
 
-def _move_lora(model):
-    """LoRA's B starts at zero (policy = reference); random B makes them differ."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-
-
 def _sums(model, batch, adapter: bool):
     with torch.no_grad():
         if adapter:
@@ -114,7 +106,7 @@ def test_the_kto_loss_is_the_formula_on_our_log_probs(tmp_path, loss_type):
         f"method.undesirable_weight={wu}",
     )
     model = trainer.model
-    _move_lora(model)
+    move_lora(model, 0.02)
     batch = _batch(collator, [0, 1, 4, 7, 5])  # images and videos, 3 desirable and 2 undesirable
     label = batch["label"]
     assert label.tolist() == [True, False, True, False, False]
@@ -157,7 +149,7 @@ def test_the_reference_free_losses_are_trls_on_our_log_probs(tmp_path, method):
     extra = [] if method == "orpo" else [f"method.simpo_gamma={gamma}", f"method.cpo_alpha={alpha}"]
     trainer, collator, pairs = _trainer(tmp_path, method, f"method.beta={beta}", *extra)
     model = trainer.model
-    _move_lora(model)
+    move_lora(model, 0.02)
     batch = _batch(collator, list(range(len(pairs))))  # two image pairs, two video pairs
     sums, counts = _sums(model, batch, True)
     average = sums / counts
@@ -243,7 +235,7 @@ def test_completions_of_one_prompt_share_its_media_and_score_as_alone(tmp_path):
     batch once, and each completion's log-probs equal those of a batch holding it alone."""
     trainer, collator, _ = _trainer(tmp_path, "kto")
     model = trainer.model
-    _move_lora(model)
+    move_lora(model, 0.02)
     together = _batch(collator, [0, 1, 4, 5])  # (image prompt 0) x 2, (video prompt 0) x 2
     assert together["image_grid_thw"].shape[0] == 1 and together["video_grid_thw"].shape[0] == 1
     assert together["image_index"].tolist() == [0, 0] and together["video_index"].tolist() == [0, 0]

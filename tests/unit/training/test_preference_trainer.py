@@ -18,6 +18,7 @@ from finetune.training.preference_trainer import (
     pair_loader_factory,
     sequence_log_probs,
 )
+from tests.helpers.lora import move_lora
 from tests.helpers.preference_pairs import demo_pairs, encoder
 from tests.helpers.tolerance import assert_close_to_scale
 
@@ -56,15 +57,6 @@ def _trainer(tmp_path, *overrides):
     return trainer, collator, pairs
 
 
-def _move_lora(model):
-    """A trained-looking adapter: LoRA's B starts at zero (policy = reference); random B makes them differ."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-
-
 def _by_hand(model, batch, beta, loss_type):
     """TRL's formula on our per-token log-probs, the reference with the adapter off."""
     with torch.no_grad():
@@ -85,7 +77,7 @@ def _by_hand(model, batch, beta, loss_type):
 def test_the_loss_is_trls_formula_on_our_log_probs(tmp_path, loss_type):
     trainer, collator, pairs = _trainer(tmp_path, f"method.loss_type={loss_type}", "method.beta=0.3")
     model = trainer.model
-    _move_lora(model)
+    move_lora(model, 0.02)
     batch = collator(list(range(len(pairs))))  # images and videos in one batch
     batch.pop("sample_ids"), batch.pop("bad_samples")
     expected, chosen_rewards, rejected_rewards = _by_hand(model, batch, 0.3, loss_type)
@@ -125,7 +117,7 @@ def test_a_few_steps_train_and_log_rewards_and_margins(tmp_path):
 def test_a_pair_with_no_completion_tokens_adds_nothing(tmp_path):
     """The stand-in batch (every pair failed to decode): no trained token, loss log 2, zero gradient."""
     trainer, collator, pairs = _trainer(tmp_path)
-    _move_lora(trainer.model)
+    move_lora(trainer.model, 0.02)
     batch = collator([0])
     for key in ("labels",):
         batch[key] = torch.full_like(batch[key], IGNORE_INDEX)
@@ -144,7 +136,7 @@ def test_packed_rows_with_activation_checkpointing_give_the_padded_loss(tmp_path
         )
         model = trainer.model
         model.train()
-        _move_lora(model)
+        move_lora(model, 0.02)
         batch = collator(list(range(len(pairs))))
         assert (batch["input_ids"].shape[0] < 2 * len(pairs)) == (packing == "true")
         model.zero_grad(set_to_none=True)
@@ -178,7 +170,7 @@ def test_precomputed_reference_log_probs_equal_the_per_step_ones(tmp_path):
     the reference forward of every step, and a step then calls the tower once (the policy's)."""
     trainer, collator, pairs = _trainer(tmp_path)
     model = trainer.model
-    _move_lora(model)
+    move_lora(model, 0.02)
     batch = collator(list(range(len(pairs))))
     batch.pop("sample_ids"), batch.pop("bad_samples")
     with torch.no_grad():
